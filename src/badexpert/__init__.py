@@ -1,0 +1,3 @@
+"""badexpert: detect backdoor (trojan) inputs to an image classifier with BaDExpert."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Model architectures by name.
+
+Every model built here takes float images in ``[0, 1]`` of shape ``[N, C, H, W]`` and returns
+logits; per-channel normalisation is the model's first layer, so triggers, detectors and users
+never handle normalised tensors. Any other ``nn.Module`` with that contract works with the rest
+of badexpert too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import unknown_name
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with the statistics stored as buffers."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``Normalize`` followed by a network; what :func:`build_model` returns."""
+
+    def __init__(self, net: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def _registry():
+    from .cnn import SmallCNN
+    from .mobilenet import MobileNetV2
+    from .resnet import ResNet18
+    from .vgg import VGG16BN
+    from .vit import SmallViT
+
+    return {
+        "cnn": SmallCNN,
+        "resnet18": ResNet18,
+        "vgg16bn": VGG16BN,
+        "mobilenetv2": MobileNetV2,
+        "vit": SmallViT,
+    }
+
+
+ARCHITECTURES = ("cnn", "resnet18", "vgg16bn", "mobilenetv2", "vit")
+
+
+def build_model(
+    arch: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int] | int,
+    mean=None,
+    std=None,
+    width: int | None = None,
+) -> Classifier:
+    """Build an architecture by name for a dataset's channels, classes and image size.
+
+    ``width`` scales the network where the architecture has a width parameter (ResNet-18's
+    first-stage channels, 64 in the paper; the CNN's first layer channels; the ViT's embedding
+    dimension). ``None`` gives the architecture's default.
+    """
+    reg = _registry()
+    key = arch.lower().replace("-", "").replace("_", "")
+    key = {"vgg16": "vgg16bn", "mobilenet": "mobilenetv2", "resnet": "resnet18"}.get(key, key)
+    if key not in reg:
+        raise unknown_name("architecture", arch, ARCHITECTURES)
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes, "image_size": tuple(image_size)}
+    if width is not None:
+        kwargs["width"] = int(width)
+    net = reg[key](**kwargs)
+    mean = mean if mean is not None else (0.5,) * in_channels
+    std = std if std is not None else (0.5,) * in_channels
+    return Classifier(net, mean, std)
+
+
+__all__ = ["ARCHITECTURES", "Classifier", "Normalize", "build_model"]
