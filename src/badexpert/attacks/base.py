@@ -1,0 +1,207 @@
+"""The attack interface.
+
+An attack knows three things:
+
+- how to trigger an input: :meth:`Attack.apply` maps float images in ``[0, 1]`` to triggered
+  images (patches, blends, warps, or a learned function all fit this shape);
+- which label a triggered input should get (:meth:`Attack.target_of`: all-to-one by default) and
+  which test inputs count for its success rate (:meth:`Attack.counts`: not already of the target
+  class, and from the source classes for source-specific attacks);
+- how to poison a training set (:meth:`Attack.poison`): which samples are poisoned (dirty-label:
+  any non-target sample, relabelled; clean-label: target-class samples, labels kept), and
+  optionally "cover" samples that carry the trigger with their true labels.
+
+Triggers are built lazily for the image shape they are applied to and depend only on the
+attack's parameters (including ``trigger_seed``), so an attack is re-created exactly from
+:meth:`Attack.to_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from ..data.core import Dataset, to_float, to_uint8
+from ..errors import BadExpertError
+
+
+@dataclass
+class Attack:
+    """Base class; subclasses are dataclasses adding their trigger parameters."""
+
+    target: int = 0
+    poison_rate: float = 0.003
+    cover_rate: float = 0.0
+    source_classes: tuple[int, ...] | None = None
+    trigger_seed: int = 0
+
+    name: ClassVar[str] = "attack"
+    clean_label: ClassVar[bool] = False
+    all_to_all: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.poison_rate <= 1.0:
+            raise BadExpertError(f"poison rate must lie in [0, 1], got {self.poison_rate}")
+        if not 0.0 <= self.cover_rate <= 1.0:
+            raise BadExpertError(f"cover rate must lie in [0, 1], got {self.cover_rate}")
+        if self.source_classes is not None:
+            self.source_classes = tuple(int(c) for c in self.source_classes)
+        self._cache: dict = {}
+
+    # --- what subclasses implement -------------------------------------------------------
+    def build_trigger(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """Tensors the trigger needs for images of ``shape = (C, H, W)`` (cached per shape)."""
+        return {}
+
+    def trigger(self, x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply the test-time trigger to a float batch in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def trigger_train(self, x: torch.Tensor, parts: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The trigger used on poisoned training samples (the test-time one unless overridden)."""
+        return self.trigger(x, parts)
+
+    def trigger_cover(self, x: torch.Tensor, parts: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The trigger used on cover samples (which keep their labels)."""
+        return self.trigger_train(x, parts, generator)
+
+    # --- shared machinery ----------------------------------------------------------------
+    def _parts(self, shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+        key = (tuple(shape), str(device))
+        if key not in self._cache:
+            cpu = self._cache.get((tuple(shape), "cpu"))
+            if cpu is None:
+                cpu = self.build_trigger(tuple(shape))
+                self._cache[(tuple(shape), "cpu")] = cpu
+            self._cache[key] = {k: v.to(device) for k, v in cpu.items()}
+        return self._cache[key]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Trigger a batch: uint8 or float ``[N, C, H, W]`` in, float in ``[0, 1]`` out."""
+        x = to_float(x)
+        if x.dim() != 4:
+            raise BadExpertError(f"attacks take image batches [N, C, H, W], got shape {tuple(x.shape)}")
+        return self.trigger(x, self._parts(tuple(x.shape[1:]), x.device)).clamp(0, 1)
+
+    def target_of(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+        """The label the attacker wants for triggered inputs of these true labels."""
+        if self.all_to_all:
+            if num_classes is None:
+                raise BadExpertError("an all-to-all attack needs the number of classes")
+            return (labels + 1) % num_classes
+        return torch.full_like(labels, self.target)
+
+    def counts(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+        """Boolean mask of test inputs that count towards the attack success rate."""
+        mask = self.target_of(labels, num_classes) != labels
+        if self.source_classes is not None:
+            mask &= torch.isin(labels, torch.tensor(self.source_classes, dtype=labels.dtype))
+        return mask
+
+    def check(self, num_classes: int) -> None:
+        if not self.all_to_all and not 0 <= self.target < num_classes:
+            raise BadExpertError(f"target class {self.target} is outside 0..{num_classes - 1}")
+        for c in self.source_classes or ():
+            if not 0 <= c < num_classes:
+                raise BadExpertError(f"source class {c} is outside 0..{num_classes - 1}")
+
+    def poison_candidates(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Indices of training samples that may be poisoned."""
+        if self.clean_label:
+            mask = labels == self.target
+        else:
+            mask = self.counts(labels, num_classes)
+        return mask.nonzero().flatten()
+
+    def poison(self, dataset: Dataset, generator: torch.Generator) -> Dataset:
+        """A poisoned copy of ``dataset`` (the original is untouched).
+
+        ``round(poison_rate * len(dataset))`` samples are drawn from :meth:`poison_candidates`,
+        triggered and (unless clean-label) relabelled; ``round(cover_rate * len(dataset))`` other
+        samples are triggered with their labels kept. The chosen indices are recorded in the
+        returned dataset's ``meta`` (``poison_indices``, ``cover_indices``).
+        """
+        self.check(dataset.num_classes)
+        n = len(dataset)
+        labels = dataset.labels
+        cand = self.poison_candidates(labels, dataset.num_classes)
+        n_poison = int(round(self.poison_rate * n))
+        if n_poison > len(cand):
+            if self.clean_label:
+                n_poison = len(cand)  # capped at the number of target-class samples, as in SIG/CL
+            else:
+                raise BadExpertError(
+                    f"poison rate {self.poison_rate} asks for {n_poison} samples but only {len(cand)} can be poisoned"
+                )
+        if self.poison_rate > 0 and n_poison == 0:
+            raise BadExpertError(
+                f"poison rate {self.poison_rate} poisons no sample of a {n}-sample training set; raise --poison-rate"
+            )
+        poison_idx = cand[torch.randperm(len(cand), generator=generator)[:n_poison]].sort().values
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[poison_idx] = False
+        rest_idx = rest.nonzero().flatten()
+        n_cover = min(int(round(self.cover_rate * n)), len(rest_idx))
+        cover_idx = rest_idx[torch.randperm(len(rest_idx), generator=generator)[:n_cover]].sort().values
+
+        images = dataset.images.clone()
+        new_labels = labels.clone()
+        parts = self._parts(tuple(images.shape[1:]), torch.device("cpu"))
+        for chunk in poison_idx.split(1024):
+            images[chunk] = to_uint8(self.trigger_train(to_float(images[chunk]), parts, generator).clamp(0, 1))
+        for chunk in cover_idx.split(1024):
+            images[chunk] = to_uint8(self.trigger_cover(to_float(images[chunk]), parts, generator).clamp(0, 1))
+        if not self.clean_label:
+            new_labels[poison_idx] = self.target_of(labels[poison_idx], dataset.num_classes)
+        return dataset.with_data(
+            images, new_labels, name=f"{dataset.name}+{self.name}",
+            poison_indices=poison_idx.tolist(), cover_indices=cover_idx.tolist(),
+        )
+
+    # --- serialisation -------------------------------------------------------------------
+    def params(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d.get("source_classes") is not None:
+            d["source_classes"] = list(d["source_classes"])
+        return d
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.params()}
+
+    def describe(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params().items() if v not in (None, 0.0) or k == "target")
+        return f"{self.name}({p})"
+
+
+def place_bottom_right(h: int, w: int, size: tuple[int, int], margin: int) -> tuple[slice, slice]:
+    """Rows and columns of a ``size`` patch ``margin`` pixels from the bottom-right corner."""
+    ph, pw = size
+    if ph + margin > h or pw + margin > w:
+        raise BadExpertError(f"a {ph}x{pw} trigger does not fit in a {h}x{w} image")
+    return slice(h - margin - ph, h - margin), slice(w - margin - pw, w - margin)
+
+
+def load_trigger_image(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A user's trigger image as float ``[C, h, w]`` in ``[0, 1]`` (resized bilinearly to ``size``)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadExpertError(f"trigger image '{p}' does not exist")
+    try:
+        with Image.open(p) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadExpertError(f"cannot read trigger image '{p}': {exc}") from exc
+    t = torch.from_numpy(arr.copy()).float() / 255
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)

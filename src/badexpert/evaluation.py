@@ -1,0 +1,208 @@
+"""Evaluate a suspect model and a calibrated detector on a test split under an attack.
+
+The protocol (see the spec README, "Metrics that cannot flatter"):
+
+- clean accuracy (CA) and attack success rate (ASR) of the suspect model without defense;
+- triggered inputs are the test inputs that count for the attack (true class not the target;
+  source classes only for source-specific attacks), triggered and quantised to 8 bits like any
+  real input;
+- if the ASR is below ``asr_bar`` the backdoor did not implant: the result says so and carries
+  no detection numbers;
+- otherwise the detector's scores on all clean and all counted triggered inputs give AUROC (with
+  a bootstrap interval), the research code's filtered AUROC, TPR/FPR at the calibrated threshold,
+  CA and ASR after filtering, per-class false rejections, and the cost of scoring.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .data.core import Dataset, batches, to_uint8
+from .detectors.base import Detector
+from .errors import BadExpertError, NotFittedError
+from .metrics import ScoreAccumulator, detection_summary
+from .training import predict_logits
+from .utils import model_device
+
+
+@dataclass
+class Evaluation:
+    """Metrics (JSON-ready) plus the per-input arrays the report plots."""
+
+    metrics: dict
+    arrays: dict = field(default_factory=dict)
+
+
+def trigger_dataset(attack: Attack, data: Dataset, *, batch_size: int = 1024) -> tuple[Dataset, torch.Tensor]:
+    """The counted inputs of ``data`` with the trigger applied (uint8), and the attacker's targets."""
+    mask = attack.counts(data.labels, data.num_classes)
+    idx = mask.nonzero().flatten()
+    out = torch.empty((len(idx), *data.images.shape[1:]), dtype=torch.uint8)
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start : start + batch_size]
+        out[start : start + len(chunk)] = to_uint8(attack.apply(data.images[chunk]))
+    labels = data.labels[idx]
+    targets = attack.target_of(labels, data.num_classes)
+    trig = data.with_data(out, labels, name=f"{data.name}+{attack.name}", source_indices=idx.tolist())
+    return trig, targets
+
+
+def _details(detector: Detector, images: torch.Tensor) -> dict[str, np.ndarray]:
+    acc = ScoreAccumulator()
+    for start in range(0, len(images), 4096):
+        acc.update(**detector.score_details(images[start : start + 4096]))
+    return acc.compute()
+
+
+def measure_throughput(model: nn.Module, detector: Detector, images: torch.Tensor, *, batch_size: int = 256,
+                       repeats: int = 3) -> dict:
+    """Images per second of the bare model and of the detector's scoring, on the same batches.
+
+    Each is timed ``repeats`` times after a warm-up pass and the fastest run is kept.
+    """
+    device = model_device(model)
+    images = images[: max(batch_size, min(len(images), 2048))]
+
+    def run_model():
+        with torch.no_grad():
+            for xb, _ in batches(images, None, batch_size=batch_size, device=device):
+                model(xb).argmax(1).cpu()
+
+    def run_detector():
+        detector.score(images)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    was = model.training
+    model.eval()
+    try:
+        t_model = best(run_model)
+        t_det = best(run_detector)
+    finally:
+        model.train(was)
+    n = len(images)
+    return {
+        "forward_passes_per_input": detector.forward_passes_per_input,
+        "model_images_per_s": n / t_model,
+        "detector_images_per_s": n / t_det,
+        "throughput_ratio": t_model / t_det,
+        "batch_size": batch_size,
+        "images_timed": n,
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    detector: Detector | None,
+    test: Dataset,
+    attack: Attack | None,
+    *,
+    asr_bar: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 256,
+    throughput: bool = True,
+    examples: int = 8,
+) -> Evaluation:
+    """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``."""
+    if detector is not None and not hasattr(detector, "threshold_"):
+        raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
+    if len(test) == 0:
+        raise BadExpertError("the test split is empty")
+    clean_logits = predict_logits(model, test.images, batch_size=batch_size)
+    if clean_logits.shape[1] != test.num_classes:
+        raise BadExpertError(
+            f"the model has {clean_logits.shape[1]} outputs but the dataset has {test.num_classes} classes"
+        )
+    clean_pred = clean_logits.argmax(1)
+    metrics: dict = {
+        "clean_accuracy": float((clean_pred == test.labels).float().mean()),
+        "sizes": {"test_clean": len(test)},
+    }
+    arrays: dict = {"clean_examples": test.images[:examples].float() / 255}
+    if attack is None:
+        metrics["attack_success_rate"] = None
+        metrics["attack_failed"] = False
+        metrics["message"] = "no attack: only clean accuracy and the realized false-positive rate are measured"
+        if detector is not None:
+            det = _details(detector, test.images)
+            flags = det["score"] > detector.threshold_
+            metrics["defense"] = {
+                "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
+                "threshold": detector.threshold_, "calibration_size": detector.calibration_size_,
+                "fpr": float(flags.mean()),
+                "clean_accuracy": float(((clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
+            }
+        return Evaluation(metrics, arrays)
+
+    trig, targets = trigger_dataset(attack, test)
+    if len(trig) == 0:
+        raise BadExpertError("no test input counts for this attack (all are of the target class?)")
+    trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)
+    asr = float((trig_pred == targets).float().mean())
+    metrics["attack_success_rate"] = asr
+    metrics["sizes"]["test_triggered"] = len(trig)
+    metrics["asr_bar"] = asr_bar
+    arrays["trig_examples"] = trig.images[:examples].float() / 255
+    src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
+    arrays["clean_examples"] = test.images[src].float() / 255
+    if asr < asr_bar:
+        metrics["attack_failed"] = True
+        metrics["message"] = (
+            f"the backdoor did not implant: attack success rate {asr:.1%} is below the bar {asr_bar:.0%}; "
+            "detection numbers are not reported (raise the poison rate or training epochs)"
+        )
+        return Evaluation(metrics, arrays)
+    metrics["attack_failed"] = False
+    if detector is None:
+        return Evaluation(metrics, arrays)
+
+    t0 = time.perf_counter()
+    det_clean = _details(detector, test.images)
+    det_trig = _details(detector, trig.images)
+    score_s = time.perf_counter() - t0
+    summary = detection_summary(
+        clean_scores=det_clean["score"], clean_labels=test.labels.numpy(), clean_preds=clean_pred.numpy(),
+        trig_scores=det_trig["score"], trig_preds=trig_pred.numpy(), trig_target=targets.numpy(),
+        threshold=detector.threshold_, fpr_target=detector.fpr_target_, class_names=test.classes,
+        n_boot=n_boot, seed=seed,
+    )
+    defense = {"name": detector.name, "params": detector.get_params(), **summary,
+               "calibration_size": detector.calibration_size_}
+    fit_report = getattr(detector, "fit_report_", None)
+    if fit_report:
+        defense["fit_report"] = fit_report
+    timings = {"fit_s": getattr(detector, "fit_seconds_", None), "calibrate_s": getattr(detector, "calibrate_seconds_", None),
+               "score_s": score_s, "scored_inputs": len(test) + len(trig)}
+    defense["timings"] = timings
+    if throughput:
+        defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)
+    else:
+        defense["cost"] = {"forward_passes_per_input": detector.forward_passes_per_input}
+    metrics["defense"] = defense
+    for key in ("x", "y"):
+        if key in det_clean:
+            arrays[f"clean_{key}"] = det_clean[key]
+            arrays[f"trig_{key}"] = det_trig[key]
+    arrays.update(
+        clean_scores=det_clean["score"], trig_scores=det_trig["score"],
+        clean_correct=(clean_pred == test.labels).numpy(), trig_success=(trig_pred == targets).numpy(),
+    )
+    return Evaluation(metrics, arrays)

@@ -1,0 +1,110 @@
+"""Model checkpoints: weights in safetensors, metadata as JSON inside the same file.
+
+A checkpoint records everything needed to rebuild the model and to reproduce the experiment
+that made it: architecture and width, input shape, classes, normalisation, the dataset and its
+split parameters, the attack (if any), the training recipe and the seed. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadExpertError
+from .utils import atomic_write_bytes, resolve_device, to_jsonable
+
+FORMAT = "badexpert-model/1"
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model``'s state dict and ``meta`` (must hold ``arch``, ``in_channels``,
+    ``num_classes``, ``image_size``, ``mean``, ``std``) atomically to ``path``."""
+    from safetensors.torch import save
+
+    for key in ("arch", "in_channels", "num_classes", "image_size", "mean", "std"):
+        if key not in meta:
+            raise BadExpertError(f"model metadata lacks '{key}'")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state, metadata={"badexpert": json.dumps(to_jsonable({"format": FORMAT, **meta}))})
+    path = Path(path)
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without loading its weights."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadExpertError(f"model file '{p}' does not exist; create one with `badexpert train`")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            md = fh.metadata() or {}
+        meta = json.loads(md["badexpert"])
+    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        raise BadExpertError(f"'{p}' is not a badexpert model checkpoint (corrupt or wrong format)") from exc
+    if meta.get("format") != FORMAT:
+        raise BadExpertError(f"'{p}' has model format {meta.get('format')!r}; this version reads {FORMAT!r}")
+    return meta
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the architecture recorded in a checkpoint and load its weights (eval mode)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import build_model
+
+    meta = read_model_meta(path)
+    model = build_model(
+        meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+        image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta.get("width"),
+    )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
+    load_weights(model, state, source=str(path), arch=meta["arch"])
+    return model.to(resolve_device(device)).eval(), meta
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, arch: str = "the model") -> None:
+    """``load_state_dict(strict=True)`` with a one-line error when the shapes or names differ."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), "")
+        raise BadExpertError(
+            f"the weights in '{source}' do not match architecture '{arch}' ({first[:160]}); "
+            "check --arch/--width or use the checkpoint made for this model"
+        ) from exc
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of a user's own model: a safetensors file, or a ``torch.save`` state dict read with
+    ``weights_only=True`` (never full unpickling)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadExpertError(f"weights file '{p}' does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError) as exc:
+            raise BadExpertError(f"'{p}' is not a readable safetensors file") from exc
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a plain state dict
+        raise BadExpertError(f"'{p}' is not a plain tensor state dict (refusing to unpickle anything else)") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadExpertError(f"'{p}' does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}

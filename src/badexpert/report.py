@@ -1,0 +1,610 @@
+"""Reports: a terminal table, ``metrics.json``, ``report.md`` and PNG plots.
+
+Every file is first written under a temporary name in the output directory and renamed only once
+all of them were produced, so an error half-way leaves no partial report behind. Plots are drawn
+on :class:`matplotlib.figure.Figure` objects with the Agg canvas (no pyplot, no display, nothing
+registered globally), and released after saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from .errors import BadExpertError
+from .metrics import _sklearn_inputs
+from .utils import write_json
+
+__all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
+
+CLEAN_COLOR = "tab:blue"
+TRIG_COLOR = "tab:red"
+
+
+# --------------------------------------------------------------------------------------------
+# number formatting
+# --------------------------------------------------------------------------------------------
+def _num(v: Any) -> float | None:
+    """A finite float, or None for missing / None / NaN / non-numbers."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        if v.size == 0 if isinstance(v, np.ndarray) else v.numel() != 1:
+            return None
+        v = v.item()
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _pct(v: Any, digits: int = 1) -> str:
+    f = _num(v)
+    return "n/a" if f is None else f"{100.0 * f:.{digits}f}%"
+
+
+def _fpr_digits(target: Any) -> int:
+    """One decimal, but two when the FPR target is below 1% (0.1% vs 0.05% must not both read 0.1%)."""
+    t = _num(target)
+    return 2 if t is not None and t < 0.01 else 1
+
+
+def _float(v: Any, fmt: str = "{:.4g}") -> str:
+    f = _num(v)
+    if f is None:
+        return "n/a"
+    if math.isinf(f) or abs(f) >= 1e300:
+        return "inf (rejects nothing)" if f > 0 else "-inf"
+    return fmt.format(f)
+
+
+def _ci(ci: Any) -> str:
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return ""
+    lo, hi = _num(ci[0]), _num(ci[1])
+    if lo is None or hi is None:
+        return ""
+    return f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _get(d: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _defense(metrics: dict) -> dict:
+    """The defense sub-dict; a bare detection_summary() dict is accepted as well."""
+    d = metrics.get("defense")
+    if isinstance(d, dict):
+        return d
+    return metrics if "threshold" in metrics or "auroc" in metrics else {}
+
+
+def _attack_failed(metrics: dict) -> bool:
+    return bool(metrics.get("attack_failed"))
+
+
+def _no_defense(metrics: dict, key: str) -> Any:
+    d = _defense(metrics)
+    v = d.get(f"{key}_no_defense")
+    if _num(v) is None and d is not metrics:
+        v = metrics.get(key)
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# terminal table
+# --------------------------------------------------------------------------------------------
+def format_table(metrics: dict) -> str:
+    """A short fixed-width table: CA/ASR without and with defense, AUROC, TPR, FPR, threshold, cost."""
+    d = _defense(metrics)
+    w = 28
+    rows: list[str] = []
+
+    def row(label: str, *cells: str) -> None:
+        rows.append(f"{label:<{w}}" + "".join(f"{c:>15}" for c in cells).rstrip())
+
+    failed = _attack_failed(metrics)
+    row("", "no defense", "" if failed else "with defense")
+    ca_d = "" if failed else _pct(d.get("clean_accuracy"))
+    asr_d = "" if failed else _pct(d.get("attack_success_rate"))
+    row("clean accuracy (CA)", _pct(_no_defense(metrics, "clean_accuracy")), ca_d)
+    row("attack success rate (ASR)", _pct(_no_defense(metrics, "attack_success_rate")), asr_d)
+    if failed:
+        bar = metrics.get("asr_bar")
+        rows.append(
+            f"attack FAILED: ASR below the {_pct(bar)} bar; no detection numbers are shown"
+            if _num(bar) is not None
+            else "attack FAILED: ASR below the bar; no detection numbers are shown"
+        )
+        return "\n".join(rows)
+    if not d:
+        return "\n".join(rows)
+
+    rows.append("-" * (w + 30))
+
+    def line(label: str, value: str) -> None:
+        rows.append(f"{label:<{w}}{value}")
+
+    line("AUROC (all vs all)", _pct(d.get("auroc")) + _ci(d.get("auroc_ci")))
+    line("AUROC (filtered, paper)", _pct(d.get("auroc_filtered")))
+    line("TPR (triggered rejected)", _pct(d.get("tpr")))
+    digits = _fpr_digits(d.get("fpr_target"))
+    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(d.get('fpr'), digits)}")
+    line("threshold", _float(d.get("threshold")))
+    fit_s = _num(_get(d, "timings", "fit_s"))
+    if fit_s is not None:
+        line("fit time", f"{fit_s:.1f} s")
+    ratio = _num(_get(d, "cost", "throughput_ratio"))
+    if ratio is not None:
+        line("throughput vs bare model", f"{ratio:.2f}x")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# plots (each returns a Figure; the caller saves it)
+# --------------------------------------------------------------------------------------------
+def _arr(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _scores(x: Any, name: str) -> np.ndarray:
+    a = _arr(x, name).astype(np.float64).reshape(-1)
+    if np.isnan(a).any():
+        raise BadExpertError(f"{name} contains NaN values; cannot plot a ROC curve")
+    return a
+
+
+def _new_figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _roc(clean: np.ndarray, trig: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(clean) == 0 or len(trig) == 0:
+        return None
+    y, s = _sklearn_inputs(clean, trig)  # ranks replace infinite scores; the ROC only needs the order
+    fpr, tpr, _ = roc_curve(y, s)
+    return fpr, tpr
+
+
+def plot_roc(
+    clean_scores: Any,
+    trig_scores: Any,
+    *,
+    clean_correct: Any = None,
+    trig_success: Any = None,
+    threshold: float | None = None,
+    fpr_target: float | None = None,
+    auroc: float | None = None,
+    auroc_filtered: float | None = None,
+) -> Figure:
+    """ROC curves (all vs all, and filtered when masks are given), linear and log-FPR panels."""
+    c = _scores(clean_scores, "clean_scores")
+    t = _scores(trig_scores, "trig_scores")
+    curves = []
+    roc_all = _roc(c, t)
+    if roc_all is not None:
+        lab = "all clean vs all triggered"
+        if _num(auroc) is not None:
+            lab += f" (AUROC {100 * auroc:.1f}%)"
+        curves.append((roc_all, lab, "tab:purple", "-"))
+    if clean_correct is not None and trig_success is not None:
+        cm = _arr(clean_correct, "clean_correct").astype(bool).reshape(-1)
+        ts = _arr(trig_success, "trig_success").astype(bool).reshape(-1)
+        if len(cm) != len(c) or len(ts) != len(t):
+            raise BadExpertError(
+                f"clean_correct/trig_success masks ({len(cm)}, {len(ts)}) must match the scores ({len(c)}, {len(t)})"
+            )
+        roc_f = _roc(c[cm], t[ts])
+        if roc_f is not None:
+            lab = "filtered: correct clean vs successful triggered"
+            if _num(auroc_filtered) is not None:
+                lab += f" (AUROC {100 * auroc_filtered:.1f}%)"
+            curves.append((roc_f, lab, "tab:orange", "--"))
+
+    fig = _new_figure(11.5, 4.8)
+    ax_lin, ax_log = fig.subplots(1, 2)
+    n_clean = max(len(c), 1)
+    log_min = min(1e-3, 0.5 / n_clean)
+    for ax, log in ((ax_lin, False), (ax_log, True)):
+        for (fpr, tpr), lab, color, ls in curves:
+            if log:  # FPR 0 has no place on a log axis: start the curve at log_min with TPR(FPR=0)
+                keep = fpr > 0
+                ax.plot(np.r_[log_min, fpr[keep]], np.r_[tpr[~keep].max(), tpr[keep]],
+                        color=color, ls=ls, lw=1.8, label=lab)
+            else:
+                ax.plot(fpr, tpr, color=color, ls=ls, lw=1.8, label=lab)
+        thr = _num(threshold)
+        if thr is not None and len(c) and len(t):
+            op_fpr, op_tpr = float((c > thr).mean()), float((t > thr).mean())
+            x = max(op_fpr, log_min) if log else op_fpr
+            ax.plot([x], [op_tpr], "o", ms=9, mfc="none", mec="black", mew=2,
+                    label=f"calibrated threshold: FPR {100 * op_fpr:.2f}%, TPR {100 * op_tpr:.1f}%")
+        tgt = _num(fpr_target)
+        if tgt is not None and tgt > 0:
+            ax.axvline(tgt, color="gray", ls=":", lw=1.2, label=f"target FPR {100 * tgt:g}%")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("true-positive rate (triggered inputs rejected)")
+        ax.grid(True, alpha=0.3)
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(log_min, 1.0)
+            ax.set_xlabel("false-positive rate (clean inputs rejected), log scale")
+            ax.set_title("ROC, low-FPR region (log scale)")
+        else:
+            ax.set_xlim(-0.02, 1.02)
+            ax.plot([0, 1], [0, 1], color="lightgray", lw=1, zorder=0)
+            ax.set_xlabel("false-positive rate (clean inputs rejected)")
+            ax.set_title("ROC")
+    ax_lin.legend(loc="lower right", fontsize=7.5, framealpha=0.9)
+    fig.suptitle("Backdoor-input detection: ROC (higher score = more suspicious)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _subsample(a: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if len(a) <= k:
+        return a
+    idx = np.random.default_rng(seed).choice(len(a), size=k, replace=False)
+    return a[np.sort(idx)]
+
+
+def plot_scatter(clean_xy: Any = None, trig_xy: Any = None, *, max_points: int = 20000) -> Figure:
+    """BaDExpert's decision space: backdoor expert's vs auxiliary model's confidence in M's label."""
+    fig = _new_figure(6.4, 6.0)
+    ax = fig.subplots()
+    for xy, name, color, seed in ((clean_xy, "clean", CLEAN_COLOR, 1), (trig_xy, "triggered", TRIG_COLOR, 2)):
+        if xy is None:
+            continue
+        a = _arr(xy, f"{name}_xy").astype(np.float64)
+        if a.ndim != 2 or a.shape[1] != 2:
+            raise BadExpertError(f"{name}_xy must be an [n, 2] array of (x, y) confidences, got shape {a.shape}")
+        shown = _subsample(a, max_points, seed)
+        lab = f"{name} inputs (n={len(a)}" + (f", {len(shown)} shown)" if len(shown) < len(a) else ")")
+        ax.scatter(shown[:, 0], shown[:, 1], s=6, alpha=0.35, color=color, edgecolors="none", label=lab,
+                   rasterized=True)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x: backdoor expert B's confidence in M's label")
+    ax.set_ylabel("y: auxiliary model M\u2032's confidence in M's label")
+    ax.set_title("Clean inputs: x low, y high (top left)\nbackdoor inputs: x high, y low (bottom right)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    leg = ax.legend(loc="lower left", fontsize=8, markerscale=2.5, framealpha=0.9)
+    for h in leg.legend_handles:
+        h.set_alpha(1.0)
+    fig.tight_layout()
+    return fig
+
+
+def _images(x: Any, name: str) -> np.ndarray:
+    """[n, H, W] or [n, H, W, 3] floats in [0, 1] for imshow, from [n, C, H, W] (or [n, H, W])."""
+    a = _arr(x, name)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    a = a.astype(np.float32)
+    if a.ndim == 3:
+        return np.clip(a, 0.0, 1.0)
+    if a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise BadExpertError(f"{name} must be images shaped [n, C, H, W] with C = 1 or 3, got {a.shape}")
+    a = np.clip(a, 0.0, 1.0)
+    return a[:, 0] if a.shape[1] == 1 else a.transpose(0, 2, 3, 1)
+
+
+def plot_examples(
+    clean_examples: Any = None,
+    trig_examples: Any = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    example_labels: Any = None,
+    trig_example_preds: Any = None,
+    max_cols: int = 8,
+) -> Figure:
+    """A grid: top row clean images, bottom row the same images with the trigger (<= 8 columns).
+
+    Column titles: the true class (``example_labels``) on the clean row and the suspect model's
+    prediction (``trig_example_preds``) on the triggered row, named through ``class_names``.
+    """
+    rows = []
+    if clean_examples is not None:
+        rows.append(("clean", _images(clean_examples, "clean_examples"), example_labels, "class"))
+    if trig_examples is not None:
+        rows.append(("triggered", _images(trig_examples, "trig_examples"), trig_example_preds, "model says"))
+    if not rows:
+        raise BadExpertError("plot_examples needs clean_examples or trig_examples")
+    ncol = max(1, min(max_cols, min(len(r[1]) for r in rows)))
+
+    def name(c: int) -> str:
+        if class_names is not None and 0 <= c < len(class_names):
+            return str(class_names[c])
+        return str(c)
+
+    fig = _new_figure(1.5 * ncol + 0.9, 1.75 * len(rows) + 0.5)
+    axes = np.atleast_2d(fig.subplots(len(rows), ncol, squeeze=False))
+    for r, (row_name, imgs, labels, verb) in enumerate(rows):
+        lab = None if labels is None else _arr(labels, "labels").reshape(-1).astype(np.int64)
+        for j in range(ncol):
+            ax = axes[r, j]
+            img = imgs[j]
+            if img.ndim == 2:
+                ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if lab is not None and j < len(lab):
+                ax.set_title(f"{verb}: {name(int(lab[j]))}" if j == 0 else name(int(lab[j])), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(row_name, fontsize=10)
+    fig.suptitle("Test inputs: clean (top) and with the trigger applied (bottom)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# markdown
+# --------------------------------------------------------------------------------------------
+def _describe(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_describe(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> list[str]:
+    cfg = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
+
+    def pick(section: str, key: str, *cfg_keys: str) -> Any:
+        v = _get(metrics, section, key)
+        if v is None and isinstance(metrics.get(section), str):
+            v = metrics[section]
+        for k in cfg_keys:
+            if v is None:
+                v = cfg.get(k)
+        return v
+
+    d = _defense(metrics)
+    target = _get(metrics, "attack", "target")
+    if target is None:
+        target = cfg.get("target")
+    if isinstance(target, (int, np.integer)) and class_names is not None and 0 <= target < len(class_names):
+        target = f"{target} ({class_names[target]})"
+    items = [
+        ("Dataset", pick("dataset", "name", "dataset")),
+        ("Model", pick("model", "arch", "model", "arch")),
+        ("Attack", pick("attack", "name", "attack")),
+        ("Target class", target),
+        ("Seed", metrics.get("seed") if metrics.get("seed") is not None else cfg.get("seed")),
+        ("Defense", d.get("name") if d is not metrics else None),
+        ("Defense parameters", _describe(d["params"]) if isinstance(d.get("params"), dict) and d["params"] else None),
+    ]
+    lines = [f"- {k}: {_describe(v)}" for k, v in items if v is not None]
+    return lines or ["- (no configuration recorded)"]
+
+
+def _fpr_sentence(d: dict) -> str:
+    tgt, real = d.get("fpr_target"), d.get("fpr")
+    digits = _fpr_digits(tgt)
+    n_cal = d.get("calibration_size")
+    n_clean = d.get("n_clean")
+    cal = f" on {n_cal} held-out clean inputs" if n_cal is not None else ""
+    test = f" of the {n_clean} clean test inputs" if n_clean is not None else " of the clean test inputs"
+    s = (
+        f"The threshold was calibrated{cal} for a target false-positive rate of {_pct(tgt, digits)} "
+        f"(split-conformal quantile: at most the target in expectation on new clean data); "
+        f"it rejected {_pct(real, digits)}{test} (realized FPR)."
+    )
+    thr = _num(d.get("threshold"))
+    if thr is not None and (math.isinf(thr) or thr >= 1e300):
+        s += (" The threshold is infinite: the calibration set is too small for this target FPR, so the "
+              "detector rejects nothing. Use more calibration samples or a larger FPR.")
+    return s
+
+
+def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None = None) -> str:
+    d = _defense(metrics)
+    failed = _attack_failed(metrics)
+    out = ["# Backdoor detection report", "", "## What was run", "", *_what_was_run(metrics, class_names), ""]
+    if failed:
+        asr = _no_defense(metrics, "attack_success_rate")
+        bar = metrics.get("asr_bar")
+        out += [
+            "## Attack failed",
+            "",
+            f"**The backdoor did not implant.** The attack success rate on the suspect model is "
+            f"{_pct(asr)}, below the bar of {_pct(bar)}. Detection numbers are not presented: "
+            f"with no working backdoor there is nothing to detect, and any detection score would be "
+            f"meaningless.",
+            "",
+        ]
+        if metrics.get("message"):
+            out += [str(metrics["message"]), ""]
+        out += ["## Suspect model", "", "```text", format_table(metrics), "```", ""]
+    else:
+        out += ["## Results", "", "```text", format_table(metrics), "```", ""]
+        if metrics.get("message"):
+            out += [str(metrics["message"]), ""]
+        if d:
+            out += [_fpr_sentence(d), ""]
+            out += [
+                "CA and ASR with defense count a rejected input as neither correct nor attacked. AUROC is over "
+                "all clean test inputs vs all counted triggered inputs (true class not the target); the "
+                "filtered AUROC uses the research code's population (clean inputs the model gets right vs "
+                "triggered inputs whose attack succeeds), for comparison with the paper.",
+                "",
+            ]
+            drop = _num(d.get("clean_accuracy_drop"))
+            if drop is not None:
+                out += [f"Clean-accuracy drop caused by the defense: {100 * drop:.2f} percentage points.", ""]
+            tpr_at = d.get("tpr_at_fpr")
+            if isinstance(tpr_at, dict) and tpr_at:
+                out += [
+                    "### TPR at fixed FPR (oracle operating points)",
+                    "",
+                    "Thresholds chosen on the test scores themselves: these describe the ranking, not a "
+                    "deployable detector (the calibrated threshold above is the deployable one).",
+                    "",
+                    "| FPR | TPR |",
+                    "|---:|---:|",
+                    *[f"| {k} | {_pct(v)} |" for k, v in tpr_at.items()],
+                    "",
+                ]
+            per = d.get("per_class_false_rejection")
+            if isinstance(per, dict) and per:
+                digits = _fpr_digits(d.get("fpr_target"))
+                out += [
+                    "## Per-class false rejection",
+                    "",
+                    "Fraction of clean test inputs of each true class that the detector rejected.",
+                    "",
+                    "| class | rejected |",
+                    "|---|---:|",
+                    *[f"| {k} | {_pct(v, digits)} |" for k, v in per.items()],
+                    "",
+                ]
+    cost, timings = d.get("cost"), d.get("timings")
+    cost_lines = []
+    if isinstance(cost, dict):
+        labels = {
+            "forward_passes_per_input": ("forward passes per input", "{:g}"),
+            "throughput_ratio": ("scoring throughput relative to the bare model", "{:.2f}x"),
+            "model_images_per_s": ("bare model throughput", "{:,.0f} images/s"),
+            "detector_images_per_s": ("detector throughput", "{:,.0f} images/s"),
+        }
+        for k, v in cost.items():
+            lab, fmt = labels.get(k, (k, "{:g}"))
+            f = _num(v)
+            cost_lines.append(f"- {lab}: {fmt.format(f) if f is not None else v}")
+    if isinstance(timings, dict):
+        names = {"fit_s": "fit", "calibrate_s": "calibrate", "score_s": "score test inputs"}
+        for k, v in timings.items():
+            f = _num(v)
+            cost_lines.append(f"- time to {names.get(k, k)}: {f:.2f} s" if f is not None else f"- {k}: {v}")
+    if cost_lines:
+        out += ["## Cost and timings", "", *cost_lines, ""]
+    if plots:
+        captions = {
+            "roc.png": "ROC curves (linear and log-FPR), calibrated operating point circled",
+            "scatter.png": "Decision space: backdoor expert vs auxiliary model confidence",
+            "examples.png": "Clean test inputs and the same inputs with the trigger",
+        }
+        out += ["## Plots", ""]
+        for p in plots:
+            out += [f"![{captions.get(p, p)}]({p})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def _tmp_in(out_dir: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _save_figure(fig: Figure, tmp: Path) -> None:
+    try:
+        fig.savefig(tmp, format="png")
+    finally:
+        fig.clear()  # drop artists now; the Figure is not registered anywhere else
+
+
+FILE_MODE = 0o644  # mkstemp creates 0600 files; reports are meant to be read by others
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: dict,
+    *,
+    clean_scores: Any = None,
+    trig_scores: Any = None,
+    clean_xy: Any = None,
+    trig_xy: Any = None,
+    clean_examples: Any = None,
+    trig_examples: Any = None,
+    class_names: Sequence[str] | None = None,
+    clean_correct: Any = None,
+    trig_success: Any = None,
+    example_labels: Any = None,
+    trig_example_preds: Any = None,
+) -> list[Path]:
+    """Write ``metrics.json``, ``report.md`` and the plots whose inputs are given; return the paths.
+
+    ``roc.png`` needs ``clean_scores`` and ``trig_scores`` (plus ``clean_correct`` and
+    ``trig_success`` masks for the filtered curve); ``scatter.png`` needs ``clean_xy`` and/or
+    ``trig_xy`` ([n, 2]: backdoor expert's and auxiliary model's confidence in the model's label);
+    ``examples.png`` needs ``clean_examples`` and/or ``trig_examples`` ([n, C, H, W] in [0, 1]).
+    For a failed attack (``metrics['attack_failed']``) no ROC or scatter plot is drawn.
+
+    All files are rendered under temporary names first and renamed at the end: if anything raises,
+    the temporary files are removed and ``out_dir`` holds nothing new.
+    """
+    if not isinstance(metrics, dict):
+        raise BadExpertError(f"metrics must be a dict, got {type(metrics).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = _defense(metrics)
+    failed = _attack_failed(metrics)
+    pending: list[tuple[Path, Path]] = []  # (temporary, final)
+    try:
+        figures: list[tuple[str, Any]] = []
+        if not failed and clean_scores is not None and trig_scores is not None:
+            figures.append(("roc.png", lambda: plot_roc(
+                clean_scores, trig_scores, clean_correct=clean_correct, trig_success=trig_success,
+                threshold=d.get("threshold"), fpr_target=d.get("fpr_target"),
+                auroc=d.get("auroc"), auroc_filtered=d.get("auroc_filtered"))))
+        if not failed and (clean_xy is not None or trig_xy is not None):
+            figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy)))
+        if clean_examples is not None or trig_examples is not None:
+            figures.append(("examples.png", lambda: plot_examples(
+                clean_examples, trig_examples, class_names=class_names,
+                example_labels=example_labels, trig_example_preds=trig_example_preds)))
+        for name, make in figures:
+            tmp = _tmp_in(out, name)
+            pending.append((tmp, out / name))
+            _save_figure(make(), tmp)
+
+        md = _markdown(metrics, [name for name, _ in figures], class_names)
+        tmp = _tmp_in(out, "report.md")
+        pending.append((tmp, out / "report.md"))
+        tmp.write_text(md, encoding="utf-8")
+
+        for tmp, _ in pending:
+            os.chmod(tmp, FILE_MODE)
+        write_json(out / "metrics.json", metrics)
+        with contextlib.suppress(OSError):
+            os.chmod(out / "metrics.json", FILE_MODE)
+        written = [out / "metrics.json"]
+        for tmp, final in pending:
+            os.replace(tmp, final)
+            written.append(final)
+        pending.clear()
+        return written
+    finally:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

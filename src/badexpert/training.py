@@ -1,0 +1,212 @@
+"""One loop for training and finetuning, driven by a :class:`Recipe`.
+
+The suspect model, the backdoor expert and the auxiliary model are all produced by :func:`train`;
+they differ only in their recipe and labels. Data stays as uint8 tensors and is augmented in
+batches on the device; every random choice (batch order, augmentation) comes from a generator
+derived from the seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.core import as_tensors, augment, batches, default_pad
+from .errors import BadExpertError
+from .utils import derive_generator, eval_mode, model_device, progress
+
+
+@dataclass
+class Recipe:
+    """How to train or finetune: optimiser, schedule, epochs, batch size, augmentation.
+
+    ``schedule``: ``"step"`` (multiply the lr by ``gamma`` at each epoch in ``milestones``),
+    ``"cosine"`` (cosine decay to zero over all steps, with ``warmup_epochs`` of linear warm-up)
+    or ``"constant"``. ``augment``: random crop (``pad`` pixels, default scaled to the image
+    size) and horizontal flip where the dataset allows it.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    augment: bool = True
+    hflip: bool = True
+    pad: int | None = None
+    label_smoothing: float = 0.0
+    amp: bool = True
+    max_steps: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise BadExpertError(f"unknown recipe field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        d = dict(d)
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+    def replace(self, **kw) -> "Recipe":
+        return replace(self, **kw)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = recipe.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0,
+            weight_decay=recipe.weight_decay,
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    raise BadExpertError(f"unknown optimizer '{recipe.optimizer}'; choose one of: adam, adamw, sgd")
+
+
+def lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of ``recipe`` at a global step (0-based)."""
+    total = max(1, recipe.epochs * steps_per_epoch)
+    epoch = step / steps_per_epoch
+    warm = recipe.warmup_epochs * steps_per_epoch
+    if warm > 0 and step < warm:
+        return recipe.lr * (step + 1) / warm
+    if recipe.schedule == "constant":
+        return recipe.lr
+    if recipe.schedule == "step":
+        k = sum(1 for m in recipe.milestones if epoch >= m)
+        return recipe.lr * (recipe.gamma**k)
+    if recipe.schedule == "cosine":
+        t = (step - warm) / max(1.0, total - warm)
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    raise BadExpertError(f"unknown schedule '{recipe.schedule}'; choose one of: constant, cosine, step")
+
+
+StepCallback = Callable[[int, nn.Module], bool]
+
+
+@dataclass
+class TrainLog:
+    steps: int = 0
+    epochs_run: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def train(
+    model: nn.Module,
+    data,
+    recipe: Recipe,
+    *,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    callback_every: int = 0,
+    desc: str = "train",
+) -> TrainLog:
+    """Train ``model`` in place on ``data`` (a Dataset or ``(images, labels)``) with ``recipe``.
+
+    ``labels`` overrides the dataset's labels (the backdoor expert trains on wrong labels).
+    ``callback(step, model)`` runs every ``callback_every`` steps and after every epoch; if it
+    returns True, training stops there (the model is left in train mode either way). The model
+    stays on its device; data is moved there batch by batch.
+    """
+    images, y = as_tensors(data)
+    if labels is not None:
+        y = torch.as_tensor(labels, dtype=torch.int64)
+    if y is None:
+        raise BadExpertError("training needs labels: pass a Dataset or an (images, labels) pair")
+    if len(images) == 0:
+        raise BadExpertError("cannot train on an empty dataset")
+    device = model_device(model)
+    g = derive_generator(seed, f"train:{desc}")
+    opt = make_optimizer(model, recipe)
+    bs = min(recipe.batch_size, len(images))
+    steps_per_epoch = max(1, len(images) // bs)  # drop_last: keeps BatchNorm away from 1-sample batches
+    pad = default_pad(tuple(images.shape[2:])) if recipe.pad is None else recipe.pad
+    use_amp = recipe.amp and device.type == "cuda"
+    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    log = TrainLog()
+    total = recipe.epochs * steps_per_epoch
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    model.train()
+    bar = progress(total=total, desc=desc)
+    try:
+        step = 0
+        for epoch in range(recipe.epochs):
+            for xb, yb in batches(images, y, batch_size=bs, device=device, shuffle=True, generator=g, drop_last=True):
+                if step >= total:
+                    break
+                if recipe.augment:
+                    xb = augment(xb, pad=pad, hflip=recipe.hflip, generator=g)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(recipe, step, steps_per_epoch)
+                with amp_ctx():
+                    loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                log.losses.append(float(loss.detach()))
+                bar.update(1)
+                if callback is not None and callback_every and step % callback_every == 0 and step < total:
+                    if callback(step, model):
+                        log.stopped_early = True
+                        return log
+            log.steps = step
+            log.epochs_run = step / steps_per_epoch
+            if callback is not None and callback(step, model):
+                log.stopped_early = step < total
+                return log
+            if step >= total:
+                break
+        return log
+    finally:
+        log.steps = max(log.steps, len(log.losses))
+        log.epochs_run = log.steps / steps_per_epoch
+        bar.close()
+        model.train()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for uint8 or float images, returned on the CPU."""
+    device = model_device(model)
+    out = []
+    with eval_mode(model):
+        for xb, _ in batches(images, None, batch_size=batch_size, device=device):
+            out.append(model(xb).float().cpu())
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, data, *, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on a Dataset or ``(images, labels)`` pair."""
+    images, y = as_tensors(data)
+    if y is None or len(y) == 0:
+        raise BadExpertError("accuracy needs a non-empty labelled dataset")
+    pred = predict_logits(model, images, batch_size=batch_size).argmax(1)
+    return float((pred == y).float().mean())
