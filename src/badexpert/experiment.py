@@ -233,7 +233,6 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, log=print) -> dict:
     """Run the whole pipeline and write config, model, detector, metrics, report and plots to ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(cfg)
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)

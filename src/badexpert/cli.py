@@ -1,0 +1,351 @@
+"""Command-line interface: thin argument parsing over the library.
+
+Commands: ``demo``, ``run`` (from a JSON config), ``train``, ``defend``, ``evaluate``, ``info``.
+Every user mistake ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import BadExpertError
+
+EPILOG = "Documentation: see README.md. Every command accepts --help."
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _kv(items: list[str] | None) -> dict:
+    """Parse repeated ``key=value`` options; values are read as JSON when they parse, else strings."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise BadExpertError(f"expected key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+# --- shared option groups ---------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="the one seed for every random choice (default 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None if not required else "fashion-mnist",
+                   help="fashion-mnist (default), cifar10, gtsrb or imagefolder")
+    g.add_argument("--data-path", default=None,
+                   help="local dataset files (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--reserved", type=int, default=2000, help="size of the defender's reserved clean set (default 2000)")
+    g.add_argument("--calibration", type=int, default=2000, help="size of the clean calibration split (default 2000)")
+    g.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
+    g.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
+
+
+def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
+    g = p.add_argument_group("attack")
+    g.add_argument("--attack", default=default, help=f"badnet, blend, trojan or none (default {default})")
+    g.add_argument("--target", type=int, default=None, help="attack target class (default 0)")
+    g.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set poisoned (default 0.01)")
+    g.add_argument("--attack-param", action="append", metavar="KEY=VALUE",
+                   help="any other attack parameter, e.g. alpha=0.1 or trigger_image=patch.png (repeatable)")
+
+
+def _add_detector(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("detector")
+    g.add_argument("--preset", choices=("auto", "paper"), default="auto",
+                   help="auto: choose finetuning strengths from clean data (default); paper: the research code's settings")
+    g.add_argument("--score-rule", default=None, help="logratio, ratio, triangle, expert or auxiliary (default: the preset's)")
+    g.add_argument("--expert-lr", type=float, default=None, help="fix the backdoor expert's learning rate")
+    g.add_argument("--aux-lr", type=float, default=None, help="fix the auxiliary model's learning rate")
+    g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on clean inputs (default 0.01)")
+    g.add_argument("--detector-param", action="append", metavar="KEY=VALUE", help="any other BaDExpert parameter")
+
+
+def _attack_params(args) -> dict:
+    params = _kv(args.attack_param)
+    if args.target is not None:
+        params["target"] = args.target
+    if args.poison_rate is not None:
+        params["poison_rate"] = args.poison_rate
+    return params
+
+
+def _detector_params(args) -> dict:
+    params = {"preset": args.preset, **_kv(args.detector_param)}
+    for key in ("score_rule", "expert_lr", "aux_lr"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    return params
+
+
+def _attack_name(value: str | None) -> str | None:
+    return None if value is None or value.lower() in ("none", "clean", "") else value
+
+
+# --- commands -----------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .experiment import ExperimentConfig, run
+    from .report import format_table
+
+    cfg = ExperimentConfig(
+        dataset="fashion-mnist", data_path=args.data_path, arch="cnn", attack=_attack_name(args.attack),
+        attack_params={"poison_rate": 0.01, **_attack_params(args)}, train_size=args.train_size,
+        fpr=args.fpr, seed=args.seed, device=args.device,
+    )
+    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log)
+    print(format_table(metrics))
+    print(f"\nwrote {Path(args.out) / 'metrics.json'}, report.md and plots")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .experiment import ExperimentConfig, run
+    from .report import format_table
+
+    cfg = ExperimentConfig.from_file(args.config)
+    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
+    if overrides:
+        cfg = ExperimentConfig.from_dict({**cfg.to_dict(), **overrides})
+    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log)
+    print(format_table(metrics))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .experiment import ExperimentConfig, make_splits, train_suspect
+    from .io import save_model
+    from .training import accuracy
+
+    recipe = _kv(args.recipe)
+    for key in ("epochs", "lr", "batch_size", "optimizer"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    attack = _attack_name(args.attack)
+    cfg = ExperimentConfig(
+        dataset=args.dataset, data_path=args.data_path, arch=args.arch, width=args.width, attack=attack,
+        attack_params=_attack_params(args) if attack else {}, recipe=recipe, reserved=args.reserved,
+        calibration=args.calibration, train_size=args.train_size, test_size=args.test_size, seed=args.seed,
+        device=args.device,
+    )
+    if not str(args.out).endswith(".safetensors"):
+        raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
+    cfg.make_attack()  # fail on a bad attack name or parameter before reading any data
+    from .models import build_model
+
+    build_model(cfg.arch, in_channels=1, num_classes=2, image_size=28, width=cfg.width)  # validates the name
+    splits = make_splits(cfg)
+    model, meta = train_suspect(cfg, splits, log=_log)
+    meta["clean_accuracy"] = accuracy(model, splits.test)
+    line = f"clean accuracy {meta['clean_accuracy']:.2%}"
+    if attack:
+        from .attacks import attack_from_dict
+        from .evaluation import trigger_dataset
+        from .training import predict_logits
+
+        atk = attack_from_dict(meta["attack"])
+        trig, targets = trigger_dataset(atk, splits.test)
+        meta["attack_success_rate"] = float((predict_logits(model, trig.images).argmax(1) == targets).float().mean())
+        line += f", attack success rate {meta['attack_success_rate']:.2%}"
+    save_model(args.out, model, meta)
+    print(f"{line}\nwrote {args.out}")
+    return 0
+
+
+def _splits_for_model(meta: dict, args):
+    from .experiment import ExperimentConfig, make_splits
+
+    ds = meta["dataset"]
+    sp = meta["split"]
+    cfg = ExperimentConfig(
+        dataset=args.dataset or ds["name"], data_path=args.data_path or ds.get("path"), arch=meta["arch"],
+        reserved=sp["reserved"], calibration=sp["calibration"], train_size=sp.get("train_size"),
+        test_size=sp.get("test_size"), seed=sp["seed"],
+    )
+    splits = make_splits(cfg)
+    if splits.test.num_classes != meta["num_classes"] or list(splits.test.image_size) != list(meta["image_size"]):
+        raise BadExpertError(
+            f"the dataset ({splits.test.num_classes} classes, {splits.test.image_size}) does not match the model "
+            f"({meta['num_classes']} classes, {tuple(meta['image_size'])})"
+        )
+    return cfg, splits
+
+
+def cmd_defend(args) -> int:
+    from .detectors import get_detector
+    from .io import load_model
+
+    if not str(args.out).endswith(".safetensors"):
+        raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
+    model, meta = load_model(args.model, device=args.device)
+    cfg, splits = _splits_for_model(meta, args)
+    params = {"seed": args.seed, "device": args.device, "hflip": bool(meta.get("hflip", True)), **_detector_params(args)}
+    det = get_detector("badexpert", **params)
+    _log(f"fitting BaDExpert ({params['preset']}) on {len(splits.reserved)} reserved clean samples")
+    det.fit(model, splits.reserved)
+    det.calibrate(splits.calibration, args.fpr)
+    det.save(args.out, extra={"model": str(args.model), "split": meta["split"], "dataset": meta["dataset"]})
+    print(f"fitted in {det.fit_seconds_:.1f}s (expert lr {det.expert_lr_:g}, auxiliary lr {det.aux_lr_:g}); "
+          f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from {det.calibration_size_} clean samples")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .attacks import attack_from_dict, get_attack
+    from .detectors import load_detector
+    from .evaluation import evaluate
+    from .experiment import experiment_metrics, write_outputs
+    from .io import load_model
+    from .report import format_table
+
+    model, meta = load_model(args.model, device=args.device)
+    detector = load_detector(args.detector, model, device=args.device)
+    if not hasattr(detector, "threshold_"):
+        raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
+    cfg, splits = _splits_for_model(meta, args)
+    if args.attack is not None:
+        name = _attack_name(args.attack)
+        attack = get_attack(name, **_attack_params(args)) if name else None
+    else:
+        attack = attack_from_dict(meta.get("attack"))
+    cfg.detector_params = detector.get_params()
+    cfg.attack = attack.name if attack else None
+    cfg.attack_params = attack.params() if attack else {}
+    cfg.fpr = detector.fpr_target_
+    cfg.asr_bar = args.asr_bar
+    result = evaluate(model, detector, splits.test, attack, asr_bar=args.asr_bar, n_boot=args.n_boot, seed=args.seed)
+    metrics = experiment_metrics(cfg, meta, result, splits)
+    metrics["attack"] = attack.to_dict() if attack else None
+    write_outputs(args.out, metrics, result, splits.test.classes)
+    print(format_table(metrics))
+    print(f"\nwrote {Path(args.out) / 'metrics.json'}, report.md and plots")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .detectors.base import read_detector_file
+    from .io import read_model_meta
+
+    p = Path(args.file)
+    try:
+        meta = read_model_meta(p)
+    except BadExpertError:
+        _, meta = read_detector_file(p)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="badexpert",
+        description="Detect backdoor (trojan) inputs to an image classifier with BaDExpert.",
+        epilog=EPILOG,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"badexpert {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST with a BadNet backdoor",
+                       description="Plant a backdoor in a CNN trained on Fashion-MNIST, build the BaDExpert detector "
+                                   "from 2,000 reserved clean images, calibrate it at 1%% FPR on 2,000 other clean "
+                                   "images, evaluate on the rest of the test split and write a report.")
+    p.add_argument("--out", required=True, help="output directory (metrics.json, report.md, plots, model, detector)")
+    p.add_argument("--data-path", default=None, help="Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    p.add_argument("--cache-dir", default=None, help="reuse suspect models trained before with identical settings")
+    _add_attack(p, "badnet")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="the whole pipeline from a JSON config (see configs/)",
+                       description="Run data -> attack -> suspect model -> detector -> evaluation -> report from a "
+                                   "JSON file holding ExperimentConfig fields.")
+    p.add_argument("--config", required=True, help="JSON config file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--cache-dir", default=None, help="reuse suspect models trained before with identical settings")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--device", default=None, help="override the config's device")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train a (possibly backdoored) suspect model",
+                       description="Train a model on a dataset, optionally poisoned by an attack, and save it as "
+                                   "safetensors with JSON metadata (architecture, dataset, split, attack, recipe, seed).")
+    _add_data(p, required=True)
+    p.add_argument("--arch", default="cnn", help="cnn (default), resnet18, vgg16bn, mobilenetv2 or vit")
+    p.add_argument("--width", type=int, default=None, help="architecture width (ResNet-18: 64 in the paper)")
+    _add_attack(p, "none")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--optimizer", default=None, help="sgd, adam or adamw")
+    g.add_argument("--recipe", action="append", metavar="KEY=VALUE", help="any other recipe field, e.g. schedule=step")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("defend", help="build a BaDExpert detector for a suspect model",
+                       description="Fit BaDExpert on the reserved clean split of the model's dataset and calibrate "
+                                   "its threshold on the disjoint calibration split.")
+    p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
+    _add_data(p)
+    _add_detector(p)
+    p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
+    _add_common(p)
+    p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",
+                       description="Clean accuracy and attack success rate with and without the detector, AUROC, "
+                                   "TPR/FPR at the calibrated threshold, per-class false rejections and cost. "
+                                   "Writes metrics.json, report.md and plots.")
+    p.add_argument("--model", required=True, help="suspect model (.safetensors)")
+    p.add_argument("--detector", required=True, help="detector written by `badexpert defend`")
+    _add_data(p)
+    _add_attack(p, None)
+    p.add_argument("--asr-bar", type=float, default=0.5, help="refuse detection numbers below this ASR (default 0.5)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="print the metadata of a model or detector file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return int(args.func(args) or 0)
+    except BadExpertError as exc:
+        print(f"badexpert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("badexpert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

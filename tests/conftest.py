@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny synthetic image task on which a real backdoor is implanted in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from badexpert.data import Dataset
+
+os.environ.setdefault("BADEXPERT_QUIET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_blobs(n: int, seed: int, size: int = 12, classes: int = 4) -> Dataset:
+    """``classes`` classes of ``size`` x ``size`` grayscale images: class k has a bright bar at
+    row band k, on noise. Learnable by a tiny CNN in a couple of epochs."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.rand(n, 1, size, size, generator=g) * 0.35
+    band = size // classes
+    for k in range(classes):
+        idx = (labels == k).nonzero().flatten()
+        x[idx, :, k * band : (k + 1) * band, 1:-4] += 0.55
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return Dataset(images=images, labels=labels, classes=[f"c{k}" for k in range(classes)], name="blobs", hflip=False)
+
+
+@pytest.fixture(scope="session")
+def blobs():
+    """(train, test) synthetic datasets."""
+    return make_blobs(3000, seed=1), make_blobs(2400, seed=2)
+
+
+@pytest.fixture(scope="session")
+def backdoored(blobs):
+    """A tiny CNN trained on blobs poisoned by a BadNet patch (target 0): (model, attack, train, test)."""
+    from badexpert.attacks import get_attack
+    from badexpert.models import build_model
+    from badexpert.training import Recipe, train
+    from badexpert.utils import derive_generator, seed_everything
+
+    tr, te = blobs
+    seed_everything(0)
+    attack = get_attack("badnet", target=0, poison_rate=0.05)
+    poisoned = attack.poison(tr, derive_generator(0, "poison"))
+    model = build_model("cnn", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=8)
+    train(model, poisoned, Recipe(optimizer="adam", lr=3e-3, epochs=6, batch_size=64, weight_decay=0,
+                                  schedule="cosine", augment=False), seed=0)
+    return model.eval(), attack, tr, te

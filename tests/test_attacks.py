@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from badexpert.attacks import ATTACKS, attack_from_dict, get_attack
+from badexpert.data import Dataset
+from badexpert.errors import BadExpertError
+from badexpert.utils import derive_generator
+
+
+def _data(n=200, c=3, size=32, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
+                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+
+
+def test_badnet_pattern_is_the_research_codes_3x3_patch():
+    x = torch.full((2, 3, 32, 32), 0.5)
+    y = get_attack("badnet").apply(x)
+    expected = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert torch.equal(y[0, 0, 29:, 29:], expected)
+    assert torch.equal(y[:, :, 29:, 29:], expected.expand(2, 3, 3, 3))
+    untouched = torch.ones(32, 32, dtype=torch.bool)
+    untouched[29:, 29:] = False
+    assert torch.equal(y[:, :, untouched], x[:, :, untouched])
+
+
+def test_trojan_square_geometry_scales_with_image_size():
+    for size, (lo, hi) in ((32, (21, 29)), (28, (18, 25))):
+        x = torch.zeros(1, 1, size, size)
+        changed = (get_attack("trojan").apply(x) != x) | (get_attack("trojan").apply(x + 1) != x + 1)
+        rows = changed[0, 0].any(1).nonzero().flatten()
+        cols = changed[0, 0].any(0).nonzero().flatten()
+        assert (int(rows.min()), int(rows.max()) + 1) == (lo, hi)
+        assert (int(cols.min()), int(cols.max()) + 1) == (lo, hi)
+
+
+def test_blend_is_a_convex_combination_with_a_seeded_key():
+    x = torch.rand(4, 3, 16, 16)
+    a = get_attack("blend", alpha=0.2, trigger_seed=3)
+    key = a.build_trigger((3, 16, 16))["key"]
+    assert torch.allclose(a.apply(x), 0.8 * x + 0.2 * key)
+    assert torch.equal(key, get_attack("blend", trigger_seed=3).build_trigger((3, 16, 16))["key"])
+    assert not torch.equal(key, get_attack("blend", trigger_seed=4).build_trigger((3, 16, 16))["key"])
+
+
+def test_user_trigger_image(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (3, 3), (255, 0, 0))
+    img.save(tmp_path / "red.png")
+    y = get_attack("badnet", trigger_image=str(tmp_path / "red.png")).apply(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(y[0, :, 29:, 29:], torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 3, 3))
+    with pytest.raises(BadExpertError, match="does not exist"):
+        get_attack("blend", trigger_image=str(tmp_path / "missing.png")).apply(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_poison_relabels_exactly_the_chosen_non_target_samples(name):
+    data = _data()
+    attack = get_attack(name, target=2, poison_rate=0.1)
+    poisoned = attack.poison(data, derive_generator(0, "poison"))
+    idx = torch.tensor(poisoned.meta["poison_indices"])
+    assert len(idx) == 20
+    assert (data.labels[idx] != 2).all()
+    assert (poisoned.labels[idx] == 2).all()
+    others = torch.ones(len(data), dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(poisoned.labels[others], data.labels[others])
+    assert torch.equal(poisoned.images[others], data.images[others])
+    assert torch.equal(poisoned.images[idx], (attack.apply(data.images[idx]) * 255).round().to(torch.uint8))
+    assert torch.equal(data.images, _data().images)  # the input is not modified
+    again = attack.poison(data, derive_generator(0, "poison"))
+    assert again.meta["poison_indices"] == poisoned.meta["poison_indices"]
+    other = attack.poison(data, derive_generator(1, "poison"))
+    assert other.meta["poison_indices"] != poisoned.meta["poison_indices"]
+
+
+def test_cover_samples_keep_their_labels():
+    data = _data()
+    poisoned = get_attack("blend", poison_rate=0.05, cover_rate=0.05).poison(data, derive_generator(0, "p"))
+    cover = torch.tensor(poisoned.meta["cover_indices"])
+    assert len(cover) == 10 and not set(cover.tolist()) & set(poisoned.meta["poison_indices"])
+    assert torch.equal(poisoned.labels[cover], data.labels[cover])
+    assert not torch.equal(poisoned.images[cover], data.images[cover])
+
+
+def test_counts_excludes_target_and_non_source_classes():
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    assert get_attack("badnet", target=1).counts(labels).tolist() == [True, False, True, True, False]
+    a = get_attack("badnet", target=0, source_classes=(1,))
+    assert a.counts(labels).tolist() == [False, True, False, False, True]
+
+
+def test_errors_are_one_line_and_name_the_fix():
+    with pytest.raises(BadExpertError, match="unknown attack 'nope'; choose one of: badnet, blend, trojan"):
+        get_attack("nope")
+    with pytest.raises(BadExpertError, match="no parameter"):
+        get_attack("badnet", alpha=0.3)
+    with pytest.raises(BadExpertError, match="poison rate"):
+        get_attack("badnet", poison_rate=1.5)
+    with pytest.raises(BadExpertError, match="target class 12"):
+        get_attack("badnet", target=12).poison(_data(), derive_generator(0, "p"))
+    with pytest.raises(BadExpertError, match="poisons no sample"):
+        get_attack("badnet", poison_rate=0.001).poison(_data(n=100), derive_generator(0, "p"))
+    with pytest.raises(BadExpertError, match="does not fit"):
+        get_attack("trojan").apply(torch.zeros(1, 1, 2, 2))
+
+
+def test_round_trip_through_dict():
+    a = get_attack("blend", target=3, poison_rate=0.02, alpha=0.1, trigger_seed=7)
+    b = attack_from_dict(a.to_dict())
+    assert b.to_dict() == a.to_dict()
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(a.apply(x), b.apply(x))
+    assert attack_from_dict(None) is None

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from badexpert.errors import BadExpertError
+from badexpert.models import build_model
+from badexpert.training import Recipe, accuracy, lr_at, train
+
+
+def test_step_schedule_matches_the_papers_auxiliary_recipe():
+    r = Recipe(lr=0.1, epochs=10, schedule="step", milestones=(2, 4, 6, 8), gamma=0.1)
+    got = [lr_at(r, e * 32, 32) for e in range(10)]
+    want = [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]
+    assert got == pytest.approx(want)
+
+
+def test_cosine_schedule_with_warmup():
+    r = Recipe(lr=1.0, epochs=4, schedule="cosine", warmup_epochs=1)
+    assert lr_at(r, 0, 10) == pytest.approx(0.1)
+    assert lr_at(r, 9, 10) == pytest.approx(1.0)
+    assert lr_at(r, 25, 10) == pytest.approx(0.5, abs=0.03)
+    assert lr_at(r, 39, 10) < 0.01
+
+
+def _fit(blobs, seed):
+    tr, te = blobs
+    torch.manual_seed(seed)
+    m = build_model("cnn", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=8)
+    train(m, tr.subset(range(1200)), Recipe(optimizer="adam", lr=3e-3, epochs=4, batch_size=64, weight_decay=0,
+                                           augment=True, hflip=True, pad=0), seed=seed)
+    return m, te
+
+
+def test_training_learns_and_is_reproducible(blobs):
+    m1, te = _fit(blobs, seed=0)
+    m2, _ = _fit(blobs, seed=0)
+    m3, _ = _fit(blobs, seed=1)
+    assert accuracy(m1, te) > 0.9  # chance is 0.25
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+
+
+def test_callback_can_stop_training(blobs):
+    tr, _ = blobs
+    m = build_model("cnn", in_channels=1, num_classes=4, image_size=12, width=4)
+    seen = []
+    log = train(m, tr.subset(range(640)), Recipe(epochs=3, batch_size=64, augment=False),
+                callback=lambda step, model: seen.append(step) or step >= 4, callback_every=2)
+    assert seen == [2, 4] and log.stopped_early and log.steps == 4
+
+
+def test_recipe_errors():
+    with pytest.raises(BadExpertError, match="unknown optimizer"):
+        train(build_model("cnn", in_channels=1, num_classes=2, image_size=8, width=4),
+              (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)), Recipe(optimizer="rmsprop"))
+    with pytest.raises(BadExpertError, match="unknown recipe field"):
+        Recipe.from_dict({"lr": 0.1, "epoch": 3})
