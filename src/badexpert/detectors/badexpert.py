@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import ClassVar
 
 import torch
@@ -46,15 +47,21 @@ from .base import Detector
 EPS = 1e-8
 
 #: Score rules over x = Conf_B(ŷ) and y = Conf_M'(ŷ); larger = more suspicious.
-SCORES = ("logratio", "ratio", "triangle", "expert", "auxiliary")
+SCORES = ("logodds", "logratio", "ratio", "triangle", "expert", "auxiliary")
 
-EXPERT_LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-AUX_LR_GRID = (0.3, 0.1, 0.03, 0.01)
+#: Expert learning rates tried in turn when the step budget runs out before the expert forgets.
+EXPERT_LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3)
+#: Auxiliary learning rates probed in increasing order for the accuracy dip.
+AUX_LR_LADDER = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def combine(x: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
     """Combine the expert's (x) and auxiliary model's (y) confidences into a score.
 
+    - ``logodds`` (``auto``'s default): ``logit(x) - logit(y)``, the sum of the two models'
+      log-odds evidence that M's label came from the backdoor. It needs no constants and, unlike
+      the ratio, resolves confidences near 1 as finely as near 0, so neither a clean input the
+      auxiliary model gets wrong (y near 0) nor a very confident expert (x near 1) dominates;
     - ``logratio``: ``log x - log y`` (the ratio rule on a log scale, numerically safe; same
       ranking and same decisions as ``ratio``);
     - ``ratio``: ``-y / x`` (the research code's ``angles`` rule);
@@ -63,6 +70,8 @@ def combine(x: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
     - ``expert``: ``x`` (the backdoor expert alone);
     - ``auxiliary``: ``-y`` (the auxiliary model alone).
     """
+    if rule == "logodds":
+        return _logit(x) - _logit(y)
     if rule == "logratio":
         return torch.log(x.clamp_min(EPS)) - torch.log(y.clamp_min(EPS))
     if rule == "ratio":
@@ -81,18 +90,19 @@ class BaDExpert(Detector):
 
     Parameters
     ----------
-    preset: ``"auto"`` (strengths chosen from clean data, ``logratio`` score) or ``"paper"``
+    preset: ``"auto"`` (strengths chosen from clean data, ``logodds`` score) or ``"paper"``
         (the research code's settings, ``triangle`` score).
     score_rule: one of :data:`SCORES`; ``None`` takes the preset's.
     expert_lr, aux_lr: fixed learning rates (``None``: the preset's rule).
-    expert_epochs, expert_batch_size: the expert's finetuning (1 epoch, batch 128).
+    expert_epochs, expert_batch_size: the expert's finetuning under ``paper`` (1 epoch, batch 128).
+    expert_max_steps: ``auto``'s step budget per learning rate for the expert.
     aux_epochs, aux_batch_size, aux_milestones, aux_gamma: the auxiliary model's finetuning
         (10 epochs, batch 64, x0.1 at epochs 2, 4, 6, 8).
     holdout: fraction of the clean set held out to choose strengths (``auto`` only).
     expert_agreement: the expert is strong enough once it agrees with M on at most this
         fraction of held-out clean inputs.
-    aux_tolerance: the auxiliary model may lose at most this much held-out clean accuracy
-        relative to M.
+    aux_dip: ``auto`` takes the smallest auxiliary learning rate whose held-out clean accuracy
+        dips, during the first epoch, to at most this fraction of M's.
     augment: use training augmentation (random crop, flip where ``hflip``) while finetuning.
     hflip: whether horizontal flips preserve labels for this data.
     """
@@ -107,6 +117,7 @@ class BaDExpert(Detector):
         score_rule: str | None = None,
         expert_lr: float | None = None,
         expert_epochs: int = 1,
+        expert_max_steps: int = 300,
         expert_batch_size: int = 128,
         aux_lr: float | None = None,
         aux_epochs: int = 10,
@@ -114,8 +125,8 @@ class BaDExpert(Detector):
         aux_milestones: tuple[int, ...] = (2, 4, 6, 8),
         aux_gamma: float = 0.1,
         holdout: float = 0.2,
-        expert_agreement: float = 0.05,
-        aux_tolerance: float = 0.03,
+        expert_agreement: float = 0.2,
+        aux_dip: float = 0.25,
         augment: bool = True,
         hflip: bool = True,
         batch_size: int = 256,
@@ -127,6 +138,7 @@ class BaDExpert(Detector):
         self.score_rule = score_rule
         self.expert_lr = expert_lr
         self.expert_epochs = expert_epochs
+        self.expert_max_steps = expert_max_steps
         self.expert_batch_size = expert_batch_size
         self.aux_lr = aux_lr
         self.aux_epochs = aux_epochs
@@ -135,7 +147,7 @@ class BaDExpert(Detector):
         self.aux_gamma = aux_gamma
         self.holdout = holdout
         self.expert_agreement = expert_agreement
-        self.aux_tolerance = aux_tolerance
+        self.aux_dip = aux_dip
         self.augment = augment
         self.hflip = hflip
 
@@ -156,7 +168,7 @@ class BaDExpert(Detector):
     def rule(self) -> str:
         if self.score_rule is not None:
             return self.score_rule
-        return "triangle" if self.preset == "paper" else "logratio"
+        return "triangle" if self.preset == "paper" else "logodds"
 
     def expert_recipe(self, lr: float) -> Recipe:
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""
@@ -214,94 +226,155 @@ class BaDExpert(Detector):
         return int(out.shape[1])
 
     def _fit_expert(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None, num_classes: int) -> nn.Module:
+        """The backdoor expert: Adam on wrong labels ``(y + 1) mod C``.
+
+        ``paper`` (or a fixed ``expert_lr``): ``expert_epochs`` epochs at that lr. ``auto``: from
+        lr 1e-4, train until the expert's agreement with M on the held-out clean slice is at most
+        ``expert_agreement`` (checked every few steps), within ``expert_max_steps``; if the budget
+        runs out first, restart from M at a 3x larger lr (up to ``EXPERT_LR_LADDER``).
+        """
         wrong = (fit_part.labels + 1) % num_classes
-        if self.expert_lr is not None or self.preset == "paper":
-            lrs = [self.expert_lr if self.expert_lr is not None else 1e-4]
-        else:
-            lrs = list(EXPERT_LR_GRID)
-        ref_pred = predict_logits(source, hold.images, batch_size=self.batch_size).argmax(1) if hold is not None else None
-        trace = []
-        chosen = None
-        for i, lr in enumerate(lrs):
+        if hold is None:
+            lr = self.expert_lr if self.expert_lr is not None else 1e-4
             expert = copy.deepcopy(source)
             train(expert, fit_part, self.expert_recipe(lr), seed=self.seed, labels=wrong, desc=f"expert lr={lr:g}")
-            entry = {"lr": lr}
-            if hold is not None:
-                pred = predict_logits(expert, hold.images, batch_size=self.batch_size).argmax(1)
-                entry["agreement"] = float((pred == ref_pred).float().mean())
-                entry["accuracy"] = float((pred == hold.labels).float().mean())
+            self.expert_lr_ = lr
+            self.fit_report_["expert"] = {"lr": lr, "steps": None, "rule": "fixed"}
+            return expert.eval()
+
+        ref = predict_logits(source, hold.images, batch_size=self.batch_size).argmax(1)
+        steps_per_epoch = max(1, len(fit_part) // min(self.expert_batch_size, len(fit_part)))
+        check_every = max(1, min(4, steps_per_epoch))
+        ladder = [self.expert_lr] if self.expert_lr is not None else list(EXPERT_LR_LADDER)
+        trace: list[dict] = []
+        best = None
+        for lr in ladder:
+            expert = copy.deepcopy(source)
+            state = {"agreement": 1.0, "steps": 0}
+
+            def check(step: int, m: nn.Module) -> bool:
+                pred = predict_logits(m, hold.images, batch_size=self.batch_size).argmax(1)
+                state["agreement"] = float((pred == ref).float().mean())
+                state["steps"] = step
+                m.train()
+                return state["agreement"] <= self.expert_agreement
+
+            epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))
+            recipe = self.expert_recipe(lr).replace(epochs=epochs, max_steps=self.expert_max_steps)
+            train(expert, fit_part, recipe, seed=self.seed, labels=wrong, callback=check, callback_every=check_every,
+                  desc=f"expert lr={lr:g}")
+            entry = {"lr": lr, "steps": state["steps"], "agreement": state["agreement"]}
             trace.append(entry)
-            chosen = (lr, expert)
-            if hold is None or entry["agreement"] <= self.expert_agreement:
+            if best is None or state["agreement"] < best[1]["agreement"]:
+                best = (expert, entry)
+            if state["agreement"] <= self.expert_agreement:
                 break
-        self.expert_lr_ = chosen[0]
-        self.fit_report_["expert"] = {"chosen_lr": chosen[0], "trace": trace,
-                                      "reached_target": hold is None or trace[-1]["agreement"] <= self.expert_agreement}
-        return chosen[1].eval()
+        expert, entry = best
+        reached = entry["agreement"] <= self.expert_agreement
+        if not reached:
+            warnings.warn(
+                f"BaDExpert: the backdoor expert still agrees with the model on {entry['agreement']:.0%} of held-out "
+                f"clean inputs (target {self.expert_agreement:.0%}); detection may be weak. A larger clean set helps.",
+                stacklevel=3,
+            )
+        self.expert_lr_ = entry["lr"]
+        self.fit_report_["expert"] = {"lr": entry["lr"], "steps": entry["steps"], "agreement": entry["agreement"],
+                                      "target_agreement": self.expert_agreement, "reached_target": reached,
+                                      "rule": "auto", "trace": trace}
+        return expert.eval()
 
     def _fit_auxiliary(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None) -> nn.Module:
-        if self.aux_lr is not None or self.preset == "paper":
-            lrs = [self.aux_lr if self.aux_lr is not None else 0.1]
-        else:
-            lrs = list(AUX_LR_GRID)
-        ref_acc = accuracy(source, hold, batch_size=self.batch_size) if hold is not None else None
-        trace = []
-        best = None
-        for lr in lrs:
+        """The auxiliary model: Nesterov SGD on the true labels with step decay.
+
+        ``auto``: probe learning rates in increasing order (``AUX_LR_LADDER``) for one epoch
+        each, watching held-out clean accuracy; the first whose accuracy dips to at most
+        ``aux_dip`` times M's (the paper's "clean accuracy first drops to ~0% and recovers") is
+        trained in full. If that run does not recover at least half of M's held-out accuracy,
+        the next smaller rung is used.
+        """
+        if hold is None or self.aux_lr is not None:
+            lr = self.aux_lr if self.aux_lr is not None else 0.1
             aux = copy.deepcopy(source)
-            log = train(aux, fit_part, self.aux_recipe(lr), seed=self.seed, desc=f"auxiliary lr={lr:g}")
-            entry = {"lr": lr, "final_loss": log.losses[-1] if log.losses else None}
-            ok = True
-            if hold is not None:
-                finite = all(math.isfinite(p.detach().float().sum().item()) for p in aux.parameters())
-                acc = accuracy(aux, hold, batch_size=self.batch_size) if finite else 0.0
-                entry["accuracy"] = acc
-                ok = acc >= ref_acc - self.aux_tolerance
-                if best is None or acc > best[2]:
-                    best = (lr, aux, acc)
-            trace.append(entry)
-            if ok:
-                best = (lr, aux, entry.get("accuracy"))
+            train(aux, fit_part, self.aux_recipe(lr), seed=self.seed, desc=f"auxiliary lr={lr:g}")
+            self.aux_lr_ = lr
+            self.fit_report_["auxiliary"] = {"lr": lr, "rule": "fixed"}
+            return aux.eval()
+
+        ref_acc = accuracy(source, hold, batch_size=self.batch_size)
+        steps_per_epoch = max(1, len(fit_part) // min(self.aux_batch_size, len(fit_part)))
+        check_every = max(1, steps_per_epoch // 5)
+        probes = []
+        chosen = len(AUX_LR_LADDER) - 1
+        for i, lr in enumerate(AUX_LR_LADDER):
+            accs: list[float] = []
+
+            def watch(step: int, m: nn.Module) -> bool:
+                accs.append(accuracy(m, hold, batch_size=self.batch_size) if _finite(m) else 0.0)
+                m.train()
+                return False
+
+            probe = copy.deepcopy(source)
+            train(probe, fit_part, self.aux_recipe(lr).replace(epochs=1, schedule="constant"), seed=self.seed,
+                  callback=watch, callback_every=check_every, desc=f"auxiliary probe lr={lr:g}")
+            lowest = min(accs) if accs else 1.0
+            probes.append({"lr": lr, "lowest_accuracy": lowest})
+            if lowest <= self.aux_dip * ref_acc:
+                chosen = i
                 break
-        self.aux_lr_ = best[0]
-        self.fit_report_["auxiliary"] = {"chosen_lr": best[0], "trace": trace, "model_holdout_accuracy": ref_acc,
-                                         "reached_target": hold is None or trace[-1] is not None and ok}
-        return best[1].eval()
+        runs = []
+        for i in range(chosen, -1, -1):
+            lr = AUX_LR_LADDER[i]
+            aux = copy.deepcopy(source)
+            train(aux, fit_part, self.aux_recipe(lr), seed=self.seed, desc=f"auxiliary lr={lr:g}")
+            acc = accuracy(aux, hold, batch_size=self.batch_size) if _finite(aux) else 0.0
+            runs.append({"lr": lr, "accuracy": acc})
+            if acc >= 0.5 * ref_acc:
+                break
+        self.aux_lr_ = runs[-1]["lr"]
+        self.fit_report_["auxiliary"] = {"lr": self.aux_lr_, "accuracy": runs[-1]["accuracy"],
+                                         "model_accuracy": ref_acc, "dip_target": self.aux_dip * ref_acc,
+                                         "rule": "auto", "probes": probes, "runs": runs}
+        return aux.eval()
 
     # --- scoring -------------------------------------------------------------------------
     @torch.no_grad()
     def confidences(self, x) -> dict[str, torch.Tensor]:
-        """Per input: M's label ``pred``, the expert's confidence ``x`` and the auxiliary's ``y`` in it."""
+        """Per input: M's label ``pred``, the expert's (``x``) and the auxiliary model's (``y``)
+        confidence in it, and the matching log-odds ``logit_x`` / ``logit_y``."""
         self._check_fitted("confidences")
         images = self._check_input(x)
-        parts = {"pred": [], "x": [], "y": []}
+        parts: dict[str, list[torch.Tensor]] = {}
         for xb in self._batches(images):
-            pred, cx, cy = self._forward(xb)
-            parts["pred"].append(pred.cpu())
-            parts["x"].append(cx.cpu())
-            parts["y"].append(cy.cpu())
-        return {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+            for k, v in self._forward(xb).items():
+                parts.setdefault(k, []).append(v.cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def score_details(self, x) -> dict:
-        """Scores with M's label (``pred``), the expert's (``x``) and the auxiliary's (``y``) confidences."""
+        """Scores together with ``pred``, ``x``, ``y``, ``logit_x``, ``logit_y`` (numpy arrays)."""
         conf = self.confidences(x)
-        score = combine(conf["x"], conf["y"], self.rule)
-        return {"score": score.numpy(), **{k: v.numpy() for k, v in conf.items()}}
+        return {"score": self._combine(conf).numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
-    def _forward(self, xb: torch.Tensor):
+    def _forward(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
         was = self.model_.training
         self.model_.eval()
         try:
             pred = self.model_(xb).argmax(1)
         finally:
             self.model_.train(was)
-        px = F.softmax(self.expert_(xb).float(), dim=1).gather(1, pred[:, None]).squeeze(1)
-        py = F.softmax(self.auxiliary_(xb).float(), dim=1).gather(1, pred[:, None]).squeeze(1)
-        return pred, px, py
+        out = {"pred": pred}
+        for key, net in (("x", self.expert_), ("y", self.auxiliary_)):
+            logp, logodds = _label_log_odds(net(xb).float(), pred)
+            out[key] = logp.exp()
+            out[f"logit_{key}"] = logodds
+        return out
+
+    def _combine(self, conf: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.rule == "logodds":  # exact from the logits, even where a softmax rounds to 1
+            return conf["logit_x"] - conf["logit_y"]
+        return combine(conf["x"], conf["y"], self.rule)
 
     def _score_batch(self, xb: torch.Tensor) -> torch.Tensor:
-        _, cx, cy = self._forward(xb)
-        return combine(cx, cy, self.rule).cpu()
+        return self._combine(self._forward(xb)).cpu()
 
     # --- persistence ---------------------------------------------------------------------
     def _state_tensors(self):
@@ -319,6 +392,27 @@ class BaDExpert(Detector):
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
         self.fit_report_ = meta.get("fit_report", {})
+
+
+def _label_log_odds(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p[label]`` and ``log(p[label] / (1 - p[label]))`` from logits, computed stably:
+    the log-odds is ``z[label] - logsumexp(z[others])``."""
+    z = logits.double()
+    zk = z.gather(1, label[:, None]).squeeze(1)
+    others = z.scatter(1, label[:, None], float("-inf"))
+    rest = torch.logsumexp(others, dim=1)
+    logp = zk - torch.logsumexp(z, dim=1)
+    return logp.float(), (zk - rest).float()
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` with ``p`` kept in ``[1e-8, 1 - 1e-8]`` (float64 inside for resolution near 1)."""
+    q = p.double().clamp(EPS, 1 - EPS)
+    return (torch.log(q) - torch.log1p(-q)).to(p.dtype)
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _load_copy(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, device) -> nn.Module:

@@ -1,0 +1,196 @@
+"""The detector contract, run for every registered detector, and BaDExpert's own behaviour."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from badexpert.data import to_float
+from badexpert.detectors import DETECTORS, BaDExpert, combine, load_detector
+from badexpert.errors import BadExpertError, NotFittedError
+from badexpert.metrics import auroc
+
+# Every detector in the registry must appear here with settings small enough for a unit test.
+FACTORIES = {
+    "badexpert": lambda: BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0),
+}
+
+
+def test_every_registered_detector_is_in_the_contract_test():
+    assert set(FACTORIES) == set(DETECTORS)
+
+
+@pytest.fixture(scope="module")
+def splits(backdoored):
+    model, attack, _, te = backdoored
+    reserved, calib, test = te.subset(range(0, 800)), te.subset(range(800, 1600)), te.subset(range(1600, 2400))
+    mask = attack.counts(test.labels)
+    triggered = attack.apply(test.images[mask])
+    return model, reserved, calib, test, triggered
+
+
+@pytest.fixture(scope="module", params=sorted(FACTORIES))
+def fitted(request, splits):
+    model, reserved, calib, _, _ = splits
+    det = FACTORIES[request.param]()
+    assert det.fit(model, reserved) is det
+    det.calibrate(calib, fpr=0.05)
+    return det
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_use_before_fit_is_a_clear_error(name, splits):
+    det = FACTORIES[name]()
+    with pytest.raises(NotFittedError, match=r"call fit\(model, clean_data\) before score\(\)"):
+        det.score(splits[3].images[:4])
+    with pytest.raises(NotFittedError):
+        det.calibrate(splits[2], 0.05)
+
+
+def test_the_model_really_carries_the_backdoor(splits):
+    model, _, _, _, triggered = splits
+    with torch.no_grad():
+        pred = model.eval()(triggered).argmax(1)
+    assert (pred == 0).float().mean() > 0.9
+
+
+def test_higher_score_means_backdoor(fitted, splits):
+    _, _, _, test, triggered = splits
+    clean, trig = fitted.score(test), fitted.score(triggered)
+    assert clean.dtype.is_floating_point and clean.shape == (len(test),)
+    assert trig.mean() > clean.mean()
+    assert auroc(clean.numpy(), trig.numpy()) > 0.95
+
+
+def test_calibrated_threshold_controls_false_positives(fitted, splits):
+    _, _, calib, test, triggered = splits
+    assert fitted.threshold_ is not None and fitted.fpr_target_ == 0.05 and fitted.calibration_size_ == 800
+    assert fitted.predict(calib).float().mean() <= 0.05
+    realized = fitted.predict(test).float().mean().item()
+    assert realized <= 0.05 + 0.03  # 800 fresh clean inputs: binomial noise around <= 5%
+    flags = fitted.predict(triggered)
+    assert flags.dtype == torch.bool and torch.equal(flags, fitted.score(triggered) > fitted.threshold_)
+    assert flags.float().mean() > 0.8
+
+
+def test_predict_before_calibrate(splits):
+    model, reserved, _, test, _ = splits
+    det = FACTORIES["badexpert"]().fit(model, reserved)
+    with pytest.raises(NotFittedError, match=r"calibrate\(clean_data, fpr\) before predict"):
+        det.predict(test.images[:3])
+
+
+def test_uint8_and_float_inputs_agree(fitted, splits):
+    x = splits[3].images[:50]
+    assert torch.allclose(fitted.score(x), fitted.score(to_float(x)), atol=1e-6)
+
+
+def test_wrong_shape_and_bad_arguments(fitted, splits):
+    with pytest.raises(BadExpertError, match=r"inputs of shape \(3, 12, 12\)"):
+        fitted.score(torch.zeros(2, 3, 12, 12))
+    with pytest.raises(BadExpertError, match=r"\[N, C, H, W\]"):
+        fitted.score(torch.zeros(12, 12))
+    with pytest.raises(BadExpertError, match="false-positive rate"):
+        fitted.calibrate(splits[2], fpr=1.5)
+    with pytest.raises(BadExpertError, match="nn.Module"):
+        FACTORIES["badexpert"]().fit("model.pt", splits[1])
+
+
+def test_save_load_round_trip(fitted, splits, tmp_path):
+    model, _, _, test, triggered = splits
+    path = fitted.save(tmp_path / "det.safetensors")
+    loaded = load_detector(path, model)
+    assert loaded.threshold_ == fitted.threshold_ and loaded.get_params() == fitted.get_params()
+    assert torch.equal(loaded.score(test), fitted.score(test))
+    assert torch.equal(loaded.predict(triggered), fitted.predict(triggered))
+
+
+def test_load_errors(fitted, splits, tmp_path):
+    from badexpert.models import build_model
+
+    path = fitted.save(tmp_path / "det.safetensors")
+    other = build_model("cnn", in_channels=1, num_classes=4, image_size=12, width=16)
+    with pytest.raises(BadExpertError, match="do not match this model"):
+        load_detector(path, other)
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(BadExpertError, match="corrupt or wrong format"):
+        load_detector(bad, splits[0])
+    with pytest.raises(BadExpertError, match="does not exist"):
+        load_detector(tmp_path / "none.safetensors", splits[0])
+
+
+def test_same_seed_same_scores(splits):
+    model, reserved, _, test, _ = splits
+    a = FACTORIES["badexpert"]().fit(model, reserved).score(test)
+    b = FACTORIES["badexpert"]().fit(model, reserved).score(test)
+    assert torch.equal(a, b)
+
+
+# --- BaDExpert specifics ------------------------------------------------------------------------
+def test_score_rules_by_hand():
+    x = torch.tensor([0.9, 0.05, 0.5])
+    y = torch.tensor([0.1, 0.95, 0.5])
+    assert torch.allclose(combine(x, y, "ratio"), -y / x)
+    assert torch.allclose(combine(x, y, "logratio"), torch.log(x) - torch.log(y))
+    logit = lambda p: torch.log(p / (1 - p))  # noqa: E731
+    assert torch.allclose(combine(x, y, "logodds"), logit(x) - logit(y))
+    tri = combine(x, y, "triangle")
+    assert tri[0].item() == pytest.approx(-min(2 * 0.1 / 0.9, 0.1 / 0.4))
+    assert tri[1].item() == pytest.approx(-(2 * 0.95 / 0.05))  # y > 0.5: second term clamps to 0.05 / 1e-8
+    assert torch.equal(combine(x, y, "expert"), x) and torch.equal(combine(x, y, "auxiliary"), -y)
+    # the log-ratio ranks inputs exactly as the ratio does
+    xs, ys = torch.rand(500) * 0.98 + 0.01, torch.rand(500) * 0.98 + 0.01
+    assert torch.equal(combine(xs, ys, "ratio").argsort(), combine(xs, ys, "logratio").argsort())
+    with pytest.raises(BadExpertError, match="unknown score rule"):
+        combine(x, y, "square")
+
+
+def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
+    model, reserved, _, test, triggered = splits
+    det = BaDExpert(hflip=False, seed=0).fit(model, reserved)
+    rep = det.fit_report_
+    assert rep["holdout_size"] == 160 and rep["fit_size"] == 640
+    ex = rep["expert"]
+    # trained until it agrees with M on at most 20% of held-out clean inputs; larger lrs only if needed
+    assert ex["rule"] == "auto" and ex["reached_target"] and ex["agreement"] <= det.expert_agreement
+    assert all(t["agreement"] > det.expert_agreement for t in ex["trace"][:-1])
+    aux = rep["auxiliary"]
+    # the smallest probed lr whose held-out accuracy dips in the first epoch, then a full run that recovers
+    assert aux["probes"][-1]["lowest_accuracy"] <= aux["dip_target"]
+    assert all(p["lowest_accuracy"] > aux["dip_target"] for p in aux["probes"][:-1])
+    assert aux["accuracy"] >= 0.5 * aux["model_accuracy"]
+    # the expert forgot the clean task but kept the backdoor
+    with torch.no_grad():
+        clean_agree = (det.expert_(to_float(test.images)).argmax(1) == model(to_float(test.images)).argmax(1)).float().mean()
+        kept = (det.expert_(triggered).argmax(1) == 0).float().mean()
+    assert clean_agree < 0.35 and kept > 0.8
+    assert det.rule == "logodds"
+    assert auroc(det.score(test).numpy(), det.score(triggered).numpy()) > 0.95
+
+
+def test_paper_preset_runs_the_research_settings(splits):
+    model, reserved, _, _, _ = splits
+    det = BaDExpert(preset="paper", aux_epochs=2, hflip=False)
+    assert det.rule == "triangle"
+    det.fit(model, reserved)
+    assert det.expert_lr_ == 1e-4 and det.aux_lr_ == 0.1 and det.fit_report_["fit_size"] == 800
+
+
+def test_works_with_a_users_own_module(blobs):
+    """Any nn.Module mapping float images to logits works, not only the project's architectures."""
+    from badexpert.attacks import get_attack
+    from badexpert.training import Recipe, train
+    from badexpert.utils import derive_generator
+
+    tr, te = blobs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 64), nn.ReLU(), nn.Linear(64, 4))
+    attack = get_attack("badnet", poison_rate=0.05)
+    train(model, attack.poison(tr, derive_generator(0, "p")),
+          Recipe(optimizer="adam", lr=3e-3, epochs=8, batch_size=64, weight_decay=0, augment=False))
+    det = BaDExpert(expert_lr=3e-3, aux_lr=0.03, aux_epochs=4, hflip=False).fit(model, te.subset(range(800)))
+    test = te.subset(range(1600, 2400))
+    trig = attack.apply(test.images[attack.counts(test.labels)])
+    assert auroc(det.score(test).numpy(), det.score(trig).numpy()) > 0.9
