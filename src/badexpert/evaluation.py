@@ -163,6 +163,8 @@ def evaluate(
     arrays["trig_examples"] = trig.images[:examples].float() / 255
     src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
     arrays["clean_examples"] = test.images[src].float() / 255
+    arrays["example_labels"] = test.labels[src].numpy()
+    arrays["trig_example_preds"] = trig_pred[:examples].numpy()
     if asr < asr_bar:
         metrics["attack_failed"] = True
         metrics["message"] = (
@@ -190,7 +192,7 @@ def evaluate(
     if fit_report:
         defense["fit_report"] = fit_report
     timings = {"fit_s": getattr(detector, "fit_seconds_", None), "calibrate_s": getattr(detector, "calibrate_seconds_", None),
-               "score_s": score_s, "scored_inputs": len(test) + len(trig)}
+               "score_s": score_s}
     defense["timings"] = timings
     if throughput:
         defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)

@@ -88,12 +88,14 @@ class ExperimentConfig:
 def default_recipe(dataset: str, arch: str) -> Recipe:
     """Training recipe for a suspect model: SGD with momentum and a cosine schedule.
 
-    Short on purpose for the small-image defaults (Fashion-MNIST's CNN reaches ~91% in 4 epochs);
-    the paper's CIFAR-10 recipe (100 epochs, step decay at 50/75) remains reachable through
-    ``recipe`` overrides.
+    Short on purpose for the small-image defaults; the paper's CIFAR-10 recipe (100 epochs, step
+    decay at 50/75) remains reachable through ``recipe`` overrides. Fashion-MNIST trains without
+    crop augmentation: in four epochs, random crops shift a corner trigger off the image often
+    enough that a 1% BadNet backdoor does not implant (measured: 7% ASR with crops, 99% without).
     """
     if dataset == "fashion-mnist":
-        return Recipe(optimizer="sgd", lr=0.05, epochs=4, batch_size=128, weight_decay=5e-4, schedule="cosine")
+        return Recipe(optimizer="sgd", lr=0.05, epochs=4, batch_size=128, weight_decay=5e-4, schedule="cosine",
+                      augment=False)
     lr = 0.05 if arch in ("cnn", "vit") else 0.1
     if arch == "vit":
         return Recipe(optimizer="adamw", lr=1e-3, epochs=30, batch_size=128, weight_decay=0.05, schedule="cosine",
@@ -227,6 +229,7 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
         clean_xy=xy("clean"), trig_xy=xy("trig"),
         clean_examples=a.get("clean_examples"), trig_examples=a.get("trig_examples"),
         class_names=class_names, clean_correct=a.get("clean_correct"), trig_success=a.get("trig_success"),
+        example_labels=a.get("example_labels"), trig_example_preds=a.get("trig_example_preds"),
     )
 
 

@@ -18,10 +18,10 @@ class SmallCNN(nn.Module):
     Each conv is 3x3 with batch norm and ReLU. Pooling to a 3x3 grid rather than 1x1 keeps coarse
     layout, which a net this shallow needs: on Fashion-MNIST (Adam, lr 1e-3, batch 128, no
     augmentation) it reaches ~89.7% test accuracy after 3 epochs against ~85% with global pooling.
-    Works for any input at least 4x4; ``width=32`` gives about 105k parameters.
+    Works for any input at least 4x4; ``width=16`` (the default, chosen for 2-core CPUs) gives about 27k parameters.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 32) -> None:
+    def __init__(self, *, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int = 16) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(

@@ -1,0 +1,89 @@
+"""CLI behaviour: help, and one clear line with exit status 2 for every user mistake, no partial files."""
+
+import pytest
+import torch
+
+from badexpert.cli import main
+from badexpert.io import save_model
+from badexpert.models import build_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    m = build_model("cnn", in_channels=1, num_classes=10, image_size=28, width=4)
+    meta = {"arch": "cnn", "width": 4, "in_channels": 1, "num_classes": 10, "image_size": [28, 28],
+            "mean": [0.5], "std": [0.5], "dataset": {"name": "fashion-mnist", "path": "/nonexistent/fmnist"},
+            "split": {"seed": 0, "reserved": 100, "calibration": 100}}
+    return save_model(tmp_path / "m.safetensors", m, meta)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "run", "train", "defend", "evaluate", "info"])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: badexpert " + cmd in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--dataset", "mnist-9", "--out", "OUT/m.safetensors"], "unknown dataset 'mnist-9'; choose one of"),
+        (["train", "--attack", "sleeper", "--out", "OUT/m.safetensors"], "unknown attack 'sleeper'; choose one of"),
+        (["train", "--arch", "resnet99", "--out", "OUT/m.safetensors"], "unknown architecture 'resnet99'"),
+        (["train", "--dataset", "cifar10", "--data-path", "OUT/none", "--out", "OUT/m.safetensors"], "does not exist"),
+        (["train", "--dataset", "cifar10", "--out", "OUT/m.safetensors"], "needs a path to its local files"),
+        (["train", "--out", "OUT/model.pt"], "--out must name a .safetensors file"),
+        (["defend", "--model", "OUT/missing.safetensors", "--out", "OUT/d.safetensors"], "does not exist"),
+        (["evaluate", "--model", "OUT/missing.safetensors", "--detector", "OUT/d.safetensors", "--out", "OUT/e"],
+         "does not exist"),
+        (["run", "--config", "OUT/none.json", "--out", "OUT/r"], "config file"),
+        (["info", "OUT/missing.safetensors"], "does not exist"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line_and_no_files(argv, message, tmp_path, capsys):
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("badexpert: error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_corrupt_checkpoint_and_mismatched_detector(model_file, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    assert main(["defend", "--model", str(bad), "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "corrupt or wrong format" in capsys.readouterr().err
+    # a checkpoint whose weights do not fit the architecture its metadata names
+    from safetensors.torch import load_file, save_file
+    import json
+    from safetensors import safe_open
+
+    state = load_file(str(model_file))
+    with safe_open(str(model_file), framework="pt") as fh:
+        md = fh.metadata()
+    meta = json.loads(md["badexpert"])
+    meta["width"] = 8
+    save_file(state, str(tmp_path / "wrong.safetensors"), metadata={"badexpert": json.dumps(meta)})
+    assert main(["info", str(tmp_path / "wrong.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["defend", "--model", str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "do not match architecture 'cnn'" in err and not (tmp_path / "d.safetensors").exists()
+
+
+def test_dataset_path_recorded_in_model_must_exist(model_file, tmp_path, capsys):
+    assert main(["defend", "--model", str(model_file), "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "/nonexistent/fmnist' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_detector_file_is_checked(model_file, tmp_path, capsys):
+    fake = tmp_path / "det.safetensors"
+    torch.save({}, fake)
+    assert main(["evaluate", "--model", str(model_file), "--detector", str(fake), "--out", str(tmp_path / "e")]) == 2
+    assert "not a badexpert detector file" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -1,0 +1,78 @@
+"""End to end on real Fashion-MNIST: a BadNet backdoor really implanted, and really detected."""
+
+import json
+
+import pytest
+
+from badexpert.cli import main
+from badexpert.experiment import ExperimentConfig, run
+
+from .conftest import FASHION_MNIST
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = ExperimentConfig(
+        dataset="fashion-mnist", arch="cnn", width=16, attack="badnet", attack_params={"poison_rate": 0.03},
+        train_size=8000, reserved=1000, calibration=1000, test_size=3000, fpr=0.01, seed=0, n_boot=200,
+        recipe={"epochs": 4},
+    )
+    return out, run(cfg, out, log=lambda m: None)
+
+
+def test_backdoor_is_implanted_and_detected(demo_run):
+    _, m = demo_run
+    assert m["attack_failed"] is False
+    assert m["clean_accuracy"] > 0.8
+    assert m["attack_success_rate"] >= 0.9
+    d = m["defense"]
+    assert d["auroc"] >= 0.95
+    assert d["auroc_ci"][0] <= d["auroc"] <= d["auroc_ci"][1]
+    assert d["attack_success_rate"] < 0.5 * m["attack_success_rate"]
+    assert d["fpr"] <= 0.04  # calibrated at 1% on 1,000 disjoint clean images; 3,000 test images
+    assert d["clean_accuracy"] >= m["clean_accuracy"] - 0.05
+    assert d["cost"]["forward_passes_per_input"] == 3 and d["cost"]["throughput_ratio"] > 0
+    assert d["fit_report"]["expert"]["reached_target"]
+
+
+def test_outputs_are_written(demo_run):
+    out, m = demo_run
+    for name in ("metrics.json", "report.md", "roc.png", "scatter.png", "examples.png", "config.json",
+                 "model.safetensors", "detector.safetensors"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("clean_accuracy", "attack_success_rate"):
+        assert on_disk[key] == pytest.approx(m[key])
+    for key in ("name", "fpr_target", "threshold", "auroc", "auroc_filtered", "tpr", "fpr", "clean_accuracy",
+                "attack_success_rate", "timings"):
+        assert key in on_disk["defense"], key
+    assert "AUROC" in (out / "report.md").read_text()
+
+
+def test_cli_evaluate_reproduces_the_run(demo_run, tmp_path, capsys):
+    out, m = demo_run
+    rc = main(["evaluate", "--model", str(out / "model.safetensors"), "--detector", str(out / "detector.safetensors"),
+               "--n-boot", "200", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert rc == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["defense"]["auroc"] == pytest.approx(m["defense"]["auroc"])
+    assert again["defense"]["threshold"] == pytest.approx(m["defense"]["threshold"])
+    assert "AUROC" in capsys.readouterr().out
+
+
+def test_cli_defend_with_the_paper_preset(demo_run, tmp_path):
+    out, _ = demo_run
+    det = tmp_path / "paper.safetensors"
+    assert main(["defend", "--model", str(out / "model.safetensors"), "--preset", "paper", "--fpr", "0.05",
+                 "--out", str(det), "--device", "cpu"]) == 0
+    from badexpert.detectors import read_detector_file
+
+    _, meta = read_detector_file(det)
+    assert meta["params"]["preset"] == "paper" and meta["fpr_target"] == 0.05
+    assert meta["state"]["expert_lr"] == 1e-4 and meta["state"]["aux_lr"] == 0.1
