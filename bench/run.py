@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                 attack_params={"poison_rate": args.poison_rate}, recipe=recipe, train_size=args.train_size,
                 detector_params={"preset": preset}, fpr=args.fpr, seed=args.seed, device=args.device,
             )
-            name = f"{args.dataset}-{args.arch}{args.width or ''}-{attack}-{preset}"
+            name = f"{args.dataset}-{args.arch}" + (f"-w{args.width}" if args.width else "") + f"-{attack}-{preset}"
             t0 = time.perf_counter()
             m = run(cfg, out / name, cache_dir=args.cache_dir, log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
             wall = time.perf_counter() - t0

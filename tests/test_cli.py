@@ -87,3 +87,39 @@ def test_detector_file_is_checked(model_file, tmp_path, capsys):
     assert main(["evaluate", "--model", str(model_file), "--detector", str(fake), "--out", str(tmp_path / "e")]) == 2
     assert "not a badexpert detector file" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from badexpert.experiment import ExperimentConfig, default_recipe, suspect_key
+    from badexpert.training import Recipe
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+    assert configs
+    for path in configs:
+        cfg = ExperimentConfig.from_file(path)
+        cfg.make_attack()
+        Recipe.from_dict({**default_recipe(cfg.dataset, cfg.arch).to_dict(), **cfg.recipe})
+        build_model(cfg.arch, in_channels=3, num_classes=10, image_size=32, width=cfg.width)
+
+
+def test_model_cache_key_covers_what_the_model_depends_on():
+    from badexpert.experiment import ExperimentConfig, default_recipe, suspect_key
+
+    base = ExperimentConfig()
+    r = default_recipe(base.dataset, base.arch)
+    k = suspect_key(base, r)
+    assert k == suspect_key(ExperimentConfig(), r)
+    assert k != suspect_key(ExperimentConfig(seed=1), r)
+    assert k != suspect_key(ExperimentConfig(attack="blend"), r)
+    assert k != suspect_key(ExperimentConfig(attack_params={"poison_rate": 0.02}), r)
+    assert k != suspect_key(base, r.replace(epochs=5))
+    # the detector's settings do not change the suspect model
+    assert k == suspect_key(ExperimentConfig(detector_params={"preset": "paper"}, fpr=0.05), r)
+
+
+def test_bad_config_field(tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"dataset": "fashion-mnist", "atack": "badnet"}')
+    assert main(["run", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown config field(s) ['atack']" in capsys.readouterr().err
