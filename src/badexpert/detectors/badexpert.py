@@ -10,21 +10,27 @@ From the suspect model M and a small clean labelled set D_c:
 3. for an input u with M's label ŷ, ``x = softmax(B(u))[ŷ]`` and ``y = softmax(M'(u))[ŷ]``; clean
    inputs have x small and y large, backdoor inputs x large and y small. The score combines them.
 
-Finetuning strength. The paper's learning rates were tuned for a CIFAR-10 ResNet-18; on other
-data and architectures the expert may barely unlearn, or the auxiliary model keep the backdoor.
-With ``preset="auto"`` (the default) the detector chooses both strengths itself from clean data
-only: a slice of D_c (``holdout``) is set aside, and
+Finetuning strength. The paper's settings were tuned for a CIFAR-10 ResNet-18; on other data and
+architectures the expert may barely unlearn (a Fashion-MNIST CNN's expert kept 88% agreement with
+M after the paper's one epoch at 1e-4) or the auxiliary model keep the backdoor. With
+``preset="auto"`` (the default) the detector chooses both strengths itself, from clean data only:
+a slice of D_c (``holdout``, 20%) is set aside, and
 
-- the expert's learning rate is the smallest on a geometric grid for which the expert's
-  agreement with M on the held-out clean slice falls to ``expert_agreement`` or below (the
-  expert has forgotten the clean task; a larger step would also erode the backdoor);
-- the auxiliary model's learning rate is the largest on a grid for which its held-out clean
-  accuracy recovers to within ``aux_tolerance`` of M's own (the strongest reset of the weights
-  that the clean task survives).
+- the expert trains (Adam, lr 1e-4) until it agrees with M on at most ``expert_agreement`` (20%,
+  the research code's own early-stopping bar) of the held-out clean slice, checked every few
+  steps. Measured on Fashion-MNIST: the backdoor survives many gentle steps (the expert keeps
+  ~100% attack success) while clean agreement falls, whereas one large step destroys both. Only
+  if ``expert_max_steps`` pass first does it restart at a 3x larger lr;
+- the auxiliary model's lr is the smallest in ``AUX_LR_LADDER`` whose held-out clean accuracy
+  dips, within its first epoch, to at most ``aux_dip`` (25%) of M's: the paper's description of a
+  good auxiliary lr ("clean accuracy first drops to ~0% and recovers"). Too gentle an auxiliary
+  model keeps the backdoor and hurts the combined score;
+- the score is ``logodds``, ``logit(x) - logit(y)``, computed exactly from the logits: it needs
+  no constants and was the one rule insensitive to the auxiliary strength in our measurements.
 
 ``preset="paper"`` runs the research code's settings unchanged (Adam 1e-4 for one epoch, Nesterov
 SGD 0.1 for ten epochs with decay at 2/4/6/8, the ``triangle`` score, no held-out slice).
-Explicit ``expert_lr`` / ``aux_lr`` values override either preset.
+Explicit ``expert_lr`` / ``aux_lr`` / ``score_rule`` values override either preset.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class Detector:
         if len(images) < 2:
             raise BadExpertError(f"fit needs at least 2 clean samples, got {len(images)}")
         self.device_ = resolve_device(self.device)
+        model = on_device(model, self.device_)
         start = time.perf_counter()
         self._fit(model, images, labels)
         self.fit_seconds_ = time.perf_counter() - start
@@ -195,6 +196,19 @@ class Detector:
         return path
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when it already lives on ``device``, else a copy moved there (the
+    caller's model is never moved behind its back)."""
+    import copy
+
+    from ..utils import model_device
+
+    here = model_device(model)
+    if here.type == device.type and (device.index is None or here.index == device.index):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a saved detector's tensors and metadata without building anything."""
     from safetensors import SafetensorError
@@ -233,6 +247,7 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     det.device_ = resolve_device(det.device)
     det.input_shape_ = tuple(meta["input_shape"])
     det.fit_seconds_ = meta.get("fit_seconds")
+    model = on_device(model, det.device_)
     det._load_state(model, tensors, meta.get("state") or {})
     det.model_ = model
     if meta.get("threshold") is not None:
