@@ -92,7 +92,7 @@ def test_detector_file_is_checked(model_file, tmp_path, capsys):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    from badexpert.experiment import ExperimentConfig, default_recipe, suspect_key
+    from badexpert.experiment import ExperimentConfig, default_recipe
     from badexpert.training import Recipe
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))

@@ -1,7 +1,5 @@
 """The detector contract, run for every registered detector, and BaDExpert's own behaviour."""
 
-import math
-
 import pytest
 import torch
 from torch import nn

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -30,9 +28,9 @@ from .data import Splits, load_dataset, split
 from .detectors import Detector, get_detector
 from .errors import BadExpertError
 from .evaluation import Evaluation, evaluate
-from .io import load_model, read_model_meta, save_model
+from .io import load_model, save_model
 from .models import build_model
-from .training import Recipe, accuracy, predict_logits, train
+from .training import Recipe, train
 from .utils import derive_generator, resolve_device, seed_everything, to_jsonable, write_json
 
 

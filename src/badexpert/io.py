@@ -35,22 +35,31 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path
     return path
 
 
-def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, without loading its weights."""
+def read_meta(path: str | Path, *, fmt: str, what: str, hint: str) -> dict[str, Any]:
+    """The JSON metadata stored in a badexpert safetensors file, checked against ``fmt``.
+
+    ``what`` names the kind of file in messages ("model checkpoint", "detector file"); ``hint``
+    says how to make one.
+    """
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
     if not p.is_file():
-        raise BadExpertError(f"model file '{p}' does not exist; create one with `badexpert train`")
+        raise BadExpertError(f"{what.split()[0]} file '{p}' does not exist; {hint}")
     try:
         with safe_open(str(p), framework="pt") as fh:
             md = fh.metadata() or {}
         meta = json.loads(md["badexpert"])
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
-        raise BadExpertError(f"'{p}' is not a badexpert model checkpoint (corrupt or wrong format)") from exc
-    if meta.get("format") != FORMAT:
-        raise BadExpertError(f"'{p}' has model format {meta.get('format')!r}; this version reads {FORMAT!r}")
+        raise BadExpertError(f"'{p}' is not a badexpert {what} (corrupt or wrong format)") from exc
+    if meta.get("format") != fmt:
+        raise BadExpertError(f"'{p}' has format {meta.get('format')!r}; this version reads {fmt!r}")
     return meta
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without loading its weights."""
+    return read_meta(path, fmt=FORMAT, what="model checkpoint", hint="create one with `badexpert train`")
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:

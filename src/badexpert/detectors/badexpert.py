@@ -41,7 +41,6 @@ import warnings
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.core import Dataset, holdout

@@ -114,7 +114,7 @@ class Detector:
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_details(self, x) -> dict[str, "np.ndarray"]:
+    def score_details(self, x) -> dict:
         """``score`` plus any per-input quantities the detector computes on the way (as numpy
         arrays); evaluation and reports use this to avoid a second pass."""
         return {"score": self.score(x).numpy()}
@@ -212,23 +212,15 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
 def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a saved detector's tensors and metadata without building anything."""
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise BadExpertError(f"detector file '{p}' does not exist; create one with `badexpert defend`")
+    from ..io import read_meta
+
+    meta = read_meta(path, fmt=FORMAT, what="detector file", hint="create one with `badexpert defend`")
     try:
-        raw = p.read_bytes()
-        tensors = load(raw)
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as fh:
-            md = fh.metadata() or {}
-        meta = json.loads(md["badexpert"])
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
-        raise BadExpertError(f"'{p}' is not a badexpert detector file (corrupt or wrong format)") from exc
-    if meta.get("format") != FORMAT:
-        raise BadExpertError(f"'{p}' has detector format {meta.get('format')!r}, this version reads {FORMAT!r}")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
     return tensors, meta
 
 
