@@ -151,19 +151,21 @@ def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     rep = det.fit_report_
     assert rep["holdout_size"] == 160 and rep["fit_size"] == 640
     ex = rep["expert"]
-    # trained until it agrees with M on at most 20% of held-out clean inputs; larger lrs only if needed
+    # at least the paper's one epoch (5 steps here), then until it agrees with M on <= 90% of held-out
+    # clean inputs; larger lrs only if the step budget runs out first
     assert ex["rule"] == "auto" and ex["reached_target"] and ex["agreement"] <= det.expert_agreement
+    assert ex["steps"] >= 5
     assert all(t["agreement"] > det.expert_agreement for t in ex["trace"][:-1])
     aux = rep["auxiliary"]
     # the smallest probed lr whose held-out accuracy dips in the first epoch, then a full run that recovers
     assert aux["probes"][-1]["lowest_accuracy"] <= aux["dip_target"]
     assert all(p["lowest_accuracy"] > aux["dip_target"] for p in aux["probes"][:-1])
     assert aux["accuracy"] >= 0.5 * aux["model_accuracy"]
-    # the expert forgot the clean task but kept the backdoor
+    # the expert began to forget the clean task but kept the backdoor
     with torch.no_grad():
         clean_agree = (det.expert_(to_float(test.images)).argmax(1) == model(to_float(test.images)).argmax(1)).float().mean()
         kept = (det.expert_(triggered).argmax(1) == 0).float().mean()
-    assert clean_agree < 0.35 and kept > 0.8
+    assert clean_agree < 0.95 and kept > 0.9
     assert det.rule == "logodds"
     assert auroc(det.score(test).numpy(), det.score(triggered).numpy()) > 0.95
 

@@ -10,23 +10,23 @@ From the suspect model M and a small clean labelled set D_c:
 3. for an input u with M's label ŷ, ``x = softmax(B(u))[ŷ]`` and ``y = softmax(M'(u))[ŷ]``; clean
    inputs have x small and y large, backdoor inputs x large and y small. The score combines them.
 
-Finetuning strength. The paper's settings were tuned for a CIFAR-10 ResNet-18; on other data and
-architectures the expert may barely unlearn (a Fashion-MNIST CNN's expert kept 88% agreement with
-M after the paper's one epoch at 1e-4) or the auxiliary model keep the backdoor. With
-``preset="auto"`` (the default) the detector chooses both strengths itself, from clean data only:
-a slice of D_c (``holdout``, 20%) is set aside, and
+Finetuning strength. The paper's settings were tuned for a CIFAR-10 ResNet-18; on other data or
+architectures the expert may not unlearn at all, or the auxiliary model keep the backdoor. With
+``preset="auto"`` (the default) the detector adapts both, from clean data only: a slice of D_c
+(``holdout``, 20%) is set aside, and
 
-- the expert trains (Adam, lr 1e-4) until it agrees with M on at most ``expert_agreement`` (20%,
-  the research code's own early-stopping bar) of the held-out clean slice, checked every few
-  steps. Measured on Fashion-MNIST: the backdoor survives many gentle steps (the expert keeps
-  ~100% attack success) while clean agreement falls, whereas one large step destroys both. Only
-  if ``expert_max_steps`` pass first does it restart at a 3x larger lr;
+- the expert trains (Adam, lr 1e-4) for at least the paper's one epoch and then until it agrees
+  with M on at most ``expert_agreement`` (90%) of the held-out clean slice, i.e. until it has
+  measurably begun to forget, and no further: on Fashion-MNIST a Blend backdoor fades from the
+  expert as unlearning goes on (trained to 20% agreement, the expert kept 60% of it), while the
+  log-odds score already separates a barely-unlearned expert well. Only if ``expert_max_steps``
+  pass without that does it restart at a 3x larger lr;
 - the auxiliary model's lr is the smallest in ``AUX_LR_LADDER`` whose held-out clean accuracy
-  dips, within its first epoch, to at most ``aux_dip`` (25%) of M's: the paper's description of a
-  good auxiliary lr ("clean accuracy first drops to ~0% and recovers"). Too gentle an auxiliary
-  model keeps the backdoor and hurts the combined score;
+  dips, within its first epoch, to at most ``aux_dip`` (65%) of M's: the paper's criterion of a
+  large lr ("clean accuracy first drops ... and recovers"). Too gentle an auxiliary model keeps
+  the backdoor; needlessly large ones cost clean accuracy without removing more of it;
 - the score is ``logodds``, ``logit(x) - logit(y)``, computed exactly from the logits: it needs
-  no constants and was the one rule insensitive to the auxiliary strength in our measurements.
+  no constants and beat the research code's ``triangle`` rule on every attack we measured.
 
 ``preset="paper"`` runs the research code's settings unchanged (Adam 1e-4 for one epoch, Nesterov
 SGD 0.1 for ten epochs with decay at 2/4/6/8, the ``triangle`` score, no held-out slice).
@@ -104,8 +104,9 @@ class BaDExpert(Detector):
     aux_epochs, aux_batch_size, aux_milestones, aux_gamma: the auxiliary model's finetuning
         (10 epochs, batch 64, x0.1 at epochs 2, 4, 6, 8).
     holdout: fraction of the clean set held out to choose strengths (``auto`` only).
-    expert_agreement: the expert is strong enough once it agrees with M on at most this
-        fraction of held-out clean inputs.
+    expert_agreement: ``auto`` stops the expert, after at least ``expert_epochs`` epochs, once it
+        agrees with M on at most this fraction of held-out clean inputs (it has measurably begun
+        to forget the clean task).
     aux_dip: ``auto`` takes the smallest auxiliary learning rate whose held-out clean accuracy
         dips, during the first epoch, to at most this fraction of M's.
     augment: use training augmentation (random crop, flip where ``hflip``) while finetuning.
@@ -130,8 +131,8 @@ class BaDExpert(Detector):
         aux_milestones: tuple[int, ...] = (2, 4, 6, 8),
         aux_gamma: float = 0.1,
         holdout: float = 0.2,
-        expert_agreement: float = 0.2,
-        aux_dip: float = 0.25,
+        expert_agreement: float = 0.9,
+        aux_dip: float = 0.65,
         augment: bool = True,
         hflip: bool = True,
         batch_size: int = 256,
@@ -233,10 +234,11 @@ class BaDExpert(Detector):
     def _fit_expert(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None, num_classes: int) -> nn.Module:
         """The backdoor expert: Adam on wrong labels ``(y + 1) mod C``.
 
-        ``paper`` (or a fixed ``expert_lr``): ``expert_epochs`` epochs at that lr. ``auto``: from
-        lr 1e-4, train until the expert's agreement with M on the held-out clean slice is at most
-        ``expert_agreement`` (checked every few steps), within ``expert_max_steps``; if the budget
-        runs out first, restart from M at a 3x larger lr (up to ``EXPERT_LR_LADDER``).
+        ``paper``: ``expert_epochs`` epochs at ``expert_lr`` (1e-4). ``auto``: from lr 1e-4 (or
+        ``expert_lr``), train at least ``expert_epochs`` epochs and then until the expert's
+        agreement with M on the held-out clean slice is at most ``expert_agreement`` (checked
+        every few steps), within ``expert_max_steps``; if the budget runs out first, restart from
+        M at a 3x larger lr (``EXPERT_LR_LADDER``).
         """
         wrong = (fit_part.labels + 1) % num_classes
         if hold is None:
@@ -250,6 +252,7 @@ class BaDExpert(Detector):
         ref = predict_logits(source, hold.images, batch_size=self.batch_size).argmax(1)
         steps_per_epoch = max(1, len(fit_part) // min(self.expert_batch_size, len(fit_part)))
         check_every = max(1, min(4, steps_per_epoch))
+        min_steps = steps_per_epoch * self.expert_epochs  # at least the paper's schedule
         ladder = [self.expert_lr] if self.expert_lr is not None else list(EXPERT_LR_LADDER)
         trace: list[dict] = []
         best = None
@@ -262,7 +265,7 @@ class BaDExpert(Detector):
                 state["agreement"] = float((pred == ref).float().mean())
                 state["steps"] = step
                 m.train()
-                return state["agreement"] <= self.expert_agreement
+                return step >= min_steps and state["agreement"] <= self.expert_agreement
 
             epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))
             recipe = self.expert_recipe(lr).replace(epochs=epochs, max_steps=self.expert_max_steps)
