@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from badexpert.experiment import ExperimentConfig, run
+from badexpert.attacks import attack_from_dict
+from badexpert.detectors import SCORES, combine, load_detector
+from badexpert.evaluation import trigger_dataset
+from badexpert.experiment import ExperimentConfig, make_splits, run
+from badexpert.io import load_model
+from badexpert.metrics import auroc
 from badexpert.utils import write_json
 
 #: Targets from the issue: AUROC >= 99%; at 1% target FPR, ASR after defense <= 5% (Blend: the
@@ -43,6 +49,23 @@ def check(m: dict) -> dict[str, bool]:
         "fpr": TARGETS["fpr_lo"] <= d["fpr"] <= TARGETS["fpr_hi"],
         "throughput": d["cost"]["throughput_ratio"] >= TARGETS["throughput"],
     }
+
+
+def rule_aurocs(cell: Path, cfg: ExperimentConfig) -> dict[str, float]:
+    """AUROC of every BaDExpert score rule on the same fitted expert and auxiliary models."""
+    model, meta = load_model(cell / "model.safetensors", device=cfg.device)
+    det = load_detector(cell / "detector.safetensors", model, device=cfg.device)
+    test = make_splits(cfg).test
+    trig, _ = trigger_dataset(attack_from_dict(meta["attack"]), test)
+    c, t = det.confidences(test), det.confidences(trig)
+    out = {}
+    for rule in SCORES:
+        if rule == "logodds":
+            sc, st = c["logit_x"] - c["logit_y"], t["logit_x"] - t["logit_y"]
+        else:
+            sc, st = combine(c["x"], c["y"], rule), combine(t["x"], t["y"], rule)
+        out[rule] = auroc(sc.numpy(), st.numpy())
+    return out
 
 
 def row(m: dict, preset: str, wall: float) -> str:
@@ -75,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="suspect-model training epochs (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                   help="other training-recipe fields, JSON values (e.g. pad=0 for flips without crops)")
     p.add_argument("--attacks", default="badnet,blend,trojan")
     p.add_argument("--presets", default="auto,paper")
     p.add_argument("--poison-rate", type=float, default=0.01)
@@ -87,7 +112,10 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     recipe = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
-    rows, results = [], []
+    for item in args.recipe:
+        key, _, value = item.partition("=")
+        recipe[key] = json.loads(value)
+    rows, results, rule_rows = [], [], []
     for attack in args.attacks.split(","):
         for preset in args.presets.split(","):
             cfg = ExperimentConfig(
@@ -100,12 +128,17 @@ def main(argv=None) -> int:
             m = run(cfg, out / name, cache_dir=args.cache_dir, log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
             wall = time.perf_counter() - t0
             rows.append(row(m, preset, wall))
+            rules = None if m.get("attack_failed") else rule_aurocs(out / name, cfg)
             results.append({"cell": name, "wall_s": wall, "checks": None if m.get("attack_failed") else check(m),
-                            "metrics": m})
+                            "auroc_by_score_rule": rules, "metrics": m})
+            rule_rows.append(f"| {attack} | {preset} | " + " | ".join(
+                "n/a" if rules is None else f"{rules[r]:.2%}" for r in SCORES) + " |")
             print(HEADER.splitlines()[0] if len(rows) == 1 else "", rows[-1], sep="\n" if len(rows) == 1 else "", flush=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     table = HEADER + "\n" + "\n".join(rows)
+    table += ("\n\nAUROC of each score rule on the same fitted models:\n\n| attack | preset | " + " | ".join(SCORES)
+              + " |\n|---|---|" + "---|" * len(SCORES) + "\n" + "\n".join(rule_rows))
     write_json(out / "summary.json", {"args": vars(args), "machine": machine, "targets": TARGETS, "cells": results})
     (out / "summary.md").write_text(table + "\n")
     print("\n" + table)
