@@ -238,6 +238,14 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
     attack = attack_from_dict(meta.get("attack"))
+    gate = evaluate(model, None, splits.test, attack, asr_bar=cfg.asr_bar, seed=cfg.seed)
+    if gate.metrics.get("attack_failed"):
+        log(gate.metrics["message"])
+        metrics = experiment_metrics(cfg, meta, gate, splits)
+        save_model(out / "model.safetensors", model, meta)
+        write_json(out / "config.json", cfg.to_dict())
+        write_outputs(out, metrics, gate, splits.test.classes)
+        return metrics
     log(f"fitting {cfg.detector} on {len(splits.reserved)} reserved clean samples")
     detector = fit_detector(cfg, model, splits)
     log(f"calibrated at target FPR {cfg.fpr:g} on {len(splits.calibration)} clean samples: "
