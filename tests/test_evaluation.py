@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from badexpert.detectors import BaDExpert
+from badexpert.errors import NotFittedError
+from badexpert.evaluation import evaluate, trigger_dataset
+from badexpert.models import build_model
+from badexpert.training import Recipe, train
+
+
+@pytest.fixture(scope="module")
+def parts(backdoored):
+    model, attack, _, te = backdoored
+    det = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False).fit(model, te.subset(range(800)))
+    det.calibrate(te.subset(range(800, 1600)), 0.05)
+    return model, attack, det, te.subset(range(1600, 2400))
+
+
+def test_trigger_dataset_keeps_only_inputs_that_count(parts):
+    _, attack, _, test = parts
+    trig, targets = trigger_dataset(attack, test)
+    assert len(trig) == int((test.labels != 0).sum()) and (trig.labels != 0).all() and (targets == 0).all()
+    src = torch.tensor(trig.meta["source_indices"])
+    assert torch.equal(trig.images, (attack.apply(test.images[src]) * 255).round().to(torch.uint8))
+
+
+def test_metrics_are_consistent(parts):
+    model, attack, det, test = parts
+    r = evaluate(model, det, test, attack, n_boot=100, throughput=False)
+    m, d = r.metrics, r.metrics["defense"]
+    assert m["attack_failed"] is False and m["attack_success_rate"] > 0.9
+    assert d["clean_accuracy"] <= m["clean_accuracy"] and d["attack_success_rate"] <= m["attack_success_rate"]
+    assert d["clean_accuracy_drop"] == pytest.approx(m["clean_accuracy"] - d["clean_accuracy"])
+    # recompute the after-defense numbers by hand from the per-input arrays
+    rejected_clean = r.arrays["clean_scores"] > det.threshold_
+    rejected_trig = r.arrays["trig_scores"] > det.threshold_
+    assert d["fpr"] == pytest.approx(rejected_clean.mean())
+    assert d["tpr"] == pytest.approx(rejected_trig.mean())
+    assert d["attack_success_rate"] == pytest.approx((r.arrays["trig_success"] & ~rejected_trig).mean())
+    assert d["clean_accuracy"] == pytest.approx((r.arrays["clean_correct"] & ~rejected_clean).mean())
+    assert set(d["per_class_false_rejection"]) == set(test.classes)
+    assert np.allclose(r.arrays["clean_scores"], det.score(test).numpy())
+
+
+def test_a_backdoor_that_did_not_implant_gets_no_detection_numbers(blobs, parts):
+    _, attack, det, test = parts
+    tr, _ = blobs
+    torch.manual_seed(0)
+    clean_model = build_model("cnn", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=8)
+    train(clean_model, tr, Recipe(optimizer="adam", lr=3e-3, epochs=3, batch_size=64, weight_decay=0, augment=False))
+    r = evaluate(clean_model, None, test, attack, asr_bar=0.5)
+    assert r.metrics["attack_failed"] is True and "did not implant" in r.metrics["message"]
+    assert r.metrics["attack_success_rate"] < 0.5 and "defense" not in r.metrics
+
+
+def test_evaluate_needs_a_calibrated_detector(parts):
+    model, attack, _, test = parts
+    with pytest.raises(NotFittedError):
+        evaluate(model, BaDExpert(), test, attack)
