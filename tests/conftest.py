@@ -11,7 +11,8 @@ import torch
 from badexpert.data import Dataset
 
 os.environ.setdefault("BADEXPERT_QUIET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if "OMP_NUM_THREADS" not in os.environ:  # respect an explicit thread budget (shared machines)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
