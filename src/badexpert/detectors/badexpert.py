@@ -199,8 +199,7 @@ class BaDExpert(Detector):
             raise BadExpertError(
                 f"clean labels go up to {int(labels.max())} but the model has {num_classes} outputs"
             )
-        device = self.device_
-        source = copy.deepcopy(model).to(device)
+        source = model  # on self.device_ already (Detector.fit); only copies of it are trained
         data = Dataset(images=_as_uint8(images), labels=labels, classes=[str(i) for i in range(num_classes)], name="clean")
         if self.preset == "paper":
             fit_part, hold_part = data, None
