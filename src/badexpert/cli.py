@@ -141,10 +141,7 @@ def cmd_train(args) -> int:
     )
     if not str(args.out).endswith(".safetensors"):
         raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
-    cfg.make_attack()  # fail on a bad attack name or parameter before reading any data
-    from .models import build_model
-
-    build_model(cfg.arch, in_channels=1, num_classes=2, image_size=28, width=cfg.width)  # validates the name
+    cfg.validate()  # names and ranges, before any data is read
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, log=_log)
     meta["clean_accuracy"] = accuracy(model, splits.test)

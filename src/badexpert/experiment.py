@@ -79,6 +79,17 @@ class ExperimentConfig:
             raise BadExpertError(f"config file '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
         return cls.from_dict(d)
 
+    def validate(self) -> "ExperimentConfig":
+        """Check names and ranges before any data is read; one-line errors."""
+        from .models import canonical_arch
+
+        canonical_arch(self.arch)
+        self.make_attack()
+        get_detector(self.detector, **self.detector_params)
+        if not 0 < self.fpr < 1:
+            raise BadExpertError(f"the target false-positive rate must lie in (0, 1), got {self.fpr}")
+        return self
+
     def make_attack(self) -> Attack | None:
         return get_attack(self.attack, **self.attack_params) if self.attack else None
 
@@ -234,6 +245,7 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, log=print) -> dict:
     """Run the whole pipeline and write config, model, detector, metrics, report and plots to ``out_dir``."""
     out = Path(out_dir)
+    cfg.validate()
     splits = make_splits(cfg)
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)

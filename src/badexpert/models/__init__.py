@@ -71,6 +71,15 @@ def _registry():
 ARCHITECTURES = ("cnn", "resnet18", "vgg16bn", "mobilenetv2", "vit")
 
 
+def canonical_arch(arch: str) -> str:
+    """The registry name for ``arch`` (aliases such as ``vgg16`` accepted), or a one-line error."""
+    key = arch.lower().replace("-", "").replace("_", "")
+    key = {"vgg16": "vgg16bn", "mobilenet": "mobilenetv2", "resnet": "resnet18"}.get(key, key)
+    if key not in ARCHITECTURES:
+        raise unknown_name("architecture", arch, ARCHITECTURES)
+    return key
+
+
 def build_model(
     arch: str,
     *,
@@ -88,10 +97,7 @@ def build_model(
     dimension). ``None`` gives the architecture's default.
     """
     reg = _registry()
-    key = arch.lower().replace("-", "").replace("_", "")
-    key = {"vgg16": "vgg16bn", "mobilenet": "mobilenetv2", "resnet": "resnet18"}.get(key, key)
-    if key not in reg:
-        raise unknown_name("architecture", arch, ARCHITECTURES)
+    key = canonical_arch(arch)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "image_size": tuple(image_size)}
@@ -103,4 +109,4 @@ def build_model(
     return Classifier(net, mean, std)
 
 
-__all__ = ["ARCHITECTURES", "Classifier", "Normalize", "build_model", "he_init"]
+__all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "he_init"]
