@@ -124,9 +124,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .attacks import attack_from_dict
+    from .evaluation import evaluate
     from .experiment import ExperimentConfig, make_splits, train_suspect
     from .io import save_model
-    from .training import accuracy
 
     recipe = _kv(args.recipe)
     for key in ("epochs", "lr", "batch_size", "optimizer"):
@@ -144,16 +145,11 @@ def cmd_train(args) -> int:
     cfg.validate()  # names and ranges, before any data is read
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, log=_log)
-    meta["clean_accuracy"] = accuracy(model, splits.test)
+    measured = evaluate(model, None, splits.test, attack_from_dict(meta["attack"])).metrics
+    meta["clean_accuracy"] = measured["clean_accuracy"]
     line = f"clean accuracy {meta['clean_accuracy']:.2%}"
     if attack:
-        from .attacks import attack_from_dict
-        from .evaluation import trigger_dataset
-        from .training import predict_logits
-
-        atk = attack_from_dict(meta["attack"])
-        trig, targets = trigger_dataset(atk, splits.test)
-        meta["attack_success_rate"] = float((predict_logits(model, trig.images).argmax(1) == targets).float().mean())
+        meta["attack_success_rate"] = measured["attack_success_rate"]
         line += f", attack success rate {meta['attack_success_rate']:.2%}"
     save_model(args.out, model, meta)
     print(f"{line}\nwrote {args.out}")
@@ -180,18 +176,17 @@ def _splits_for_model(meta: dict, args):
 
 
 def cmd_defend(args) -> int:
-    from .detectors import get_detector
+    from .experiment import fit_detector
     from .io import load_model
 
     if not str(args.out).endswith(".safetensors"):
         raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
     model, meta = load_model(args.model, device=args.device)
     cfg, splits = _splits_for_model(meta, args)
-    params = {"seed": args.seed, "device": args.device, "hflip": bool(meta.get("hflip", True)), **_detector_params(args)}
-    det = get_detector("badexpert", **params)
-    _log(f"fitting BaDExpert ({params['preset']}) on {len(splits.reserved)} reserved clean samples")
-    det.fit(model, splits.reserved)
-    det.calibrate(splits.calibration, args.fpr)
+    cfg.detector_params, cfg.fpr, cfg.seed, cfg.device = _detector_params(args), args.fpr, args.seed, args.device
+    cfg.validate()
+    _log(f"fitting BaDExpert ({args.preset}) on {len(splits.reserved)} reserved clean samples")
+    det = fit_detector(cfg, model, splits)
     det.save(args.out, extra={"model": str(args.model), "split": meta["split"], "dataset": meta["dataset"]})
     print(f"fitted in {det.fit_seconds_:.1f}s (expert lr {det.expert_lr_:g}, auxiliary lr {det.aux_lr_:g}); "
           f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from {det.calibration_size_} clean samples")

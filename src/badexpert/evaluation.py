@@ -28,7 +28,7 @@ from .detectors.base import Detector
 from .errors import BadExpertError, NotFittedError
 from .metrics import ScoreAccumulator, detection_summary
 from .training import predict_logits
-from .utils import model_device
+from .utils import eval_mode, model_device
 
 
 @dataclass
@@ -90,13 +90,9 @@ def measure_throughput(model: nn.Module, detector: Detector, images: torch.Tenso
             times.append(time.perf_counter() - t)
         return min(times)
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         t_model = best(run_model)
         t_det = best(run_detector)
-    finally:
-        model.train(was)
     n = len(images)
     return {
         "forward_passes_per_input": detector.forward_passes_per_input,

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -106,11 +107,10 @@ def default_recipe(dataset: str, arch: str) -> Recipe:
     if dataset == "fashion-mnist":
         return Recipe(optimizer="sgd", lr=0.05, epochs=4, batch_size=128, weight_decay=5e-4, schedule="cosine",
                       augment=False)
-    lr = 0.05 if arch in ("cnn", "vit") else 0.1
     if arch == "vit":
         return Recipe(optimizer="adamw", lr=1e-3, epochs=30, batch_size=128, weight_decay=0.05, schedule="cosine",
                       warmup_epochs=2)
-    return Recipe(optimizer="sgd", lr=lr, epochs=30, batch_size=128, weight_decay=5e-4, schedule="cosine")
+    return Recipe(optimizer="sgd", lr=0.05 if arch == "cnn" else 0.1, epochs=30, batch_size=128, weight_decay=5e-4, schedule="cosine")
 
 
 def make_splits(cfg: ExperimentConfig) -> Splits:
@@ -200,11 +200,11 @@ def train_suspect(
     return model, meta
 
 
-def fit_detector(cfg: ExperimentConfig, model: torch.nn.Module, splits: Splits, *, hflip: bool | None = None) -> Detector:
+def fit_detector(cfg: ExperimentConfig, model: torch.nn.Module, splits: Splits) -> Detector:
     """Fit the configured detector on the reserved clean set and calibrate it on the calibration split."""
     params = {"seed": cfg.seed, "device": cfg.device, **cfg.detector_params}
     if cfg.detector == "badexpert" and "hflip" not in params:
-        params["hflip"] = splits.train.hflip if hflip is None else hflip
+        params["hflip"] = splits.train.hflip
     det = get_detector(cfg.detector, **params)
     seed_everything(cfg.seed)
     det.fit(model, splits.reserved)
@@ -232,7 +232,10 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
     from .report import write_report
 
     a = result.arrays
-    xy = lambda p: (None if f"{p}_x" not in a else __import__("numpy").stack([a[f"{p}_x"], a[f"{p}_y"]], 1))  # noqa: E731
+
+    def xy(prefix: str):
+        return np.stack([a[f"{prefix}_x"], a[f"{prefix}_y"]], 1) if f"{prefix}_x" in a else None
+
     return write_report(
         out_dir, metrics,
         clean_scores=a.get("clean_scores"), trig_scores=a.get("trig_scores"),
@@ -251,22 +254,21 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
     attack = attack_from_dict(meta.get("attack"))
-    gate = evaluate(model, None, splits.test, attack, asr_bar=cfg.asr_bar, seed=cfg.seed)
-    if gate.metrics.get("attack_failed"):
-        log(gate.metrics["message"])
-        metrics = experiment_metrics(cfg, meta, gate, splits)
-        save_model(out / "model.safetensors", model, meta)
-        write_json(out / "config.json", cfg.to_dict())
-        write_outputs(out, metrics, gate, splits.test.classes)
-        return metrics
-    log(f"fitting {cfg.detector} on {len(splits.reserved)} reserved clean samples")
-    detector = fit_detector(cfg, model, splits)
-    log(f"calibrated at target FPR {cfg.fpr:g} on {len(splits.calibration)} clean samples: "
-        f"threshold {detector.threshold_:.4g}")
-    result = evaluate(model, detector, splits.test, attack, asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, seed=cfg.seed)
+    # the attack-success gate first: no detector is fitted for a backdoor that did not implant
+    result = evaluate(model, None, splits.test, attack, asr_bar=cfg.asr_bar, seed=cfg.seed)
+    detector = None
+    if result.metrics.get("attack_failed"):
+        log(result.metrics["message"])
+    else:
+        log(f"fitting {cfg.detector} on {len(splits.reserved)} reserved clean samples")
+        detector = fit_detector(cfg, model, splits)
+        log(f"calibrated at target FPR {cfg.fpr:g} on {len(splits.calibration)} clean samples: "
+            f"threshold {detector.threshold_:.4g}")
+        result = evaluate(model, detector, splits.test, attack, asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics = experiment_metrics(cfg, meta, result, splits)
     save_model(out / "model.safetensors", model, meta)
-    detector.save(out / "detector.safetensors", extra={"split": meta["split"], "dataset": meta["dataset"]})
+    if detector is not None:
+        detector.save(out / "detector.safetensors", extra={"split": meta["split"], "dataset": meta["dataset"]})
     write_json(out / "config.json", cfg.to_dict())
     write_outputs(out, metrics, result, splits.test.classes)
     return metrics

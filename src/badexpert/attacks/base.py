@@ -18,7 +18,7 @@ attack's parameters (including ``trigger_seed``), so an attack is re-created exa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -202,6 +202,3 @@ def load_trigger_image(path: str, channels: int, size: tuple[int, int]) -> torch
     t = torch.from_numpy(arr.copy()).float() / 255
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
 
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

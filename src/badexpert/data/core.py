@@ -107,7 +107,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float ``[0, 1]`` images to uint8, rounding to the nearest level."""
+    """Float ``[0, 1]`` images to uint8, rounding to the nearest level; uint8 input is returned unchanged."""
+    if images.dtype == torch.uint8:
+        return images
     return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
 
 

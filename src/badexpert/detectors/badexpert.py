@@ -43,10 +43,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..data.core import Dataset, holdout
+from ..data.core import Dataset, holdout, to_float, to_uint8
 from ..errors import BadExpertError, unknown_name
 from ..training import Recipe, accuracy, predict_logits, train
-from ..utils import derive_generator, model_device
+from ..utils import derive_generator, eval_mode, model_device
 from .base import Detector
 
 EPS = 1e-8
@@ -200,7 +200,7 @@ class BaDExpert(Detector):
                 f"clean labels go up to {int(labels.max())} but the model has {num_classes} outputs"
             )
         source = model  # on self.device_ already (Detector.fit); only copies of it are trained
-        data = Dataset(images=_as_uint8(images), labels=labels, classes=[str(i) for i in range(num_classes)], name="clean")
+        data = Dataset(images=to_uint8(images), labels=labels, classes=[str(i) for i in range(num_classes)], name="clean")
         if self.preset == "paper":
             fit_part, hold_part = data, None
         else:
@@ -215,17 +215,13 @@ class BaDExpert(Detector):
     @staticmethod
     def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
         dev = model_device(model)
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             try:
-                out = model(_as_float(images[:2]).to(dev))
+                out = model(to_float(images[:2]).to(dev))
             except RuntimeError as exc:
                 raise BadExpertError(
                     f"the model cannot take the clean images of shape {tuple(images.shape[1:])}: {exc}".splitlines()[0]
                 ) from exc
-            finally:
-                model.train(was)
         if out.dim() != 2:
             raise BadExpertError(f"the model must return logits [N, classes], got shape {tuple(out.shape)}")
         return int(out.shape[1])
@@ -362,12 +358,8 @@ class BaDExpert(Detector):
         return {"score": self._combine(conf).numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
     def _forward(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
-        was = self.model_.training
-        self.model_.eval()
-        try:
+        with eval_mode(self.model_):
             pred = self.model_(xb).argmax(1)
-        finally:
-            self.model_.train(was)
         out = {"pred": pred}
         for key, net in (("x", self.expert_), ("y", self.auxiliary_)):
             logp, logodds = _label_log_odds(net(xb).float(), pred)
@@ -433,14 +425,3 @@ def _load_copy(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, 
         ) from exc
     return m.eval()
 
-
-def _as_uint8(images: torch.Tensor) -> torch.Tensor:
-    from ..data.core import to_uint8
-
-    return images if images.dtype == torch.uint8 else to_uint8(images)
-
-
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    from ..data.core import to_float
-
-    return to_float(images)
