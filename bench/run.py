@@ -68,7 +68,7 @@ def rule_aurocs(cell: Path, cfg: ExperimentConfig) -> dict[str, float]:
     return out
 
 
-def row(m: dict, preset: str, wall: float) -> str:
+def row(m: dict, preset: str) -> str:
     if m.get("attack_failed"):
         return (f"| {m['attack']['name']} | {preset} | {m['clean_accuracy']:.1%} | {m['attack_success_rate']:.1%} | "
                 "attack failed: no detection numbers | | | | | | |")
@@ -127,13 +127,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             m = run(cfg, out / name, cache_dir=args.cache_dir, log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
             wall = time.perf_counter() - t0
-            rows.append(row(m, preset, wall))
+            rows.append(row(m, preset))
             rules = None if m.get("attack_failed") else rule_aurocs(out / name, cfg)
             results.append({"cell": name, "wall_s": wall, "checks": None if m.get("attack_failed") else check(m),
                             "auroc_by_score_rule": rules, "metrics": m})
             rule_rows.append(f"| {attack} | {preset} | " + " | ".join(
                 "n/a" if rules is None else f"{rules[r]:.2%}" for r in SCORES) + " |")
-            print(HEADER.splitlines()[0] if len(rows) == 1 else "", rows[-1], sep="\n" if len(rows) == 1 else "", flush=True)
+            if len(rows) == 1:
+                print(HEADER.splitlines()[0])
+            print(rows[-1], flush=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     table = HEADER + "\n" + "\n".join(rows)

@@ -55,3 +55,12 @@ def test_recipe_errors():
               (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)), Recipe(optimizer="rmsprop"))
     with pytest.raises(BadExpertError, match="unknown recipe field"):
         Recipe.from_dict({"lr": 0.1, "epoch": 3})
+
+
+def test_callback_runs_once_per_step_at_epoch_boundaries(blobs):
+    tr, _ = blobs
+    m = build_model("cnn", in_channels=1, num_classes=4, image_size=12, width=4)
+    seen = []
+    train(m, tr.subset(range(640)), Recipe(epochs=2, batch_size=64, augment=False),  # 10 steps per epoch
+          callback=lambda step, model: seen.append(step) or False, callback_every=5)
+    assert seen == [5, 10, 15, 20]

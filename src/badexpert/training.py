@@ -153,6 +153,16 @@ def train(
         total = min(total, recipe.max_steps)
     model.train()
     bar = progress(total=total, desc=desc)
+    losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
+    last_check = -1
+
+    def check(step: int) -> bool:
+        nonlocal last_check
+        if callback is None or step == last_check:
+            return False
+        last_check = step
+        return bool(callback(step, model))
+
     try:
         step = 0
         for epoch in range(recipe.epochs):
@@ -169,22 +179,20 @@ def train(
                 loss.backward()
                 opt.step()
                 step += 1
-                log.losses.append(float(loss.detach()))
+                losses.append(loss.detach())
                 bar.update(1)
-                if callback is not None and callback_every and step % callback_every == 0 and step < total:
-                    if callback(step, model):
-                        log.stopped_early = True
-                        return log
-            log.steps = step
-            log.epochs_run = step / steps_per_epoch
-            if callback is not None and callback(step, model):
+                if callback_every and step % callback_every == 0 and step < total and check(step):
+                    log.stopped_early = True
+                    return log
+            if check(step):  # after every epoch (unless it just ran at this step)
                 log.stopped_early = step < total
                 return log
             if step >= total:
                 break
         return log
     finally:
-        log.steps = max(log.steps, len(log.losses))
+        log.losses = torch.stack(losses).float().tolist() if losses else []
+        log.steps = len(log.losses)
         log.epochs_run = log.steps / steps_per_epoch
         bar.close()
         model.train()
