@@ -259,7 +259,6 @@ class BaDExpert(Detector):
                 pred = predict_logits(m, hold.images, batch_size=self.batch_size).argmax(1)
                 state["agreement"] = float((pred == ref).float().mean())
                 state["steps"] = step
-                m.train()
                 return step >= min_steps and state["agreement"] <= self.expert_agreement
 
             epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))
@@ -291,8 +290,8 @@ class BaDExpert(Detector):
 
         ``auto``: probe learning rates in increasing order (``AUX_LR_LADDER``) for one epoch
         each, watching held-out clean accuracy; the first whose accuracy dips to at most
-        ``aux_dip`` times M's (the paper's "clean accuracy first drops to ~0% and recovers") is
-        trained in full. If that run does not recover at least half of M's held-out accuracy,
+        ``aux_dip`` times M's (the paper's large-lr regime: clean accuracy "first drops ... and
+        recovers") is trained in full. If that run does not recover at least half of M's held-out accuracy,
         the next smaller rung is used.
         """
         if hold is None or self.aux_lr is not None:
@@ -313,7 +312,6 @@ class BaDExpert(Detector):
 
             def watch(step: int, m: nn.Module) -> bool:
                 accs.append(accuracy(m, hold, batch_size=self.batch_size) if _finite(m) else 0.0)
-                m.train()
                 return False
 
             probe = copy.deepcopy(source)
