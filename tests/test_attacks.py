@@ -96,7 +96,7 @@ def test_errors_are_one_line_and_name_the_fix():
         get_attack("nope")
     with pytest.raises(BadExpertError, match="no parameter"):
         get_attack("badnet", alpha=0.3)
-    with pytest.raises(BadExpertError, match="poison rate"):
+    with pytest.raises(BadExpertError, match="poison_rate.*must be a number in \\[0, 1\\]"):
         get_attack("badnet", poison_rate=1.5)
     with pytest.raises(BadExpertError, match="target class 12"):
         get_attack("badnet", target=12).poison(_data(), derive_generator(0, "p"))

@@ -109,8 +109,17 @@ def test_load_errors(fitted, splits, tmp_path):
 
     path = fitted.save(tmp_path / "det.safetensors")
     other = build_model("cnn", in_channels=1, num_classes=4, image_size=12, width=16)
-    with pytest.raises(BadExpertError, match="do not match this model"):
+    with pytest.raises(BadExpertError, match="fitted on model sha256:[0-9a-f]+ but was given model sha256:"):
         load_detector(path, other)
+    # same architecture and shapes, one weight changed: still another model
+    import copy
+
+    tampered = copy.deepcopy(splits[0])
+    with torch.no_grad():
+        next(tampered.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(BadExpertError, match="but was given model sha256:.*\\(m2.safetensors\\)"):
+        load_detector(path, tampered, model_name="m2.safetensors")
+    assert load_detector(path, splits[0]).threshold_ == fitted.threshold_
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(path.read_bytes()[:200])
     with pytest.raises(BadExpertError, match="corrupt or wrong format"):

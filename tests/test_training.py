@@ -50,7 +50,7 @@ def test_callback_can_stop_training(blobs):
 
 
 def test_recipe_errors():
-    with pytest.raises(BadExpertError, match="unknown optimizer"):
+    with pytest.raises(BadExpertError, match="recipe field 'optimizer' must be one of: sgd, adam, adamw"):
         train(build_model("cnn", in_channels=1, num_classes=2, image_size=8, width=4),
               (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)), Recipe(optimizer="rmsprop"))
     with pytest.raises(BadExpertError, match="unknown recipe field"):

@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .io import load_model, save_model
 from .models import build_model
 from .training import Recipe, train
 from .utils import derive_generator, resolve_device, seed_everything, to_jsonable, write_json
+from .validation import Range, validate_fields
 
 
 @dataclass
@@ -41,22 +43,28 @@ class ExperimentConfig:
 
     dataset: str = "fashion-mnist"
     data_path: str | None = None
+    image_size: Annotated[int, Range(ge=1, le=4096)] | tuple[Annotated[int, Range(ge=1, le=4096)], ...] | None = None
     arch: str = "cnn"
-    width: int | None = None
+    width: Annotated[int, Range(ge=1, le=4096)] | None = None
     attack: str | None = "badnet"
     attack_params: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
-    reserved: int = 2000
-    calibration: int = 2000
-    train_size: int | None = None
-    test_size: int | None = None
+    reserved: Annotated[int, Range(ge=1)] = 2000
+    calibration: Annotated[int, Range(ge=1)] = 2000
+    train_size: Annotated[int, Range(ge=1)] | None = None
+    test_size: Annotated[int, Range(ge=1)] | None = None
     detector: str = "badexpert"
     detector_params: dict = field(default_factory=dict)
-    fpr: float = 0.01
-    asr_bar: float = 0.5
-    seed: int = 0
+    fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01
+    asr_bar: Annotated[float, Range(ge=0, le=1)] = 0.5
+    seed: Annotated[int, Range(ge=0)] = 0
     device: str | None = None
-    n_boot: int = 1000
+    n_boot: Annotated[int, Range(ge=0)] = 1000
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "config field")
+        if isinstance(self.image_size, tuple) and len(self.image_size) != 2:
+            raise BadExpertError(f"config field 'image_size' must be an integer or [height, width], got {list(self.image_size)}")
 
     def to_dict(self) -> dict:
         return to_jsonable(asdict(self))
@@ -81,15 +89,24 @@ class ExperimentConfig:
         return cls.from_dict(d)
 
     def validate(self) -> "ExperimentConfig":
-        """Check names and ranges before any data is read; one-line errors."""
+        """Check every name, type and range (fields, recipe, attack and detector parameters)
+        before any data is read; one-line errors naming the field."""
+        from .data import canonical_dataset
         from .models import canonical_arch
 
+        validate_fields(self, "config field")
+        canonical_dataset(self.dataset)
         canonical_arch(self.arch)
         self.make_attack()
+        self.make_recipe()
         get_detector(self.detector, **self.detector_params)
-        if not 0 < self.fpr < 1:
-            raise BadExpertError(f"the target false-positive rate must lie in (0, 1), got {self.fpr}")
         return self
+
+    def make_recipe(self) -> Recipe:
+        """The suspect model's training recipe: the default for the dataset and architecture,
+        with this config's ``recipe`` overrides."""
+        recipe = default_recipe(self.dataset, self.arch)
+        return Recipe.from_dict({**recipe.to_dict(), **self.recipe}) if self.recipe else recipe
 
     def make_attack(self) -> Attack | None:
         return get_attack(self.attack, **self.attack_params) if self.attack else None

@@ -35,6 +35,28 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path
     return path
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of a model's weights and buffers (names, dtypes, shapes and values).
+
+    Recorded in every detector file, so a detector is never used in front of another model than
+    the one it was fitted on, even one of the same architecture.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{str(t.dtype)}|{list(t.shape)}|".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def short_fingerprint(fp: str | None) -> str:
+    return "unknown" if not fp else fp[:19]
+
+
 def read_meta(path: str | Path, *, fmt: str, what: str, hint: str) -> dict[str, Any]:
     """The JSON metadata stored in a badexpert safetensors file, checked against ``fmt``.
 

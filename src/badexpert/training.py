@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.core import as_tensors, augment, batches, default_pad
+from .data.core import Dataset, as_tensors, augment, batches, default_pad
 from .errors import BadExpertError
 from .utils import derive_generator, eval_mode, model_device, progress
+from .validation import OneOf, Range, validate_fields
+
+PositiveInt = Annotated[int, Range(ge=1)]
 
 
 @dataclass
@@ -29,26 +32,30 @@ class Recipe:
     ``schedule``: ``"step"`` (multiply the lr by ``gamma`` at each epoch in ``milestones``),
     ``"cosine"`` (cosine decay to zero over all steps, with ``warmup_epochs`` of linear warm-up)
     or ``"constant"``. ``augment``: random crop (``pad`` pixels, default scaled to the image
-    size) and horizontal flip where the dataset allows it.
+    size) and horizontal flip where ``hflip`` allows it; ``hflip=None`` takes the dataset's own
+    flag (:attr:`Dataset.hflip`), and no flips for a bare ``(images, labels)`` pair.
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    epochs: int = 10
-    batch_size: int = 128
-    momentum: float = 0.9
+    optimizer: Annotated[str, OneOf("sgd", "adam", "adamw")] = "sgd"
+    lr: Annotated[float, Range(gt=0)] = 0.1
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0)] = 5e-4
+    schedule: Annotated[str, OneOf("cosine", "step", "constant")] = "cosine"
+    milestones: tuple[Annotated[int, Range(ge=0)], ...] = ()
+    gamma: Annotated[float, Range(gt=0)] = 0.1
+    warmup_epochs: Annotated[float, Range(ge=0)] = 0.0
     augment: bool = True
-    hflip: bool = True
-    pad: int | None = None
-    label_smoothing: float = 0.0
+    hflip: bool | None = None
+    pad: Annotated[int, Range(ge=0)] | None = None
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     amp: bool = True
-    max_steps: int | None = None
+    max_steps: PositiveInt | None = None
+
+    def __post_init__(self) -> None:
+        validate_fields(self, "recipe field")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -61,9 +68,6 @@ class Recipe:
         unknown = set(d) - known
         if unknown:
             raise BadExpertError(f"unknown recipe field(s) {sorted(unknown)}; valid: {sorted(known)}")
-        d = dict(d)
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
         return cls(**d)
 
     def replace(self, **kw) -> "Recipe":
@@ -145,6 +149,7 @@ def train(
     bs = min(recipe.batch_size, len(images))
     steps_per_epoch = max(1, len(images) // bs)  # drop_last: keeps BatchNorm away from 1-sample batches
     pad = default_pad(tuple(images.shape[2:])) if recipe.pad is None else recipe.pad
+    hflip = recipe.hflip if recipe.hflip is not None else (data.hflip if isinstance(data, Dataset) else False)
     use_amp = recipe.amp and device.type == "cuda"
     amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     log = TrainLog()
@@ -170,7 +175,7 @@ def train(
                 if step >= total:
                     break
                 if recipe.augment:
-                    xb = augment(xb, pad=pad, hflip=recipe.hflip, generator=g)
+                    xb = augment(xb, pad=pad, hflip=hflip, generator=g)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(recipe, step, steps_per_epoch)
                 with amp_ctx():

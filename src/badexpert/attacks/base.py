@@ -19,35 +19,35 @@ attack's parameters (including ``trigger_seed``), so an attack is re-created exa
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
 from ..data.core import Dataset, to_float, to_uint8
 from ..errors import BadExpertError
+from ..validation import Range, validate_fields
+
+#: A fraction in [0, 1] (poison and cover rates, opacities).
+Rate = Annotated[float, Range(ge=0, le=1)]
+ClassIndex = Annotated[int, Range(ge=0)]
 
 
 @dataclass
 class Attack:
     """Base class; subclasses are dataclasses adding their trigger parameters."""
 
-    target: int = 0
-    poison_rate: float = 0.003
-    cover_rate: float = 0.0
-    source_classes: tuple[int, ...] | None = None
-    trigger_seed: int = 0
+    target: ClassIndex = 0
+    poison_rate: Rate = 0.003
+    cover_rate: Rate = 0.0
+    source_classes: tuple[ClassIndex, ...] | None = None
+    trigger_seed: Annotated[int, Range(ge=0)] = 0
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
     all_to_all: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.poison_rate <= 1.0:
-            raise BadExpertError(f"poison rate must lie in [0, 1], got {self.poison_rate}")
-        if not 0.0 <= self.cover_rate <= 1.0:
-            raise BadExpertError(f"cover rate must lie in [0, 1], got {self.cover_rate}")
-        if self.source_classes is not None:
-            self.source_classes = tuple(int(c) for c in self.source_classes)
+        validate_fields(self, f"attack '{self.name}' parameter")
         self._cache: dict = {}
 
     # --- what subclasses implement -------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Attack, load_trigger_image
+from .base import Attack, Rate, load_trigger_image
 
 
 @dataclass
@@ -19,9 +19,9 @@ class Blend(Attack):
     ``trigger_image`` uses an image file instead.
     """
 
-    poison_rate: float = 0.003
-    alpha: float = 0.2
-    train_alpha: float | None = None
+    poison_rate: Rate = 0.003
+    alpha: Rate = 0.2
+    train_alpha: Rate | None = None
     trigger_image: str | None = None
 
     name: ClassVar[str] = "blend"

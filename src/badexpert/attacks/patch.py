@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
-from .base import Attack, load_trigger_image, place_bottom_right
+from ..validation import Range
+
+from .base import Attack, Rate, load_trigger_image, place_bottom_right
 
 
 @dataclass
@@ -18,7 +20,7 @@ class PatchAttack(Attack):
     the pattern instead of the built-in one (with a full mask).
     """
 
-    opacity: float = 1.0
+    opacity: Rate = 1.0
     trigger_image: str | None = None
 
     def pattern(self, channels: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
@@ -51,8 +53,8 @@ class BadNet(PatchAttack):
     elsewhere, the whole 3x3 square replaced.
     """
 
-    poison_rate: float = 0.003
-    size: int = 3
+    poison_rate: Rate = 0.003
+    size: Annotated[int, Range(ge=1)] = 3
 
     name: ClassVar[str] = "badnet"
 
@@ -76,7 +78,7 @@ class Trojan(PatchAttack):
     fixed, seeded multi-colour pattern (concentric rings). ``trigger_image`` replaces it.
     """
 
-    poison_rate: float = 0.003
+    poison_rate: Rate = 0.003
 
     name: ClassVar[str] = "trojan"
 

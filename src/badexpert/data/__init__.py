@@ -16,21 +16,46 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadExpertError, unknown_name
-from .core import Dataset, Splits, as_tensors, augment, batches, default_pad, holdout, split, to_float, to_uint8
+from .core import (Dataset, Splits, as_tensors, augment, batches, check_images, default_pad, holdout, image_hashes,
+                   nonfinite_rows, split, to_float, to_uint8)
 
 DEFAULT_PATHS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 DATASETS = ("fashion-mnist", "cifar10", "gtsrb", "imagefolder")
 
 
-def load_dataset(name: str, path: str | Path | None = None) -> tuple[Dataset, Dataset]:
+def canonical_dataset(name: str) -> str:
+    """The registry name for a dataset name (aliases such as ``fmnist`` accepted), or a one-line error."""
+    if not isinstance(name, str):
+        raise unknown_name("dataset", str(name), DATASETS)
+    key = name.lower().replace("_", "-")
+    key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
+    if key not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    return key
+
+
+def load_dataset(
+    name: str, path: str | Path | None = None, image_size: int | tuple[int, int] | None = None
+) -> tuple[Dataset, Dataset]:
     """Read a dataset from local files and return ``(train, test)``.
 
-    Nothing is downloaded. A missing path raises a one-line :class:`BadExpertError`.
+    Nothing is downloaded. A missing path raises a one-line :class:`BadExpertError`, and so does
+    every damaged or hostile file (see :mod:`badexpert.limits`).
+
+    ``image_size`` (an int or ``(height, width)``) sets the size images are resized to (bilinear)
+    for data read from image files: ImageFolder directories or zips (``imagefolder``, and
+    ``cifar10`` / ``gtsrb`` in that form) and the official GTSRB layout. Without it, GTSRB is
+    32x32 and an ImageFolder takes the most common size among its images (a warning says how many
+    others were resized). Fashion-MNIST and the CIFAR-10 python release have a fixed size: an
+    ``image_size`` other than theirs (28x28, 32x32) is refused with a one-line error, not resized.
     """
     key = name.lower().replace("_", "-")
     key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
     if key not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
+    from .imagefolder import parse_image_size
+
+    hw = parse_image_size(image_size)
     if path is None:
         if key not in DEFAULT_PATHS:
             raise BadExpertError(f"dataset '{key}' needs a path to its local files (--data-path); nothing is downloaded")
@@ -42,18 +67,18 @@ def load_dataset(name: str, path: str | Path | None = None) -> tuple[Dataset, Da
     if key == "fashion-mnist":
         from .idx import read_fashion_mnist
 
-        return read_fashion_mnist(path)
+        return read_fashion_mnist(path, image_size=hw)
     if key == "cifar10":
         from .cifar import read_cifar10
 
-        return read_cifar10(path)
+        return read_cifar10(path, image_size=hw)
     if key == "gtsrb":
         from .gtsrb import read_gtsrb
 
-        return read_gtsrb(path)
+        return read_gtsrb(path, image_size=hw)
     from .imagefolder import read_imagefolder
 
-    return read_imagefolder(path)
+    return read_imagefolder(path, size=hw)
 
 
 __all__ = [

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BadExpertError
 from .core import Dataset
-from .imagefolder import LAYOUT, is_imagefolder, read_imagefolder
+from .imagefolder import LAYOUT, is_imagefolder, parse_image_size, read_imagefolder
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -76,14 +76,24 @@ def load_pickle(file: str | Path) -> Any:
         ) from exc
 
 
-def read_cifar10(path: str | Path) -> tuple[Dataset, Dataset]:
-    """Read CIFAR-10 from the python release directory (or its parent) or an ImageFolder dir/zip."""
+def read_cifar10(path: str | Path, image_size: int | tuple[int, int] | None = None) -> tuple[Dataset, Dataset]:
+    """Read CIFAR-10 from the python release directory (or its parent) or an ImageFolder dir/zip.
+
+    ``image_size`` resizes an ImageFolder copy's images (default: their most common size); the
+    python release is 32x32 and is not resized: another ``image_size`` is refused.
+    """
     path = Path(path)
+    hw = parse_image_size(image_size)
     batch_dir = find_batch_dir(path)
     if batch_dir is not None:
+        if hw is not None and hw != (32, 32):
+            raise BadExpertError(
+                f"the CIFAR-10 python release in '{batch_dir}' holds 32x32 images, which are not resized; "
+                f"image size {hw[0]}x{hw[1]} applies to ImageFolder copies only (leave --image-size out)"
+            )
         return read_cifar10_python(batch_dir)
     if is_imagefolder(path):
-        return read_imagefolder(path, name="cifar10", hflip=True, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        return read_imagefolder(path, name="cifar10", hflip=True, size=hw, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         raise BadExpertError(f"'{path}' is an archive; extract it (tar xzf) and pass the {BATCH_DIR} folder")
     raise BadExpertError(

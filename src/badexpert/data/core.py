@@ -1,8 +1,18 @@
-"""The in-memory image dataset, seeded splits and device-side augmentation.
+"""The in-memory image dataset, the one image-conversion rule, seeded splits and augmentation.
 
 Images are held as ``uint8`` tensors of shape ``[N, C, H, W]`` with ``int64`` labels. Models take
-float images in ``[0, 1]`` (normalisation lives inside the model), so ``x = images.float() / 255``
-is the only conversion. Augmentation runs on whole batches on the device.
+float images in ``[0, 1]`` (normalisation lives inside the model). Every image that enters
+badexpert, through any function, passes :func:`check_images` and :func:`to_float`, which apply
+one rule:
+
+- ``uint8`` means ``[0, 255]``;
+- a floating dtype means ``[0, 1]``; values outside ``[-IMAGE_TOLERANCE, 1 + IMAGE_TOLERANCE]``
+  are an error that says how to convert (values within the tolerance are clipped);
+- every other dtype (``int64``, ``bool``, ``int16``...) is an error: its scale is ambiguous;
+- non-finite values (NaN, inf) are an error, except where a caller explicitly scores them
+  (a detector rejects such inputs instead of scoring them).
+
+Augmentation runs on whole batches on the device.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ class Dataset:
     """Images (uint8, ``[N, C, H, W]``), labels (int64, ``[N]``) and class names.
 
     ``hflip`` says whether horizontal flips are a label-preserving augmentation for this data
-    (true for CIFAR-10 and Fashion-MNIST, false for traffic signs). ``mean``/``std`` are the
+    (true for CIFAR-10 and Fashion-MNIST, false for traffic signs, digits and text; false unless
+    declared). ``mean``/``std`` are the
     per-channel statistics models built for this dataset normalise with.
     """
 
@@ -29,7 +40,7 @@ class Dataset:
     labels: torch.Tensor
     classes: list[str]
     name: str = "dataset"
-    hflip: bool = True
+    hflip: bool = False
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     meta: dict = field(default_factory=dict)
@@ -99,18 +110,96 @@ class Dataset:
         }
 
 
+#: Floating images may overshoot [0, 1] by this much (rounding in a user's pipeline); clipped.
+IMAGE_TOLERANCE = 1e-3
+
+
+def check_images(images, *, what: str = "images", nonfinite: str = "error") -> torch.Tensor:
+    """Apply the conversion rule's checks to an image batch ``[N, C, H, W]`` and return it.
+
+    ``nonfinite="error"`` refuses NaN/inf values; ``"allow"`` leaves them for the caller (a
+    detector marks such inputs as rejected). Raises a one-line :class:`BadExpertError`.
+    """
+    if not isinstance(images, torch.Tensor):
+        try:
+            import numpy as np
+
+            images = torch.from_numpy(np.asarray(images)) if not isinstance(images, (list, tuple)) else torch.as_tensor(images)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BadExpertError(f"{what} must be a tensor or array of images [N, C, H, W], got {type(images).__name__}") from exc
+    if images.dim() != 4:
+        raise BadExpertError(f"{what} must have shape [N, C, H, W], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise BadExpertError(
+            f"{what} of dtype {str(images.dtype).removeprefix('torch.')} are not accepted (their scale is ambiguous): "
+            "pass uint8 in [0, 255] (x.to(torch.uint8)) or float in [0, 1] (x.float() / 255)"
+        )
+    if images.numel() == 0:
+        return images
+    finite = torch.isfinite(images)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        if nonfinite != "allow":
+            bad = int((~finite).flatten(1).any(1).sum())
+            raise BadExpertError(
+                f"{what} contain non-finite values (NaN or inf) in {bad} of {len(images)} image(s); "
+                "remove or repair those images"
+            )
+        if not bool(finite.any()):
+            return images
+        lo, hi = (float(v) for v in torch.aminmax(torch.where(finite, images, 0.5).float()))
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(images.float()))
+    if lo < -IMAGE_TOLERANCE or hi > 1 + IMAGE_TOLERANCE:
+        hint = "divide by 255 (x / 255) or pass uint8" if hi > 1 + IMAGE_TOLERANCE and lo >= -IMAGE_TOLERANCE and hi <= 255 \
+            else "undo any normalisation (badexpert models normalise inside) and scale to [0, 1]"
+        raise BadExpertError(f"float {what} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+    return images
+
+
+def nonfinite_rows(images: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[N]``: which images hold a NaN or inf value (never true for uint8)."""
+    if not images.is_floating_point():
+        return torch.zeros(len(images), dtype=torch.bool)
+    return ~torch.isfinite(images).flatten(1).all(1)
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[0, 255]`` images to float ``[0, 1]``; float input is returned unchanged."""
+    """Images to float ``[0, 1]`` by the conversion rule (uint8 / 255; float checked, clipped
+    within the tolerance); anything else is a one-line error."""
+    images = check_images(images)
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
-    return images.float()
+    images = images.float()
+    if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+        images = images.clamp(0, 1)
+    return images
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float ``[0, 1]`` images to uint8, rounding to the nearest level; uint8 input is returned unchanged."""
+    """Images to uint8 by the conversion rule (float ``[0, 1]`` rounded to the nearest level)."""
+    images = check_images(images)
     if images.dtype == torch.uint8:
         return images
-    return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
+    return images.float().clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def image_hashes(images: torch.Tensor) -> torch.Tensor:
+    """One 63-bit content hash per image (``int64 [N]``), of the image as uint8.
+
+    Used to record which images a detector was fitted and calibrated on, so that evaluation can
+    refuse a test set that overlaps them, whatever split settings or file paths were used.
+    """
+    import hashlib
+
+    x = to_uint8(images).contiguous()
+    out = torch.empty(len(x), dtype=torch.int64)
+    flat = x.reshape(len(x), -1).numpy()
+    for i in range(len(flat)):
+        out[i] = int.from_bytes(hashlib.blake2b(flat[i].tobytes(), digest_size=8).digest(), "little") >> 1
+    return out
 
 
 # --- splits -----------------------------------------------------------------------------------
@@ -237,8 +326,9 @@ def batches(
         yield xb, yb
 
 
-def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accept a :class:`Dataset`, an ``(images, labels)`` pair or a bare image tensor.
+def as_tensors(data, *, nonfinite: str = "error") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Accept a :class:`Dataset`, an ``(images, labels)`` pair or a bare image tensor/array,
+    checked by the conversion rule (:func:`check_images`).
 
     Images may be uint8 ``[0, 255]`` or float ``[0, 1]``, shape ``[N, C, H, W]``.
     """
@@ -246,16 +336,24 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor | None]:
         return data.images, data.labels
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
-        x = torch.as_tensor(x)
-        y = torch.as_tensor(y, dtype=torch.int64) if y is not None else None
-    elif isinstance(data, torch.Tensor):
+        if y is not None:
+            try:
+                y = torch.as_tensor(y)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise BadExpertError(f"labels must be a tensor or array of integers, got {type(y).__name__}") from exc
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise BadExpertError(f"labels must be integers (class indices), got dtype {str(y.dtype).removeprefix('torch.')}")
+            y = y.to(torch.int64)
+    elif isinstance(data, torch.Tensor) or hasattr(data, "__array__"):
         x, y = data, None
     else:
         raise BadExpertError(
             f"expected a badexpert Dataset, an (images, labels) pair or an image tensor, got {type(data).__name__}"
         )
-    if x.dim() != 4:
-        raise BadExpertError(f"images must have shape [N, C, H, W], got {tuple(x.shape)}")
-    if y is not None and y.shape != (x.shape[0],):
-        raise BadExpertError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
+    x = check_images(x, nonfinite=nonfinite)
+    if y is not None:
+        if y.shape != (x.shape[0],):
+            raise BadExpertError(f"{x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        if len(y) and int(y.min()) < 0:
+            raise BadExpertError(f"labels must be class indices >= 0, got {int(y.min())}")
     return x, y

@@ -8,8 +8,10 @@ and GTSRB_Final_Test_GT.zip extracted side by side)::
     GT-final_test.csv   (in Final_Test/Images/, Final_Test/, GTSRB/ or the folder above)
 
 The CSV files are semicolon-separated with a header (``Filename;Width;Height;Roi.X1;...;ClassId``).
-Every image is resized as a whole (no ROI crop) to 32x32 with bilinear filtering.
-Traffic signs are not flip-invariant, so ``hflip`` is false.
+Every image is resized as a whole (no ROI crop) to 32x32 (or the ``image_size`` asked for) with
+bilinear filtering; each split's ``meta["resized"]`` counts the images that were not already that
+size. Image files are decoded with the checks of :mod:`badexpert.data.imagefolder` (file size,
+pixel count from the header before decoding, memory budget). Traffic signs are not flip-invariant, so ``hflip`` is false.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from ..errors import BadExpertError
 from .core import Dataset
-from .imagefolder import LAYOUT, decode_images, is_imagefolder, read_imagefolder
+from .imagefolder import LAYOUT, decode_sets, file_source, is_imagefolder, parse_image_size, read_imagefolder
 
 GTSRB_CLASSES = [f"{i:02d}" for i in range(43)]
 GTSRB_MEAN = (0.3337, 0.3064, 0.3171)
@@ -31,14 +33,18 @@ GTSRB_SIZE = 32
 TEST_CSV = "GT-final_test.csv"
 
 
-def read_gtsrb(path: str | Path) -> tuple[Dataset, Dataset]:
-    """Read GTSRB from the official layout (``path`` is ``GTSRB/`` or its parent) or an ImageFolder."""
+def read_gtsrb(path: str | Path, image_size: int | tuple[int, int] | None = None) -> tuple[Dataset, Dataset]:
+    """Read GTSRB from the official layout (``path`` is ``GTSRB/`` or its parent) or an ImageFolder.
+
+    Images are resized to ``image_size`` (an int or ``(height, width)``; default 32x32).
+    """
     path = Path(path)
+    size = parse_image_size(image_size) or (GTSRB_SIZE, GTSRB_SIZE)
     root = find_official_root(path)
     if root is not None:
-        return read_gtsrb_official(root, extra_dirs=[path])
+        return read_gtsrb_official(root, extra_dirs=[path], image_size=size)
     if is_imagefolder(path):
-        return read_imagefolder(path, name="gtsrb", hflip=False, size=GTSRB_SIZE, mean=GTSRB_MEAN, std=GTSRB_STD)
+        return read_imagefolder(path, name="gtsrb", hflip=False, size=size, mean=GTSRB_MEAN, std=GTSRB_STD)
     raise BadExpertError(
         f"'{path}' is not a GTSRB copy: give the folder holding GTSRB/Final_Training/Images (official layout) "
         f"or an ImageFolder directory or zip ({LAYOUT})"
@@ -53,12 +59,16 @@ def find_official_root(path: Path) -> Path | None:
     return None
 
 
-def read_gtsrb_official(root: str | Path, extra_dirs: Sequence[Path] = ()) -> tuple[Dataset, Dataset]:
+def read_gtsrb_official(
+    root: str | Path, extra_dirs: Sequence[Path] = (), image_size: int | tuple[int, int] | None = None
+) -> tuple[Dataset, Dataset]:
     """Read the official training and test sets under ``root`` (the ``GTSRB`` folder).
 
-    ``extra_dirs`` are further places to look for ``GT-final_test.csv``.
+    ``extra_dirs`` are further places to look for ``GT-final_test.csv``; images are resized to
+    ``image_size`` (default 32x32).
     """
     root = Path(root)
+    size = parse_image_size(image_size) or (GTSRB_SIZE, GTSRB_SIZE)
     train_dir = root / "Final_Training" / "Images"
     test_dir = root / "Final_Test" / "Images"
     if not test_dir.is_dir():
@@ -80,16 +90,15 @@ def read_gtsrb_official(root: str | Path, extra_dirs: Sequence[Path] = ()) -> tu
     test_csv = _find_test_csv(root, extra_dirs)
     test_files, test_labels = _read_csv(test_csv, test_dir)
 
-    sources = [(str(f), f.read_bytes) for f in train_files + test_files]
-    images = decode_images(sources, (GTSRB_SIZE, GTSRB_SIZE))
-    if images.shape[1] != 3:  # an all-greyscale copy: still give RGB, as models expect
-        images = images.expand(-1, 3, -1, -1).contiguous()
-    n = len(train_files)
+    decoded = decode_sets([[file_source(f) for f in train_files], [file_source(f) for f in test_files]], size,
+                          where=f"'{root}'")
+    # an all-greyscale copy: still give RGB, as models expect
+    train_x, test_x = (x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1).contiguous() for x in decoded.parts)
     common = dict(name="gtsrb", hflip=False, mean=GTSRB_MEAN, std=GTSRB_STD)
-    train = Dataset(images[:n].clone(), torch.tensor(train_labels), list(GTSRB_CLASSES), **common,
-                    meta={"source": str(root), "split": "train"})
-    test = Dataset(images[n:].clone(), torch.tensor(test_labels), list(GTSRB_CLASSES), **common,
-                   meta={"source": str(root), "split": "test"})
+    train = Dataset(train_x, torch.tensor(train_labels), list(GTSRB_CLASSES), **common,
+                    meta={"source": str(root), "split": "train", "resized": decoded.resized[0]})
+    test = Dataset(test_x, torch.tensor(test_labels), list(GTSRB_CLASSES), **common,
+                   meta={"source": str(root), "split": "test", "resized": decoded.resized[1]})
     return train, test
 
 

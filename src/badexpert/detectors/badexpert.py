@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +47,11 @@ from ..data.core import Dataset, holdout, to_float, to_uint8
 from ..errors import BadExpertError, unknown_name
 from ..training import Recipe, accuracy, predict_logits, train
 from ..utils import derive_generator, eval_mode, model_device
+from ..validation import OneOf, Range
 from .base import Detector
+
+PositiveInt = Annotated[int, Range(ge=1)]
+PositiveFloat = Annotated[float, Range(gt=0)]
 
 EPS = 1e-8
 
@@ -110,7 +114,8 @@ class BaDExpert(Detector):
     aux_dip: ``auto`` takes the smallest auxiliary learning rate whose held-out clean accuracy
         dips, during the first epoch, to at most this fraction of M's.
     augment: use training augmentation (random crop, flip where ``hflip``) while finetuning.
-    hflip: whether horizontal flips preserve labels for this data.
+    hflip: whether horizontal flips preserve labels for this data; ``None`` (default) takes the
+        fitting data's own flag (:attr:`Dataset.hflip`; a bare ``(images, labels)`` pair: no flips).
     """
 
     name: ClassVar[str] = "badexpert"
@@ -119,24 +124,24 @@ class BaDExpert(Detector):
     def __init__(
         self,
         *,
-        preset: str = "auto",
-        score_rule: str | None = None,
-        expert_lr: float | None = None,
-        expert_epochs: int = 1,
-        expert_max_steps: int = 300,
-        expert_batch_size: int = 128,
-        aux_lr: float | None = None,
-        aux_epochs: int = 10,
-        aux_batch_size: int = 64,
-        aux_milestones: tuple[int, ...] = (2, 4, 6, 8),
-        aux_gamma: float = 0.1,
-        holdout: float = 0.2,
-        expert_agreement: float = 0.9,
-        aux_dip: float = 0.65,
+        preset: Annotated[str, OneOf("auto", "paper")] = "auto",
+        score_rule: Annotated[str, OneOf(*SCORES)] | None = None,
+        expert_lr: PositiveFloat | None = None,
+        expert_epochs: PositiveInt = 1,
+        expert_max_steps: PositiveInt = 300,
+        expert_batch_size: PositiveInt = 128,
+        aux_lr: PositiveFloat | None = None,
+        aux_epochs: PositiveInt = 10,
+        aux_batch_size: PositiveInt = 64,
+        aux_milestones: tuple[Annotated[int, Range(ge=0)], ...] = (2, 4, 6, 8),
+        aux_gamma: PositiveFloat = 0.1,
+        holdout: Annotated[float, Range(gt=0, lt=1)] = 0.2,
+        expert_agreement: Annotated[float, Range(ge=0, le=1)] = 0.9,
+        aux_dip: Annotated[float, Range(gt=0, le=1)] = 0.65,
         augment: bool = True,
-        hflip: bool = True,
-        batch_size: int = 256,
-        seed: int = 0,
+        hflip: bool | None = None,
+        batch_size: PositiveInt = 256,
+        seed: Annotated[int, Range(ge=0)] = 0,
         device: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, device=device)
@@ -149,7 +154,7 @@ class BaDExpert(Detector):
         self.aux_lr = aux_lr
         self.aux_epochs = aux_epochs
         self.aux_batch_size = aux_batch_size
-        self.aux_milestones = tuple(aux_milestones)
+        self.aux_milestones = tuple(aux_milestones) if isinstance(aux_milestones, (list, tuple)) else aux_milestones
         self.aux_gamma = aux_gamma
         self.holdout = holdout
         self.expert_agreement = expert_agreement
@@ -158,18 +163,6 @@ class BaDExpert(Detector):
         self.hflip = hflip
 
     # --- configuration -------------------------------------------------------------------
-    def _validate(self) -> None:
-        if self.preset not in ("auto", "paper"):
-            raise unknown_name("BaDExpert preset", self.preset, ("auto", "paper"))
-        if self.score_rule is not None and self.score_rule not in SCORES:
-            raise unknown_name("score rule", self.score_rule, SCORES)
-        if self.preset == "auto" and not 0 < self.holdout < 1:
-            raise BadExpertError(f"holdout must lie in (0, 1), got {self.holdout}")
-        for name in ("expert_lr", "aux_lr"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise BadExpertError(f"{name} must be positive, got {v}")
-
     @property
     def rule(self) -> str:
         if self.score_rule is not None:
@@ -180,7 +173,7 @@ class BaDExpert(Detector):
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""
         return Recipe(
             optimizer="adam", lr=lr, epochs=self.expert_epochs, batch_size=self.expert_batch_size,
-            weight_decay=0.0, schedule="constant", augment=self.augment, hflip=self.hflip,
+            weight_decay=0.0, schedule="constant", augment=self.augment, hflip=self.hflip_,
         )
 
     def aux_recipe(self, lr: float) -> Recipe:
@@ -188,12 +181,13 @@ class BaDExpert(Detector):
         return Recipe(
             optimizer="sgd", lr=lr, epochs=self.aux_epochs, batch_size=self.aux_batch_size, momentum=0.9,
             nesterov=True, weight_decay=1e-4, schedule="step", milestones=self.aux_milestones,
-            gamma=self.aux_gamma, augment=self.augment, hflip=self.hflip,
+            gamma=self.aux_gamma, augment=self.augment, hflip=self.hflip_,
         )
 
     # --- fitting -------------------------------------------------------------------------
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self._validate()
+        # flips only where the data says they preserve labels (or the user says so)
+        self.hflip_ = self.hflip if self.hflip is not None else self.data_info_["hflip"]
         num_classes = self._num_classes(model, images)
         if int(labels.max()) >= num_classes:
             raise BadExpertError(
@@ -343,17 +337,22 @@ class BaDExpert(Detector):
         """Per input: M's label ``pred``, the expert's (``x``) and the auxiliary model's (``y``)
         confidence in it, and the matching log-odds ``logit_x`` / ``logit_y``."""
         self._check_fitted("confidences")
-        images = self._check_input(x)
+        images, bad = self._scorable(x)
         parts: dict[str, list[torch.Tensor]] = {}
         for xb in self._batches(images):
             for k, v in self._forward(xb).items():
                 parts.setdefault(k, []).append(v.cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        if bool(bad.any()):  # inputs that could not be scored: no confidences
+            for k in ("x", "y", "logit_x", "logit_y"):
+                out[k][bad] = float("nan")
+        return out
 
     def score_details(self, x) -> dict:
-        """Scores together with ``pred``, ``x``, ``y``, ``logit_x``, ``logit_y`` (numpy arrays)."""
+        """Scores together with ``pred``, ``x``, ``y``, ``logit_x``, ``logit_y`` (numpy arrays);
+        NaN where the input could not be scored."""
         conf = self.confidences(x)
-        return {"score": self._combine(conf).numpy(), **{k: v.numpy() for k, v in conf.items()}}
+        return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
     def _forward(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
         with eval_mode(self.model_):
@@ -380,7 +379,7 @@ class BaDExpert(Detector):
         return out
 
     def _state_meta(self):
-        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "fit_report": self.fit_report_}
+        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_, "fit_report": self.fit_report_}
 
     def _load_state(self, model, tensors, meta):
         device = self.device_
@@ -388,6 +387,7 @@ class BaDExpert(Detector):
         self.auxiliary_ = _load_copy(model, tensors, "auxiliary.", device)
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
+        self.hflip_ = meta.get("hflip")
         self.fit_report_ = meta.get("fit_report", {})
 
 

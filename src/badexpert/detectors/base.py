@@ -6,7 +6,23 @@
 - ``calibrate(clean, fpr)`` sets ``threshold_`` to the split-conformal quantile of the scores of
   a clean calibration set disjoint from the fitting data, so that the false-positive rate on new
   clean inputs is at most ``fpr`` in expectation.
-- ``predict(x)``: boolean tensor, True = reject (``score > threshold_``).
+- ``predict(x)``: boolean tensor, True = reject (``score > threshold_``, or a score that is not a
+  number).
+
+What every detector guarantees, whatever its method (the checks live here, once):
+
+- inputs follow the one conversion rule (:func:`badexpert.data.core.check_images`): uint8 in
+  ``[0, 255]`` or float in ``[0, 1]``; any other dtype or scale is refused;
+- an input that cannot be scored (a NaN or inf pixel) gets a NaN score, and a NaN score is
+  always rejected: ``predict`` never lets through what it could not score
+  (:meth:`Detector.predict_details` says why each input was rejected). ``fit`` and
+  ``calibrate`` refuse non-finite data outright;
+- the detector records a fingerprint of the suspect model's weights and content hashes of the
+  images it was fitted and calibrated on, so it refuses to run in front of another model, and
+  evaluation refuses test data that overlaps them;
+- facts about the data (whether horizontal flips preserve labels, the classes) come from the
+  data it is fitted on (:class:`badexpert.data.Dataset`); a bare ``(images, labels)`` pair
+  declares none, so no flips.
 
 Capability flags (captum-style): ``forward_passes_per_input``, ``needs_gradients``.
 """
@@ -18,16 +34,23 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..data.core import as_tensors
+from ..data.core import Dataset, as_tensors, image_hashes, nonfinite_rows
 from ..errors import BadExpertError, NotFittedError
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
+from ..validation import Range, check_value, validate_params
 
 FORMAT = "badexpert-detector/1"
+
+#: Why :meth:`Detector.predict_details` accepted or rejected an input.
+ACCEPTED = "accepted"
+REJECT_SCORE = "score above threshold"
+REJECT_NONFINITE_INPUT = "non-finite input (NaN or inf pixel)"
+REJECT_NONFINITE_SCORE = "score is not a number (the models produced NaN)"
 
 
 class Detector:
@@ -37,7 +60,10 @@ class Detector:
     forward_passes_per_input: ClassVar[int] = 1
     needs_gradients: ClassVar[bool] = False
 
-    def __init__(self, *, batch_size: int = 256, seed: int = 0, device: str | None = None) -> None:
+    def __init__(
+        self, *, batch_size: Annotated[int, Range(ge=1)] = 256, seed: Annotated[int, Range(ge=0)] = 0,
+        device: str | None = None,
+    ) -> None:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -56,9 +82,24 @@ class Detector:
                     out[p.name] = getattr(self, p.name)
         return out
 
+    def check_params(self) -> "Detector":
+        """Validate every constructor parameter against its annotation (type and range); a
+        one-line error names the parameter. Called by :func:`get_detector` and :meth:`fit`."""
+        params = validate_params(type(self).__init__, self.get_params(), f"detector '{self.name}'")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
     # --- verbs ---------------------------------------------------------------------------
     def fit(self, model: nn.Module, clean) -> "Detector":
-        """Build the detector for ``model`` from clean labelled data; returns ``self``."""
+        """Build the detector for ``model`` from clean labelled data; returns ``self``.
+
+        ``clean`` is a :class:`~badexpert.data.Dataset` (its ``hflip`` flag and classes are used)
+        or an ``(images, labels)`` pair (no flips). Non-finite images are refused.
+        """
+        from ..io import model_fingerprint
+
+        self.check_params()
         if not isinstance(model, nn.Module):
             raise BadExpertError(f"fit expects a torch.nn.Module classifier, got {type(model).__name__}")
         images, labels = as_tensors(clean)
@@ -66,14 +107,20 @@ class Detector:
             raise BadExpertError("fit needs labelled clean data: a Dataset or an (images, labels) pair")
         if len(images) < 2:
             raise BadExpertError(f"fit needs at least 2 clean samples, got {len(images)}")
+        self.data_info_ = {
+            "hflip": bool(clean.hflip) if isinstance(clean, Dataset) else False,
+            "classes": list(clean.classes) if isinstance(clean, Dataset) else None,
+        }
         self.device_ = resolve_device(self.device)
         model = on_device(model, self.device_)
+        self.model_fingerprint_ = model_fingerprint(model)
         start = time.perf_counter()
         self._fit(model, images, labels)
         self.fit_seconds_ = time.perf_counter() - start
         self.model_ = model
         self.input_shape_ = tuple(images.shape[1:])
-        for attr in ("threshold_", "fpr_target_", "calibration_size_"):
+        self.fit_hashes_ = image_hashes(images)
+        for attr in ("threshold_", "fpr_target_", "calibration_size_", "calibration_scores_", "calibration_hashes_"):
             self.__dict__.pop(attr, None)
         return self
 
@@ -88,8 +135,8 @@ class Detector:
         if not self.is_fitted:
             raise NotFittedError(f"{self.name}: call fit(model, clean_data) before {verb}()")
 
-    def _check_input(self, x) -> torch.Tensor:
-        images, _ = as_tensors(x)
+    def _check_input(self, x, *, nonfinite: str = "error") -> torch.Tensor:
+        images, _ = as_tensors(x, nonfinite=nonfinite)
         if tuple(images.shape[1:]) != self.input_shape_:
             raise BadExpertError(
                 f"{self.name}: inputs of shape {tuple(images.shape[1:])} but the detector was fitted on "
@@ -97,13 +144,28 @@ class Detector:
             )
         return images
 
+    def _scorable(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked inputs with every non-finite image zeroed (so the models never see NaN), and
+        the mask of those images, whose scores must be NaN (= always rejected)."""
+        images = self._check_input(x, nonfinite="allow")
+        bad = nonfinite_rows(images)
+        if bool(bad.any()):
+            images = torch.where(bad[:, None, None, None], torch.zeros((), dtype=images.dtype), images)
+        return images, bad
+
     @torch.no_grad()
     def score(self, x) -> torch.Tensor:
-        """Scores for a batch (uint8 or float images, or a Dataset): higher = more suspicious."""
+        """Scores for a batch (uint8 or float images, or a Dataset): higher = more suspicious.
+
+        An image with a NaN or inf value cannot be scored: its score is NaN, which
+        :meth:`decide` always rejects.
+        """
         self._check_fitted("score")
-        images = self._check_input(x)
+        images, bad = self._scorable(x)
         out = [self._score_batch(xb) for xb in self._batches(images)]
-        return torch.cat(out) if out else torch.empty(0)
+        scores = torch.cat(out).float() if out else torch.empty(0)
+        scores[bad] = float("nan")
+        return scores
 
     def _batches(self, images: torch.Tensor):
         from ..data.core import batches
@@ -122,42 +184,99 @@ class Detector:
     def calibrate(self, clean, fpr: float = 0.01) -> "Detector":
         """Set ``threshold_`` so that at most ``fpr`` of new clean inputs are rejected (in expectation).
 
-        ``clean`` must be disjoint from the data the detector was fitted on and from the data
-        it will be evaluated on. Uses the finite-sample conformal quantile: the
-        ``ceil((n+1)(1-fpr))``-th smallest clean score.
+        ``clean`` must be disjoint from the data the detector was fitted on (checked by content)
+        and from the data it will be evaluated on. Uses the finite-sample conformal quantile: the
+        ``ceil((n+1)(1-fpr))``-th smallest clean score. Non-finite images are refused.
         """
         from ..metrics import conformal_threshold
 
         self._check_fitted("calibrate")
-        if not 0 < fpr < 1:
-            raise BadExpertError(f"the target false-positive rate must lie in (0, 1), got {fpr}")
+        fpr = check_value(fpr, Annotated[float, Range(gt=0, lt=1)], "fpr", "the target false-positive rate")
+        images, _ = as_tensors(clean)
+        hashes = image_hashes(images)
+        shared = int(torch.isin(hashes, self.fit_hashes_).sum())
+        if shared:
+            raise BadExpertError(
+                f"{self.name}: {shared} of the {len(hashes)} calibration images are among the images the detector was "
+                "fitted on; calibrate on clean data disjoint from the fitting data"
+            )
         start = time.perf_counter()
-        scores = self.score(clean)
-        if torch.isnan(scores).any():
-            raise BadExpertError(f"{self.name}: calibration scores contain NaN; the detector's models are broken")
+        scores = self.score(images)
+        if not bool(torch.isfinite(scores).all()):
+            raise BadExpertError(f"{self.name}: calibration scores are not finite; the detector's models are broken")
         thr = conformal_threshold(scores.numpy(), fpr)
         if math.isinf(thr):
             need = math.ceil(1 / fpr) - 1
             warnings.warn(
                 f"{len(scores)} calibration samples cannot guarantee FPR {fpr}: at least {need} are needed; "
-                "nothing will be rejected",
+                "only inputs that cannot be scored will be rejected",
                 stacklevel=2,
             )
         self.threshold_ = float(thr)
         self.fpr_target_ = float(fpr)
         self.calibration_size_ = int(len(scores))
+        self.calibration_scores_ = scores.clone()
+        self.calibration_hashes_ = hashes
         self.calibrate_seconds_ = time.perf_counter() - start
         return self
 
     def predict(self, x) -> torch.Tensor:
-        """True for inputs to reject (``score > threshold_``)."""
-        scores = self.score(x)
-        return self.decide(scores)
+        """True for inputs to reject: ``score > threshold_``, and every input whose score is not
+        a number (a NaN or inf pixel, or models that produced NaN)."""
+        return self.decide(self.score(x))
 
     def decide(self, scores: torch.Tensor) -> torch.Tensor:
+        """Reject flags for scores: ``not (score <= threshold_)``, so a NaN score is rejected."""
         if not hasattr(self, "threshold_"):
             raise NotFittedError(f"{self.name}: call calibrate(clean_data, fpr) before predict()")
-        return scores > self.threshold_
+        return ~(torch.as_tensor(scores) <= self.threshold_)
+
+    def predict_details(self, x) -> dict:
+        """Per input: ``score``, ``reject`` and the ``reason`` for the decision (one of
+        :data:`ACCEPTED`, :data:`REJECT_SCORE`, :data:`REJECT_NONFINITE_INPUT`,
+        :data:`REJECT_NONFINITE_SCORE`)."""
+        self._check_fitted("predict_details")
+        bad = nonfinite_rows(self._check_input(x, nonfinite="allow"))
+        scores = self.score(x)
+        reject = self.decide(scores)
+        reasons = []
+        for i, s in enumerate(scores.tolist()):
+            if bool(bad[i]):
+                reasons.append(REJECT_NONFINITE_INPUT)
+            elif math.isnan(s):
+                reasons.append(REJECT_NONFINITE_SCORE)
+            else:
+                reasons.append(REJECT_SCORE if bool(reject[i]) else ACCEPTED)
+        return {"score": scores, "reject": reject, "reason": reasons}
+
+    # --- provenance ----------------------------------------------------------------------
+    def check_model(self, model: nn.Module, *, model_name: str | None = None) -> None:
+        """Refuse a model whose weights differ from those this detector was fitted on."""
+        from ..io import model_fingerprint, short_fingerprint
+
+        mine = getattr(self, "model_fingerprint_", None)
+        theirs = model_fingerprint(model)
+        if mine is not None and theirs != mine:
+            fitted_on = getattr(self, "model_name_", None)
+            raise BadExpertError(
+                f"{self.name}: the detector was fitted on model {short_fingerprint(mine)}"
+                f"{f' ({fitted_on})' if fitted_on else ''} but was given model {short_fingerprint(theirs)}"
+                f"{f' ({model_name})' if model_name else ''}; use it with the model it was fitted on, or fit a new one"
+            )
+
+    def overlap(self, x) -> dict[str, int]:
+        """How many images of ``x`` (compared by content) the detector was fitted or calibrated on."""
+        self._check_fitted("overlap")
+        images, _ = as_tensors(x, nonfinite="allow")
+        if images.is_floating_point():
+            images = torch.nan_to_num(images).clamp(0, 1)
+        hashes = image_hashes(images)
+        cal = getattr(self, "calibration_hashes_", None)
+        return {
+            "fit": int(torch.isin(hashes, self.fit_hashes_).sum()),
+            "calibration": int(torch.isin(hashes, cal).sum()) if cal is not None else 0,
+            "total": len(hashes),
+        }
 
     # --- persistence ---------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -172,7 +291,9 @@ class Detector:
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Save the fitted detector to one safetensors file (weights) with JSON metadata.
 
-        The suspect model itself is not stored: :func:`load_detector` takes it as an argument.
+        The suspect model itself is not stored: :func:`load_detector` takes it as an argument and
+        checks it against the fingerprint recorded here. The content hashes of the fitting and
+        calibration images and the calibration scores are stored as tensors.
         """
         from safetensors.torch import save
 
@@ -182,6 +303,8 @@ class Detector:
             "detector": self.name,
             "params": self.get_params(),
             "input_shape": list(self.input_shape_),
+            "model": {"fingerprint": self.model_fingerprint_, "name": getattr(self, "model_name_", None)},
+            "data": self.data_info_,
             "threshold": getattr(self, "threshold_", None),
             "fpr_target": getattr(self, "fpr_target_", None),
             "calibration_size": getattr(self, "calibration_size_", None),
@@ -190,6 +313,12 @@ class Detector:
             "extra": extra or {},
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
+        if any(k.startswith("record.") for k in tensors):
+            raise BadExpertError(f"{self.name}: state tensor names must not start with 'record.'")
+        tensors["record.fit_hashes"] = self.fit_hashes_
+        if hasattr(self, "threshold_"):
+            tensors["record.calibration_hashes"] = self.calibration_hashes_
+            tensors["record.calibration_scores"] = self.calibration_scores_
         blob = save(tensors, metadata={"badexpert": json.dumps(to_jsonable(meta))})
         path = Path(path)
         atomic_write_bytes(path, blob)
@@ -210,40 +339,70 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a saved detector's tensors and metadata without building anything."""
+    """Read a saved detector's tensors and metadata without building anything; the metadata's
+    types are checked (a malformed or tampered file is a one-line error)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..io import read_meta
 
     meta = read_meta(path, fmt=FORMAT, what="detector file", hint="create one with `badexpert defend`")
+    where = f"detector file '{path}': field"
+    Dim = Annotated[int, Range(ge=1, le=4096)]
+    checks = {
+        "detector": str, "params": dict, "input_shape": tuple[Dim, Dim, Dim], "model": dict, "data": dict,
+        "threshold": float | None, "fpr_target": Annotated[float, Range(gt=0, lt=1)] | None,
+        "calibration_size": Annotated[int, Range(ge=1)] | None, "state": dict,
+    }
+    for key, tp in checks.items():
+        meta[key] = check_value(meta.get(key), tp, key, where)
+    check_value(meta["model"].get("fingerprint"), str, "model.fingerprint", where)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
+    if "record.fit_hashes" not in tensors or (meta["threshold"] is not None and "record.calibration_hashes" not in tensors):
+        raise BadExpertError(f"detector file '{path}' lacks its data record; it is damaged or was made by another tool")
     return tensors, meta
 
 
-def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None) -> Detector:
-    """Load a detector saved with :meth:`Detector.save` for the suspect ``model`` it was fitted on."""
+def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None,
+                  model_name: str | None = None) -> Detector:
+    """Load a detector saved with :meth:`Detector.save` for the suspect ``model`` it was fitted on.
+
+    A model whose weights differ from the fitted one's (by fingerprint) is refused; ``model_name``
+    (a file name) is used in that message.
+    """
     from . import DETECTORS
 
     tensors, meta = read_detector_file(path)
-    name = meta.get("detector")
+    name = meta["detector"]
     if name not in DETECTORS:
         raise BadExpertError(f"'{path}' holds an unknown detector '{name}'")
-    params = dict(meta.get("params") or {})
+    params = dict(meta["params"])
     if device is not None:
         params["device"] = device
+    params = validate_params(DETECTORS[name].__init__, params, f"detector file '{path}': detector '{name}'")
     det = DETECTORS[name](**params)
+    det.model_fingerprint_ = meta["model"]["fingerprint"]
+    det.model_name_ = meta["model"].get("name")
+    det.check_model(model, model_name=model_name)
     det.device_ = resolve_device(det.device)
     det.input_shape_ = tuple(meta["input_shape"])
     det.fit_seconds_ = meta.get("fit_seconds")
+    det.data_info_ = meta["data"]
+    det.fit_hashes_ = tensors.pop("record.fit_hashes")
     model = on_device(model, det.device_)
-    det._load_state(model, tensors, meta.get("state") or {})
+    scores = tensors.pop("record.calibration_scores", None)
+    cal_hashes = tensors.pop("record.calibration_hashes", None)
+    det._load_state(model, tensors, meta["state"])
     det.model_ = model
-    if meta.get("threshold") is not None:
+    if meta["threshold"] is not None:
+        if meta["fpr_target"] is None or meta["calibration_size"] is None or scores is None:
+            raise BadExpertError(f"detector file '{path}' has a threshold but no calibration record; it is damaged")
         det.threshold_ = float(meta["threshold"])
         det.fpr_target_ = float(meta["fpr_target"])
         det.calibration_size_ = int(meta["calibration_size"])
+        det.calibration_scores_ = scores
+        det.calibration_hashes_ = cal_hashes
     return det

@@ -1,0 +1,211 @@
+"""One typed validation layer for every config-like object.
+
+Fields declare their type with ordinary annotations and their range with ``typing.Annotated``::
+
+    @dataclass
+    class Recipe:
+        lr: Annotated[float, Range(gt=0)] = 0.1
+        schedule: Annotated[str, OneOf("cosine", "step", "constant")] = "cosine"
+
+    def __post_init__(self):
+        validate_fields(self, "recipe field")
+
+:func:`validate_fields` checks every dataclass field; :func:`validate_params` checks keyword
+arguments against a function signature (detector constructors). Both raise a one-line
+:class:`BadExpertError` naming the field, what it must be and what it got, and neither coerces
+strings to numbers: ``"64"`` is not a batch size. The only conversions are the ones JSON forces
+(a list where a tuple is declared, an integer where a float is declared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from .errors import BadExpertError
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric bounds: ``ge``/``gt`` below, ``le``/``lt`` above (any may be omitted)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def check(self, v) -> str | None:
+        if self.ge is not None and not v >= self.ge:
+            return f">= {self.ge:g}"
+        if self.gt is not None and not v > self.gt:
+            return f"> {self.gt:g}"
+        if self.le is not None and not v <= self.le:
+            return f"<= {self.le:g}"
+        if self.lt is not None and not v < self.lt:
+            return f"< {self.lt:g}"
+        return None
+
+    def describe(self) -> str:
+        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        if hi:
+            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        return ""
+
+
+class OneOf:
+    """The value (after lower-casing strings) must be one of ``choices``."""
+
+    def __init__(self, *choices) -> None:
+        self.choices = tuple(choices)
+
+    def describe(self) -> str:
+        return "one of: " + ", ".join(str(c) for c in self.choices)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extra = typing.get_args(tp)
+        for e in extra:
+            if isinstance(e, OneOf):
+                return e.describe()
+        words = [_type_name(base)] + [e.describe() for e in extra if hasattr(e, "describe") and e.describe()]
+        return " ".join(words)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in args)
+        return name + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin is Literal:
+        return "one of: " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}s" if args else "a list"
+    if origin is dict or tp is dict:
+        return "an object (JSON dict)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check(value, tp):
+    """``value`` checked against ``tp`` (converted only where JSON forces it); raises _Invalid."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extra = typing.get_args(tp)
+        value = _check(value, base)
+        if value is None:
+            return value
+        for c in extra:
+            if isinstance(c, Range):
+                if c.check(value) is not None:
+                    raise _Invalid
+            elif isinstance(c, OneOf):
+                key = value.lower() if isinstance(value, str) else value
+                if key not in c.choices:
+                    raise _Invalid
+                value = key
+        return value
+    if origin in (Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _check(value, alt)
+            except _Invalid:
+                continue
+        raise _Invalid
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Invalid
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Invalid
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid
+        args = typing.get_args(tp)
+        if args and not (len(args) == 2 and args[1] is Ellipsis) and origin is tuple:
+            if len(args) != len(value):
+                raise _Invalid
+            items = [_check(v, a) for v, a in zip(value, args)]
+        else:
+            items = [_check(v, args[0]) for v in value] if args else list(value)
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Invalid
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            return int(value)  # 64.0 from a JSON tool is still 64
+        raise _Invalid
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise _Invalid
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Invalid
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Invalid
+    return value
+
+
+def check_value(value, tp, name: str, where: str = "field"):
+    """``value`` checked against annotation ``tp``; a one-line error naming ``where`` ``name``."""
+    try:
+        return _check(value, tp)
+    except _Invalid:
+        raise BadExpertError(f"{where} '{name}' must be {_type_name(tp)}, got {value!r}") from None
+
+
+def validate_fields(obj, where: str) -> None:
+    """Check (and normalise in place) every field of dataclass instance ``obj``."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        if f.name in hints:
+            new = check_value(getattr(obj, f.name), hints[f.name], f.name, where)
+            object.__setattr__(obj, f.name, new)
+
+
+def signature_hints(func) -> dict[str, Any]:
+    """Annotations of ``func``'s parameters (``Annotated`` kept), resolved."""
+    return typing.get_type_hints(func, include_extras=True)
+
+
+def validate_params(func, params: dict, where: str) -> dict:
+    """Check keyword ``params`` against ``func``'s annotated parameters: unknown names and wrong
+    types or ranges are one-line errors. Returns the normalised parameters."""
+    sig = inspect.signature(func)
+    names = [p.name for p in sig.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise BadExpertError(f"{where} has no parameter(s) {unknown}; valid: {sorted(names)}")
+    hints = signature_hints(func)
+    return {k: check_value(v, hints[k], k, f"{where} parameter") if k in hints else v for k, v in params.items()}
+
+
+__all__ = ["OneOf", "Range", "check_value", "signature_hints", "validate_fields", "validate_params"]
