@@ -41,16 +41,45 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
 
 
-def _add_data(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_data(p: argparse.ArgumentParser, *, command: str) -> None:
+    """Data options; each command gets only the ones it uses."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None if not required else "fashion-mnist",
-                   help="fashion-mnist (default), cifar10, gtsrb or imagefolder")
+    recorded = " (default: the one recorded in the model file)" if command != "train" else " (default fashion-mnist)"
+    g.add_argument("--dataset", default="fashion-mnist" if command == "train" else None,
+                   help=f"fashion-mnist, cifar10, gtsrb or imagefolder{recorded}")
     g.add_argument("--data-path", default=None,
                    help="local dataset files (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--reserved", type=int, default=2000, help="size of the defender's reserved clean set (default 2000)")
-    g.add_argument("--calibration", type=int, default=2000, help="size of the clean calibration split (default 2000)")
-    g.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
-    g.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
+    if command in ("train", "defend"):
+        g.add_argument("--image-size", type=_image_size, default=None, metavar="N or HxW",
+                       help="resize ImageFolder images to this size (default: the most common size in the data)")
+    if command == "train":
+        g.add_argument("--reserved", type=int, default=2000,
+                       help="size of the defender's reserved clean set, recorded for `defend` (default 2000)")
+        g.add_argument("--calibration", type=int, default=2000,
+                       help="size of the clean calibration split, recorded for `defend` (default 2000)")
+        g.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
+    if command == "defend":
+        g.add_argument("--reserved", type=int, default=None,
+                       help="size of the reserved clean set the detector is fitted on (default: the model's record)")
+        g.add_argument("--calibration", type=int, default=None,
+                       help="size of the clean calibration split (default: the model's record)")
+    if command in ("train", "evaluate"):
+        g.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
+
+
+def _image_size(text: str):
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got '{text}'") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got '{text}'")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output at --out (by default an existing output is refused)")
 
 
 def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -99,12 +128,13 @@ def cmd_demo(args) -> int:
     from .experiment import ExperimentConfig, run
     from .report import format_table
 
+    attack = _attack_name(args.attack)
     cfg = ExperimentConfig(
-        dataset="fashion-mnist", data_path=args.data_path, arch="cnn", attack=_attack_name(args.attack),
-        attack_params={"poison_rate": 0.01, **_attack_params(args)}, train_size=args.train_size,
+        dataset="fashion-mnist", data_path=args.data_path, arch="cnn", attack=attack,
+        attack_params={"poison_rate": 0.01, **_attack_params(args)} if attack else {}, train_size=args.train_size,
         fpr=args.fpr, seed=args.seed, device=args.device,
     )
-    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log)
+    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log, overwrite=args.overwrite)
     print(format_table(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'}, report.md and plots")
     return 0
@@ -118,7 +148,7 @@ def cmd_run(args) -> int:
     overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
     if overrides:
         cfg = ExperimentConfig.from_dict({**cfg.to_dict(), **overrides})
-    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log)
+    metrics = run(cfg, args.out, cache_dir=args.cache_dir, log=_log, overwrite=args.overwrite)
     print(format_table(metrics))
     return 0
 
@@ -128,6 +158,7 @@ def cmd_train(args) -> int:
     from .evaluation import evaluate
     from .experiment import ExperimentConfig, make_splits, train_suspect
     from .io import save_model
+    from .utils import check_output_file
 
     recipe = _kv(args.recipe)
     for key in ("epochs", "lr", "batch_size", "optimizer"):
@@ -138,11 +169,10 @@ def cmd_train(args) -> int:
         dataset=args.dataset, data_path=args.data_path, arch=args.arch, width=args.width, attack=attack,
         attack_params=_attack_params(args) if attack else {}, recipe=recipe, reserved=args.reserved,
         calibration=args.calibration, train_size=args.train_size, test_size=args.test_size, seed=args.seed,
-        device=args.device,
+        device=args.device, image_size=args.image_size,
     )
-    if not str(args.out).endswith(".safetensors"):
-        raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
-    cfg.validate()  # names and ranges, before any data is read
+    cfg.validate()  # names, types and ranges, before any data is read
+    check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, log=_log)
     measured = evaluate(model, None, splits.test, attack_from_dict(meta["attack"])).metrics
@@ -156,16 +186,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _splits_for_model(meta: dict, args):
+def _splits_for(meta: dict, record: dict, args, **overrides):
+    """The splits a model or detector file records (``record``: its ``dataset`` and ``split``),
+    with the command's data options and ``overrides`` applied; checked against the model."""
     from .experiment import ExperimentConfig, make_splits
 
-    ds = meta["dataset"]
-    sp = meta["split"]
-    cfg = ExperimentConfig(
+    ds = record.get("dataset")
+    sp = record.get("split")
+    if not isinstance(ds, dict) or not isinstance(sp, dict) or not isinstance(ds.get("name"), str):
+        raise BadExpertError("the file does not record the dataset and split it was made with; pass --dataset and "
+                             "--data-path, or make it with `badexpert train` / `badexpert defend`")
+    image_size = getattr(args, "image_size", None) or ds.get("image_size")
+    values = dict(
         dataset=args.dataset or ds["name"], data_path=args.data_path or ds.get("path"), arch=meta["arch"],
-        reserved=sp["reserved"], calibration=sp["calibration"], train_size=sp.get("train_size"),
-        test_size=sp.get("test_size"), seed=sp["seed"],
+        reserved=sp.get("reserved"), calibration=sp.get("calibration"), train_size=sp.get("train_size"),
+        test_size=sp.get("test_size"), seed=sp.get("seed"),
+        image_size=tuple(image_size) if isinstance(image_size, list) else image_size,
     )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ExperimentConfig(**values)
+    cfg.validate()
     splits = make_splits(cfg)
     if splits.test.num_classes != meta["num_classes"] or list(splits.test.image_size) != list(meta["image_size"]):
         raise BadExpertError(
@@ -176,18 +216,22 @@ def _splits_for_model(meta: dict, args):
 
 
 def cmd_defend(args) -> int:
-    from .experiment import fit_detector
+    from .detectors import get_detector
+    from .experiment import fit_detector, split_meta
     from .io import load_model
+    from .utils import check_output_file
 
-    if not str(args.out).endswith(".safetensors"):
-        raise BadExpertError(f"--out must name a .safetensors file, got '{args.out}'")
+    check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
+    params = {**_detector_params(args), "seed": args.seed}  # the split's seed stays the model's
+    get_detector("badexpert", **params)  # parameters checked before any work
     model, meta = load_model(args.model, device=args.device)
-    cfg, splits = _splits_for_model(meta, args)
-    cfg.detector_params, cfg.fpr, cfg.seed, cfg.device = _detector_params(args), args.fpr, args.seed, args.device
+    cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
+    cfg.detector_params, cfg.fpr, cfg.device = params, args.fpr, args.device
     cfg.validate()
     _log(f"fitting BaDExpert ({args.preset}) on {len(splits.reserved)} reserved clean samples")
     det = fit_detector(cfg, model, splits)
-    det.save(args.out, extra={"model": str(args.model), "split": meta["split"], "dataset": meta["dataset"]})
+    det.model_name_ = str(args.model)
+    det.save(args.out, extra=split_meta(cfg))
     print(f"fitted in {det.fit_seconds_:.1f}s (expert lr {det.expert_lr_:g}, auxiliary lr {det.aux_lr_:g}); "
           f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from {det.calibration_size_} clean samples")
     print(f"wrote {args.out}")
@@ -199,14 +243,19 @@ def cmd_evaluate(args) -> int:
     from .detectors import load_detector
     from .evaluation import evaluate
     from .experiment import experiment_metrics, write_outputs
+    from .experiment import RUN_OUTPUTS
     from .io import load_model
     from .report import format_table
+    from .utils import atomic_directory, check_output_dir
 
+    check_output_dir(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite)
     model, meta = load_model(args.model, device=args.device)
-    detector = load_detector(args.detector, model, device=args.device)
+    detector = load_detector(args.detector, model, device=args.device, model_name=str(args.model))
     if not hasattr(detector, "threshold_"):
         raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
-    cfg, splits = _splits_for_model(meta, args)
+    # the detector's own record of the split it was fitted and calibrated on defines the test split
+    record = detector.extra_ if "split" in detector.extra_ else meta
+    cfg, splits = _splits_for(meta, record, args, test_size=args.test_size)
     if args.attack is not None:
         name = _attack_name(args.attack)
         attack = get_attack(name, **_attack_params(args)) if name else None
@@ -217,10 +266,12 @@ def cmd_evaluate(args) -> int:
     cfg.attack_params = attack.params() if attack else {}
     cfg.fpr = detector.fpr_target_
     cfg.asr_bar = args.asr_bar
-    result = evaluate(model, detector, splits.test, attack, asr_bar=args.asr_bar, n_boot=args.n_boot, seed=args.seed)
+    result = evaluate(model, detector, splits.test, attack, asr_bar=args.asr_bar, n_boot=args.n_boot, seed=args.seed,
+                      allow_overlap=args.allow_overlap)
     metrics = experiment_metrics(cfg, meta, result, splits)
     metrics["attack"] = attack.to_dict() if attack else None
-    write_outputs(args.out, metrics, result, splits.test.classes)
+    with atomic_directory(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite) as out:
+        write_outputs(out, metrics, result, splits.test.classes)
     print(format_table(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'}, report.md and plots")
     return 0
@@ -261,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     p.add_argument("--cache-dir", default=None, help="reuse suspect models trained before with identical settings")
     _add_attack(p, "badnet")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -272,12 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="reuse suspect models trained before with identical settings")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--device", default=None, help="override the config's device")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a (possibly backdoored) suspect model",
                        description="Train a model on a dataset, optionally poisoned by an attack, and save it as "
                                    "safetensors with JSON metadata (architecture, dataset, split, attack, recipe, seed).")
-    _add_data(p, required=True)
+    _add_data(p, command="train")
     p.add_argument("--arch", default="cnn", help="cnn (default), resnet18, vgg16bn, mobilenetv2 or vit")
     p.add_argument("--width", type=int, default=None, help="architecture width (ResNet-18: 64 in the paper)")
     _add_attack(p, "none")
@@ -288,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, help="sgd, adam or adamw")
     g.add_argument("--recipe", action="append", metavar="KEY=VALUE", help="any other recipe field, e.g. schedule=step")
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -295,9 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit BaDExpert on the reserved clean split of the model's dataset and calibrate "
                                    "its threshold on the disjoint calibration split.")
     p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
-    _add_data(p)
+    _add_data(p, command="defend")
     _add_detector(p)
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_defend)
 
@@ -307,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Writes metrics.json, report.md and plots.")
     p.add_argument("--model", required=True, help="suspect model (.safetensors)")
     p.add_argument("--detector", required=True, help="detector written by `badexpert defend`")
-    _add_data(p)
+    _add_data(p, command="evaluate")
     _add_attack(p, None)
     p.add_argument("--asr-bar", type=float, default=0.5, help="refuse detection numbers below this ASR (default 0.5)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="measure even if the test split shares images with the detector's fitting or calibration "
+                        "data (a warning, and the overlap recorded); refused by default")
     p.add_argument("--out", required=True, help="output directory")
+    _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

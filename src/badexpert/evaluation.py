@@ -16,6 +16,7 @@ The protocol (see the spec README, "Metrics that cannot flatter"):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,12 +117,32 @@ def evaluate(
     batch_size: int = 256,
     throughput: bool = True,
     examples: int = 8,
+    allow_overlap: bool = False,
 ) -> Evaluation:
-    """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``."""
+    """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``.
+
+    The detector must have been fitted on ``model`` (same weights fingerprint), and ``test`` must
+    share no image with the data it was fitted or calibrated on (compared by content): otherwise
+    the numbers would flatter it, and evaluation refuses. ``allow_overlap=True`` measures anyway,
+    with a warning and the overlap recorded under ``defense.overlap``.
+    """
     if detector is not None and not hasattr(detector, "threshold_"):
         raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
+    if not isinstance(test, Dataset):
+        raise BadExpertError(f"evaluate needs the test split as a badexpert Dataset, got {type(test).__name__}")
     if len(test) == 0:
         raise BadExpertError("the test split is empty")
+    overlap = None
+    if detector is not None:
+        detector.check_model(model)
+        overlap = detector.overlap(test.images)
+        if overlap["fit"] or overlap["calibration"]:
+            msg = (f"the test split shares {overlap['fit']} image(s) with the data the detector was fitted on and "
+                   f"{overlap['calibration']} with its calibration data (of {overlap['total']})")
+            if not allow_overlap:
+                raise BadExpertError(f"{msg}; evaluate on data the detector has not seen (the CLI rebuilds the "
+                                     "detector's own split), or allow the overlap to measure anyway")
+            warnings.warn(f"{msg}; the numbers below flatter the detector", stacklevel=2)
     clean_logits = predict_logits(model, test.images, batch_size=batch_size)
     if clean_logits.shape[1] != test.num_classes:
         raise BadExpertError(
@@ -139,10 +160,10 @@ def evaluate(
         metrics["message"] = "no attack: only clean accuracy and the realized false-positive rate are measured"
         if detector is not None:
             det = _details(detector, test.images)
-            flags = det["score"] > detector.threshold_
+            flags = detector.decide(torch.from_numpy(det["score"])).numpy()
             metrics["defense"] = {
                 "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
-                "threshold": detector.threshold_, "calibration_size": detector.calibration_size_,
+                "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
                 "fpr": float(flags.mean()),
                 "clean_accuracy": float(((clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
             }
@@ -183,7 +204,7 @@ def evaluate(
         n_boot=n_boot, seed=seed,
     )
     defense = {"name": detector.name, "params": detector.get_params(), **summary,
-               "calibration_size": detector.calibration_size_}
+               "calibration_size": detector.calibration_size_, "overlap": overlap}
     fit_report = getattr(detector, "fit_report_", None)
     if fit_report:
         defense["fit_report"] = fit_report

@@ -33,7 +33,8 @@ from .evaluation import Evaluation, evaluate
 from .io import load_model, save_model
 from .models import build_model
 from .training import Recipe, train
-from .utils import derive_generator, resolve_device, seed_everything, to_jsonable, write_json
+from .utils import (atomic_directory, check_output_dir, derive_generator, resolve_device, seed_everything, to_jsonable,
+                    write_json)
 from .validation import Range, validate_fields
 
 
@@ -105,7 +106,10 @@ class ExperimentConfig:
     def make_recipe(self) -> Recipe:
         """The suspect model's training recipe: the default for the dataset and architecture,
         with this config's ``recipe`` overrides."""
-        recipe = default_recipe(self.dataset, self.arch)
+        from .data import canonical_dataset
+        from .models import canonical_arch
+
+        recipe = default_recipe(canonical_dataset(self.dataset), canonical_arch(self.arch))
         return Recipe.from_dict({**recipe.to_dict(), **self.recipe}) if self.recipe else recipe
 
     def make_attack(self) -> Attack | None:
@@ -130,8 +134,18 @@ def default_recipe(dataset: str, arch: str) -> Recipe:
     return Recipe(optimizer="sgd", lr=0.05 if arch == "cnn" else 0.1, epochs=30, batch_size=128, weight_decay=5e-4, schedule="cosine")
 
 
+#: The files a run directory holds (``run``, ``demo`` and ``evaluate`` write a subset of them).
+RUN_OUTPUTS = frozenset({
+    "config.json", "model.safetensors", "detector.safetensors", "metrics.json", "report.md", "roc.png",
+    "scatter.png", "examples.png",
+})
+
+
 def make_splits(cfg: ExperimentConfig) -> Splits:
-    train_set, test_set = load_dataset(cfg.dataset, cfg.data_path)
+    if cfg.image_size is not None:
+        train_set, test_set = load_dataset(cfg.dataset, cfg.data_path, image_size=cfg.image_size)
+    else:
+        train_set, test_set = load_dataset(cfg.dataset, cfg.data_path)
     return split(train_set, test_set, seed=cfg.seed, reserved=cfg.reserved, calibration=cfg.calibration,
                  train_size=cfg.train_size, test_size=cfg.test_size)
 
@@ -164,15 +178,22 @@ def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def split_meta(cfg: ExperimentConfig) -> dict:
+    """The dataset and split a model or detector was made with (recorded in its file)."""
+    return {
+        "dataset": {"name": cfg.dataset, "path": cfg.data_path, "image_size": cfg.image_size},
+        "split": {"seed": cfg.seed, "reserved": cfg.reserved, "calibration": cfg.calibration,
+                  "train_size": cfg.train_size, "test_size": cfg.test_size},
+    }
+
+
 def model_meta(cfg: ExperimentConfig, splits: Splits, attack: Attack | None, recipe: Recipe) -> dict:
     tr = splits.train
     return {
         "arch": cfg.arch, "width": cfg.width, "in_channels": tr.channels, "num_classes": tr.num_classes,
         "image_size": list(tr.image_size), "mean": list(tr.mean), "std": list(tr.std), "classes": list(tr.classes),
         "hflip": tr.hflip,
-        "dataset": {"name": cfg.dataset, "path": cfg.data_path},
-        "split": {"seed": cfg.seed, "reserved": cfg.reserved, "calibration": cfg.calibration,
-                  "train_size": cfg.train_size, "test_size": cfg.test_size},
+        **split_meta(cfg),
         "attack": attack.to_dict() if attack else None,
         "recipe": recipe.to_dict(), "seed": cfg.seed, "badexpert_version": __version__,
     }
@@ -187,15 +208,16 @@ def train_suspect(
     """
     device = resolve_device(cfg.device)
     attack = cfg.make_attack()
-    recipe = default_recipe(cfg.dataset, cfg.arch).replace(hflip=splits.train.hflip)
-    if cfg.recipe:
-        recipe = Recipe.from_dict({**recipe.to_dict(), **cfg.recipe})
+    recipe = cfg.make_recipe()
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"suspect-{suspect_key(cfg, recipe)}.safetensors"
         if cache_file.is_file():
             model, meta = load_model(cache_file, device=device)
             log(f"loaded cached suspect model {cache_file}")
+            # the cache key leaves out what does not change the model (reserved/calibration/test
+            # sizes); this run's split, not the cached one's, is what its files must record
+            meta.update(split_meta(cfg))
             return model, meta
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, in_channels=splits.train.channels, num_classes=splits.train.num_classes,
@@ -220,9 +242,7 @@ def train_suspect(
 def fit_detector(cfg: ExperimentConfig, model: torch.nn.Module, splits: Splits) -> Detector:
     """Fit the configured detector on the reserved clean set and calibrate it on the calibration split."""
     params = {"seed": cfg.seed, "device": cfg.device, **cfg.detector_params}
-    if cfg.detector == "badexpert" and "hflip" not in params:
-        params["hflip"] = splits.train.hflip
-    det = get_detector(cfg.detector, **params)
+    det = get_detector(cfg.detector, **params)  # dataset facts (flips, classes) come with splits.reserved
     seed_everything(cfg.seed)
     det.fit(model, splits.reserved)
     det.calibrate(splits.calibration, cfg.fpr)
@@ -263,10 +283,19 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
     )
 
 
-def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, log=print) -> dict:
-    """Run the whole pipeline and write config, model, detector, metrics, report and plots to ``out_dir``."""
-    out = Path(out_dir)
+def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, log=print,
+        overwrite: bool = False) -> dict:
+    """Run the whole pipeline and write config, model, detector, metrics, report and plots to ``out_dir``.
+
+    The config and the output location are checked before any data is read. The run is built in
+    a temporary sibling directory and renamed into place at the end, so an error or interrupt
+    leaves either the complete run or nothing. An ``out_dir`` holding an earlier run is refused
+    unless ``overwrite``, which replaces that run as a whole.
+    """
     cfg.validate()
+    check_output_dir(out_dir, owned=RUN_OUTPUTS, overwrite=overwrite)
+    if cache_dir is not None:
+        check_cache_dir(cache_dir)
     splits = make_splits(cfg)
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
@@ -283,9 +312,21 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
             f"threshold {detector.threshold_:.4g}")
         result = evaluate(model, detector, splits.test, attack, asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics = experiment_metrics(cfg, meta, result, splits)
-    save_model(out / "model.safetensors", model, meta)
-    if detector is not None:
-        detector.save(out / "detector.safetensors", extra={"split": meta["split"], "dataset": meta["dataset"]})
-    write_json(out / "config.json", cfg.to_dict())
-    write_outputs(out, metrics, result, splits.test.classes)
+    with atomic_directory(out_dir, owned=RUN_OUTPUTS, overwrite=overwrite) as out:
+        save_model(out / "model.safetensors", model, meta)
+        if detector is not None:
+            detector.model_name_ = "model.safetensors"
+            detector.save(out / "detector.safetensors", extra=split_meta(cfg))
+        write_json(out / "config.json", cfg.to_dict())
+        write_outputs(out, metrics, result, splits.test.classes)
     return metrics
+
+
+def check_cache_dir(path: str | Path) -> Path:
+    """The suspect-model cache must be a directory (or creatable as one)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadExpertError(f"--cache-dir '{p}' is a file; give a directory")
+    if not p.exists():
+        check_output_dir(p, owned=frozenset())
+    return p

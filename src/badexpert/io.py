@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from .errors import BadExpertError
 from .utils import atomic_write_bytes, resolve_device, to_jsonable
+from .validation import Range, check_value
 
 FORMAT = "badexpert-model/1"
 
@@ -79,23 +80,68 @@ def read_meta(path: str | Path, *, fmt: str, what: str, hint: str) -> dict[str, 
     return meta
 
 
+#: Types and ranges of the architecture fields of a model checkpoint's metadata.
+_Dim = Annotated[int, Range(ge=1, le=4096)]
+MODEL_META_TYPES = {
+    "arch": str,
+    "width": Annotated[int, Range(ge=1, le=4096)] | None,
+    "in_channels": Annotated[int, Range(ge=1, le=64)],
+    "num_classes": Annotated[int, Range(ge=1, le=100_000)],
+    "image_size": tuple[_Dim, _Dim],
+    "mean": tuple[float, ...],
+    "std": tuple[Annotated[float, Range(gt=0)], ...],
+}
+
+
 def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, without loading its weights."""
-    return read_meta(path, fmt=FORMAT, what="model checkpoint", hint="create one with `badexpert train`")
+    """The JSON metadata of a checkpoint, without loading its weights; the architecture fields
+    are type- and range-checked (a malformed or tampered file is a one-line error)."""
+    meta = read_meta(path, fmt=FORMAT, what="model checkpoint", hint="create one with `badexpert train`")
+    for key, tp in MODEL_META_TYPES.items():
+        meta[key] = check_value(meta.get(key), tp, key, f"model checkpoint '{path}': field")
+    for key in ("mean", "std"):
+        if len(meta[key]) != meta["in_channels"]:
+            raise BadExpertError(
+                f"model checkpoint '{path}': field '{key}' has {len(meta[key])} values for {meta['in_channels']} channels"
+            )
+    return meta
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the architecture recorded in a checkpoint and load its weights (eval mode)."""
-    from safetensors import SafetensorError
+    """Rebuild the architecture recorded in a checkpoint and load its weights (eval mode).
+
+    The architecture is first built on PyTorch's ``meta`` device (no memory) and its parameter
+    shapes compared with the tensors the file declares, so metadata asking for an absurd width
+    or image size is refused before anything is allocated.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .models import build_model
 
     meta = read_model_meta(path)
-    model = build_model(
-        meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-        image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta.get("width"),
-    )
+    spec = dict(arch=meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta["width"])
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(**spec)
+        with safe_open(str(path), framework="pt") as fh:
+            declared = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise BadExpertError(f"model checkpoint '{path}': cannot build {meta['arch']} from its metadata ({exc})"
+                             .splitlines()[0]) from exc
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if expected != declared:
+        diff = sorted(set(expected) ^ set(declared)) or [k for k in expected if expected[k] != declared[k]]
+        raise BadExpertError(
+            f"the weights in '{path}' do not match architecture '{meta['arch']}' (width {meta['width']}, "
+            f"input {meta['in_channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}) declared in its metadata "
+            f"(first difference: {diff[0]}); the file is damaged or was edited"
+        )
+    del skeleton
+    model = build_model(**spec)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:

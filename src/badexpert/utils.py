@@ -96,6 +96,95 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# --- output locations: checked before any work, written atomically ------------------------------
+def _nearest_existing(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(target: Path) -> None:
+    """``target`` can be created: its nearest existing ancestor is a writable directory."""
+    anc = _nearest_existing(target.parent)
+    if not anc.is_dir():
+        raise BadExpertError(f"cannot create '{target}': '{anc}' is a file, not a directory; choose another location")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise BadExpertError(f"cannot write to '{anc}' (permission denied); choose another location")
+
+
+def check_output_file(path: str | Path, *, suffix: str | None = None, overwrite: bool = False) -> Path:
+    """Check, before any work starts, that a single output file can be written at ``path``.
+
+    An existing directory at ``path`` is an error; an existing file needs ``overwrite``.
+    """
+    p = Path(path)
+    if suffix and p.suffix != suffix:
+        raise BadExpertError(f"--out must name a {suffix} file, got '{p}'")
+    if p.is_dir():
+        raise BadExpertError(f"'{p}' is a directory; --out must name a file")
+    if p.exists() and not overwrite:
+        raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another --out")
+    _check_creatable(p)
+    return p
+
+
+def check_output_dir(path: str | Path, *, owned: frozenset[str], overwrite: bool = False) -> Path:
+    """Check, before any work starts, that a run directory can be written at ``path``.
+
+    ``owned``: the file names a run writes. An existing non-empty directory needs ``overwrite``
+    and may hold only such files (nothing of the user's is ever deleted).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadExpertError(f"'{p}' is a file; --out must name a directory")
+    if p.is_dir():
+        entries = sorted(p.iterdir())
+        foreign = [e.name for e in entries if e.name not in owned or not e.is_file()]
+        if foreign:
+            raise BadExpertError(
+                f"'{p}' holds files that are not badexpert run outputs ({', '.join(foreign[:4])}); "
+                "choose another --out (nothing was deleted)"
+            )
+        if entries and not overwrite:
+            raise BadExpertError(
+                f"'{p}' already holds a run ({', '.join(e.name for e in entries[:4])}); pass --overwrite to replace it, "
+                "or choose another --out"
+            )
+    _check_creatable(p / "x")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, *, owned: frozenset[str], overwrite: bool = False) -> Iterator[Path]:
+    """Build a run directory in a temporary sibling and rename it into place at the end.
+
+    Yields the temporary directory to write into. If the block raises (or is interrupted), the
+    temporary directory is removed and ``path`` is untouched: the result is the complete run or
+    nothing. With ``overwrite``, an earlier run at ``path`` (only files in ``owned``) is replaced
+    as a whole, so none of its files survive beside the new ones.
+    """
+    import shutil
+
+    p = check_output_dir(path, owned=owned, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(dir=_nearest_existing(p.parent), prefix=f".{p.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        check_output_dir(p, owned=owned, overwrite=overwrite)  # still safe to replace?
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.rename(p, old)
+            os.rename(tmp, p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def to_jsonable(obj: Any) -> Any:
     """Convert tensors, numpy values, paths and tuples to plain JSON types."""
     if isinstance(obj, dict):

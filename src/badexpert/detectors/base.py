@@ -391,6 +391,7 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     det.input_shape_ = tuple(meta["input_shape"])
     det.fit_seconds_ = meta.get("fit_seconds")
     det.data_info_ = meta["data"]
+    det.extra_ = meta.get("extra") or {}
     det.fit_hashes_ = tensors.pop("record.fit_hashes")
     model = on_device(model, det.device_)
     scores = tensors.pop("record.calibration_scores", None)
