@@ -76,3 +76,33 @@ def test_cli_defend_with_the_paper_preset(demo_run, tmp_path):
     _, meta = read_detector_file(det)
     assert meta["params"]["preset"] == "paper" and meta["fpr_target"] == 0.05
     assert meta["state"]["expert_lr"] == 1e-4 and meta["state"]["aux_lr"] == 0.1
+
+
+def test_cli_detector_records_its_own_split(demo_run, tmp_path, capsys):
+    """A detector fitted on another split than the model's record is evaluated on the test split
+    of *its* split: disjoint from its fitting and calibration images (checked by content)."""
+    out, _ = demo_run
+    det = tmp_path / "small.safetensors"
+    assert main(["defend", "--model", str(out / "model.safetensors"), "--reserved", "600", "--calibration", "700",
+                 "--out", str(det), "--device", "cpu"]) == 0
+    assert main(["defend", "--model", str(out / "model.safetensors"), "--out", str(det)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    rc = main(["evaluate", "--model", str(out / "model.safetensors"), "--detector", str(det), "--n-boot", "0",
+               "--test-size", "1000", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["dataset"]["splits"]["reserved"] == 600 and m["dataset"]["splits"]["calibration"] == 700
+    assert m["dataset"]["splits"]["test"] == 1000
+    assert m["defense"]["overlap"] == {"fit": 0, "calibration": 0, "total": 1000}
+    # the run's own model with the run's own detector evaluated on this detector's split would
+    # reuse images the run's detector was calibrated on: refused
+    from badexpert.detectors import load_detector
+    from badexpert.evaluation import evaluate
+    from badexpert.experiment import ExperimentConfig, make_splits
+    from badexpert.io import load_model
+
+    model, _ = load_model(out / "model.safetensors")
+    run_detector = load_detector(out / "detector.safetensors", model)
+    other = make_splits(ExperimentConfig(reserved=600, calibration=700, test_size=3000, seed=0))
+    with pytest.raises(Exception, match="shares 0 image.*fitted on and [1-9][0-9]* with its calibration data"):
+        evaluate(model, run_detector, other.test, None, n_boot=0, throughput=False)

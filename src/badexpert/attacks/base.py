@@ -184,21 +184,22 @@ def place_bottom_right(h: int, w: int, size: tuple[int, int], margin: int) -> tu
 
 
 def load_trigger_image(path: str, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """A user's trigger image as float ``[C, h, w]`` in ``[0, 1]`` (resized bilinearly to ``size``)."""
+    """A user's trigger image as float ``[C, h, w]`` in ``[0, 1]`` (resized bilinearly to ``size``).
+
+    Decoded with the same checks as dataset images (format, file size, pixel count before
+    decoding: a decompression bomb is a one-line error).
+    """
     from pathlib import Path
 
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..data.imagefolder import open_image
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadExpertError(f"trigger image '{p}' does not exist")
-    try:
-        with Image.open(p) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadExpertError(f"cannot read trigger image '{p}': {exc}") from exc
+    im = open_image(p, name=str(p), mode="L" if channels == 1 else "RGB")
+    arr = np.asarray(im.resize((size[1], size[0]), getattr(Image, "Resampling", Image).BILINEAR), dtype=np.uint8)
     t = torch.from_numpy(arr.copy()).float() / 255
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-

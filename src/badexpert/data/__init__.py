@@ -1,6 +1,6 @@
 """Datasets: readers for the on-disk formats, the in-memory :class:`Dataset`, splits, augmentation.
 
-``load_dataset(name, path)`` returns the official ``(train, test)`` pair for a dataset name:
+``load_dataset(name, path, image_size=None)`` returns the official ``(train, test)`` pair for a dataset name:
 
 - ``fashion-mnist``: the four IDX files (``.gz`` or not); default path
   ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
@@ -49,10 +49,7 @@ def load_dataset(
     others were resized). Fashion-MNIST and the CIFAR-10 python release have a fixed size: an
     ``image_size`` other than theirs (28x28, 32x32) is refused with a one-line error, not resized.
     """
-    key = name.lower().replace("_", "-")
-    key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
-    if key not in DATASETS:
-        raise unknown_name("dataset", name, DATASETS)
+    key = canonical_dataset(name)
     from .imagefolder import parse_image_size
 
     hw = parse_image_size(image_size)

@@ -61,10 +61,19 @@ class Dataset:
                 f"dataset '{self.name}': labels must lie in 0..{len(self.classes) - 1} for {len(self.classes)} classes"
             )
         if self.mean is None or self.std is None:
-            x = self.images[: min(len(self.images), 10000)].float() / 255
-            if len(x):
-                self.mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3)))
-                self.std = tuple(max(float(v), 1e-3) for v in x.std(dim=(0, 2, 3)))
+            x = self.images[: min(len(self.images), 10000)]
+            if len(x):  # per-channel sums in chunks: no float copy of the whole sample
+                total = torch.zeros(x.shape[1], dtype=torch.float64)
+                squares = torch.zeros(x.shape[1], dtype=torch.float64)
+                for chunk in x.split(512):
+                    c = chunk.double().div_(255)
+                    total += c.sum(dim=(0, 2, 3))
+                    squares += c.pow_(2).sum(dim=(0, 2, 3))
+                n = x.shape[0] * x.shape[2] * x.shape[3]
+                mean = total / n
+                var = (squares - n * mean**2) / max(1, n - 1)
+                self.mean = tuple(float(v) for v in mean)
+                self.std = tuple(max(float(v), 1e-3) for v in var.clamp_min(0).sqrt())
             else:
                 self.mean = (0.5,) * self.images.shape[1]
                 self.std = (0.5,) * self.images.shape[1]

@@ -76,9 +76,12 @@ class _IdxStream:
             self._fh.seek(0)
             self._stream = gzip.GzipFile(fileobj=self._fh, mode="rb") if self.gzip else self._fh
             self.header = self._read_header()
-        except BaseException:
+        except BadExpertError:
             self.close()
             raise
+        except Exception as exc:  # a file that cannot seek (a FIFO), ...
+            self.close()
+            raise self._damaged(exc) from exc
 
     def __enter__(self) -> "_IdxStream":
         return self

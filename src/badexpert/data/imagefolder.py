@@ -96,7 +96,7 @@ def read_imagefolder(
     path: str | Path,
     *,
     name: str | None = None,
-    hflip: bool = True,
+    hflip: bool = False,
     size: int | tuple[int, int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -305,7 +305,17 @@ def _bombs_are_errors() -> Iterator[None]:
 
 def _open_checked(data: bytes, label: str) -> Image.Image:
     """Open (header only) one image of an allowed format and check its size before decoding."""
-    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    try:
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombWarning as exc:  # raised as an error by _bombs_are_errors
+        # above Pillow's warning limit (89 Mpx), so above ours: open it again quietly, only to
+        # report its width and height with the same message as any other oversized image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        with im:
+            check_pixels(im.width, im.height, f"image '{label}'")
+        raise  # Pillow's limit was lowered below ours: still an error
     try:
         check_pixels(im.width, im.height, f"image '{label}'")
     except BaseException:
