@@ -278,14 +278,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
-    from .io import read_model_meta
+    from .io import read_meta, read_model_meta
 
     p = Path(args.file)
-    try:
-        meta = read_model_meta(p)
-    except BadExpertError:
+    kind = read_meta(p, fmt=None, what="model or detector file", hint="see `badexpert train` and `defend`").get("format")
+    if kind == DETECTOR_FORMAT:
         _, meta = read_detector_file(p)
+    else:
+        meta = read_model_meta(p)
     print(json.dumps(meta, indent=2))
     return 0
 

@@ -58,8 +58,9 @@ def short_fingerprint(fp: str | None) -> str:
     return "unknown" if not fp else fp[:19]
 
 
-def read_meta(path: str | Path, *, fmt: str, what: str, hint: str) -> dict[str, Any]:
-    """The JSON metadata stored in a badexpert safetensors file, checked against ``fmt``.
+def read_meta(path: str | Path, *, fmt: str | None, what: str, hint: str) -> dict[str, Any]:
+    """The JSON metadata stored in a badexpert safetensors file, checked against ``fmt`` (any
+    badexpert format when ``None``).
 
     ``what`` names the kind of file in messages ("model checkpoint", "detector file"); ``hint``
     says how to make one.
@@ -75,7 +76,9 @@ def read_meta(path: str | Path, *, fmt: str, what: str, hint: str) -> dict[str, 
         meta = json.loads(md["badexpert"])
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
         raise BadExpertError(f"'{p}' is not a badexpert {what} (corrupt or wrong format)") from exc
-    if meta.get("format") != fmt:
+    if not isinstance(meta, dict):
+        raise BadExpertError(f"'{p}' is not a badexpert {what} (its metadata is not a JSON object)")
+    if fmt is not None and meta.get("format") != fmt:
         raise BadExpertError(f"'{p}' has format {meta.get('format')!r}; this version reads {fmt!r}")
     return meta
 
