@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=".cache/bench")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-run cells that already have results under --out (default: reuse them, so an "
+                        "interrupted grid resumes where it stopped)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -125,7 +128,13 @@ def main(argv=None) -> int:
             )
             name = f"{args.dataset}-{args.arch}" + (f"-w{args.width}" if args.width else "") + f"-{attack}-{preset}"
             t0 = time.perf_counter()
-            m = run(cfg, out / name, cache_dir=args.cache_dir, log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
+            done = out / name / "metrics.json"
+            if done.is_file() and not args.overwrite:  # a finished cell (runs are written atomically)
+                m = json.loads(done.read_text())
+                print(f"[{name}] reusing the finished cell {out / name}", file=sys.stderr, flush=True)
+            else:
+                m = run(cfg, out / name, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                        log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
             wall = time.perf_counter() - t0
             rows.append(row(m, preset))
             rules = None if m.get("attack_failed") else rule_aurocs(out / name, cfg)
