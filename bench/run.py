@@ -129,13 +129,14 @@ def main(argv=None) -> int:
             name = f"{args.dataset}-{args.arch}" + (f"-w{args.width}" if args.width else "") + f"-{attack}-{preset}"
             t0 = time.perf_counter()
             done = out / name / "metrics.json"
-            if done.is_file() and not args.overwrite:  # a finished cell (runs are written atomically)
+            reused = done.is_file() and not args.overwrite
+            if reused:  # a finished cell (runs are written atomically)
                 m = json.loads(done.read_text())
                 print(f"[{name}] reusing the finished cell {out / name}", file=sys.stderr, flush=True)
             else:
                 m = run(cfg, out / name, cache_dir=args.cache_dir, overwrite=args.overwrite,
                         log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
-            wall = time.perf_counter() - t0
+            wall = None if reused else time.perf_counter() - t0
             rows.append(row(m, preset))
             rules = None if m.get("attack_failed") else rule_aurocs(out / name, cfg)
             results.append({"cell": name, "wall_s": wall, "checks": None if m.get("attack_failed") else check(m),
