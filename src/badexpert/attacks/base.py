@@ -49,6 +49,8 @@ class Attack:
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")
         self._cache: dict = {}
+        if getattr(self, "trigger_image", None):  # a user's file: checked now, before any data is read
+            load_trigger_image(self.trigger_image, 3, (1, 1))
 
     # --- what subclasses implement -------------------------------------------------------
     def build_trigger(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:

@@ -161,7 +161,9 @@ class Detector:
         :meth:`decide` always rejects.
         """
         self._check_fitted("score")
-        images, bad = self._scorable(x)
+        return self._score_scorable(*self._scorable(x))
+
+    def _score_scorable(self, images: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         out = [self._score_batch(xb) for xb in self._batches(images)]
         scores = torch.cat(out).float() if out else torch.empty(0)
         scores[bad] = float("nan")
@@ -236,8 +238,9 @@ class Detector:
         :data:`ACCEPTED`, :data:`REJECT_SCORE`, :data:`REJECT_NONFINITE_INPUT`,
         :data:`REJECT_NONFINITE_SCORE`)."""
         self._check_fitted("predict_details")
-        bad = nonfinite_rows(self._check_input(x, nonfinite="allow"))
-        scores = self.score(x)
+        images, bad = self._scorable(x)
+        with torch.no_grad():
+            scores = self._score_scorable(images, bad)
         reject = self.decide(scores)
         reasons = []
         for i, s in enumerate(scores.tolist()):
