@@ -115,7 +115,12 @@ class Detector:
         model = on_device(model, self.device_)
         self.model_fingerprint_ = model_fingerprint(model)
         start = time.perf_counter()
-        self._fit(model, images, labels)
+        # the detector's own seed drives every random choice of the fit (dropout included), whatever
+        # the caller's global RNG state; the caller's state is restored afterwards
+        cuda = [self.device_.index or 0] if self.device_.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
+            self._fit(model, images, labels)
         self.fit_seconds_ = time.perf_counter() - start
         self.model_ = model
         self.input_shape_ = tuple(images.shape[1:])
