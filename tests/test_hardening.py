@@ -299,3 +299,23 @@ def test_run_interrupted_leaves_nothing(monkeypatch, blobs, tmp_path):
         warnings.simplefilter("ignore")
         ex.run(cfg, tmp_path / "run", log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_depends_on_the_detector_seed_only(backdoored):
+    """Dropout in a user's model draws from torch's global RNG: the fit seeds it from the
+    detector's seed (and restores the caller's state), so the caller's RNG state does not matter."""
+    from torch import nn
+
+    base, _, _, te = backdoored
+    model = nn.Sequential(base, nn.Dropout(0.3)).eval()
+    clean = te.subset(range(300))
+    scores = []
+    for outer in (1, 2):
+        torch.manual_seed(outer)
+        before = torch.random.get_rng_state()
+        det = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=2, seed=5).fit(model, clean)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        scores.append(det.score(te.images[300:400]))
+    assert torch.equal(scores[0], scores[1])
+    other = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=2, seed=6).fit(model, clean).score(te.images[300:400])
+    assert not torch.equal(scores[0], other)
