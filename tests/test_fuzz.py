@@ -17,8 +17,7 @@ The hardening contract checked here, case by case:
 Every case whose expected message is known also checks that the message names the problem (the
 field, the file, the limit), so an error raised for the wrong reason fails the case. Config cases
 point ``data_path`` at a directory that does not exist: the error must come from the field, before
-any data is read. Cases that fail because the package misbehaves are marked ``xfail(strict=True)``
-with the reason; remove the mark when the package is fixed.
+any data is read.
 """
 
 from __future__ import annotations
@@ -54,10 +53,6 @@ from .conftest import make_blobs
 
 MEM_LIMIT_MB = 400
 ERROR_PREFIX = "badexpert: error: "
-
-
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 # --- measurement and snapshots --------------------------------------------------------------------
@@ -321,30 +316,12 @@ CONFIG_CASES = [
     ("json-huge-integer", '{"seed": ' + "9" * 5000 + "}", "config file"),
 ]
 
-DEVICE_LATE = ("an unknown device string passes config validation and is only resolved after the dataset is read "
-               "(ExperimentConfig.validate does not check 'device'; utils.resolve_device runs in train_suspect), so the "
-               "error is about the data path")
-CONFIG_XFAIL = {
-    "device-unknown": DEVICE_LATE,
-    "json-list": "a JSON list is reported as 'unknown config field(s) [1, 2]' instead of 'must be a JSON object' "
-                 "(experiment.py ExperimentConfig.from_dict: set(d) on a non-dict)",
-    "json-null": "TypeError 'NoneType' object is not iterable escapes (experiment.py ExperimentConfig.from_dict: set(d))",
-    "json-number": "TypeError 'int' object is not iterable escapes (experiment.py ExperimentConfig.from_dict: set(d))",
-    "json-string": "a JSON string is reported as unknown config fields (its characters) (experiment.py from_dict)",
-    "json-binary-garbage": "UnicodeDecodeError escapes (experiment.py ExperimentConfig.from_file: p.read_text() "
-                           "outside the try, and only JSONDecodeError is caught)",
-    "json-deeply-nested": "RecursionError escapes from json.loads (experiment.py ExperimentConfig.from_file catches "
-                          "only JSONDecodeError)",
-    "json-huge-integer": "ValueError 'Exceeds the limit (4300 digits) for integer string conversion' escapes from "
-                         "json.loads (experiment.py ExperimentConfig.from_file catches only JSONDecodeError)",
-}
 
 
 def _config_params():
     out = []
     for cid, body, msg in CONFIG_CASES:
-        marks = [xfail(CONFIG_XFAIL[cid])] if cid in CONFIG_XFAIL else []
-        out.append(pytest.param(body, msg, id=cid, marks=marks))
+        out.append(pytest.param(body, msg, id=cid))
     return out
 
 
@@ -372,7 +349,7 @@ def test_run_config_control_reaches_the_data_path(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     pytest.param(["--seed", "-1"], "'seed'", id="seed-override-negative"),
-    pytest.param(["--device", "quantum"], "quantum", id="device-override-unknown", marks=xfail(DEVICE_LATE)),
+    pytest.param(["--device", "quantum"], "quantum", id="device-override-unknown"),
     pytest.param(["--cache-dir", "FILE"], "cache", id="cache-dir-is-a-file"),
 ])
 def test_run_overrides_are_checked(argv, message, tmp_path, capsys):
@@ -506,19 +483,10 @@ OPTION_CASES = [
     (["demo", "--data-path", "NODATA", "--attack", "sleeper", "--out", "OUT/run"], "sleeper", "demo-attack-unknown"),
     (["info", "OUT"], "OUT_NAME", "info-on-a-directory"),
 ]
-OPTION_XFAIL = {
-    "defend-fpr-2": OPTION_LATE,
-    "defend-fpr-0": OPTION_LATE,
-    "evaluate-asr-bar-2": OPTION_LATE,
-    "evaluate-n-boot-negative": OPTION_LATE,
-    "evaluate-attack-unknown": OPTION_LATE,
-    "evaluate-attack-param-size--3": OPTION_LATE,
-    "evaluate-target-negative": OPTION_LATE,
-}
 
 
 @pytest.mark.parametrize("argv, message", [
-    pytest.param(a, m, id=i, marks=[xfail(OPTION_XFAIL[i])] if i in OPTION_XFAIL else []) for a, m, i in OPTION_CASES])
+    pytest.param(a, m, id=i) for a, m, i in OPTION_CASES])
 def test_command_options_are_checked_before_any_data_is_read(argv, message, artifacts, tmp_path, capsys):
     out = tmp_path / "work"
     out.mkdir()
@@ -529,9 +497,6 @@ def test_command_options_are_checked_before_any_data_is_read(argv, message, arti
     run_cli(resolved, tmp_path, capsys, message=message, not_message=NO_DATA)
 
 
-ARGPARSE = ("argparse reports the mistake itself: it prints the usage line(s) and 'badexpert <cmd>: error: ...' "
-            "(not 'badexpert: error: ') and raises SystemExit(2) instead of main() returning 2 "
-            "(cli.py main: parser.parse_args(argv); build_parser has no error() override)")
 
 
 @pytest.mark.parametrize("argv", [
@@ -543,7 +508,6 @@ ARGPARSE = ("argparse reports the mistake itself: it prints the usage line(s) an
     pytest.param(["defend", "--model", "m.safetensors", "--preset", "turbo", "--out", "d.safetensors"], id="choice-option-invalid"),
     pytest.param(["train", "--image-size", "abc", "--out", "m.safetensors"], id="image-size-not-a-size"),
 ])
-@pytest.mark.xfail(strict=True, reason=ARGPARSE)
 def test_argument_parsing_mistakes(argv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
@@ -686,9 +650,6 @@ MODEL_RECORD_CASES = [
     ("split-record-list", _meta_case(_set(split=[1, 2])), "does not record"),
 ]
 
-MODEL_XFAIL: dict = {}
-
-
 def _apply_mutation(src: Path, dst: Path, mutation) -> Path:
     kind, fn = mutation
     if kind == "bytes":
@@ -705,8 +666,7 @@ def _model_params():
     for cid, mutation, load_msg, info_msg in MODEL_CASES:
         for cmd in ("info", "defend", "evaluate"):
             expect = info_msg if cmd == "info" else load_msg
-            reason = MODEL_XFAIL.get((cid, cmd)) or MODEL_XFAIL.get((cid, "*"))
-            out.append(pytest.param(cmd, mutation, expect, id=f"{cid}-{cmd}", marks=[xfail(reason)] if reason else []))
+            out.append(pytest.param(cmd, mutation, expect, id=f"{cid}-{cmd}"))
     for cid, mutation, msg in MODEL_RECORD_CASES:
         out.append(pytest.param("defend", mutation, msg, id=f"{cid}-defend"))
     return out
@@ -775,7 +735,7 @@ DETECTOR_CASES = [
     ("calibration_size-0", _meta_case(_det_set(calibration_size=0)), "'calibration_size'", "'calibration_size'"),
     ("state-not-object", _meta_case(_det_set(state=5)), "'state'", "'state'"),
     ("data-not-object", _meta_case(_det_set(data=[])), "'data'", "'data'"),
-    ("extra-not-object", _meta_case(_det_set(extra=5)), "extra", "ok"),
+    ("extra-not-object", _meta_case(_det_set(extra=5)), "extra", "extra"),
     ("extra-split-seed-string", _meta_case(_det_set(extra={"dataset": {"name": "fashion-mnist", "path": "NODATA"},
                                                            "split": {"seed": "x", "reserved": 100, "calibration": 100}})),
      "'seed'", "ok"),
@@ -787,11 +747,7 @@ DETECTOR_CASES = [
     ("auxiliary-weight-missing", _meta_case(_tamper_state(lambda s: s.pop("auxiliary.net.fc.weight"))),
      "do not match", "ok"),
 ]
-DETECTOR_XFAIL = {
-    ("extra-not-object", "evaluate"): "TypeError \"argument of type 'int' is not iterable\" escapes: the detector "
-                                      "file's 'extra' is never type-checked (detectors/base.py read_detector_file "
-                                      "checks; cli.py cmd_evaluate: `\"split\" in detector.extra_`)",
-}
+
 
 
 def _detector_params():
@@ -799,8 +755,7 @@ def _detector_params():
     for cid, mutation, eval_msg, info_msg in DETECTOR_CASES:
         for cmd in ("info", "evaluate"):
             expect = info_msg if cmd == "info" else eval_msg
-            reason = DETECTOR_XFAIL.get((cid, cmd)) or DETECTOR_XFAIL.get((cid, "*"))
-            out.append(pytest.param(cmd, mutation, expect, id=f"{cid}-{cmd}", marks=[xfail(reason)] if reason else []))
+            out.append(pytest.param(cmd, mutation, expect, id=f"{cid}-{cmd}"))
     return out
 
 
@@ -1098,17 +1053,13 @@ def test_trigger_image_file_cli(trigger, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("size, extra, message", [
-    pytest.param((1, 1), [], "1x1", id="all-images-1x1",
-                 marks=xfail("RuntimeError 'Given input size: (16x1x1). Calculated output size: (16x0x0). Output size "
-                             "is too small' with a traceback, after 'training cnn ...' was logged: the CNN needs inputs "
-                             "of at least 4x4 and nothing checks it (models/cnn.py SmallCNN / models build_model)")),
-    pytest.param((12, 12), ["--image-size", "2"], "2x2", id="image-size-2",
-                 marks=xfail("same RuntimeError traceback from max_pool2d: --image-size 2 is accepted for the CNN "
-                             "(models/cnn.py SmallCNN has no minimum-size check)")),
+    pytest.param((1, 1), [], "1x1", id="all-images-1x1"),
+    pytest.param((12, 12), ["--image-size", "2"], "2x2", id="image-size-2"),
     pytest.param((12, 12), ["--image-size", "0"], "image_size", id="image-size-0"),
     pytest.param((12, 12), ["--image-size", "5000"], "image_size", id="image-size-5000"),
     pytest.param((12, 12), ["--reserved", "100"], "reserved", id="reserved-larger-than-test-split"),
-    pytest.param((2, 2), ["--attack", "badnet", "--poison-rate", "0.5"], "does not fit", id="badnet-trigger-larger-than-image"),
+    pytest.param((4, 4), ["--attack", "badnet", "--poison-rate", "0.5", "--attack-param", "size=5"], "does not fit",
+                 id="badnet-trigger-larger-than-image"),
 ])
 def test_degenerate_image_sizes_cli(size, extra, message, tmp_path, capsys):
     data = _tiny_folder(tmp_path, size=size)
@@ -1198,12 +1149,7 @@ IMAGE_APIS = {
     "attack.apply": lambda c, x: get_attack("badnet").apply(x),
 }
 
-IMAGE_XFAIL = {
-    ("channels-3", "accuracy"): "RuntimeError from the model's first convolution escapes (training.py accuracy -> "
-                                "predict_logits: no check of the images against the model's input)",
-    ("channels-3", "train"): "RuntimeError from the model's first convolution escapes (training.py train: the model "
-                             "forward in the loop is unguarded)",
-}
+
 
 
 def _image_params():
@@ -1212,8 +1158,7 @@ def _image_params():
         for api_name in IMAGE_APIS:
             if kind == "channels-3" and api_name == "attack.apply":
                 continue  # an attack is channel-agnostic: 3 channels are valid input there
-            reason = IMAGE_XFAIL.get((kind, api_name))
-            out.append(pytest.param(kind, api_name, id=f"{api_name}-{kind}", marks=[xfail(reason)] if reason else []))
+            out.append(pytest.param(kind, api_name, id=f"{api_name}-{kind}"))
     return out
 
 
@@ -1373,38 +1318,6 @@ API_MISTAKES = [
     ("ExperimentConfig-from_dict-none", lambda c: ExperimentConfig.from_dict(None), None),
 ]
 
-API_XFAIL = {
-    "calibrate-empty": "RuntimeError 'cannot reshape tensor of 0 elements into shape [0, -1]' escapes "
-                       "(data/core.py image_hashes: x.reshape(len(x), -1), called by Detector.calibrate before any "
-                       "emptiness check)",
-    "evaluate-wrong-channels": "RuntimeError from the model's first convolution escapes (evaluation.py evaluate -> "
-                               "predict_logits: the test images are not checked against the model)",
-    "evaluate-attack-is-string": "AttributeError \"'str' object has no attribute 'counts'\" escapes (evaluation.py "
-                                 "evaluate/trigger_dataset: attack not type-checked)",
-    "evaluate-attack-target-out-of-range": "evaluate accepts target 99 for a 4-class test set and reports ASR 0 / "
-                                           "attack_failed instead of refusing (evaluation.py evaluate never calls "
-                                           "attack.check(test.num_classes))",
-    "evaluate-model-is-string": "AttributeError \"'str' object has no attribute 'parameters'\" escapes (evaluation.py "
-                                "evaluate -> predict_logits -> utils.model_device: model not type-checked)",
-    "get_attack-name-none": "AttributeError \"'NoneType' object has no attribute 'lower'\" escapes "
-                            "(attacks/__init__.py get_attack: name.lower())",
-    "get_attack-name-int": "AttributeError \"'int' object has no attribute 'lower'\" escapes "
-                           "(attacks/__init__.py get_attack: name.lower())",
-    "train-recipe-is-dict": "AttributeError \"'dict' object has no attribute 'optimizer'\" escapes (training.py train "
-                            "-> make_optimizer: recipe not type-checked)",
-    "train-labels-beyond-model-outputs": "IndexError 'Target 9 is out of bounds' escapes from F.cross_entropy "
-                                         "(training.py train: labels not checked against the model's outputs)",
-    "train-model-is-string": "AttributeError escapes (training.py train -> utils.model_device: model not type-checked)",
-    "accuracy-model-is-string": "AttributeError escapes (training.py accuracy -> predict_logits -> utils.model_device)",
-    "load_model-path-none": "TypeError from Path(None) escapes (io.py read_meta: Path(path))",
-    "load_detector-model-is-string": "AttributeError \"'str' object has no attribute 'state_dict'\" escapes "
-                                     "(detectors/base.py load_detector -> check_model -> io.model_fingerprint)",
-    "load_dataset-path-int": "TypeError from Path(123) escapes (data/__init__.py load_dataset: Path(path))",
-    "ExperimentConfig-from_dict-list": "a list is reported as unknown config fields [1, 2] rather than 'must be an "
-                                       "object' (experiment.py from_dict); message check",
-    "ExperimentConfig-from_dict-none": "TypeError 'NoneType' object is not iterable escapes (experiment.py from_dict: "
-                                       "set(d))",
-}
 API_MESSAGES = {  # where the message matters (the same error could be raised for the wrong reason)
     "ExperimentConfig-from_dict-list": "object",
     "fit-labels-beyond-model-outputs": "outputs",
@@ -1422,9 +1335,7 @@ API_MESSAGES = {  # where the message matters (the same error could be raised fo
 
 
 def _api_params():
-    return [pytest.param(fn, exc, API_MESSAGES.get(cid), id=cid,
-                         marks=[xfail(API_XFAIL[cid])] if cid in API_XFAIL else [])
-            for cid, fn, exc in API_MISTAKES]
+    return [pytest.param(fn, exc, API_MESSAGES.get(cid), id=cid) for cid, fn, exc in API_MISTAKES]
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,14 @@ def _detector_params(args) -> dict:
     return params
 
 
+def _check_options(**fields) -> None:
+    """Check a command's option values through the one validation layer (the ExperimentConfig
+    fields they map to) before any file or data is read."""
+    from .experiment import ExperimentConfig
+
+    ExperimentConfig(**{"attack": None, **fields}).validate()
+
+
 def _attack_name(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("none", "clean", "") else value
 
@@ -216,14 +224,14 @@ def _splits_for(meta: dict, record: dict, args, **overrides):
 
 
 def cmd_defend(args) -> int:
-    from .detectors import get_detector
     from .experiment import fit_detector, split_meta
     from .io import load_model
     from .utils import check_output_file
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
     params = {**_detector_params(args), "seed": args.seed}  # the split's seed stays the model's
-    get_detector("badexpert", **params)  # parameters checked before any work
+    _check_options(detector_params=params, fpr=args.fpr, device=args.device, seed=args.seed,
+                   **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration)) if v is not None})
     model, meta = load_model(args.model, device=args.device)
     cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
     cfg.detector_params, cfg.fpr, cfg.device = params, args.fpr, args.device
@@ -249,6 +257,9 @@ def cmd_evaluate(args) -> int:
     from .utils import atomic_directory, check_output_dir
 
     check_output_dir(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite)
+    name = _attack_name(args.attack) if args.attack is not None else None
+    _check_options(attack=name, attack_params=_attack_params(args) if name else {}, asr_bar=args.asr_bar,
+                   n_boot=args.n_boot, seed=args.seed, device=args.device, test_size=args.test_size)
     model, meta = load_model(args.model, device=args.device)
     detector = load_detector(args.detector, model, device=args.device, model_name=str(args.model))
     if not hasattr(detector, "threshold_"):
@@ -257,7 +268,6 @@ def cmd_evaluate(args) -> int:
     record = detector.extra_ if "split" in detector.extra_ else meta
     cfg, splits = _splits_for(meta, record, args, test_size=args.test_size)
     if args.attack is not None:
-        name = _attack_name(args.attack)
         attack = get_attack(name, **_attack_params(args)) if name else None
     else:
         attack = attack_from_dict(meta.get("attack"))
@@ -293,8 +303,19 @@ def cmd_info(args) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------
+class UsageError(BadExpertError):
+    """A command-line mistake found by the argument parser."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes reported like every other one: a single line, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="badexpert",
         description="Detect backdoor (trojan) inputs to an image classifier with BaDExpert.",
         epilog=EPILOG,
@@ -384,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"badexpert: error: {exc}", file=sys.stderr)
+        return 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

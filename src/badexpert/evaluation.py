@@ -30,6 +30,7 @@ from .errors import BadExpertError, NotFittedError
 from .metrics import ScoreAccumulator, detection_summary
 from .training import predict_logits
 from .utils import eval_mode, model_device
+from .validation import expect
 
 
 @dataclass
@@ -126,10 +127,15 @@ def evaluate(
     the numbers would flatter it, and evaluation refuses. ``allow_overlap=True`` measures anyway,
     with a warning and the overlap recorded under ``defense.overlap``.
     """
-    if detector is not None and not hasattr(detector, "threshold_"):
-        raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
-    if not isinstance(test, Dataset):
-        raise BadExpertError(f"evaluate needs the test split as a badexpert Dataset, got {type(test).__name__}")
+    expect(model, nn.Module, "the model")
+    expect(test, Dataset, "the test split")
+    if detector is not None:
+        expect(detector, Detector, "the detector")
+        if not hasattr(detector, "threshold_"):
+            raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
+    if attack is not None:
+        expect(attack, Attack, "the attack (from get_attack)")
+        attack.check(test.num_classes)
     if len(test) == 0:
         raise BadExpertError("the test split is empty")
     overlap = None

@@ -72,6 +72,8 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
+        if not isinstance(d, dict):
+            raise BadExpertError(f"a config must be a JSON object of ExperimentConfig fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         bad = set(d) - known
         if bad:
@@ -83,10 +85,16 @@ class ExperimentConfig:
         p = Path(path)
         if not p.is_file():
             raise BadExpertError(f"config file '{p}' does not exist")
+        if p.stat().st_size > 1024**2:
+            raise BadExpertError(f"config file '{p}' is larger than 1 MiB; a config holds a few fields")
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise BadExpertError(f"config file '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        except UnicodeDecodeError as exc:
+            raise BadExpertError(f"config file '{p}' is not UTF-8 text; write it as a JSON object") from exc
+        except (ValueError, RecursionError) as exc:  # numbers beyond Python's digit limit, absurd nesting
+            raise BadExpertError(f"config file '{p}' cannot be read as a config ({str(exc)[:80]})") from exc
         return cls.from_dict(d)
 
     def validate(self) -> "ExperimentConfig":
@@ -96,6 +104,7 @@ class ExperimentConfig:
         from .models import canonical_arch
 
         validate_fields(self, "config field")
+        resolve_device(self.device)
         canonical_dataset(self.dataset)
         canonical_arch(self.arch)
         self.make_attack()

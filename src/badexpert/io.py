@@ -8,6 +8,7 @@ split parameters, the attack (if any), the training recipe and the seed. Nothing
 from __future__ import annotations
 
 import json
+from os import PathLike
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from .errors import BadExpertError
 from .utils import atomic_write_bytes, resolve_device, to_jsonable
-from .validation import Range, check_value
+from .validation import Range, check_value, expect
 
 FORMAT = "badexpert-model/1"
 
@@ -44,6 +45,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     import hashlib
 
+    expect(model, nn.Module, "the model")
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach()
@@ -67,6 +69,7 @@ def read_meta(path: str | Path, *, fmt: str | None, what: str, hint: str) -> dic
     """
     from safetensors import SafetensorError, safe_open
 
+    expect(path, (str, PathLike), f"the path of the {what}")
     p = Path(path)
     if not p.is_file():
         raise BadExpertError(f"{what.split()[0]} file '{p}' does not exist; {hint}")

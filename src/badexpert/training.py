@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.core import Dataset, as_tensors, augment, batches, default_pad
+from .data.core import Dataset, as_tensors, augment, batches, default_pad, to_float
 from .errors import BadExpertError
 from .utils import derive_generator, eval_mode, model_device, progress
-from .validation import OneOf, Range, validate_fields
+from .validation import OneOf, Range, expect, validate_fields
 
 PositiveInt = Annotated[int, Range(ge=1)]
 
@@ -136,13 +136,16 @@ def train(
     returns True, training stops there (the model is left in train mode either way). The model
     stays on its device; data is moved there batch by batch.
     """
+    expect(model, nn.Module, "the model")
+    expect(recipe, Recipe, "the recipe")
     images, y = as_tensors(data)
     if labels is not None:
-        y = torch.as_tensor(labels, dtype=torch.int64)
+        _, y = as_tensors((images, labels))
     if y is None:
         raise BadExpertError("training needs labels: pass a Dataset or an (images, labels) pair")
     if len(images) == 0:
         raise BadExpertError("cannot train on an empty dataset")
+    model_outputs(model, images, y)  # the model takes these images, and the labels fit its outputs
     device = model_device(model)
     g = derive_generator(seed, f"train:{desc}")
     opt = make_optimizer(model, recipe)
@@ -203,14 +206,44 @@ def train(
         model.train()
 
 
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, with a model that cannot take these images (wrong channels, too small) or does
+    not return logits ``[N, classes]`` reported as one line."""
+    try:
+        out = model(x)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadExpertError(
+            f"the model cannot take images of shape {tuple(x.shape[1:])} ({first}); give images of the size and "
+            "channels it was built for"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise BadExpertError(f"the model must return logits [N, classes], got {getattr(out, 'shape', type(out).__name__)}")
+    return out
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+    """The number of outputs (classes) of ``model``, from one forward pass on two of ``images``;
+    labels beyond it are a one-line error."""
+    expect(model, nn.Module, "the model")
+    with eval_mode(model):
+        out = forward(model, to_float(images[:2]).to(model_device(model)))
+    n = int(out.shape[1])
+    if labels is not None and len(labels) and int(labels.max()) >= n:
+        raise BadExpertError(f"labels go up to {int(labels.max())} but the model has {n} outputs (classes 0..{n - 1})")
+    return n
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` (eval mode) for uint8 or float images, returned on the CPU."""
+    expect(model, nn.Module, "the model")
     device = model_device(model)
     out = []
     with eval_mode(model):
         for xb, _ in batches(images, None, batch_size=batch_size, device=device):
-            out.append(model(xb).float().cpu())
+            out.append(forward(model, xb).float().cpu())
     if not out:
         return torch.empty(0)
     return torch.cat(out)

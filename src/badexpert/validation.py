@@ -174,6 +174,15 @@ def _check(value, tp):
     return value
 
 
+def expect(value, types, what: str):
+    """``value`` if it is an instance of ``types``, else a one-line error naming ``what``
+    (e.g. ``expect(model, nn.Module, "the model")``)."""
+    if not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise BadExpertError(f"{what} must be a {names}, got {type(value).__name__}")
+    return value
+
+
 def check_value(value, tp, name: str, where: str = "field"):
     """``value`` checked against annotation ``tp``; a one-line error naming ``where`` ``name``."""
     try:
@@ -208,4 +217,4 @@ def validate_params(func, params: dict, where: str) -> dict:
     return {k: check_value(v, hints[k], k, f"{where} parameter") if k in hints else v for k, v in params.items()}
 
 
-__all__ = ["OneOf", "Range", "check_value", "signature_hints", "validate_fields", "validate_params"]
+__all__ = ["OneOf", "Range", "check_value", "expect", "signature_hints", "validate_fields", "validate_params"]

@@ -16,9 +16,9 @@ ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNet, Blend, Tro
 
 def get_attack(name: str, **params) -> Attack:
     """Build an attack by name; unknown names or parameters raise a one-line error."""
-    key = name.lower().replace("-", "_")
+    key = name.lower().replace("-", "_") if isinstance(name, str) else repr(name)
     if key not in ATTACKS:
-        raise unknown_name("attack", name, ATTACKS)
+        raise unknown_name("attack", str(name), ATTACKS)
     cls = ATTACKS[key]
     valid = set(cls.__dataclass_fields__)
     bad = set(params) - valid

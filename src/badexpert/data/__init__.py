@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import BadExpertError, unknown_name
@@ -50,6 +51,8 @@ def load_dataset(
     ``image_size`` other than theirs (28x28, 32x32) is refused with a one-line error, not resized.
     """
     key = canonical_dataset(name)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise BadExpertError(f"the dataset path must be a str or Path, got {type(path).__name__}")
     from .imagefolder import parse_image_size
 
     hw = parse_image_size(image_size)

@@ -205,6 +205,8 @@ def image_hashes(images: torch.Tensor) -> torch.Tensor:
 
     x = to_uint8(images).contiguous()
     out = torch.empty(len(x), dtype=torch.int64)
+    if len(x) == 0:
+        return out
     flat = x.reshape(len(x), -1).numpy()
     for i in range(len(flat)):
         out[i] = int.from_bytes(hashlib.blake2b(flat[i].tobytes(), digest_size=8).digest(), "little") >> 1

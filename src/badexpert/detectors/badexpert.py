@@ -43,10 +43,10 @@ from typing import Annotated, ClassVar
 import torch
 from torch import nn
 
-from ..data.core import Dataset, holdout, to_float, to_uint8
+from ..data.core import Dataset, holdout, to_uint8
 from ..errors import BadExpertError, unknown_name
-from ..training import Recipe, accuracy, predict_logits, train
-from ..utils import derive_generator, eval_mode, model_device
+from ..training import Recipe, accuracy, model_outputs, predict_logits, train
+from ..utils import derive_generator, eval_mode
 from ..validation import OneOf, Range
 from .base import Detector
 
@@ -188,11 +188,7 @@ class BaDExpert(Detector):
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
         # flips only where the data says they preserve labels (or the user says so)
         self.hflip_ = self.hflip if self.hflip is not None else self.data_info_["hflip"]
-        num_classes = self._num_classes(model, images)
-        if int(labels.max()) >= num_classes:
-            raise BadExpertError(
-                f"clean labels go up to {int(labels.max())} but the model has {num_classes} outputs"
-            )
+        num_classes = model_outputs(model, images, labels)
         source = model  # on self.device_ already (Detector.fit); only copies of it are trained
         data = Dataset(images=to_uint8(images), labels=labels, classes=[str(i) for i in range(num_classes)], name="clean")
         if self.preset == "paper":
@@ -205,20 +201,6 @@ class BaDExpert(Detector):
         self.auxiliary_ = self._fit_auxiliary(source, fit_part, hold_part)
         self.expert_.eval()
         self.auxiliary_.eval()
-
-    @staticmethod
-    def _num_classes(model: nn.Module, images: torch.Tensor) -> int:
-        dev = model_device(model)
-        with torch.no_grad(), eval_mode(model):
-            try:
-                out = model(to_float(images[:2]).to(dev))
-            except RuntimeError as exc:
-                raise BadExpertError(
-                    f"the model cannot take the clean images of shape {tuple(images.shape[1:])}: {exc}".splitlines()[0]
-                ) from exc
-        if out.dim() != 2:
-            raise BadExpertError(f"the model must return logits [N, classes], got shape {tuple(out.shape)}")
-        return int(out.shape[1])
 
     def _fit_expert(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None, num_classes: int) -> nn.Module:
         """The backdoor expert: Adam on wrong labels ``(y + 1) mod C``.

@@ -42,7 +42,7 @@ from torch import nn
 from ..data.core import Dataset, as_tensors, image_hashes, nonfinite_rows
 from ..errors import BadExpertError, NotFittedError
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
-from ..validation import Range, check_value, validate_params
+from ..validation import Range, check_value, expect, validate_params
 
 FORMAT = "badexpert-detector/1"
 
@@ -200,6 +200,8 @@ class Detector:
         self._check_fitted("calibrate")
         fpr = check_value(fpr, Annotated[float, Range(gt=0, lt=1)], "fpr", "the target false-positive rate")
         images, _ = as_tensors(clean)
+        if len(images) == 0:
+            raise BadExpertError(f"{self.name}: calibrate needs clean samples, got none")
         hashes = image_hashes(images)
         shared = int(torch.isin(hashes, self.fit_hashes_).sum())
         if shared:
@@ -360,7 +362,7 @@ def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     checks = {
         "detector": str, "params": dict, "input_shape": tuple[Dim, Dim, Dim], "model": dict, "data": dict,
         "threshold": float | None, "fpr_target": Annotated[float, Range(gt=0, lt=1)] | None,
-        "calibration_size": Annotated[int, Range(ge=1)] | None, "state": dict,
+        "calibration_size": Annotated[int, Range(ge=1)] | None, "state": dict, "extra": dict,
     }
     for key, tp in checks.items():
         meta[key] = check_value(meta.get(key), tp, key, where)
@@ -383,6 +385,7 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     """
     from . import DETECTORS
 
+    expect(model, nn.Module, "the model")
     tensors, meta = read_detector_file(path)
     name = meta["detector"]
     if name not in DETECTORS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import unknown_name
+from ..errors import BadExpertError, unknown_name
 
 
 class Normalize(nn.Module):
@@ -103,10 +103,21 @@ def build_model(
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "image_size": tuple(image_size)}
     if width is not None:
         kwargs["width"] = int(width)
-    net = reg[key](**kwargs)
     mean = mean if mean is not None else (0.5,) * in_channels
     std = std if std is not None else (0.5,) * in_channels
-    return Classifier(net, mean, std)
+    # a dry run on the meta device (no memory, no compute): an image too small for the
+    # architecture, or a width it cannot have, is one line now rather than a traceback mid-training
+    try:
+        with torch.device("meta"):
+            Classifier(reg[key](**kwargs), mean, std)(torch.empty(2, in_channels, *image_size))
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BadExpertError(
+            f"architecture '{key}' cannot be built for {in_channels}x{image_size[0]}x{image_size[1]} images"
+            f"{f' at width {width}' if width is not None else ''} ({first}); choose a larger --image-size or "
+            "another --arch"
+        ) from exc
+    return Classifier(reg[key](**kwargs), mean, std)
 
 
 __all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "he_init"]
