@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,35 @@ if "OMP_NUM_THREADS" not in os.environ:  # respect an explicit thread budget (sh
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def bounded_memory(limit_mb: int):
+    """Assert that the block's peak resident memory rises less than ``limit_mb`` above the
+    resident memory before it (Linux: the peak is reset through ``/proc/self/clear_refs``; where
+    that is not possible, only this assertion is skipped)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _proc_status_kb("VmRSS")
+    except OSError:
+        before = None
+    yield
+    peak = _proc_status_kb("VmHWM") if before is not None else None
+    if peak is not None:
+        grew = peak - before
+        assert grew < limit_mb * 1024, f"peak memory rose {grew / 1024:.0f} MB above the RSS before (limit {limit_mb} MB)"
 
 
 def make_blobs(n: int, seed: int, size: int = 12, classes: int = 4) -> Dataset:

@@ -30,7 +30,6 @@ import math
 import struct
 import zipfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,46 +48,13 @@ from badexpert.experiment import ExperimentConfig
 from badexpert.io import save_model
 from badexpert.models import build_model
 
-from .conftest import make_blobs
+from .conftest import bounded_memory, make_blobs
 
 MEM_LIMIT_MB = 400
 ERROR_PREFIX = "badexpert: error: "
 
 
 # --- measurement and snapshots --------------------------------------------------------------------
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def bounded_memory(limit_mb: int = MEM_LIMIT_MB):
-    """Assert that the block's peak RSS rises less than ``limit_mb`` above the RSS before it."""
-    measured = _reset_peak()
-    before = _proc_status_kb("VmRSS")
-    yield
-    if measured and before is not None:
-        peak = _proc_status_kb("VmHWM")
-        if peak is not None:
-            grew = peak - before
-            assert grew < limit_mb * 1024, f"peak memory rose {grew / 1024:.0f} MB above the RSS before (limit {limit_mb} MB)"
-
-
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file and directory under ``root``: kind, size and modification time."""
     out = {}
@@ -104,7 +70,7 @@ def run_cli(argv: list[str], root: Path, capsys, *, message: str | tuple[str, ..
     argv = [str(a) for a in argv]
     capsys.readouterr()
     before = snapshot(root)
-    with bounded_memory():
+    with bounded_memory(MEM_LIMIT_MB):
         rc = main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "Traceback" not in out, err
@@ -684,7 +650,7 @@ def test_malformed_model_file(cmd, mutation, expect, artifacts, tmp_path, capsys
     if expect == "ok":
         before = snapshot(tmp_path)
         capsys.readouterr()
-        with bounded_memory():
+        with bounded_memory(MEM_LIMIT_MB):
             assert main([str(a) for a in argv]) == 0
         out, err = capsys.readouterr()
         assert json.loads(out)["format"] == "badexpert-model/1" and "Traceback" not in err
@@ -780,7 +746,7 @@ def test_malformed_detector_file(cmd, mutation, expect, artifacts, tmp_path, cap
     if expect == "ok":
         before = snapshot(tmp_path)
         capsys.readouterr()
-        with bounded_memory():
+        with bounded_memory(MEM_LIMIT_MB):
             assert main([str(a) for a in argv]) == 0
         out, err = capsys.readouterr()
         assert json.loads(out)["format"] == "badexpert-detector/1" and "Traceback" not in err
@@ -993,7 +959,7 @@ def test_hostile_dataset_files_api(builder, dataset, message, env, tmp_path, mon
     if env:
         monkeypatch.setenv("BADEXPERT_MAX_MEMORY", env)
     path = builder(tmp_path)
-    with bounded_memory():
+    with bounded_memory(MEM_LIMIT_MB):
         with pytest.raises(BadExpertError) as e:
             load_dataset(dataset, path)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -1013,7 +979,7 @@ def test_one_pixel_image_among_others_is_resized_not_fatal(tmp_path):
     members = image_folder_members(size=(8, 8))
     members["train/a/tiny.png"] = png_bytes(np.full((1, 1), 200, np.uint8))
     d = write_folder(tmp_path / "data", members)
-    with bounded_memory(), pytest.warns(UserWarning, match="1 of 25 images were resized to 8x8"):
+    with bounded_memory(MEM_LIMIT_MB), pytest.warns(UserWarning, match="1 of 25 images were resized to 8x8"):
         tr, te = load_dataset("imagefolder", d)
     assert tr.image_size == (8, 8) and te.image_size == (8, 8) and tr.meta["resized"] == 1
 
@@ -1165,7 +1131,7 @@ def _image_params():
 @pytest.mark.parametrize("kind, api_name", _image_params())
 def test_api_refuses_bad_images(kind, api_name, api):
     x = _images(kind, api)
-    with bounded_memory(), pytest.raises(BadExpertError):
+    with bounded_memory(MEM_LIMIT_MB), pytest.raises(BadExpertError):
         IMAGE_APIS[api_name](api, x)
 
 
@@ -1173,7 +1139,7 @@ def test_api_refuses_bad_images(kind, api_name, api):
 @pytest.mark.parametrize("kind", ["nan", "inf", "one-nan-image"])
 def test_api_refuses_nonfinite_images_where_it_must(kind, api_name, api):
     x = _nonfinite(kind, api)
-    with bounded_memory(), pytest.raises(BadExpertError, match="non-finite"):
+    with bounded_memory(MEM_LIMIT_MB), pytest.raises(BadExpertError, match="non-finite"):
         IMAGE_APIS[api_name](api, x)
 
 
@@ -1189,7 +1155,7 @@ def _nonfinite(kind, c):
 def test_nonfinite_images_score_nan_and_are_rejected(kind, api):
     x = _nonfinite(kind, api)
     bad = ~torch.isfinite(x).flatten(1).all(1)
-    with bounded_memory():
+    with bounded_memory(MEM_LIMIT_MB):
         scores = api["det"].score(x)
         reject = api["det"].predict(x)
     assert scores.shape == (len(x),) and reject.dtype == torch.bool
@@ -1232,7 +1198,7 @@ LABEL_APIS = {
                                   "wrong-length", "2d", "dict", "complex"])
 def test_api_refuses_bad_labels(kind, api_name, api):
     y = _labels(kind, api)
-    with bounded_memory(), pytest.raises(BadExpertError):
+    with bounded_memory(MEM_LIMIT_MB), pytest.raises(BadExpertError):
         LABEL_APIS[api_name](api, y)
 
 
@@ -1346,7 +1312,7 @@ def api_files(api):
 
 @pytest.mark.parametrize("fn, exc, message", _api_params())
 def test_api_mistakes_raise_badexpert_error(fn, exc, message, api_files):
-    with bounded_memory(), pytest.raises(exc or BadExpertError) as e:
+    with bounded_memory(MEM_LIMIT_MB), pytest.raises(exc or BadExpertError) as e:
         fn(api_files)
     assert isinstance(e.value, BadExpertError)
     if message:

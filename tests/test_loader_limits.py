@@ -10,7 +10,6 @@ of the test is not.
 
 from __future__ import annotations
 
-import gc
 import gzip
 import io
 import struct
@@ -18,7 +17,6 @@ import time
 import warnings
 import zipfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,40 +30,9 @@ from badexpert.data.idx import read_fashion_mnist, read_idx, read_idx_header
 from badexpert.data.imagefolder import MAX_IMAGE_FILE_BYTES, decode_images, file_source, open_image, read_imagefolder
 from badexpert.errors import BadExpertError
 
+from .conftest import bounded_memory
+
 MB = 1024  # VmHWM is in kB
-
-
-# --- memory measurement -----------------------------------------------------------------------------
-def _hwm_kb() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def peak_memory(limit_mb: int):
-    """Assert that the block raises the process's peak RSS by less than ``limit_mb``."""
-    gc.collect()
-    measured = _reset_hwm() and _hwm_kb() is not None
-    before = _hwm_kb() if measured else 0
-    yield
-    if measured:
-        grew = (_hwm_kb() or 0) - before
-        assert grew < limit_mb * MB, f"peak memory grew by {grew / MB:.0f} MB (limit {limit_mb} MB)"
 
 
 # --- file builders ----------------------------------------------------------------------------------
@@ -177,7 +144,7 @@ def test_big_first_image_is_resized_to_the_common_size(tmp_path):
     members = {"train/a/000.png": constant_png(2000, 2000), **small_members()}
     z = write_zip(tmp_path / "big-first.zip", members)
     assert z.stat().st_size < 200_000
-    with peak_memory(300), warnings.catch_warnings(record=True) as caught:
+    with bounded_memory(300), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train, test = load_dataset("imagefolder", z)
     assert train.images.shape == (13, 3, 8, 8) and test.images.shape == (4, 3, 8, 8)
@@ -252,15 +219,15 @@ def test_huge_png_is_refused_from_its_header(tmp_path, huge_png):
     members = {**small_members(), "train/b/999.png": huge_png}
     z = write_zip(tmp_path / "huge.zip", members)
     t = time.perf_counter()
-    with peak_memory(100), pytest.raises(BadExpertError) as info:
+    with bounded_memory(100), pytest.raises(BadExpertError) as info:
         load_dataset("imagefolder", z)
     assert "train/b/999.png' is 12000x12000 pixels, outside the limit of 16 megapixels" in str(info.value)
     assert "\n" not in str(info.value) and time.perf_counter() - t < 5
     # a declared size decodes in one pass: still refused before decoding
-    with peak_memory(100), pytest.raises(BadExpertError, match="12000x12000 pixels"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="12000x12000 pixels"):
         load_dataset("gtsrb", z)
     (tmp_path / "huge.png").write_bytes(huge_png)
-    with peak_memory(100), pytest.raises(BadExpertError, match="12000x12000 pixels"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="12000x12000 pixels"):
         open_image(tmp_path / "huge.png")
 
 
@@ -273,7 +240,7 @@ def test_pillow_decompression_bombs_become_one_error(tmp_path, width, height, me
     """Above Pillow's own limits, Image.open warns (89 Mpx) or raises (179 Mpx): both end in our error."""
     data = constant_png(width, height, depth=1)
     z = write_zip(tmp_path / "bomb.zip", {**small_members(), "test/b/bomb.png": data})
-    with peak_memory(100), warnings.catch_warnings():
+    with bounded_memory(100), warnings.catch_warnings():
         warnings.simplefilter("error")  # and no DecompressionBombWarning escapes either
         with pytest.raises(BadExpertError, match=message):
             open_image(data, "bomb.png")
@@ -344,7 +311,7 @@ def test_zip_bombs_and_unsupported_members(tmp_path):
     members = small_members()
     z = write_zip(tmp_path / "declared.zip", members)
     patch_central(z, "train/a/001.png", usize=3 * 1024**3)
-    with peak_memory(100), pytest.raises(BadExpertError, match=r"train/a/001.png' is 3.0 GiB, above the limit of 64.0 MiB"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match=r"train/a/001.png' is 3.0 GiB, above the limit of 64.0 MiB"):
         read_imagefolder(z)
 
     # a member that lies: declares 100 bytes, holds 200 MiB of zeros (a ~200 KB zip)
@@ -358,7 +325,7 @@ def test_zip_bombs_and_unsupported_members(tmp_path):
                 fh.write(chunk)
     patch_central(path, "train/b/000.png", usize=100)
     t = time.perf_counter()
-    with peak_memory(100), pytest.raises(BadExpertError, match="train/b/000.png' is (damaged|truncated)"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="train/b/000.png' is (damaged|truncated)"):
         read_imagefolder(path)
     assert time.perf_counter() - t < 5
 
@@ -392,7 +359,7 @@ def test_directory_file_limits(tmp_path):
     big = root / "train" / "a" / "big.png"
     with open(big, "wb") as fh:  # sparse: takes no disk space
         fh.truncate(MAX_IMAGE_FILE_BYTES + 1)
-    with peak_memory(100), pytest.raises(BadExpertError, match="big.png' is 64.0 MiB, above the limit of 64.0 MiB"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="big.png' is 64.0 MiB, above the limit of 64.0 MiB"):
         read_imagefolder(root)
     label, read = file_source(root / "train" / "a" / "001.png")
     assert label.endswith("001.png") and read() == (root / "train" / "a" / "001.png").read_bytes()
@@ -405,7 +372,7 @@ def test_gzip_idx_bomb_is_refused_from_its_header(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(idx_header(8, 10**5, 10**4, 10**4)) + zeros_gzip(512))  # ~0.5 MB, 512 MiB inside
     t = time.perf_counter()
-    with peak_memory(100), pytest.raises(BadExpertError) as info:
+    with bounded_memory(100), pytest.raises(BadExpertError) as info:
         read_idx(path)
     msg = str(info.value)
     assert "100000 x 10000 x 10000 uint8 values" in msg and "above the memory budget" in msg and "\n" not in msg
@@ -418,7 +385,7 @@ def test_gzip_idx_with_trailing_bomb(tmp_path):
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(idx_header(8, 10, 28, 28) + bytes(10 * 28 * 28)) + zeros_gzip(1024))
     t = time.perf_counter()
-    with peak_memory(100), pytest.raises(BadExpertError, match="has more data after the 7840 bytes its header promises"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="has more data after the 7840 bytes its header promises"):
         read_idx(path)
     assert time.perf_counter() - t < 2
 
@@ -474,7 +441,7 @@ def test_gtsrb_official_refuses_a_huge_image(tmp_path, huge_png):
     (cdir / "GT-00000.csv").write_text("Filename;ClassId\na.ppm;0\nb.ppm;0\n")
     (tdir / "c.ppm").write_bytes(image_bytes(30, 30, fmt="PPM"))
     (root / "GT-final_test.csv").write_text("Filename;ClassId\nc.ppm;0\n")
-    with peak_memory(100), pytest.raises(BadExpertError, match="b.ppm' is 12000x12000 pixels"):
+    with bounded_memory(100), pytest.raises(BadExpertError, match="b.ppm' is 12000x12000 pixels"):
         read_gtsrb(tmp_path)
     (cdir / "b.ppm").write_bytes(image_bytes(20, 50, fmt="PPM"))
     train, test = read_gtsrb(tmp_path)

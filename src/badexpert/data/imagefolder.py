@@ -307,7 +307,7 @@ def _open_checked(data: bytes, label: str) -> Image.Image:
     """Open (header only) one image of an allowed format and check its size before decoding."""
     try:
         im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombWarning as exc:  # raised as an error by _bombs_are_errors
+    except Image.DecompressionBombWarning:  # raised as an error by _bombs_are_errors
         # above Pillow's warning limit (89 Mpx), so above ours: open it again quietly, only to
         # report its width and height with the same message as any other oversized image
         with warnings.catch_warnings():
