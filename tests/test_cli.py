@@ -115,6 +115,7 @@ def test_model_cache_key_covers_what_the_model_depends_on():
     assert k != suspect_key(ExperimentConfig(attack="blend"), r)
     assert k != suspect_key(ExperimentConfig(attack_params={"poison_rate": 0.02}), r)
     assert k != suspect_key(base, r.replace(epochs=5))
+    assert k != suspect_key(ExperimentConfig(image_size=16), r)  # another size: other data, another model
     # the detector's settings do not change the suspect model
     assert k == suspect_key(ExperimentConfig(detector_params={"preset": "paper"}, fpr=0.05), r)
 

@@ -250,8 +250,7 @@ def cmd_evaluate(args) -> int:
     from .attacks import attack_from_dict, get_attack
     from .detectors import load_detector
     from .evaluation import evaluate
-    from .experiment import experiment_metrics, write_outputs
-    from .experiment import RUN_OUTPUTS
+    from .experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
     from .io import load_model
     from .report import format_table
     from .utils import atomic_directory, check_output_dir

@@ -151,10 +151,7 @@ RUN_OUTPUTS = frozenset({
 
 
 def make_splits(cfg: ExperimentConfig) -> Splits:
-    if cfg.image_size is not None:
-        train_set, test_set = load_dataset(cfg.dataset, cfg.data_path, image_size=cfg.image_size)
-    else:
-        train_set, test_set = load_dataset(cfg.dataset, cfg.data_path)
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_path, image_size=cfg.image_size)
     return split(train_set, test_set, seed=cfg.seed, reserved=cfg.reserved, calibration=cfg.calibration,
                  train_size=cfg.train_size, test_size=cfg.test_size)
 
@@ -182,7 +179,7 @@ def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
     payload = {
         "data": _data_fingerprint(cfg), "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
         "attack": attack.to_dict() if attack else None, "recipe": recipe.to_dict(), "seed": cfg.seed,
-        "train_size": cfg.train_size, "version": __version__,
+        "train_size": cfg.train_size, "image_size": cfg.image_size, "version": __version__,
     }
     return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
 
