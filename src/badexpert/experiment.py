@@ -35,7 +35,7 @@ from .models import build_model
 from .training import Recipe, train
 from .utils import (atomic_directory, check_output_dir, derive_generator, resolve_device, seed_everything, to_jsonable,
                     write_json)
-from .validation import Range, validate_fields
+from .validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
 
 @dataclass
@@ -50,17 +50,17 @@ class ExperimentConfig:
     attack: str | None = "badnet"
     attack_params: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
-    reserved: Annotated[int, Range(ge=1)] = 2000
-    calibration: Annotated[int, Range(ge=1)] = 2000
-    train_size: Annotated[int, Range(ge=1)] | None = None
-    test_size: Annotated[int, Range(ge=1)] | None = None
+    reserved: PositiveInt = 2000
+    calibration: PositiveInt = 2000
+    train_size: PositiveInt | None = None
+    test_size: PositiveInt | None = None
     detector: str = "badexpert"
     detector_params: dict = field(default_factory=dict)
     fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01
-    asr_bar: Annotated[float, Range(ge=0, le=1)] = 0.5
-    seed: Annotated[int, Range(ge=0)] = 0
+    asr_bar: Fraction = 0.5
+    seed: NonNegativeInt = 0
     device: str | None = None
-    n_boot: Annotated[int, Range(ge=0)] = 1000
+    n_boot: NonNegativeInt = 1000
 
     def __post_init__(self) -> None:
         validate_fields(self, "config field")

@@ -20,9 +20,7 @@ from torch import nn
 from .data.core import Dataset, as_tensors, augment, batches, default_pad, to_float
 from .errors import BadExpertError
 from .utils import derive_generator, eval_mode, model_device, progress
-from .validation import OneOf, Range, expect, validate_fields
-
-PositiveInt = Annotated[int, Range(ge=1)]
+from .validation import OneOf, PositiveInt, Range, expect, validate_fields
 
 
 @dataclass

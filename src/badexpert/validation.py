@@ -72,6 +72,13 @@ class OneOf:
         return "one of: " + ", ".join(str(c) for c in self.choices)
 
 
+#: Common field types, shared by every config-like object.
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Annotated:
@@ -217,4 +224,4 @@ def validate_params(func, params: dict, where: str) -> dict:
     return {k: check_value(v, hints[k], k, f"{where} parameter") if k in hints else v for k, v in params.items()}
 
 
-__all__ = ["OneOf", "Range", "check_value", "expect", "signature_hints", "validate_fields", "validate_params"]
+__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "expect", "signature_hints", "validate_fields", "validate_params"]

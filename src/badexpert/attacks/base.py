@@ -19,17 +19,17 @@ attack's parameters (including ``trigger_seed``), so an attack is re-created exa
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..data.core import Dataset, to_float, to_uint8
 from ..errors import BadExpertError
-from ..validation import Range, validate_fields
+from ..validation import Fraction, NonNegativeInt, validate_fields
 
 #: A fraction in [0, 1] (poison and cover rates, opacities).
-Rate = Annotated[float, Range(ge=0, le=1)]
-ClassIndex = Annotated[int, Range(ge=0)]
+Rate = Fraction
+ClassIndex = NonNegativeInt
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Attack:
     poison_rate: Rate = 0.003
     cover_rate: Rate = 0.0
     source_classes: tuple[ClassIndex, ...] | None = None
-    trigger_seed: Annotated[int, Range(ge=0)] = 0
+    trigger_seed: NonNegativeInt = 0
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False

@@ -47,11 +47,8 @@ from ..data.core import Dataset, holdout, to_uint8
 from ..errors import BadExpertError, unknown_name
 from ..training import Recipe, accuracy, model_outputs, predict_logits, train
 from ..utils import derive_generator, eval_mode
-from ..validation import OneOf, Range
+from ..validation import Fraction, NonNegativeInt, OneOf, PositiveFloat, PositiveInt, Range
 from .base import Detector
-
-PositiveInt = Annotated[int, Range(ge=1)]
-PositiveFloat = Annotated[float, Range(gt=0)]
 
 EPS = 1e-8
 
@@ -133,15 +130,15 @@ class BaDExpert(Detector):
         aux_lr: PositiveFloat | None = None,
         aux_epochs: PositiveInt = 10,
         aux_batch_size: PositiveInt = 64,
-        aux_milestones: tuple[Annotated[int, Range(ge=0)], ...] = (2, 4, 6, 8),
+        aux_milestones: tuple[NonNegativeInt, ...] = (2, 4, 6, 8),
         aux_gamma: PositiveFloat = 0.1,
         holdout: Annotated[float, Range(gt=0, lt=1)] = 0.2,
-        expert_agreement: Annotated[float, Range(ge=0, le=1)] = 0.9,
+        expert_agreement: Fraction = 0.9,
         aux_dip: Annotated[float, Range(gt=0, le=1)] = 0.65,
         augment: bool = True,
         hflip: bool | None = None,
         batch_size: PositiveInt = 256,
-        seed: Annotated[int, Range(ge=0)] = 0,
+        seed: NonNegativeInt = 0,
         device: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, device=device)

@@ -42,7 +42,7 @@ from torch import nn
 from ..data.core import Dataset, as_tensors, image_hashes, nonfinite_rows
 from ..errors import BadExpertError, NotFittedError
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
-from ..validation import Range, check_value, expect, validate_params
+from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, validate_params
 
 FORMAT = "badexpert-detector/1"
 
@@ -61,7 +61,7 @@ class Detector:
     needs_gradients: ClassVar[bool] = False
 
     def __init__(
-        self, *, batch_size: Annotated[int, Range(ge=1)] = 256, seed: Annotated[int, Range(ge=0)] = 0,
+        self, *, batch_size: PositiveInt = 256, seed: NonNegativeInt = 0,
         device: str | None = None,
     ) -> None:
         self.batch_size = batch_size
