@@ -707,7 +707,7 @@ DETECTOR_CASES = [
      "'seed'", "ok"),
     ("no-fit-hashes", _meta_case(_tamper_state(lambda s: s.pop("record.fit_hashes"))), "data record", "data record"),
     ("no-calibration-scores", _meta_case(_tamper_state(lambda s: s.pop("record.calibration_scores"))),
-     "calibration record", "ok"),
+     "data record", "data record"),
     ("expert-weight-shape", _meta_case(_tamper_state(lambda s: s.__setitem__("expert.net.fc.weight", torch.zeros(10, 7)))),
      "do not match", "ok"),
     ("auxiliary-weight-missing", _meta_case(_tamper_state(lambda s: s.pop("auxiliary.net.fc.weight"))),

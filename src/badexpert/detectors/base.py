@@ -298,15 +298,9 @@ class Detector:
     def _load_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
 
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Save the fitted detector to one safetensors file (weights) with JSON metadata.
-
-        The suspect model itself is not stored: :func:`load_detector` takes it as an argument and
-        checks it against the fingerprint recorded here. The content hashes of the fitting and
-        calibration images and the calibration scores are stored as tensors.
-        """
-        from safetensors.torch import save
-
+    def to_state(self, extra: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a saved detector holds: tensors (the method's own state and the data
+        record) and JSON-ready metadata. :meth:`save` writes them; a deployment bundle embeds them."""
         self._check_fitted("save")
         meta = {
             "format": FORMAT,
@@ -320,7 +314,7 @@ class Detector:
             "calibration_size": getattr(self, "calibration_size_", None),
             "fit_seconds": getattr(self, "fit_seconds_", None),
             "state": self._state_meta(),
-            "extra": extra or {},
+            "extra": extra if extra is not None else getattr(self, "extra_", {}),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
         if any(k.startswith("record.") for k in tensors):
@@ -329,9 +323,20 @@ class Detector:
         if hasattr(self, "threshold_"):
             tensors["record.calibration_hashes"] = self.calibration_hashes_
             tensors["record.calibration_scores"] = self.calibration_scores_
-        blob = save(tensors, metadata={"badexpert": json.dumps(to_jsonable(meta))})
+        return tensors, to_jsonable(meta)
+
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Save the fitted detector to one safetensors file (weights) with JSON metadata.
+
+        The suspect model itself is not stored: :func:`load_detector` takes it as an argument and
+        checks it against the fingerprint recorded here. The content hashes of the fitting and
+        calibration images and the calibration scores are stored as tensors.
+        """
+        from safetensors.torch import save
+
+        tensors, meta = self.to_state(extra)
         path = Path(path)
-        atomic_write_bytes(path, blob)
+        atomic_write_bytes(path, save(tensors, metadata={"badexpert": json.dumps(meta)}))
         return path
 
 
@@ -348,16 +353,9 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a saved detector's tensors and metadata without building anything; the metadata's
-    types are checked (a malformed or tampered file is a one-line error)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..io import read_meta
-
-    meta = read_meta(path, fmt=FORMAT, what="detector file", hint="create one with `badexpert defend`")
-    where = f"detector file '{path}': field"
+def check_detector_meta(meta: dict, source: str) -> dict:
+    """Type-check a detector's metadata (from a detector file or a bundle); one-line errors."""
+    where = f"{source}: field"
     Dim = Annotated[int, Range(ge=1, le=4096)]
     checks = {
         "detector": str, "params": dict, "input_shape": tuple[Dim, Dim, Dim], "model": dict, "data": dict,
@@ -367,13 +365,34 @@ def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     for key, tp in checks.items():
         meta[key] = check_value(meta.get(key), tp, key, where)
     check_value(meta["model"].get("fingerprint"), str, "model.fingerprint", where)
+    return meta
+
+
+def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a saved detector's tensors and metadata without building anything; the metadata's
+    types are checked (a malformed or tampered file is a one-line error)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..io import read_meta
+
+    meta = read_meta(path, fmt=FORMAT, what="detector file", hint="create one with `badexpert defend`")
+    check_detector_meta(meta, f"detector file '{path}'")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
-    if "record.fit_hashes" not in tensors or (meta["threshold"] is not None and "record.calibration_hashes" not in tensors):
-        raise BadExpertError(f"detector file '{path}' lacks its data record; it is damaged or was made by another tool")
+    check_record(tensors, meta, f"detector file '{path}'")
     return tensors, meta
+
+
+def check_record(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+    """The data record a fitted (and calibrated) detector must carry."""
+    need = ["record.fit_hashes"]
+    if meta["threshold"] is not None:
+        need += ["record.calibration_hashes", "record.calibration_scores"]
+    if any(k not in tensors for k in need):
+        raise BadExpertError(f"{source} lacks its data record; it is damaged or was made by another tool")
 
 
 def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None,
@@ -383,17 +402,28 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     A model whose weights differ from the fitted one's (by fingerprint) is refused; ``model_name``
     (a file name) is used in that message.
     """
-    from . import DETECTORS
-
     expect(model, nn.Module, "the model")
     tensors, meta = read_detector_file(path)
+    return detector_from_state(tensors, meta, model, device=device, model_name=model_name,
+                               source=f"detector file '{path}'")
+
+
+def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module, *,
+                        device: str | None = None, model_name: str | None = None,
+                        source: str = "the detector") -> Detector:
+    """Rebuild a detector from :meth:`Detector.to_state` output (metadata already checked with
+    :func:`check_detector_meta`) for the suspect ``model`` whose fingerprint it records."""
+    from . import DETECTORS
+
+    tensors = dict(tensors)
+    check_record(tensors, meta, source)
     name = meta["detector"]
     if name not in DETECTORS:
-        raise BadExpertError(f"'{path}' holds an unknown detector '{name}'")
+        raise BadExpertError(f"{source} holds an unknown detector '{name}'")
     params = dict(meta["params"])
     if device is not None:
         params["device"] = device
-    params = validate_params(DETECTORS[name].__init__, params, f"detector file '{path}': detector '{name}'")
+    params = validate_params(DETECTORS[name].__init__, params, f"{source}: detector '{name}'")
     det = DETECTORS[name](**params)
     det.model_fingerprint_ = meta["model"]["fingerprint"]
     det.model_name_ = meta["model"].get("name")
@@ -411,7 +441,7 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     det.model_ = model
     if meta["threshold"] is not None:
         if meta["fpr_target"] is None or meta["calibration_size"] is None or scores is None:
-            raise BadExpertError(f"detector file '{path}' has a threshold but no calibration record; it is damaged")
+            raise BadExpertError(f"{source} has a threshold but no calibration record; it is damaged")
         det.threshold_ = float(meta["threshold"])
         det.fpr_target_ = float(meta["fpr_target"])
         det.calibration_size_ = int(meta["calibration_size"])
