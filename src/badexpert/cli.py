@@ -1,6 +1,6 @@
 """Command-line interface: thin argument parsing over the library.
 
-Commands: ``demo``, ``run`` (from a JSON config), ``train``, ``defend``, ``evaluate``, ``info``.
+Commands: ``demo``, ``run`` (from a JSON config), ``train``, ``defend``, ``evaluate``, ``bundle``, ``info``.
 Every user mistake ends with one line on stderr and exit status 2.
 """
 
@@ -286,15 +286,35 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from .detectors import load_detector
+    from .guard import save_bundle
+    from .io import load_model
+    from .utils import check_output_file
+
+    check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
+    model, meta = load_model(args.model)
+    detector = load_detector(args.detector, model, model_name=str(args.model))
+    if not hasattr(detector, "threshold_"):
+        raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
+    save_bundle(args.out, model, detector, meta)
+    print(f"wrote {args.out}: {meta['arch']} model, {detector.name} detector, threshold {detector.threshold_:.4g} "
+          f"at target FPR {detector.fpr_target_:g}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
+    from .guard import BUNDLE_FORMAT, read_bundle
     from .io import read_meta, read_model_meta
 
     p = Path(args.file)
     kind = read_meta(p, fmt=None, what="model or detector file", hint="see `badexpert train` and `defend`").get("format")
     if kind == DETECTOR_FORMAT:
         _, meta = read_detector_file(p)
+    elif kind == BUNDLE_FORMAT:
+        meta, _ = read_bundle(p)
     else:
         meta = read_model_meta(p)
     print(json.dumps(meta, indent=2))
@@ -396,7 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("info", help="print the metadata of a model or detector file")
+    p = sub.add_parser("bundle", help="pack a model and its calibrated detector into one deployment file",
+                       description="Write one checksummed safetensors file holding the suspect model, the detector, "
+                                   "its calibration scores and threshold, and the preprocessing (input size, channels, "
+                                   "normalisation, class names): what `badexpert serve` and `export` take.")
+    p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
+    p.add_argument("--detector", required=True, help="calibrated detector written by `badexpert defend`")
+    p.add_argument("--out", required=True, help="bundle file to write (.safetensors)")
+    _add_overwrite(p)
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("info", help="print the metadata of a model, detector or bundle file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
     return parser

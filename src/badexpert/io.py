@@ -99,55 +99,62 @@ MODEL_META_TYPES = {
 }
 
 
+def check_model_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """Type- and range-check the architecture fields of a model's metadata (in place)."""
+    for key, tp in MODEL_META_TYPES.items():
+        meta[key] = check_value(meta.get(key), tp, key, f"{source}: field")
+    for key in ("mean", "std"):
+        if len(meta[key]) != meta["in_channels"]:
+            raise BadExpertError(f"{source}: field '{key}' has {len(meta[key])} values for {meta['in_channels']} channels")
+    return meta
+
+
 def read_model_meta(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, without loading its weights; the architecture fields
     are type- and range-checked (a malformed or tampered file is a one-line error)."""
     meta = read_meta(path, fmt=FORMAT, what="model checkpoint", hint="create one with `badexpert train`")
-    for key, tp in MODEL_META_TYPES.items():
-        meta[key] = check_value(meta.get(key), tp, key, f"model checkpoint '{path}': field")
-    for key in ("mean", "std"):
-        if len(meta[key]) != meta["in_channels"]:
-            raise BadExpertError(
-                f"model checkpoint '{path}': field '{key}' has {len(meta[key])} values for {meta['in_channels']} channels"
-            )
-    return meta
+    return check_model_meta(meta, f"model checkpoint '{path}'")
+
+
+def build_for_weights(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> nn.Module:
+    """Build the architecture ``meta`` declares, after checking on PyTorch's ``meta`` device (no
+    memory) that its parameter shapes are exactly ``shapes`` (those of the weights to load), so
+    metadata asking for an absurd width or image size is refused before anything is allocated."""
+    from .models import build_model
+
+    spec = dict(arch=meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta["width"])
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(**spec).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise BadExpertError(f"{source}: cannot build {meta['arch']} from its metadata ({exc})".splitlines()[0]) from exc
+    if expected != shapes:
+        diff = sorted(set(expected) ^ set(shapes)) or [k for k in expected if expected[k] != shapes[k]]
+        raise BadExpertError(
+            f"the weights in {source} do not match architecture '{meta['arch']}' (width {meta['width']}, "
+            f"input {meta['in_channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}) declared in its metadata "
+            f"(first difference: {diff[0]}); the file is damaged or was edited"
+        )
+    return build_model(**spec)
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture recorded in a checkpoint and load its weights (eval mode).
 
-    The architecture is first built on PyTorch's ``meta`` device (no memory) and its parameter
-    shapes compared with the tensors the file declares, so metadata asking for an absurd width
-    or image size is refused before anything is allocated.
+    The architecture is checked against the tensor shapes the file declares before anything is
+    allocated (:func:`build_for_weights`).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from .models import build_model
-
     meta = read_model_meta(path)
-    spec = dict(arch=meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta["width"])
     try:
-        with torch.device("meta"):
-            skeleton = build_model(**spec)
         with safe_open(str(path), framework="pt") as fh:
-            declared = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise BadExpertError(f"model checkpoint '{path}': cannot build {meta['arch']} from its metadata ({exc})"
-                             .splitlines()[0]) from exc
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    if expected != declared:
-        diff = sorted(set(expected) ^ set(declared)) or [k for k in expected if expected[k] != declared[k]]
-        raise BadExpertError(
-            f"the weights in '{path}' do not match architecture '{meta['arch']}' (width {meta['width']}, "
-            f"input {meta['in_channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}) declared in its metadata "
-            f"(first difference: {diff[0]}); the file is damaged or was edited"
-        )
-    del skeleton
-    model = build_model(**spec)
+    model = build_for_weights(meta, shapes, f"'{path}'")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -117,6 +117,7 @@ class BaDExpert(Detector):
 
     name: ClassVar[str] = "badexpert"
     forward_passes_per_input: ClassVar[int] = 3
+    shares_model_pass: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -333,9 +334,11 @@ class BaDExpert(Detector):
         conf = self.confidences(x)
         return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
-    def _forward(self, xb: torch.Tensor) -> dict[str, torch.Tensor]:
-        with eval_mode(self.model_):
-            pred = self.model_(xb).argmax(1)
+    def _forward(self, xb: torch.Tensor, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if logits is None:
+            with eval_mode(self.model_):
+                logits = self.model_(xb)
+        pred = logits.argmax(1)
         out = {"pred": pred}
         for key, net in (("x", self.expert_), ("y", self.auxiliary_)):
             logp, logodds = _label_log_odds(net(xb).float(), pred)
@@ -350,6 +353,9 @@ class BaDExpert(Detector):
 
     def _score_batch(self, xb: torch.Tensor) -> torch.Tensor:
         return self._combine(self._forward(xb)).cpu()
+
+    def score_given_logits(self, xb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self._combine(self._forward(xb, logits)).cpu()
 
     # --- persistence ---------------------------------------------------------------------
     def _state_tensors(self):

@@ -59,6 +59,9 @@ class Detector:
     name: ClassVar[str] = "detector"
     forward_passes_per_input: ClassVar[int] = 1
     needs_gradients: ClassVar[bool] = False
+    #: whether :meth:`score_given_logits` uses the suspect model's logits instead of running the
+    #: model again (a guard then costs ``forward_passes_per_input`` passes in all)
+    shares_model_pass: ClassVar[bool] = False
 
     def __init__(
         self, *, batch_size: PositiveInt = 256, seed: NonNegativeInt = 0,
@@ -182,6 +185,12 @@ class Detector:
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_given_logits(self, xb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Scores for a checked, finite float batch on the detector's device, given the suspect
+        model's logits on it (the guard's shared pass). Detectors that need the model's output
+        override this to reuse ``logits``; the default scores the batch on its own."""
+        return self._score_batch(xb)
 
     def score_details(self, x) -> dict:
         """``score`` plus any per-input quantities the detector computes on the way (as numpy

@@ -1,0 +1,238 @@
+"""A detector in front of its model, for deployment: :class:`Guard` and the bundle file.
+
+``Guard(model, detector)`` is an ``nn.Module``: its forward takes a batch (uint8 ``[0, 255]`` or
+float ``[0, 1]``, by the package's one conversion rule) and returns, per input, the model's label
+and confidence, the detector's score, a conformal p-value against the calibration scores and the
+reject flag, with the reason. The suspect model runs once per input and its logits are handed to
+the detector (BaDExpert needs the model's label anyway), so a BaDExpert guard costs three passes.
+
+The p-value of a score ``s`` is ``(1 + #{calibration scores >= s}) / (n + 1)``: for a clean input
+exchangeable with the calibration split it is (super-)uniform, so ``p <= alpha`` happens with
+probability at most ``alpha``; rejection itself uses the calibrated threshold
+(:meth:`Detector.decide`), and an input that could not be scored has p-value 0 and is rejected.
+
+Rejected inputs are handled by ``policy``: ``"flag"`` (return everything, the caller reads
+``reject``), ``"abstain"`` (their label becomes ``abstain_label``, -1 by default) or ``"raise"``
+(:class:`RejectedInputError` if any input of the batch is rejected).
+
+A **bundle** (:func:`save_bundle` / :func:`load_bundle`) is one safetensors file with everything
+a deployment needs: the suspect model's weights and architecture, the detector's state, the
+calibration scores and threshold, the preprocessing (input size, channels, normalisation, class
+names), the model's weights fingerprint, and a SHA-256 checksum over all of it, verified before
+anything is built. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .data.core import to_float
+from .detectors.base import (ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE, Detector,
+                             check_detector_meta, detector_from_state)
+from .errors import BadExpertError, NotFittedError
+from .utils import atomic_write_bytes, eval_mode, to_jsonable
+from .validation import expect
+
+BUNDLE_FORMAT = "badexpert-bundle/1"
+POLICIES = ("flag", "abstain", "raise")
+
+
+class RejectedInputError(BadExpertError):
+    """Raised by a guard with ``policy="raise"`` when an input is rejected."""
+
+    def __init__(self, message: str, output: "GuardOutput") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class GuardOutput(NamedTuple):
+    """Per-input results of a guard (tensors on the CPU, first dimension the batch)."""
+
+    label: torch.Tensor  #: int64: the model's label (``abstain_label`` where rejected under "abstain")
+    confidence: torch.Tensor  #: float32: the model's softmax probability of its label
+    score: torch.Tensor  #: float32: the detector's score (NaN: could not be scored)
+    p_value: torch.Tensor  #: float32: conformal p-value of the score against the calibration scores
+    reject: torch.Tensor  #: bool: True = rejected
+    reason: list[str]  #: why each input was accepted or rejected
+
+
+def conformal_p_values(scores: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
+    """``(1 + #{calibration >= s}) / (n + 1)`` per score; 0 for a NaN score (never clean)."""
+    cal = torch.sort(calibration.double().flatten()).values
+    s = scores.double()
+    ge = len(cal) - torch.searchsorted(cal, torch.nan_to_num(s, nan=0.0), side="left")
+    p = (1 + ge).double() / (len(cal) + 1)
+    return torch.where(torch.isnan(s), torch.zeros_like(p), p).float()
+
+
+class Guard(nn.Module):
+    """A suspect model behind its calibrated detector (see the module docstring).
+
+    ``detector`` must be fitted on ``model`` (checked by weights fingerprint) and calibrated.
+    ``meta`` carries preprocessing facts for services (``classes``, ``image_size``...).
+    """
+
+    def __init__(self, model: nn.Module, detector: Detector, *, policy: str = "flag", abstain_label: int = -1,
+                 meta: dict | None = None) -> None:
+        super().__init__()
+        expect(model, nn.Module, "the model")
+        expect(detector, Detector, "the detector")
+        if not hasattr(detector, "threshold_"):
+            raise NotFittedError("a guard needs a calibrated detector: call fit() then calibrate()")
+        if policy not in POLICIES:
+            raise BadExpertError(f"unknown guard policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+        detector.check_model(model)
+        self.model = model
+        self.detector = detector
+        self.policy = policy
+        self.abstain_label = int(abstain_label)
+        self.meta = dict(meta or {})
+        self._calibration = torch.sort(detector.calibration_scores_.double().flatten()).values
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.meta.get("classes") or (self.detector.data_info_ or {}).get("classes")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.detector.input_shape_)
+
+    @property
+    def forward_passes_per_input(self) -> int:
+        d = self.detector
+        return d.forward_passes_per_input + (0 if d.shares_model_pass else 1)
+
+    def p_values(self, scores: torch.Tensor) -> torch.Tensor:
+        return conformal_p_values(scores, self._calibration)
+
+    @torch.no_grad()
+    def forward(self, x) -> GuardOutput:
+        det = self.detector
+        images, bad = det._scorable(x)  # the conversion rule; NaN/inf images zeroed and marked
+        labels, confs, scores = [], [], []
+        device = det.device_
+        model = det.model_  # the suspect model on the detector's device (the same object when already there)
+        with eval_mode(model):
+            for start in range(0, len(images), det.batch_size):
+                xb = to_float(images[start : start + det.batch_size]).to(device)
+                logits = model(xb).float()
+                prob = torch.softmax(logits, 1)
+                conf, label = prob.max(1)
+                labels.append(label.cpu())
+                confs.append(conf.cpu())
+                scores.append(det.score_given_logits(xb, logits).float().cpu())
+        if labels:
+            label, conf, score = torch.cat(labels), torch.cat(confs), torch.cat(scores)
+        else:
+            label, conf, score = torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0)
+        score[bad] = float("nan")
+        conf[bad] = float("nan")
+        reject = det.decide(score)
+        reason = [REJECT_NONFINITE_INPUT if b else REJECT_NONFINITE_SCORE if s != s else REJECT_SCORE if r else ACCEPTED
+                  for b, s, r in zip(bad.tolist(), score.tolist(), reject.tolist())]
+        if self.policy == "abstain":
+            label = torch.where(reject, torch.full_like(label, self.abstain_label), label)
+        out = GuardOutput(label, conf, score, self.p_values(score), reject, reason)
+        if self.policy == "raise" and bool(reject.any()):
+            n = int(reject.sum())
+            first = next(r for r in reason if r != ACCEPTED)
+            raise RejectedInputError(f"{n} of {len(reject)} input(s) rejected by the {det.name} guard ({first})", out)
+        return out
+
+
+# --- bundles ---------------------------------------------------------------------------------------
+def _checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"|{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_meta: dict) -> Path:
+    """Write model, detector, calibration record and preprocessing to one checksummed file.
+
+    ``model_meta`` is the model's checkpoint metadata (:func:`badexpert.io.load_model` returns
+    it): the architecture is rebuilt from it, so the model must be one of badexpert's
+    architectures (export a model of your own with ONNX instead).
+    """
+    from safetensors.torch import save
+
+    from .io import check_model_meta, model_fingerprint
+
+    expect(model, nn.Module, "the model")
+    expect(detector, Detector, "the detector")
+    if not hasattr(detector, "threshold_"):
+        raise NotFittedError("a bundle needs a calibrated detector: call fit() then calibrate()")
+    detector.check_model(model)
+    mm = check_model_meta(dict(to_jsonable(model_meta)), "the model metadata")
+    det_tensors, det_meta = detector.to_state()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"detector.{k}": v for k, v in det_tensors.items()})
+    keep = ("arch", "width", "in_channels", "num_classes", "image_size", "mean", "std", "classes", "hflip",
+            "dataset", "attack", "seed", "badexpert_version")
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "model": {**{k: mm[k] for k in keep if k in mm}, "fingerprint": model_fingerprint(model)},
+        "detector": det_meta,
+    }
+    meta["checksum"] = _checksum(meta, tensors)
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata={"badexpert": json.dumps(meta)}))
+    return path
+
+
+def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A bundle's metadata and tensors, with the checksum verified and the metadata type-checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .io import check_model_meta, read_meta
+
+    meta = read_meta(path, fmt=BUNDLE_FORMAT, what="bundle", hint="create one with `badexpert bundle`")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BadExpertError(f"cannot read the tensors in bundle '{path}': the file is corrupt") from exc
+    if not isinstance(meta.get("checksum"), str) or _checksum(meta, tensors) != meta["checksum"]:
+        raise BadExpertError(f"bundle '{path}' fails its checksum: it is corrupt or was modified; rebuild it with "
+                             "`badexpert bundle`")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("detector"), dict):
+        raise BadExpertError(f"bundle '{path}' lacks its model or detector section; rebuild it with `badexpert bundle`")
+    check_model_meta(meta["model"], f"bundle '{path}' (model)")
+    check_detector_meta(meta["detector"], f"bundle '{path}' (detector)")
+    if meta["detector"]["threshold"] is None:
+        raise BadExpertError(f"bundle '{path}' holds an uncalibrated detector; rebuild it from a calibrated one")
+    return meta, tensors
+
+
+def load_bundle(path: str | Path, *, device: str | None = "cpu", policy: str = "flag",
+                abstain_label: int = -1) -> Guard:
+    """Rebuild the guard a bundle holds: checksum, metadata and the model's weights fingerprint
+    are verified before it is returned."""
+    from .io import build_for_weights, load_weights, model_fingerprint
+    from .utils import resolve_device
+
+    meta, tensors = read_bundle(path)
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    det_state = {k[len("detector."):]: v for k, v in tensors.items() if k.startswith("detector.")}
+    source = f"bundle '{path}'"
+    model = build_for_weights(meta["model"], {k: tuple(v.shape) for k, v in model_state.items()}, source)
+    load_weights(model, model_state, source=str(path), arch=meta["model"]["arch"])
+    if model_fingerprint(model) != meta["model"]["fingerprint"]:
+        raise BadExpertError(f"{source}: the model weights do not match the fingerprint recorded with them")
+    model = model.to(resolve_device(device)).eval()
+    detector = detector_from_state(det_state, meta["detector"], model, device=device, source=source)
+    return Guard(model, detector, policy=policy, abstain_label=abstain_label, meta=meta["model"])
+
+
+__all__ = ["BUNDLE_FORMAT", "Guard", "GuardOutput", "POLICIES", "RejectedInputError", "conformal_p_values",
+           "load_bundle", "read_bundle", "save_bundle"]
