@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything badexpert needs on a fresh machine: PyTorch (pinned CPU build unless one is
 # already installed), the Fashion-MNIST files (Debian package, when apt-get is usable) and the
-# package itself with its test extras.
+# package itself with its test, serve (FastAPI, uvicorn) and export (onnx, onnxruntime) extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -22,5 +22,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-"$PY" -m pip install --quiet -e ".[test]"
+"$PY" -m pip install --quiet -e ".[test,serve,export]"
 echo "setup.sh: done. Try: badexpert demo --out runs/demo"

@@ -4,22 +4,44 @@ The main entry points::
 
     from badexpert import load_dataset, split, build_model, train, Recipe
     from badexpert import get_attack, BaDExpert, load_detector, evaluate, load_model, save_model
+    from badexpert import Guard, save_bundle, load_bundle
+
+Names are imported on first use (PEP 562), so ``import badexpert.export`` or the CLI's ``--help``
+do not load PyTorch until something needs it (an ONNX runtime service never does).
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .attacks import ATTACKS, Attack, get_attack  # noqa: E402
-from .data import Dataset, Splits, load_dataset, split  # noqa: E402
-from .detectors import DETECTORS, BaDExpert, Detector, get_detector, load_detector  # noqa: E402
-from .errors import BadExpertError, NotFittedError  # noqa: E402
-from .evaluation import Evaluation, evaluate  # noqa: E402
-from .guard import Guard, GuardOutput, RejectedInputError, load_bundle, save_bundle  # noqa: E402
-from .io import load_model, save_model  # noqa: E402
-from .models import ARCHITECTURES, build_model  # noqa: E402
-from .training import Recipe, accuracy, train  # noqa: E402
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "ATTACKS": "attacks", "Attack": "attacks", "get_attack": "attacks",
+    "Dataset": "data", "Splits": "data", "load_dataset": "data", "split": "data",
+    "DETECTORS": "detectors", "BaDExpert": "detectors", "Detector": "detectors", "get_detector": "detectors",
+    "load_detector": "detectors",
+    "BadExpertError": "errors", "NotFittedError": "errors",
+    "Evaluation": "evaluation", "evaluate": "evaluation",
+    "Guard": "guard", "GuardOutput": "guard", "RejectedInputError": "guard", "load_bundle": "guard",
+    "save_bundle": "guard",
+    "load_model": "io", "save_model": "io",
+    "ARCHITECTURES": "models", "build_model": "models",
+    "Recipe": "training", "accuracy": "training", "train": "training",
+}
 
-__all__ = [
-    "ARCHITECTURES", "ATTACKS", "DETECTORS", "Attack", "BaDExpert", "BadExpertError", "Dataset", "Detector",
-    "Evaluation", "Guard", "GuardOutput", "NotFittedError", "RejectedInputError", "Recipe", "Splits", "accuracy", "build_model", "evaluate", "get_attack",
-    "get_detector", "load_bundle", "load_dataset", "load_detector", "load_model", "save_bundle", "save_model", "split", "train",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'badexpert' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
