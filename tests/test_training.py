@@ -64,3 +64,15 @@ def test_callback_runs_once_per_step_at_epoch_boundaries(blobs):
     train(m, tr.subset(range(640)), Recipe(epochs=2, batch_size=64, augment=False),  # 10 steps per epoch
           callback=lambda step, model: seen.append(step) or False, callback_every=5)
     assert seen == [5, 10, 15, 20]
+
+
+def test_eval_mode_restores_every_submodule():
+    from torch import nn
+
+    from badexpert.utils import eval_mode
+
+    inner = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval()
+    outer = nn.Sequential(inner)  # a train-mode wrapper around an eval-mode model
+    with eval_mode(outer):
+        assert not outer.training and not inner[1].training
+    assert outer.training and not inner.training and not inner[1].training

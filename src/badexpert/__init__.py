@@ -37,7 +37,10 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'badexpert' has no attribute '{name}'")
+        try:  # a submodule (badexpert.guard...), as eager imports used to make available
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'badexpert' has no attribute '{name}'") from None
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

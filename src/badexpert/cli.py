@@ -303,6 +303,35 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_bundle
+
+    r = export_bundle(args.bundle, args.onnx, opset=args.opset, overwrite=args.overwrite, log=_log)
+    v = r["verification"]
+    ties = v["borderline_label_flips"] + v["borderline_reject_flips"]
+    same = "identical" if not ties else f"identical except {ties} tie(s) within tolerance"
+    print(f"verified on {v['inputs']} inputs against the eager guard: labels and reject flags {same}, "
+          f"max |score diff| {v['max_abs_score_diff']:.2g}, max |confidence diff| {v['max_confidence_diff']:.2g}")
+    print(f"wrote {r['onnx']} ({r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['score_rule']} score, "
+          f"threshold {r['threshold']:.4g})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import Settings, require_server_deps, serve
+
+    require_server_deps()  # a missing extra is one line, before anything is loaded
+    if (args.bundle is None) == (args.onnx is None):
+        raise BadExpertError("serve needs a bundle file (`badexpert bundle`) or --onnx FILE (`badexpert export`), "
+                             "not both")
+    settings = Settings(max_body_mb=args.max_body_mb, max_batch=args.max_batch, max_queue=args.max_queue,
+                        batch_wait_ms=args.batch_wait_ms, strict_size=args.strict_size, on_reject=args.on_reject,
+                        drift_window=args.drift_window, drift_alpha=args.drift_alpha, drift_rate=args.drift_rate)
+    serve(args.bundle, host=args.host, port=args.port, settings=settings, onnx=args.onnx, threads=args.threads,
+          log_level=args.log_level)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
@@ -425,6 +454,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle file to write (.safetensors)")
     _add_overwrite(p)
     p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("export", help="export a bundle to one ONNX graph (model, expert, auxiliary model, score, threshold)",
+                       description="Write one ONNX graph holding the bundle's suspect model, backdoor expert and "
+                                   "auxiliary model with the detector's score rule and calibrated threshold (input "
+                                   "'images' float32 [N, C, H, W] in [0, 1]; outputs label, confidence, score, reject), "
+                                   "after checking it against the eager guard with onnxruntime; nothing is written if "
+                                   "they disagree. Needs the export extra: pip install 'badexpert[export]'.")
+    p.add_argument("bundle", help="bundle written by `badexpert bundle`")
+    p.add_argument("--onnx", required=True, help="ONNX file to write (.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP: the model's answers with the detector in front",
+                       description="Run an HTTP service (FastAPI + uvicorn) around a bundle: POST /v1/classify takes "
+                                   "JSON arrays, image uploads or raw uint8 tensors and answers, per input, label, "
+                                   "class, confidence, score, conformal p-value and accept/reject with the reason; "
+                                   "/healthz, /readyz, /metrics (Prometheus) and /v1/status (with the drift alarm). "
+                                   "Concurrent requests are micro-batched. Needs the serve extra: "
+                                   "pip install 'badexpert[serve]'.")
+    p.add_argument("bundle", nargs="?", default=None, help="bundle written by `badexpert bundle`")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="serve an ONNX guard written by `badexpert export` (onnxruntime) instead of a bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, logged at start)")
+    g = p.add_argument_group("limits and batching")
+    g.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16; 413 above)")
+    g.add_argument("--max-batch", type=int, default=256,
+                   help="most inputs per request and per forward pass (default 256; 413 above)")
+    g.add_argument("--max-queue", type=int, default=None,
+                   help="most inputs waiting for the model before 503 (default 4 x --max-batch)")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long to wait for more requests to fill a batch (default 5)")
+    g.add_argument("--strict-size", action="store_true",
+                   help="refuse uploaded images of another size (default: resize them, bilinear)")
+    g.add_argument("--on-reject", choices=("flag", "abstain"), default="flag",
+                   help="flag: answer label and class for rejected inputs too (default); abstain: null for them")
+    g = p.add_argument_group("drift alarm")
+    g.add_argument("--drift-window", type=int, default=500, help="served inputs in the sliding window (default 500)")
+    g.add_argument("--drift-alpha", type=float, default=1e-3,
+                   help="significance of the one-sided binomial test (default 0.001)")
+    g.add_argument("--drift-rate", type=float, default=None,
+                   help="reference rejection rate (default: the detector's calibrated FPR target)")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's own)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="JSON log lines on stderr from this level (default info: one line per request)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="print the metadata of a model, detector or bundle file")
     p.add_argument("file")

@@ -65,15 +65,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    """Put models in eval mode for the block and restore their previous modes after."""
-    modes = [m.training for m in models]
+    """Put models in eval mode for the block and restore the previous mode of every submodule
+    after (restoring only the top module's would switch an eval-mode model wrapped in a
+    train-mode one to train mode)."""
+    modes = [(sub, sub.training) for m in models for sub in m.modules()]
     try:
         for m in models:
             m.eval()
         yield
     finally:
-        for m, was in zip(models, modes):
-            m.train(was)
+        for sub, was in modes:
+            sub.training = was
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,0 +1,644 @@
+"""A deployment bundle as one ONNX graph, and :class:`OnnxGuard` to run it without PyTorch.
+
+:func:`export_bundle` (CLI ``badexpert export BUNDLE --onnx FILE``) rebuilds the guard a bundle
+holds and writes one ONNX graph with the suspect model, the backdoor expert and the auxiliary
+model, the detector's score rule and the calibrated threshold:
+
+- input ``images``: float32 ``[N, C, H, W]`` in ``[0, 1]``, dynamic batch;
+- outputs ``label`` (int64, the model's label), ``confidence`` (float32, its softmax probability),
+  ``score`` (float32, the detector's score, computed from the three models' logits by the very
+  code the eager detector runs, ``BaDExpert._combine(_forward(...))``) and ``reject`` (bool,
+  ``not (score <= threshold)``, so a NaN score is rejected);
+- an image holding a NaN or inf pixel is zeroed before the models see it and comes out with
+  ``score = confidence = NaN`` and ``reject = True``, as in the eager :class:`~badexpert.guard.Guard`;
+- the model's metadata (``metadata_props``, key ``"badexpert"``, JSON) holds the class names,
+  input shape, threshold, target FPR, the calibration scores (for conformal p-values), the score
+  rule and the suspect model's weights fingerprint.
+
+Before anything is written, the graph is run with onnxruntime on a fixed, seeded verification
+batch (float and uint8 images, smooth and noisy, with corner patches, plus non-finite and
+edge-of-range ones) and compared with the eager guard: labels, reject flags and NaN pattern must
+agree and scores lie within ``1e-3 + 1e-4 |score|``; otherwise nothing is written. The file is
+written atomically.
+
+:class:`OnnxGuard` loads such a file with onnxruntime alone: this module imports neither torch
+nor any badexpert module that does (only :mod:`badexpert.errors`) at import time, and the
+PyTorch-side code below imports it inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadExpertError
+
+ONNX_FORMAT = "badexpert-onnx/1"
+META_KEY = "badexpert"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("label", "confidence", "score", "reject")
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input: what the graph is written for
+#: The package's conversion rule (badexpert.data.core.IMAGE_TOLERANCE), restated here so that this
+#: module never imports torch; tests check the two agree.
+IMAGE_TOLERANCE = 1e-3
+#: Verification tolerance on scores: |onnx - eager| <= SCORE_ATOL + SCORE_RTOL * |eager|.
+SCORE_RTOL, SCORE_ATOL = 1e-4, 1e-3
+#: An eager label whose top-two probabilities are closer than this may legitimately differ.
+LABEL_TIE = 1e-5
+EXTRA_HINT = "install the export extra: pip install 'badexpert[export]'"
+
+
+def _require(name: str):
+    """Import ``onnx`` or ``onnxruntime`` on demand; missing: a one-line error naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise BadExpertError(f"{name} is not installed; {EXTRA_HINT}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- building the graph (PyTorch side) ------------------------------------------------------------
+def _exportable(model, input_shape: tuple[int, int, int]):
+    """A copy of ``model`` (eval mode) whose ``nn.AdaptiveAvgPool2d`` layers are replaced by
+    equivalent fixed-size pooling for the input shape the guard takes.
+
+    The TorchScript ONNX exporter refuses adaptive average pooling whose output size does not
+    divide its input size (the small CNN pools 7x7 to 3x3 on 28x28 images). With the spatial size
+    fixed, each such layer is a fixed linear map: an ``AvgPool2d`` when the bins are regular
+    (7 -> 3: kernel 3, stride 2), else two pooling matrices.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    class MatrixPool(nn.Module):
+        """Adaptive average pooling for one input size, as ``P_h @ x @ P_w^T``."""
+
+        def __init__(self, ph: torch.Tensor, pw: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("ph", ph)
+            self.register_buffer("pwt", pw.t().contiguous())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(torch.matmul(self.ph, x), self.pwt)
+
+    def bins(n_in: int, n_out: int) -> list[tuple[int, int]]:
+        return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+    def regular(b: list[tuple[int, int]]) -> tuple[int, int] | None:
+        sizes = {e - s for s, e in b}
+        strides = {b[i + 1][0] - b[i][0] for i in range(len(b) - 1)}
+        if len(sizes) == 1 and len(strides) <= 1:
+            return sizes.pop(), (strides.pop() if strides else 1)
+        return None
+
+    def matrix(b: list[tuple[int, int]], n_in: int) -> torch.Tensor:
+        m = torch.zeros(len(b), n_in)
+        for i, (s, e) in enumerate(b):
+            m[i, s:e] = 1.0 / (e - s)
+        return m
+
+    model = copy.deepcopy(model).cpu().eval()
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            hooks.append(mod.register_forward_hook(
+                lambda m, inp, out, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:]))))
+    if not hooks:
+        return model
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, (h, w) in sizes.items():
+        mod = model.get_submodule(name)
+        out = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size, mod.output_size)
+        oh = h if out[0] is None else int(out[0])
+        ow = w if out[1] is None else int(out[1])
+        if h % oh == 0 and w % ow == 0:
+            continue  # the exporter handles these (global pooling included)
+        bh, bw = bins(h, oh), bins(w, ow)
+        rh, rw = regular(bh), regular(bw)
+        if rh and rw:
+            new = nn.AvgPool2d((rh[0], rw[0]), stride=(rh[1], rw[1]))
+        else:
+            new = MatrixPool(matrix(bh, h), matrix(bw, w))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def _guard_graph(guard):
+    """The ``nn.Module`` that is traced into the ONNX graph (see the module docstring)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    det = guard.detector
+    shape = tuple(guard.input_shape)
+
+    class GuardGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _exportable(det.model_, shape)
+            self.expert = _exportable(det.expert_, shape)
+            self.auxiliary = _exportable(det.auxiliary_, shape)
+            # the detector's own scoring code, on the exportable copies of its two models
+            self.scorer = copy.copy(det)
+            self.scorer.expert_, self.scorer.auxiliary_ = self.expert, self.auxiliary
+            self.register_buffer("threshold", torch.tensor(float(det.threshold_), dtype=torch.float32))
+
+        def forward(self, images: torch.Tensor):
+            bad = ~torch.isfinite(images).flatten(1).all(1)  # IsNaN / IsInf, reduced per image
+            x = torch.where(bad[:, None, None, None], torch.zeros_like(images), images).clamp(0, 1)
+            logits = self.model(x).float()
+            confidence, label = torch.softmax(logits, 1).max(1)  # as Guard.forward
+            score = self.scorer._combine(self.scorer._forward(x, logits)).float()
+            nan = torch.full_like(score, float("nan"))
+            score = torch.where(bad, nan, score)
+            confidence = torch.where(bad, nan, confidence)
+            reject = ~(score <= self.threshold)  # Detector.decide: a NaN score is rejected
+            return label, confidence, score, reject
+
+    return GuardGraph().eval()
+
+
+def _torch_to_onnx(module, example, output_names: tuple[str, ...], opset: int) -> bytes:
+    """Trace ``module`` with the TorchScript exporter (``dynamo=False``: it needs no onnxscript)
+    into ONNX bytes with a dynamic batch axis; any failure is a one-line error. The exporter's C++
+    dump of the graph on failure (written straight to file descriptor 1) is captured and dropped,
+    and ``nn.MultiheadAttention``'s fused fast path, which has no ONNX form, is off meanwhile."""
+    import contextlib
+    import io
+    import os
+    import sys
+    import tempfile
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            try:
+                if mha is not None:
+                    mha.set_fastpath_enabled(False)
+                torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
+                                  do_constant_folding=True)
+            finally:
+                if mha is not None:
+                    mha.set_fastpath_enabled(fastpath)
+                for fd, orig in saved.items():
+                    with contextlib.suppress(OSError):
+                        os.dup2(orig, fd)
+    except BadExpertError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; all mean "cannot export"
+        raise BadExpertError(f"cannot export the model to ONNX (opset {opset}): {_first_line(exc)}") from exc
+    finally:
+        for orig in saved.values():
+            os.close(orig)
+    return buf.getvalue()
+
+
+def _check_opset(opset) -> int:
+    try:  # the highest opset the TorchScript exporter writes (20 in torch 2.13)
+        from torch.onnx import _constants
+
+        top = int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    except ImportError:
+        top = 20
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise BadExpertError(f"--opset must be an integer from {MIN_OPSET} to {top}, got {opset!r}")
+    return opset
+
+
+def _example(input_shape, n: int = 2):
+    import torch
+
+    return torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(0))
+
+
+def export_model_onnx(model, input_shape: tuple[int, int, int], *, opset: int = DEFAULT_OPSET) -> bytes:
+    """The bare classifier ``model`` (float images in ``[0, 1]`` -> ``logits``) as ONNX bytes,
+    without the detector: the baseline of bench/onnx_speed.py."""
+    opset = _check_opset(opset)
+    _require("onnx")
+    return _torch_to_onnx(_exportable(model, tuple(input_shape)), _example(input_shape), ("logits",), opset)
+
+
+def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = None) -> dict[str, Any]:
+    """What the ONNX file records about its guard (stored as JSON in ``metadata_props``)."""
+    from . import __version__
+
+    det = guard.detector
+    scores = det.calibration_scores_.double().flatten().tolist()
+    return {
+        "format": ONNX_FORMAT,
+        "badexpert_version": __version__,
+        "detector": det.name,
+        "score_rule": det.rule,
+        "classes": list(guard.classes) if guard.classes is not None else None,
+        "num_classes": guard.meta.get("num_classes"),
+        "input_shape": list(guard.input_shape),
+        "threshold": float(det.threshold_),
+        "fpr_target": float(det.fpr_target_),
+        "calibration_size": len(scores),
+        "calibration_scores": scores,
+        "model_fingerprint": det.model_fingerprint_,
+        "arch": guard.meta.get("arch"),
+        "bundle": source,
+        "bundle_checksum": checksum,
+        "inputs": {INPUT_NAME: "float32 [N, C, H, W] in [0, 1]"},
+        "outputs": {"label": "int64", "confidence": "float32", "score": "float32", "reject": "bool"},
+    }
+
+
+def build_onnx(guard, *, opset: int = DEFAULT_OPSET, source: str | None = None, checksum: str | None = None) -> bytes:
+    """The serialized ONNX graph of a BaDExpert :class:`~badexpert.guard.Guard` (module docstring),
+    with its metadata; nothing is written."""
+    from .detectors.badexpert import SCORES, BaDExpert
+
+    opset = _check_opset(opset)
+    onnx = _require("onnx")
+    det = guard.detector
+    if not isinstance(det, BaDExpert):
+        raise BadExpertError(f"export supports the badexpert detector only, not '{det.name}'")
+    if det.rule not in SCORES:  # pragma: no cover - the detector validates its rule
+        raise BadExpertError(f"score rule '{det.rule}' cannot be exported; use one of: {', '.join(SCORES)}")
+    raw = _torch_to_onnx(_guard_graph(guard), _example(guard.input_shape), OUTPUT_NAMES, opset)
+    try:
+        proto = onnx.load_from_string(raw)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001
+        raise BadExpertError(f"the exported ONNX graph is invalid: {_first_line(exc)}") from exc
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key = META_KEY
+    entry.value = json.dumps(onnx_metadata(guard, source=source, checksum=checksum))
+    proto.doc_string = ("badexpert guard: suspect model, backdoor expert and auxiliary model with the "
+                        f"'{det.rule}' score and threshold {det.threshold_:.6g}")
+    proto.producer_name = "badexpert"
+    return proto.SerializeToString()
+
+
+# --- verification -------------------------------------------------------------------------------
+def verification_inputs(input_shape, *, n: int = 256, seed: int = 0) -> list[np.ndarray]:
+    """A fixed, seeded set of batches that exercises the graph: float32 images (uniform noise,
+    smooth random images, some with a bright or dark corner patch), the same kinds as uint8, and
+    a batch of special images (all zeros, all ones, values just outside ``[0, 1]`` within the
+    tolerance, a NaN / +inf / -inf pixel)."""
+    c, h, w = (int(v) for v in input_shape)
+    rng = np.random.default_rng(seed)
+
+    def smooth(k: int) -> np.ndarray:
+        gh, gw = max(1, h // 4), max(1, w // 4)
+        grid = rng.random((k, c, gh, gw), dtype=np.float32)
+        up = np.repeat(np.repeat(grid, -(-h // gh), axis=2), -(-w // gw), axis=3)[:, :, :h, :w]
+        return np.ascontiguousarray(up)
+
+    def patched(x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        ph, pw = max(1, h // 8), max(1, w // 8)
+        for i in range(len(x)):
+            value = float(rng.integers(0, 2))
+            r = int(rng.integers(0, 2)) * (h - ph)
+            q = int(rng.integers(0, 2)) * (w - pw)
+            x[i, :, r : r + ph, q : q + pw] = value
+        return x
+
+    q = n // 8
+    floats = np.concatenate([
+        rng.random((2 * q, c, h, w), dtype=np.float32),
+        smooth(3 * q),
+        patched(smooth(3 * q)),
+    ]).astype(np.float32)
+    as_u8 = np.concatenate([
+        rng.integers(0, 256, (q, c, h, w), dtype=np.uint8),
+        (patched(smooth(q)) * 255).round().astype(np.uint8),
+    ])
+    special = np.stack([
+        np.zeros((c, h, w), np.float32), np.ones((c, h, w), np.float32),
+        np.clip(smooth(1)[0] * 1.002 - 0.001, -IMAGE_TOLERANCE, 1 + IMAGE_TOLERANCE),
+        smooth(1)[0], smooth(1)[0], smooth(1)[0], smooth(1)[0],
+    ]).astype(np.float32)
+    special[3, 0, 0, 0] = np.nan
+    special[4, -1, h // 2, w // 2] = np.inf
+    special[5, 0, -1, -1] = -np.inf
+    special[6, :, :, :] = np.nan
+    return [floats, as_u8, special]
+
+
+def compare_with_guard(onnx_guard: "OnnxGuard", guard, batches: list[np.ndarray]) -> dict[str, Any]:
+    """Run both guards on ``batches`` and measure how far apart they are (no decision)."""
+    import torch
+
+    n = mism_label = mism_reject = mism_nan = border_label = border_reject = 0
+    max_abs = max_rel = max_conf = max_p = 0.0
+    bad_scores = 0
+    thr = np.float32(guard.detector.threshold_)
+    for batch in batches:
+        ours = onnx_guard(batch)
+        eager = guard(torch.from_numpy(batch))
+        e_label, e_conf = eager.label.numpy(), eager.confidence.numpy()
+        e_score, e_p, e_reject = eager.score.numpy(), eager.p_value.numpy(), eager.reject.numpy()
+        n += len(batch)
+        nan_e, nan_o = np.isnan(e_score), np.isnan(ours["score"])
+        mism_nan += int((nan_e != nan_o).sum())
+        both = ~nan_e & ~nan_o
+        diff = np.abs(ours["score"][both].astype(np.float64) - e_score[both].astype(np.float64))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float((diff / np.maximum(np.abs(e_score[both]), 1e-12)).max()))
+            bad_scores += int((diff > SCORE_ATOL + SCORE_RTOL * np.abs(e_score[both])).sum())
+        conf_ok = ~np.isnan(e_conf) & ~np.isnan(ours["confidence"])
+        if conf_ok.any():
+            max_conf = max(max_conf, float(np.abs(ours["confidence"][conf_ok] - e_conf[conf_ok]).max()))
+        max_p = max(max_p, float(np.abs(ours["p_value"] - e_p).max()) if len(e_p) else 0.0)
+        # labels: a tie between the eager top-two probabilities may break either way
+        with torch.no_grad():
+            probs = _eager_probabilities(guard, batch)
+        top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.zeros((len(probs), 2))
+        tie = (top2[:, 1] - top2[:, 0]) <= LABEL_TIE
+        wrong = ours["label"] != e_label
+        mism_label += int((wrong & ~tie).sum())
+        border_label += int((wrong & tie).sum())
+        # reject flags: a score within the tolerance of the threshold may fall either side
+        near = np.abs(e_score.astype(np.float64) - float(thr)) <= SCORE_ATOL + SCORE_RTOL * abs(float(thr))
+        flip = ours["reject"] != e_reject
+        mism_reject += int((flip & ~near).sum())
+        border_reject += int((flip & near).sum())
+    return {
+        "inputs": n, "label_mismatches": mism_label, "reject_mismatches": mism_reject, "nan_mismatches": mism_nan,
+        "scores_out_of_tolerance": bad_scores, "borderline_label_flips": border_label,
+        "borderline_reject_flips": border_reject, "max_abs_score_diff": max_abs, "max_rel_score_diff": max_rel,
+        "max_confidence_diff": max_conf, "max_p_value_diff": max_p,
+        "tolerance": {"score_rtol": SCORE_RTOL, "score_atol": SCORE_ATOL},
+    }
+
+
+def _eager_probabilities(guard, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    from .data.core import to_float
+
+    det = guard.detector
+    images, bad = det._scorable(torch.from_numpy(batch))
+    with torch.no_grad():
+        det.model_.eval()
+        probs = torch.softmax(det.model_(to_float(images).to(det.device_)).float(), 1).cpu()
+    probs[bad] = 0.0
+    return probs.numpy()
+
+
+def verify_onnx(onnx_model, guard, *, batches: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Compare an ONNX guard (path or bytes) with the eager ``guard`` on ``batches`` (default:
+    :func:`verification_inputs`); a one-line :class:`BadExpertError` if they disagree."""
+    if batches is None:
+        batches = verification_inputs(guard.input_shape)
+    report = compare_with_guard(OnnxGuard(onnx_model, intra_op_threads=1), guard, batches)
+    problems = [f"{report[k]} {what}" for k, what in (
+        ("label_mismatches", "label(s)"), ("reject_mismatches", "reject flag(s)"),
+        ("nan_mismatches", "NaN score(s)"), ("scores_out_of_tolerance", "score(s) beyond tolerance"),
+    ) if report[k]]
+    if problems:
+        raise BadExpertError(
+            f"the ONNX graph disagrees with the eager guard on {report['inputs']} verification inputs: "
+            f"{', '.join(problems)} differ (max |score diff| {report['max_abs_score_diff']:.3g}); nothing was written"
+        )
+    return report
+
+
+# --- the command --------------------------------------------------------------------------------
+def check_onnx_output(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Before any work: ``path`` names a ``.onnx`` file that may be written (``--overwrite``
+    needed to replace one)."""
+    from .utils import _check_creatable
+
+    p = Path(path)
+    if p.suffix.lower() != ".onnx":
+        raise BadExpertError(f"--onnx must name a .onnx file, got '{p}'")
+    if p.is_dir():
+        raise BadExpertError(f"'{p}' is a directory; --onnx must name a file")
+    if p.exists() and not overwrite:
+        raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another --onnx")
+    _check_creatable(p)
+    return p
+
+
+def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                  log=None) -> dict[str, Any]:
+    """``badexpert export``: bundle -> verified ONNX file, written atomically. Returns a report
+    (the verification's numbers, the file, its size, opset and score rule)."""
+    from .guard import BUNDLE_FORMAT, load_bundle
+    from .io import read_meta
+    from .utils import atomic_write_bytes
+
+    out = check_onnx_output(onnx_path, overwrite=overwrite)
+    _require("onnx")
+    _require("onnxruntime")
+    opset = _check_opset(opset)
+    guard = load_bundle(bundle, device="cpu")  # checksum, metadata and fingerprint verified
+    checksum = read_meta(bundle, fmt=BUNDLE_FORMAT, what="bundle", hint="").get("checksum")
+    if log:
+        log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.rule} score) from '{bundle}' at opset {opset}")
+    data = build_onnx(guard, opset=opset, source=Path(bundle).name, checksum=checksum)
+    report = verify_onnx(data, guard)
+    check_onnx_output(out, overwrite=overwrite)  # still safe to write?
+    atomic_write_bytes(out, data)
+    return {"onnx": str(out), "bytes": len(data), "opset": opset, "score_rule": guard.detector.rule,
+            "threshold": float(guard.detector.threshold_), "verification": report}
+
+
+# --- running the graph without PyTorch ----------------------------------------------------------
+def conformal_p_values(scores: np.ndarray, calibration_sorted: np.ndarray) -> np.ndarray:
+    """``(1 + #{calibration >= s}) / (n + 1)`` per score, 0 for a NaN score
+    (:func:`badexpert.guard.conformal_p_values` in numpy; ``calibration_sorted`` ascending float64)."""
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(calibration_sorted)
+    ge = n - np.searchsorted(calibration_sorted, np.nan_to_num(s, nan=0.0), side="left")
+    p = (1 + ge).astype(np.float64) / (n + 1)
+    return np.where(np.isnan(s), 0.0, p).astype(np.float32)
+
+
+def _meta_error(source: str, what: str) -> BadExpertError:
+    return BadExpertError(f"{source} is not a badexpert ONNX guard ({what}); create one with `badexpert export`")
+
+
+def _check_meta(meta: Any, source: str) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        raise _meta_error(source, f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                                  f"expected {ONNX_FORMAT!r}")
+    shape = meta.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
+        raise _meta_error(source, "bad input_shape")
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise _meta_error(source, "bad classes")
+    for key in ("threshold", "fpr_target"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), (int, float)) or math.isnan(meta[key]):
+            raise _meta_error(source, f"bad {key}")
+    if not 0 < meta["fpr_target"] < 1:
+        raise _meta_error(source, "bad fpr_target")
+    cal = meta.get("calibration_scores")
+    if not (isinstance(cal, list) and cal and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in cal)):
+        raise _meta_error(source, "bad calibration_scores")
+    if not isinstance(meta.get("model_fingerprint"), str):
+        raise _meta_error(source, "no model fingerprint")
+    return meta
+
+
+class OnnxGuard:
+    """A guard exported by :func:`export_bundle`, run with onnxruntime (PyTorch never imported).
+
+    ``OnnxGuard(path)(x)`` takes a batch ``[N, C, H, W]`` of uint8 images in ``[0, 255]`` or float
+    images in ``[0, 1]`` (the package's one conversion rule: floats beyond a 0.001 tolerance and
+    other dtypes are refused with a one-line :class:`BadExpertError`; a numpy array, or anything
+    ``numpy.asarray`` accepts) and returns a dict of numpy arrays, one entry per input:
+    ``label`` (int64), ``confidence`` (float32), ``score`` (float32, NaN where the input held a
+    NaN or inf pixel), ``p_value`` (float32, conformal against the calibration scores, 0 for a
+    NaN score) and ``reject`` (bool).
+
+    ``path`` may also be the serialized model (bytes). ``providers``: onnxruntime execution
+    providers (default: CUDA when this onnxruntime has it, else the CPU). ``intra_op_threads``:
+    onnxruntime's intra-op thread count (default: its own). ``batch_size``: inputs per run.
+    """
+
+    def __init__(self, path: str | Path | bytes, *, providers: list | None = None, intra_op_threads: int | None = None,
+                 batch_size: int = 256) -> None:
+        ort = _require("onnxruntime")
+        if isinstance(path, (bytes, bytearray)):
+            source, model = "the ONNX model", bytes(path)
+            self.path = None
+        else:
+            p = Path(path)
+            source, model = f"'{p}'", str(p)
+            if not p.is_file():
+                raise BadExpertError(f"ONNX file '{p}' does not exist; create one with `badexpert export`")
+            self.path = p
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BadExpertError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        opts = ort.SessionOptions()
+        if intra_op_threads is not None:
+            opts.intra_op_num_threads = int(intra_op_threads)
+            opts.inter_op_num_threads = 1
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+        try:
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BadExpertError(f"{source} cannot be loaded by onnxruntime: {_first_line(exc)}") from exc
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None:
+            raise _meta_error(source, "no badexpert metadata")
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise _meta_error(source, "unreadable metadata") from None
+        self.meta = _check_meta(meta, source)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
+            raise _meta_error(source, f"inputs {inputs}, outputs {outputs}")
+        self.classes: list[str] | None = meta.get("classes")
+        self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
+        self.threshold: float = float(meta["threshold"])
+        self.fpr_target: float = float(meta["fpr_target"])
+        self.score_rule: str | None = meta.get("score_rule")
+        self.model_fingerprint: str = meta["model_fingerprint"]
+        self.calibration_scores = np.sort(np.asarray(meta["calibration_scores"], dtype=np.float64))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def p_values(self, scores) -> np.ndarray:
+        return conformal_p_values(scores, self.calibration_scores)
+
+    def to_float(self, x) -> np.ndarray:
+        """Check a batch by the conversion rule and return it as float32 ``[N, C, H, W]`` (uint8 / 255;
+        non-finite pixels are kept: the graph rejects those images)."""
+        try:
+            a = np.asarray(x)
+        except Exception as exc:  # noqa: BLE001
+            raise BadExpertError(f"images must be an array of images [N, C, H, W], got {type(x).__name__}") from exc
+        if a.ndim != 4:
+            raise BadExpertError(f"images must have shape [N, C, H, W], got {tuple(a.shape)}")
+        if tuple(a.shape[1:]) != self.input_shape:
+            raise BadExpertError(f"inputs of shape {tuple(a.shape[1:])} but the guard takes {self.input_shape}")
+        if a.dtype == np.uint8:
+            return np.ascontiguousarray(a, dtype=np.float32) / np.float32(255.0)
+        if not np.issubdtype(a.dtype, np.floating):
+            raise BadExpertError(
+                f"images of dtype {a.dtype} are not accepted (their scale is ambiguous): pass uint8 in [0, 255] "
+                "(x.astype(np.uint8)) or float in [0, 1] (x / 255)"
+            )
+        a = np.ascontiguousarray(a, dtype=np.float32) if a.dtype != np.float32 else np.ascontiguousarray(a)
+        finite = np.isfinite(a)
+        if a.size and finite.any():
+            vals = a[finite] if not finite.all() else a
+            lo, hi = float(vals.min()), float(vals.max())
+            if lo < -IMAGE_TOLERANCE or hi > 1 + IMAGE_TOLERANCE:
+                hint = ("divide by 255 (x / 255) or pass uint8" if hi > 1 + IMAGE_TOLERANCE and lo >= -IMAGE_TOLERANCE
+                        and hi <= 255 else "undo any normalisation and scale to [0, 1]")
+                raise BadExpertError(f"float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+        return a
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's raw outputs for float32 images (no checks), batch by batch."""
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+        for start in range(0, len(images), self.batch_size):
+            res = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + self.batch_size]})
+            for k, v in zip(OUTPUT_NAMES, res):
+                parts[k].append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def __call__(self, x) -> dict[str, np.ndarray]:
+        images = self.to_float(x)
+        if len(images) == 0:
+            out = {"label": np.empty(0, np.int64), "confidence": np.empty(0, np.float32),
+                   "score": np.empty(0, np.float32), "reject": np.empty(0, bool)}
+        else:
+            out = self.run(images)
+        out["p_value"] = self.p_values(out["score"])
+        return {k: out[k] for k in ("label", "confidence", "score", "p_value", "reject")}
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "<bytes>"
+        return (f"OnnxGuard({where}, input_shape={self.input_shape}, rule={self.score_rule}, "
+                f"threshold={self.threshold:.6g}, fpr_target={self.fpr_target:g})")
+
+
+__all__ = ["DEFAULT_OPSET", "ONNX_FORMAT", "OnnxGuard", "build_onnx", "check_onnx_output", "conformal_p_values",
+           "export_bundle", "export_model_onnx", "verification_inputs", "verify_onnx"]
