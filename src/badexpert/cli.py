@@ -1,6 +1,7 @@
 """Command-line interface: thin argument parsing over the library.
 
-Commands: ``demo``, ``run`` (from a JSON config), ``train``, ``defend``, ``evaluate``, ``bundle``, ``info``.
+Commands: ``demo``, ``run`` (from a JSON config), ``train``, ``defend``, ``evaluate``, ``bundle``, ``serve``,
+``export``, ``info``.
 Every user mistake ends with one line on stderr and exit status 2.
 """
 
