@@ -440,17 +440,9 @@ def verify_onnx(onnx_model, guard, *, batches: list[np.ndarray] | None = None) -
 def check_onnx_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """Before any work: ``path`` names a ``.onnx`` file that may be written (``--overwrite``
     needed to replace one)."""
-    from .utils import _check_creatable
+    from .utils import check_output_file
 
-    p = Path(path)
-    if p.suffix.lower() != ".onnx":
-        raise BadExpertError(f"--onnx must name a .onnx file, got '{p}'")
-    if p.is_dir():
-        raise BadExpertError(f"'{p}' is a directory; --onnx must name a file")
-    if p.exists() and not overwrite:
-        raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another --onnx")
-    _check_creatable(p)
-    return p
+    return check_output_file(path, suffix=".onnx", overwrite=overwrite, option="--onnx")
 
 
 def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEFAULT_OPSET, overwrite: bool = False,

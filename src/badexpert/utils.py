@@ -115,18 +115,20 @@ def _check_creatable(target: Path) -> None:
         raise BadExpertError(f"cannot write to '{anc}' (permission denied); choose another location")
 
 
-def check_output_file(path: str | Path, *, suffix: str | None = None, overwrite: bool = False) -> Path:
+def check_output_file(path: str | Path, *, suffix: str | None = None, overwrite: bool = False,
+                      option: str = "--out") -> Path:
     """Check, before any work starts, that a single output file can be written at ``path``.
 
     An existing directory at ``path`` is an error; an existing file needs ``overwrite``.
+    ``option`` names the command-line option in messages.
     """
     p = Path(path)
-    if suffix and p.suffix != suffix:
-        raise BadExpertError(f"--out must name a {suffix} file, got '{p}'")
+    if suffix and p.suffix.lower() != suffix:
+        raise BadExpertError(f"{option} must name a {suffix} file, got '{p}'")
     if p.is_dir():
-        raise BadExpertError(f"'{p}' is a directory; --out must name a file")
+        raise BadExpertError(f"'{p}' is a directory; {option} must name a file")
     if p.exists() and not overwrite:
-        raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another --out")
+        raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another {option}")
     _check_creatable(p)
     return p
 
