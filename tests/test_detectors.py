@@ -169,7 +169,7 @@ def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     # the smallest probed lr whose held-out accuracy dips in the first epoch, then a full run that recovers
     assert aux["probes"][-1]["lowest_accuracy"] <= aux["dip_target"]
     assert all(p["lowest_accuracy"] > aux["dip_target"] for p in aux["probes"][:-1])
-    assert aux["accuracy"] >= 0.5 * aux["model_accuracy"]
+    assert aux["accuracy"] >= aux["recover_target"] == det.aux_recover * aux["model_accuracy"]
     # the expert began to forget the clean task but kept the backdoor
     with torch.no_grad():
         clean_agree = (det.expert_(to_float(test.images)).argmax(1) == model(to_float(test.images)).argmax(1)).float().mean()
@@ -177,6 +177,24 @@ def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     assert clean_agree < 0.95 and kept > 0.9
     assert det.rule == "logodds"
     assert auroc(det.score(test).numpy(), det.score(triggered).numpy()) > 0.95
+
+
+def test_auxiliary_that_does_not_recover_is_replaced_by_a_gentler_one(splits):
+    """An auxiliary run that stays below aux_recover x the model's held-out accuracy is replaced by
+    the next smaller learning rate, down the ladder; the last run trained is the one kept."""
+    from badexpert.detectors.badexpert import AUX_LR_LADDER
+
+    model, reserved, _, _, _ = splits
+    common = dict(hflip=False, seed=0, expert_lr=1e-2, aux_epochs=1)
+    easy = BaDExpert(aux_recover=0.0, **common).fit(model, reserved).fit_report_["auxiliary"]
+    assert len(easy["runs"]) == 1
+    strict = BaDExpert(aux_recover=1.0, **common).fit(model, reserved)  # must match the model's own accuracy
+    rep = strict.fit_report_["auxiliary"]
+    runs, target = rep["runs"], rep["recover_target"]
+    lrs = [r["lr"] for r in runs]
+    assert len(runs) > 1 and lrs == sorted(lrs, reverse=True) and lrs[0] == easy["lr"]
+    assert all(r["accuracy"] < target for r in runs[:-1])
+    assert strict.aux_lr_ == lrs[-1] and (runs[-1]["accuracy"] >= target or lrs[-1] == AUX_LR_LADDER[0])
 
 
 def test_paper_preset_runs_the_research_settings(splits):
