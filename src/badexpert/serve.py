@@ -45,11 +45,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Mapping
 
 import numpy as np
 
 from .errors import BadExpertError
+from .validation import OneOf, PositiveFloat, PositiveInt, Range, validate_fields
 
 SERVE_EXTRA = "install the serve extra: pip install 'badexpert[serve]'"
 LOGGER = "badexpert.serve"
@@ -99,38 +100,21 @@ def require_server_deps():
 class Settings:
     """Limits and behaviour of the service (CLI options of ``badexpert serve``)."""
 
-    max_body_mb: float = 16.0  #: largest request body, MiB (413 above)
-    max_batch: int = 256  #: most inputs in one request, and in one forward pass (413 above)
-    max_queue: int | None = None  #: most inputs waiting for the model (503 above); default 4 x max_batch
-    batch_wait_ms: float = 5.0  #: longest wait to fill a batch (only while other requests are being read)
+    max_body_mb: PositiveFloat = 16.0  #: largest request body, MiB (413 above)
+    max_batch: PositiveInt = 256  #: most inputs in one request, and in one forward pass (413 above)
+    max_queue: PositiveInt | None = None  #: most inputs waiting for the model (503 above); default 4 x max_batch
+    batch_wait_ms: Annotated[float, Range(ge=0)] = 5.0  #: longest wait to fill a batch (only while other requests are being read)
     strict_size: bool = False  #: refuse uploaded images of another size instead of resizing them
-    on_reject: str = "flag"  #: "flag": answer everything; "abstain": no label/class/confidence for rejected inputs
-    drift_window: int = 500  #: served inputs in the drift monitor's sliding window
-    drift_alpha: float = 1e-3  #: significance of the drift alarm's binomial test
-    drift_rate: float | None = None  #: reference rejection rate (default: the calibrated FPR target)
+    on_reject: Annotated[str, OneOf(*ON_REJECT)] = "flag"  #: "flag": answer everything; "abstain": no label/class/confidence for rejected inputs
+    drift_window: PositiveInt = 500  #: served inputs in the drift monitor's sliding window
+    drift_alpha: Annotated[float, Range(gt=0, lt=1)] = 1e-3  #: significance of the drift alarm's binomial test
+    drift_rate: Annotated[float, Range(gt=0, lt=1)] | None = None  #: reference rejection rate (default: the calibrated FPR target)
 
     def validate(self) -> "Settings":
-        def positive(name, value, integer=False, allow_zero=False):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value >= 0 if allow_zero else value > 0) and (not integer or float(value).is_integer())
-            if not ok:
-                kind = "integer" if integer else "number"
-                raise BadExpertError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
-
-        positive("max_body_mb", self.max_body_mb)
-        positive("max_batch", self.max_batch, integer=True)
-        if self.max_queue is not None:
-            positive("max_queue", self.max_queue, integer=True)
-            if self.max_queue < self.max_batch:
-                raise BadExpertError(f"max_queue ({self.max_queue}) must be at least max_batch ({self.max_batch})")
-        positive("batch_wait_ms", self.batch_wait_ms, allow_zero=True)
-        positive("drift_window", self.drift_window, integer=True)
-        if not (isinstance(self.drift_alpha, (int, float)) and 0 < self.drift_alpha < 1):
-            raise BadExpertError(f"drift_alpha must lie in (0, 1), got {self.drift_alpha!r}")
-        if self.drift_rate is not None and not (isinstance(self.drift_rate, (int, float)) and 0 < self.drift_rate < 1):
-            raise BadExpertError(f"drift_rate must lie in (0, 1), got {self.drift_rate!r}")
-        if self.on_reject not in ON_REJECT:
-            raise BadExpertError(f"on_reject must be one of: {', '.join(ON_REJECT)}; got {self.on_reject!r}")
+        """Types and ranges through the package's one validation layer; one-line errors."""
+        validate_fields(self, "serve setting")
+        if self.max_queue is not None and self.max_queue < self.max_batch:
+            raise BadExpertError(f"max_queue ({self.max_queue}) must be at least max_batch ({self.max_batch})")
         return self
 
     @property
