@@ -638,6 +638,21 @@ def _model_params():
     return out
 
 
+def _run_case(argv, expect: str, fmt: str, tmp_path, capsys) -> None:
+    """``expect == "ok"``: the command (info) succeeds, prints the file's metadata of format
+    ``fmt`` and writes nothing; otherwise the whole error contract with ``expect`` in the line."""
+    if expect != "ok":
+        run_cli(argv, tmp_path, capsys, message=expect, not_message=NO_DATA)
+        return
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with bounded_memory(MEM_LIMIT_MB):
+        assert main([str(a) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["format"] == fmt and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("cmd, mutation, expect", _model_params())
 def test_malformed_model_file(cmd, mutation, expect, artifacts, tmp_path, capsys):
     bad = _apply_mutation(artifacts["model"], tmp_path / "bad.safetensors", mutation)
@@ -647,16 +662,7 @@ def test_malformed_model_file(cmd, mutation, expect, artifacts, tmp_path, capsys
         argv = ["defend", "--model", bad, "--out", tmp_path / "out" / "d.safetensors"]
     else:
         argv = ["evaluate", "--model", bad, "--detector", artifacts["detector"], "--out", tmp_path / "eval"]
-    if expect == "ok":
-        before = snapshot(tmp_path)
-        capsys.readouterr()
-        with bounded_memory(MEM_LIMIT_MB):
-            assert main([str(a) for a in argv]) == 0
-        out, err = capsys.readouterr()
-        assert json.loads(out)["format"] == "badexpert-model/1" and "Traceback" not in err
-        assert snapshot(tmp_path) == before
-        return
-    run_cli(argv, tmp_path, capsys, message=expect, not_message=NO_DATA)
+    _run_case(argv, expect, "badexpert-model/1", tmp_path, capsys)
 
 
 def _det_set(**kw):
@@ -743,16 +749,7 @@ def test_malformed_detector_file(cmd, mutation, expect, artifacts, tmp_path, cap
         argv = ["info", bad]
     else:
         argv = ["evaluate", "--model", artifacts["model"], "--detector", bad, "--out", tmp_path / "eval"]
-    if expect == "ok":
-        before = snapshot(tmp_path)
-        capsys.readouterr()
-        with bounded_memory(MEM_LIMIT_MB):
-            assert main([str(a) for a in argv]) == 0
-        out, err = capsys.readouterr()
-        assert json.loads(out)["format"] == "badexpert-detector/1" and "Traceback" not in err
-        assert snapshot(tmp_path) == before
-        return
-    run_cli(argv, tmp_path, capsys, message=expect, not_message=NO_DATA)
+    _run_case(argv, expect, "badexpert-detector/1", tmp_path, capsys)
 
 
 def test_detector_control_reaches_the_data_path(artifacts, tmp_path, capsys):
