@@ -749,7 +749,7 @@ def test_malformed_detector_file(cmd, mutation, expect, artifacts, tmp_path, cap
         argv = ["info", bad]
     else:
         argv = ["evaluate", "--model", artifacts["model"], "--detector", bad, "--out", tmp_path / "eval"]
-    _run_case(argv, expect, "badexpert-detector/1", tmp_path, capsys)
+    _run_case(argv, expect, "badexpert-detector/2", tmp_path, capsys)
 
 
 def test_detector_control_reaches_the_data_path(artifacts, tmp_path, capsys):
@@ -765,7 +765,7 @@ def test_model_file_given_as_detector(artifacts, tmp_path, capsys):
 
 def test_detector_file_given_as_model(artifacts, tmp_path, capsys):
     run_cli(["defend", "--model", artifacts["detector"], "--out", tmp_path / "d.safetensors"],
-            tmp_path, capsys, message="badexpert-detector/1")
+            tmp_path, capsys, message="badexpert-detector/2")
 
 
 # --- dataset files and trigger images ---------------------------------------------------------------

@@ -319,3 +319,17 @@ def test_fit_depends_on_the_detector_seed_only(backdoored):
     assert torch.equal(scores[0], scores[1])
     other = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=2, seed=6).fit(model, clean).score(te.images[300:400])
     assert not torch.equal(scores[0], other)
+
+
+def test_detector_files_of_the_earlier_format_are_refused_with_a_hint(guarded, tmp_path):
+    """A /1 detector file (before fingerprints and data records) is refused, saying to rebuild it."""
+    from safetensors.torch import load_file, save_file
+
+    model, _, det, _, _, _ = guarded
+    path = det.save(tmp_path / "d.safetensors")
+    meta = json.loads(__import__("safetensors").safe_open(str(path), framework="pt").metadata()["badexpert"])
+    meta["format"] = "badexpert-detector/1"
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"badexpert": json.dumps(meta)})
+    with pytest.raises(BadExpertError, match=r"this version reads 'badexpert-detector/2'; rebuild it with this "
+                                             r"version \(`badexpert defend`\)"):
+        load_detector(tmp_path / "old.safetensors", model)

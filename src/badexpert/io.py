@@ -82,7 +82,9 @@ def read_meta(path: str | Path, *, fmt: str | None, what: str, hint: str) -> dic
     if not isinstance(meta, dict):
         raise BadExpertError(f"'{p}' is not a badexpert {what} (its metadata is not a JSON object)")
     if fmt is not None and meta.get("format") != fmt:
-        raise BadExpertError(f"'{p}' has format {meta.get('format')!r}; this version reads {fmt!r}")
+        old = isinstance(meta.get("format"), str) and meta["format"].rsplit("/", 1)[0] == fmt.rsplit("/", 1)[0]
+        hint = f"; rebuild it with this version ({hint.removeprefix('create one with ')})" if old else ""
+        raise BadExpertError(f"'{p}' has format {meta.get('format')!r}; this version reads {fmt!r}{hint}")
     return meta
 
 

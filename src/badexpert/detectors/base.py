@@ -44,7 +44,9 @@ from ..errors import BadExpertError, NotFittedError
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
 from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, validate_params
 
-FORMAT = "badexpert-detector/1"
+#: /2 adds the model fingerprint, the data record (content hashes, calibration scores) and the
+#: detector's own split; /1 files (badexpert 0.1.0 before hardening) are refused with a message.
+FORMAT = "badexpert-detector/2"
 
 #: Why :meth:`Detector.predict_details` accepted or rejected an input.
 ACCEPTED = "accepted"
@@ -274,8 +276,10 @@ class Detector:
         from ..io import model_fingerprint, short_fingerprint
 
         mine = getattr(self, "model_fingerprint_", None)
+        if mine is None:
+            return
         theirs = model_fingerprint(model)
-        if mine is not None and theirs != mine:
+        if theirs != mine:
             fitted_on = getattr(self, "model_name_", None)
             raise BadExpertError(
                 f"{self.name}: the detector was fitted on model {short_fingerprint(mine)}"
