@@ -165,3 +165,34 @@ def test_cli_bundle(setup, tmp_path, capsys):
     assert main(["bundle", "--model", str(tmp_path / "m.safetensors"), "--detector", str(tmp_path / "d.safetensors"),
                  "--out", str(tmp_path / "b.safetensors")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_resealed_bundle_with_another_model_is_refused(setup, tmp_path):
+    """Even with a valid checksum (re-sealed by whoever swapped the weights), a bundle whose model
+    weights differ from the fingerprint its detector was fitted on is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from badexpert.guard import _checksum
+
+    model, det, _, _, meta = setup
+    path = save_bundle(tmp_path / "b.safetensors", model, det, meta)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        md = json.loads(fh.metadata()["badexpert"])
+    key = next(k for k in tensors if k.startswith("model.") and tensors[k].is_floating_point())
+    tensors[key] = tensors[key] + 0.01
+    md["checksum"] = _checksum(md, tensors)
+    save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata={"badexpert": json.dumps(md)})
+    with pytest.raises(BadExpertError, match="do not match the fingerprint"):
+        load_bundle(tmp_path / "swapped.safetensors")
+    # the model's own fingerprint rewritten too: the detector's record of its model still refuses it
+    from badexpert.io import model_fingerprint
+
+    swapped = copy.deepcopy(model)
+    swapped.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    md["model"]["fingerprint"] = model_fingerprint(swapped)
+    md["checksum"] = _checksum(md, tensors)
+    save_file(tensors, str(tmp_path / "swapped2.safetensors"), metadata={"badexpert": json.dumps(md)})
+    with pytest.raises(BadExpertError, match="fitted on model sha256"):
+        load_bundle(tmp_path / "swapped2.safetensors")
