@@ -180,7 +180,11 @@ def atomic_directory(path: str | Path, *, owned: frozenset[str], overwrite: bool
         if p.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.rename(p, old)
-            os.rename(tmp, p)
+            try:
+                os.rename(tmp, p)
+            except BaseException:
+                os.rename(old, p)  # put the earlier run back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, p)
