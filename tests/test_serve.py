@@ -647,3 +647,47 @@ def test_real_socket_concurrent_clients_and_clean_shutdown(setup):
     assert rc == 0, "".join(lines)
     events = [json.loads(ln)["event"] for ln in lines if ln.startswith("{")]
     assert events[-1] == "stopped" and events.count("classify") == 48
+
+
+def test_the_onnx_service_never_imports_torch(setup, tmp_path):
+    """`badexpert serve --onnx`: parsing, the conversion rule, image decoding, the guard and the
+    answers run with torch made unimportable (an image of the service without torch works)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    from badexpert.export import export_bundle
+
+    export_bundle(setup["path"], tmp_path / "guard.onnx")
+    x = setup["clean"][:3].numpy()
+    code = f"""
+import sys, io, json
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from PIL import Image
+from fastapi.testclient import TestClient
+from badexpert.serve import create_app, load_service_model
+app = create_app(load_service_model(onnx={str(tmp_path / 'guard.onnx')!r}))
+x = np.array({x.tolist()}, dtype=np.uint8)
+import time
+with TestClient(app) as c:
+    for _ in range(600):
+        if c.get("/readyz").status_code == 200:
+            break
+        time.sleep(0.05)
+    r = c.post("/v1/classify", json={{"dtype": "uint8", "inputs": x.tolist()}})
+    assert r.status_code == 200, r.text
+    buf = io.BytesIO(); Image.fromarray(x[0, 0]).save(buf, "PNG")
+    u = c.post("/v1/classify", files={{"file": ("a.png", buf.getvalue(), "image/png")}})
+    assert u.status_code == 200, u.text
+    bad = c.post("/v1/classify", json={{"dtype": "float32", "inputs": (x.astype(float)).tolist()}})
+    assert bad.status_code == 422, bad.text
+print(json.dumps([r.json()["n"], "torch" in sys.modules]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[3, false]"

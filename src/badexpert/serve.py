@@ -181,7 +181,7 @@ class GuardAdapter:
 
 def _reasons(out: dict, n: int) -> list[str]:
     """The model's reasons, or (for a model that gives none) the guard's own rule applied to its flags."""
-    from .detectors.base import ACCEPTED, REJECT_NONFINITE_SCORE, REJECT_SCORE
+    from .reasons import ACCEPTED, REJECT_NONFINITE_SCORE, REJECT_SCORE
 
     if out.get("reason") is not None:
         return [str(r) for r in out["reason"]]
@@ -223,14 +223,12 @@ def check_batch(x: np.ndarray, input_shape: tuple[int, ...], max_batch: int) -> 
 
 
 def conversion_rule(x: np.ndarray) -> np.ndarray:
-    """:func:`badexpert.data.core.check_images` (non-finite values allowed: the guard rejects
-    them); a refusal becomes a 422."""
-    import torch
-
-    from .data.core import check_images
+    """The package's conversion rule (:func:`badexpert.arrays.check_array`, torch-free;
+    non-finite values allowed: the guard rejects them); a refusal becomes a 422."""
+    from .arrays import check_array
 
     try:
-        check_images(torch.from_numpy(x), what="inputs", nonfinite="allow")
+        check_array(x, what="inputs", nonfinite="allow")
     except BadExpertError as exc:
         raise RequestError(str(exc)) from exc
     return x
@@ -338,7 +336,7 @@ def decode_image(data: bytes, name: str, input_shape: tuple[int, ...], strict_si
     :func:`badexpert.data.imagefolder.open_image` (format whitelist, pixel and decompression
     limits), converted to the model's channels (L or RGB) and resized (bilinear) to its input size,
     or refused when ``strict_size``."""
-    from .data.imagefolder import _BILINEAR, open_image
+    from .imagefile import _BILINEAR, open_image
 
     c, h, w = input_shape
     if c not in (1, 3):
@@ -828,10 +826,9 @@ def create_app(model, *, settings: Settings | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
-    from .guard import Guard
-
     settings = (settings or Settings()).validate()
-    if isinstance(model, Guard):
+    guard_module = sys.modules.get("badexpert.guard")  # not imported: the model cannot be a Guard (ONNX)
+    if guard_module is not None and isinstance(model, guard_module.Guard):
         model = GuardAdapter(model)
     for attr in ("input_shape", "classes", "fpr_target"):
         if not hasattr(model, attr):
@@ -1086,9 +1083,10 @@ def serve(bundle: str | None, host: str = "127.0.0.1", port: int = 8000, *, sett
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise BadExpertError(f"threads must be a positive integer, got {threads!r}")
-        import torch
+        if onnx is None:  # the ONNX service never imports torch
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
     model = load_service_model(bundle, onnx=onnx, bare=bare)
     app = create_app(model, settings=settings)
     sock = bind_socket(host, port)

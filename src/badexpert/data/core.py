@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..arrays import IMAGE_TOLERANCE  # the one tolerance, shared with the numpy rule
 from ..errors import BadExpertError
 
 
@@ -117,10 +118,6 @@ class Dataset:
             "classes": list(self.classes),
             "hflip": self.hflip,
         }
-
-
-#: Floating images may overshoot [0, 1] by this much (rounding in a user's pipeline); clipped.
-IMAGE_TOLERANCE = 1e-3
 
 
 def check_images(images, *, what: str = "images", nonfinite: str = "error") -> torch.Tensor:

@@ -30,40 +30,35 @@ files (GTSRB); :func:`open_image` decodes one untrusted image file (a trigger im
 
 from __future__ import annotations
 
-import io
 import operator
 import os
 import warnings
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import BadExpertError
-from ..limits import MAX_IMAGE_PIXELS, check_allocation, check_pixels, human_bytes, memory_budget
+# one untrusted image file is decoded by badexpert.imagefile (torch-free); re-exported here
+from ..imagefile import IMAGE_FORMATS, open_image  # noqa: F401
+from ..imagefile import (_BILINEAR, MAX_IMAGE_FILE_BYTES, Source, _bombs_are_errors, _decode_error, _open_checked,
+                         _read_source, _too_big, _why, file_source)
+from ..limits import MAX_IMAGE_PIXELS, check_allocation, memory_budget
 from .core import Dataset
 
 #: File suffixes treated as images; other files (``Thumbs.db``, ``README``) are ignored.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
-#: Pillow formats an image file may be decoded as (detected from the content, not the suffix);
-#: Pillow's other formats (EPS, which runs Ghostscript, and a long tail of rare ones) are refused.
-IMAGE_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "DIB", "GIF", "TIFF", "WEBP")
-#: Largest image file (or zip member, by its declared uncompressed size) read: 64 MiB.
-MAX_IMAGE_FILE_BYTES = 64 * 1024**2
 LAYOUT = "expected train/<class>/<images> and test/<class>/<images>"
 SIZE_HINT = "pass a smaller image size (--image-size, or image_size= in load_dataset)"
 
 # Pillow modes that hold grey levels only; everything else is converted to RGB.
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
-_BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Pillow < 9.1 has no Image.Resampling
 
 # zip compression methods read: zipfile decompresses bzip2 and LZMA members without an output
 # bound (a few KB can expand to gigabytes in one call), so only these two are accepted.
@@ -71,7 +66,6 @@ _ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 # Encoded image bytes kept between the header pass and the decoding pass (re-read beyond this).
 _CACHE_BYTES = 512 * 1024**2
 
-Source = tuple[str, Callable[[], bytes]]  # (name shown in errors, function returning the file's bytes)
 
 
 @dataclass
@@ -212,54 +206,6 @@ def warn_resized(decoded: Decoded, where: str) -> None:
         )
 
 
-def open_image(
-    data: bytes | bytearray | memoryview | str | os.PathLike, name: str | None = None, mode: str | None = None
-) -> Image.Image:
-    """Decode one untrusted image file and return it as a loaded Pillow image (no file left open).
-
-    ``data`` is the file's bytes or its path; ``name`` names it in error messages (default: the
-    path, or ``<image>``); ``mode`` (``"RGB"``, ``"L"``...) converts the result. The file must be
-    one of :data:`IMAGE_FORMATS` and at most :data:`MAX_IMAGE_FILE_BYTES`, and its header size
-    within :data:`~badexpert.limits.MAX_IMAGE_PIXELS`, checked before the pixels are decoded.
-    Every problem raises one :class:`BadExpertError`. For animated or multi-page files, the first
-    frame.
-    """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        label = name or "<image>"
-        raw = bytes(data)
-        if len(raw) > MAX_IMAGE_FILE_BYTES:
-            raise _too_big(label, len(raw))
-    else:
-        label, read = file_source(data)
-        label = name or label
-        raw = _read_source(label, read)
-    with _bombs_are_errors():
-        try:
-            with _open_checked(raw, label) as im:
-                im.load()
-                return im.convert(mode) if mode is not None else im.copy()
-        except BadExpertError:
-            raise
-        except Exception as exc:
-            raise _decode_error(label, exc) from exc
-
-
-def file_source(path: str | os.PathLike) -> Source:
-    """A :data:`Source` for an image file on disk: its size is checked before it is read."""
-    path = Path(path)
-
-    def read() -> bytes:
-        if path.stat().st_size > MAX_IMAGE_FILE_BYTES:
-            raise _too_big(str(path), path.stat().st_size)
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_IMAGE_FILE_BYTES + 1)  # a FIFO or a growing file stops here too
-        if len(data) > MAX_IMAGE_FILE_BYTES:
-            raise _too_big(str(path), len(data))
-        return data
-
-    return str(path), read
-
-
 def open_zip(path: str | Path) -> zipfile.ZipFile:
     """Open a zip file for reading; a damaged central directory raises one :class:`BadExpertError`."""
     try:
@@ -295,35 +241,6 @@ def parse_image_size(size: int | Sequence[int] | None) -> tuple[int, int] | None
 
 
 # --- decoding -------------------------------------------------------------------------------------
-@contextmanager
-def _bombs_are_errors() -> Iterator[None]:
-    """Turn Pillow's DecompressionBombWarning into an exception (caught and reported per file)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
-
-
-def _open_checked(data: bytes, label: str) -> Image.Image:
-    """Open (header only) one image of an allowed format and check its size before decoding."""
-    try:
-        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombWarning:  # raised as an error by _bombs_are_errors
-        # above Pillow's warning limit (89 Mpx), so above ours: open it again quietly, only to
-        # report its width and height with the same message as any other oversized image
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        with im:
-            check_pixels(im.width, im.height, f"image '{label}'")
-        raise  # Pillow's limit was lowered below ours: still an error
-    try:
-        check_pixels(im.width, im.height, f"image '{label}'")
-    except BaseException:
-        im.close()
-        raise
-    return im
-
-
 def _survey(sources: Sequence[Source]) -> tuple[tuple[int, int], int, list[bytes | None]]:
     """Header pass: (most common (height, width), channels, encoded bytes kept for decoding)."""
     counts: dict[tuple[int, int], int] = {}  # in order of first appearance
@@ -367,41 +284,6 @@ def _decode(data: bytes, label: str, hw: tuple[int, int], grey_only: bool) -> tu
     except Exception as exc:  # OSError, SyntaxError, ValueError, EOFError...: whatever a damaged file raises
         raise _decode_error(label, exc) from exc
     return arr, grey, moved
-
-
-def _read_source(label: str, read: Callable[[], bytes]) -> bytes:
-    try:
-        data = read()
-    except BadExpertError:
-        raise
-    except Exception as exc:
-        raise BadExpertError(f"cannot read image file '{label}' ({_why(exc)}); check that it exists and is readable") from exc
-    if len(data) > MAX_IMAGE_FILE_BYTES:
-        raise _too_big(label, len(data))
-    return data
-
-
-def _why(exc: BaseException) -> str:
-    """An exception as one short line."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _decode_error(label: str, exc: BaseException) -> BadExpertError:
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return BadExpertError(f"image '{label}' is too large to decode ({_why(exc)}); shrink it or remove it")
-    if isinstance(exc, Image.UnidentifiedImageError):
-        why = f"not a {', '.join(IMAGE_FORMATS)} image"
-    else:
-        why = _why(exc)
-    return BadExpertError(f"cannot decode image '{label}' ({why}); replace or remove the file")
-
-
-def _too_big(label: str, nbytes: int) -> BadExpertError:
-    return BadExpertError(
-        f"image file '{label}' is {human_bytes(nbytes)}, above the limit of {human_bytes(MAX_IMAGE_FILE_BYTES)} "
-        "for one image file; shrink it or remove it"
-    )
 
 
 # --- helpers --------------------------------------------------------------------------------------

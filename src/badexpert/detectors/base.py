@@ -41,18 +41,14 @@ from torch import nn
 
 from ..data.core import Dataset, as_tensors, image_hashes, nonfinite_rows
 from ..errors import BadExpertError, NotFittedError
+# why predict_details accepted or rejected an input (re-exported)
+from ..reasons import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE  # noqa: F401
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
 from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, validate_params
 
 #: /2 adds the model fingerprint, the data record (content hashes, calibration scores) and the
 #: detector's own split; /1 files (badexpert 0.1.0 before hardening) are refused with a message.
 FORMAT = "badexpert-detector/2"
-
-#: Why :meth:`Detector.predict_details` accepted or rejected an input.
-ACCEPTED = "accepted"
-REJECT_SCORE = "score above threshold"
-REJECT_NONFINITE_INPUT = "non-finite input (NaN or inf pixel)"
-REJECT_NONFINITE_SCORE = "score is not a number (the models produced NaN)"
 
 
 class Detector:
