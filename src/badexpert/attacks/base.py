@@ -117,6 +117,12 @@ class Attack:
             mask = self.counts(labels, num_classes)
         return mask.nonzero().flatten()
 
+    def cover_candidates(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Indices of training samples that may become cover samples (trigger, true label kept):
+        any sample by default; an attack restricts it (TaCT: only the cover classes). Poisoned
+        samples are never covers."""
+        return torch.arange(len(labels))
+
     def poison(self, dataset: Dataset, generator: torch.Generator) -> Dataset:
         """A poisoned copy of ``dataset`` (the original is untouched).
 
@@ -142,7 +148,8 @@ class Attack:
                 f"poison rate {self.poison_rate} poisons no sample of a {n}-sample training set; raise --poison-rate"
             )
         poison_idx = cand[torch.randperm(len(cand), generator=generator)[:n_poison]].sort().values
-        rest = torch.ones(n, dtype=torch.bool)
+        rest = torch.zeros(n, dtype=torch.bool)
+        rest[self.cover_candidates(labels, dataset.num_classes)] = True
         rest[poison_idx] = False
         rest_idx = rest.nonzero().flatten()
         n_cover = min(int(round(self.cover_rate * n)), len(rest_idx))
