@@ -16,23 +16,47 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import BadExpertError, unknown_name
+from ..errors import BadExpertError
+from ..registry import Registry
 from .core import (Dataset, Splits, as_tensors, augment, batches, check_images, default_pad, holdout, image_hashes,
                    nonfinite_rows, split, to_float, to_uint8)
 
 DEFAULT_PATHS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
-DATASETS = ("fashion-mnist", "cifar10", "gtsrb", "imagefolder")
+def _fashion_mnist(path, hw):
+    from .idx import read_fashion_mnist
+
+    return read_fashion_mnist(path, image_size=hw)
+
+
+def _cifar10(path, hw):
+    from .cifar import read_cifar10
+
+    return read_cifar10(path, image_size=hw)
+
+
+def _gtsrb(path, hw):
+    from .gtsrb import read_gtsrb
+
+    return read_gtsrb(path, image_size=hw)
+
+
+def _imagefolder(path, hw):
+    from .imagefolder import read_imagefolder
+
+    return read_imagefolder(path, size=hw)
+
+
+#: Datasets by name: ``reader(path, image_size) -> (train, test)``.
+DATASETS = Registry(
+    "dataset",
+    [("fashion-mnist", _fashion_mnist), ("cifar10", _cifar10), ("gtsrb", _gtsrb), ("imagefolder", _imagefolder)],
+    aliases={"fmnist": "fashion-mnist"},
+)
 
 
 def canonical_dataset(name: str) -> str:
     """The registry name for a dataset name (aliases such as ``fmnist`` accepted), or a one-line error."""
-    if not isinstance(name, str):
-        raise unknown_name("dataset", str(name), DATASETS)
-    key = name.lower().replace("_", "-")
-    key = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}.get(key, key)
-    if key not in DATASETS:
-        raise unknown_name("dataset", name, DATASETS)
-    return key
+    return DATASETS.canonical(name)
 
 
 def load_dataset(
@@ -64,21 +88,7 @@ def load_dataset(
     if not path.exists():
         hint = " (install the Debian package dataset-fashion-mnist, or pass --data-path)" if key == "fashion-mnist" else ""
         raise BadExpertError(f"dataset path '{path}' does not exist{hint}")
-    if key == "fashion-mnist":
-        from .idx import read_fashion_mnist
-
-        return read_fashion_mnist(path, image_size=hw)
-    if key == "cifar10":
-        from .cifar import read_cifar10
-
-        return read_cifar10(path, image_size=hw)
-    if key == "gtsrb":
-        from .gtsrb import read_gtsrb
-
-        return read_gtsrb(path, image_size=hw)
-    from .imagefolder import read_imagefolder
-
-    return read_imagefolder(path, size=hw)
+    return DATASETS[key](path, hw)
 
 
 __all__ = [

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BadExpertError, unknown_name
+from ..errors import BadExpertError
+from ..registry import Registry
 
 
 class Normalize(nn.Module):
@@ -52,32 +53,47 @@ def he_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def _registry():
+def _cnn(**kw):
     from .cnn import SmallCNN
-    from .mobilenet import MobileNetV2
+
+    return SmallCNN(**kw)
+
+
+def _resnet18(**kw):
     from .resnet import ResNet18
+
+    return ResNet18(**kw)
+
+
+def _vgg16bn(**kw):
     from .vgg import VGG16BN
+
+    return VGG16BN(**kw)
+
+
+def _mobilenetv2(**kw):
+    from .mobilenet import MobileNetV2
+
+    return MobileNetV2(**kw)
+
+
+def _vit(**kw):
     from .vit import SmallViT
 
-    return {
-        "cnn": SmallCNN,
-        "resnet18": ResNet18,
-        "vgg16bn": VGG16BN,
-        "mobilenetv2": MobileNetV2,
-        "vit": SmallViT,
-    }
+    return SmallViT(**kw)
 
 
-ARCHITECTURES = ("cnn", "resnet18", "vgg16bn", "mobilenetv2", "vit")
+#: Architectures by name (the networks are imported when first built).
+ARCHITECTURES = Registry(
+    "architecture",
+    [("cnn", _cnn), ("resnet18", _resnet18), ("vgg16bn", _vgg16bn), ("mobilenetv2", _mobilenetv2), ("vit", _vit)],
+    aliases={"vgg16": "vgg16bn", "mobilenet": "mobilenetv2", "resnet": "resnet18"},
+)
 
 
 def canonical_arch(arch: str) -> str:
     """The registry name for ``arch`` (aliases such as ``vgg16`` accepted), or a one-line error."""
-    key = arch.lower().replace("-", "").replace("_", "")
-    key = {"vgg16": "vgg16bn", "mobilenet": "mobilenetv2", "resnet": "resnet18"}.get(key, key)
-    if key not in ARCHITECTURES:
-        raise unknown_name("architecture", arch, ARCHITECTURES)
-    return key
+    return ARCHITECTURES.canonical(arch)
 
 
 def build_model(
@@ -96,8 +112,8 @@ def build_model(
     first-stage channels, 64 in the paper; the CNN's first layer channels; the ViT's embedding
     dimension). ``None`` gives the architecture's default.
     """
-    reg = _registry()
     key = canonical_arch(arch)
+    factory = ARCHITECTURES[key]
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     kwargs = {"in_channels": in_channels, "num_classes": num_classes, "image_size": tuple(image_size)}
@@ -109,7 +125,7 @@ def build_model(
     # architecture, or a width it cannot have, is one line now rather than a traceback mid-training
     try:
         with torch.device("meta"):
-            Classifier(reg[key](**kwargs), mean, std)(torch.empty(2, in_channels, *image_size))
+            Classifier(factory(**kwargs), mean, std)(torch.empty(2, in_channels, *image_size))
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise BadExpertError(
@@ -117,7 +133,7 @@ def build_model(
             f"{f' at width {width}' if width is not None else ''} ({first}); choose a larger --image-size or "
             "another --arch"
         ) from exc
-    return Classifier(reg[key](**kwargs), mean, std)
+    return Classifier(factory(**kwargs), mean, std)
 
 
 __all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "he_init"]
