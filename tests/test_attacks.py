@@ -113,3 +113,59 @@ def test_round_trip_through_dict():
     x = torch.rand(2, 3, 8, 8)
     assert torch.equal(a.apply(x), b.apply(x))
     assert attack_from_dict(None) is None
+
+
+def test_the_pipeline_implants_through_the_attack(blobs, tmp_path):
+    """train_suspect goes through Attack.implant, so an attack that trains differently overrides one
+    method; its info lands in the model's metadata."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from badexpert.attacks import BadNet
+    from badexpert.data import Splits
+    from badexpert.experiment import ExperimentConfig, train_suspect
+
+    calls = []
+
+    @dataclass
+    class Recording(BadNet):
+        name: ClassVar[str] = "badnet"
+
+        def implant(self, train_set, build_model, recipe, seed, *, log=print):
+            calls.append((len(train_set), recipe.epochs, seed))
+            model, info = super().implant(train_set, build_model, recipe, seed, log=log)
+            return model, {**info, "custom": True}
+
+    tr, te = blobs
+    splits = Splits(train=tr.subset(range(400)), reserved=te.subset(range(100)), calibration=te.subset(range(100, 200)),
+                    test=te.subset(range(200, 300)))
+    cfg = ExperimentConfig(arch="cnn", width=4, recipe={"epochs": 1, "batch_size": 64}, attack_params={"poison_rate": 0.05},
+                           seed=3)
+    cfg.make_attack = lambda: Recording(poison_rate=0.05)
+    _, meta = train_suspect(cfg, splits, log=lambda m: None)
+    assert calls == [(400, 1, 3)] and meta["custom"] and meta["poisoned_samples"] == 20
+
+
+def test_random_test_triggers_draw_from_the_callers_generator(blobs):
+    """apply(x, generator): a per-input random test trigger is reproducible from the seed."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from badexpert.attacks import Attack
+    from badexpert.evaluation import trigger_dataset
+
+    @dataclass
+    class Speckle(Attack):
+        name: ClassVar[str] = "speckle"
+
+        def trigger(self, x, parts):
+            return x
+
+        def trigger_test(self, x, parts, generator):
+            return (x + 0.3 * torch.rand(x.shape, generator=generator)).clamp(0, 1)
+
+    te = blobs[1].subset(range(64))
+    a, _ = trigger_dataset(Speckle(), te, seed=1)
+    b, _ = trigger_dataset(Speckle(), te, seed=1)
+    c, _ = trigger_dataset(Speckle(), te, seed=2)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)

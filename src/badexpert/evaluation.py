@@ -41,14 +41,21 @@ class Evaluation:
     arrays: dict = field(default_factory=dict)
 
 
-def trigger_dataset(attack: Attack, data: Dataset, *, batch_size: int = 1024) -> tuple[Dataset, torch.Tensor]:
-    """The counted inputs of ``data`` with the trigger applied (uint8), and the attacker's targets."""
+def trigger_dataset(attack: Attack, data: Dataset, *, batch_size: int = 1024, seed: int = 0) -> tuple[Dataset, torch.Tensor]:
+    """The counted inputs of ``data`` with the trigger applied (uint8), and the attacker's targets.
+
+    A test-time trigger that is random per input draws from a generator derived from ``seed``,
+    so the same seed gives the same triggered test set.
+    """
+    from .utils import derive_generator
+
     mask = attack.counts(data.labels, data.num_classes)
     idx = mask.nonzero().flatten()
     out = torch.empty((len(idx), *data.images.shape[1:]), dtype=torch.uint8)
+    generator = derive_generator(seed, "test-trigger")
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        out[start : start + len(chunk)] = to_uint8(attack.apply(data.images[chunk]))
+        out[start : start + len(chunk)] = to_uint8(attack.apply(data.images[chunk], generator))
     labels = data.labels[idx]
     targets = attack.target_of(labels, data.num_classes)
     trig = data.with_data(out, labels, name=f"{data.name}+{attack.name}", source_indices=idx.tolist())
@@ -175,7 +182,7 @@ def evaluate(
             }
         return Evaluation(metrics, arrays)
 
-    trig, targets = trigger_dataset(attack, test)
+    trig, targets = trigger_dataset(attack, test, seed=seed)
     if len(trig) == 0:
         raise BadExpertError("no test input counts for this attack (all are of the target class?)")
     trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)

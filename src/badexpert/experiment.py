@@ -33,8 +33,7 @@ from .evaluation import Evaluation, evaluate
 from .io import load_model, save_model
 from .models import build_model
 from .training import Recipe, train
-from .utils import (atomic_directory, check_output_dir, derive_generator, resolve_device, seed_everything, to_jsonable,
-                    write_json)
+from .utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
 from .validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
 
@@ -226,19 +225,22 @@ def train_suspect(
             meta.update(split_meta(cfg))
             return model, meta
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, in_channels=splits.train.channels, num_classes=splits.train.num_classes,
-                        image_size=splits.train.image_size, mean=splits.train.mean, std=splits.train.std,
-                        width=cfg.width).to(device)
-    data = splits.train
-    if attack is not None:
-        data = attack.poison(splits.train, derive_generator(cfg.seed, "poison"))
-        log(f"poisoned {len(data.meta['poison_indices'])} of {len(data)} training samples with {attack.describe()}")
-    log(f"training {cfg.arch} on {len(data)} samples for {recipe.epochs} epochs on {device}")
+    tr = splits.train
+
+    def make_model() -> torch.nn.Module:
+        log(f"training {cfg.arch} on {len(tr)} samples for {recipe.epochs} epochs on {device}")
+        return build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
+                           mean=tr.mean, std=tr.std, width=cfg.width).to(device)
+
     t0 = time.perf_counter()
-    train(model, data, recipe, seed=cfg.seed, desc="suspect model")
+    if attack is None:
+        model, info = make_model(), {"poisoned_samples": 0}
+        train(model, tr, recipe, seed=cfg.seed, desc="suspect model")
+    else:
+        model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log)
     meta = model_meta(cfg, splits, attack, recipe)
     meta["train_seconds"] = time.perf_counter() - t0
-    meta["poisoned_samples"] = len(data.meta.get("poison_indices", []))
+    meta.update(info)
     model.eval()
     if cache_file is not None:
         save_model(cache_file, model, meta)

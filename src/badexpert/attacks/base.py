@@ -19,9 +19,10 @@ attack's parameters (including ``trigger_seed``), so an attack is re-created exa
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+from torch import nn
 
 from ..data.core import Dataset, to_float, to_uint8
 from ..errors import BadExpertError
@@ -80,12 +81,40 @@ class Attack:
             self._cache[key] = {k: v.to(device) for k, v in cpu.items()}
         return self._cache[key]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Trigger a batch: uint8 or float ``[N, C, H, W]`` in, float in ``[0, 1]`` out."""
+    def trigger_test(self, x: torch.Tensor, parts: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """The test-time trigger; attacks whose test trigger is random per input (a reflection, a
+        patch placement, warping noise) draw from ``generator``. Default: :meth:`trigger`."""
+        return self.trigger(x, parts)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Trigger a batch: uint8 or float ``[N, C, H, W]`` in, float in ``[0, 1]`` out.
+
+        ``generator`` (a CPU generator the caller seeds) drives any per-input randomness of the
+        test-time trigger, so the same seed gives the same triggered test set.
+        """
         x = to_float(x)
         if x.dim() != 4:
             raise BadExpertError(f"attacks take image batches [N, C, H, W], got shape {tuple(x.shape)}")
-        return self.trigger(x, self._parts(tuple(x.shape[1:]), x.device)).clamp(0, 1)
+        return self.trigger_test(x, self._parts(tuple(x.shape[1:]), x.device), generator).clamp(0, 1)
+
+    def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
+                log: Callable[[str], Any] = print) -> tuple[nn.Module, dict]:
+        """Produce the suspect model: ``(model, info)``.
+
+        The default poisons ``train_set`` (:meth:`poison`) and trains ``build_model()`` with the
+        one training loop and ``recipe``. Attacks that train differently (negative samples in
+        every batch, a trigger generator trained jointly, finetuning a clean model, weight
+        surgery) override this; the pipeline and its model cache go through it.
+        """
+        from ..training import train
+        from ..utils import derive_generator
+
+        data = self.poison(train_set, derive_generator(seed, "poison"))
+        info = {"poisoned_samples": len(data.meta["poison_indices"]), "cover_samples": len(data.meta["cover_indices"])}
+        log(f"poisoned {info['poisoned_samples']} of {len(data)} training samples with {self.describe()}")
+        model = build_model()
+        train(model, data, recipe, seed=seed, desc="suspect model")
+        return model, info
 
     def target_of(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
         """The label the attacker wants for triggered inputs of these true labels."""
