@@ -7,11 +7,17 @@ returns a poisoned training set and ``attack.apply(x)`` triggers a test batch.
 from __future__ import annotations
 
 from ..errors import BadExpertError, unknown_name
+from .adaptive import AdaptiveBlend, AdaptivePatch
+from .all_to_all import AllToAll
 from .base import Attack
 from .blend import Blend
 from .patch import BadNet, PatchAttack, Trojan
+from .sig import SIG
+from .tact import TaCT
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNet, Blend, Trojan)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (BadNet, Blend, Trojan, SIG, AllToAll, TaCT, AdaptiveBlend, AdaptivePatch)
+}
 
 
 def get_attack(name: str, **params) -> Attack:
@@ -35,4 +41,7 @@ def attack_from_dict(d: dict | None) -> Attack | None:
     return get_attack(d.pop("name"), **d)
 
 
-__all__ = ["ATTACKS", "Attack", "BadNet", "Blend", "PatchAttack", "Trojan", "attack_from_dict", "get_attack"]
+__all__ = [
+    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BadNet", "Blend", "PatchAttack", "SIG", "TaCT",
+    "Trojan", "attack_from_dict", "get_attack",
+]
