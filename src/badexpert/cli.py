@@ -85,7 +85,9 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
     g = p.add_argument_group("attack")
-    g.add_argument("--attack", default=default, help=f"badnet, blend, trojan or none (default {default})")
+    g.add_argument("--attack", default=default,
+                   help=f"attack name, e.g. badnet, blend, trojan, sig, tact (an unknown name lists them all), or none "
+                        f"(default {default})")
     g.add_argument("--target", type=int, default=None, help="attack target class (default 0)")
     g.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set poisoned (default 0.01)")
     g.add_argument("--attack-param", action="append", metavar="KEY=VALUE",

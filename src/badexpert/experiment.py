@@ -228,9 +228,10 @@ def train_suspect(
     tr = splits.train
 
     def make_model() -> torch.nn.Module:
+        model = build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
+                            mean=tr.mean, std=tr.std, width=cfg.width).to(device)
         log(f"training {cfg.arch} on {len(tr)} samples for {recipe.epochs} epochs on {device}")
-        return build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
-                           mean=tr.mean, std=tr.std, width=cfg.width).to(device)
+        return model
 
     t0 = time.perf_counter()
     if attack is None:

@@ -392,6 +392,13 @@ def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> li
         target = cfg.get("target")
     if isinstance(target, (int, np.integer)) and class_names is not None and 0 <= target < len(class_names):
         target = f"{target} ({class_names[target]})"
+    if isinstance(metrics.get("attack"), dict):  # the attack describes its own target (all-to-all, source classes)
+        try:
+            from .attacks import attack_from_dict
+
+            target = attack_from_dict(metrics["attack"]).describe_target(class_names)
+        except BadExpertError:
+            pass
     items = [
         ("Dataset", pick("dataset", "name", "dataset")),
         ("Model", pick("model", "arch", "model", "arch")),

@@ -6,7 +6,8 @@ returns a poisoned training set and ``attack.apply(x)`` triggers a test batch.
 
 from __future__ import annotations
 
-from ..errors import BadExpertError, unknown_name
+from ..errors import BadExpertError
+from ..registry import Registry
 from .adaptive import AdaptiveBlend, AdaptivePatch
 from .all_to_all import AllToAll
 from .base import Attack
@@ -15,16 +16,14 @@ from .patch import BadNet, PatchAttack, Trojan
 from .sig import SIG
 from .tact import TaCT
 
-ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNet, Blend, Trojan, SIG, AllToAll, TaCT, AdaptiveBlend, AdaptivePatch)
-}
+#: Attacks by name (one line per attack: its class, whose ``name`` is the registry name).
+ATTACKS = Registry("attack", [(cls.name, cls) for cls in (BadNet, Blend, Trojan, SIG, AllToAll, TaCT, AdaptiveBlend,
+                                                         AdaptivePatch)])
 
 
 def get_attack(name: str, **params) -> Attack:
     """Build an attack by name; unknown names or parameters raise a one-line error."""
-    key = name.lower().replace("-", "_") if isinstance(name, str) else repr(name)
-    if key not in ATTACKS:
-        raise unknown_name("attack", str(name), ATTACKS)
+    key = ATTACKS.canonical(name)
     cls = ATTACKS[key]
     valid = set(cls.__dataclass_fields__)
     bad = set(params) - valid

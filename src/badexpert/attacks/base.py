@@ -208,6 +208,17 @@ class Attack:
     def to_dict(self) -> dict:
         return {"name": self.name, **self.params()}
 
+    def describe_target(self, class_names: list[str] | None = None) -> str:
+        """What triggered inputs should become, for reports: the target class (named), or
+        ``(y + 1) mod C`` for an all-to-all attack, and the source classes of a source-specific one."""
+        def named(c: int) -> str:
+            return f"{c} ({class_names[c]})" if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+        text = "(y + 1) mod C (all-to-all)" if self.all_to_all else named(self.target)
+        if self.source_classes is not None:
+            text += f", from source class(es) {', '.join(named(c) for c in self.source_classes)} only"
+        return text
+
     def describe(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params().items() if v not in (None, 0.0) or k == "target")
         return f"{self.name}({p})"
