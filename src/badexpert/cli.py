@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle written by `badexpert bundle`")
     p.add_argument("--onnx", required=True, help="ONNX file to write (.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --onnx")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve a bundle over HTTP: the model's answers with the detector in front",
