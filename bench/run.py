@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from badexpert.attacks import attack_from_dict
+from badexpert.attacks import attack_from_meta
 from badexpert.detectors import SCORES, combine, load_detector
 from badexpert.evaluation import trigger_dataset
 from badexpert.experiment import ExperimentConfig, make_splits, run
@@ -56,7 +56,7 @@ def rule_aurocs(cell: Path, cfg: ExperimentConfig) -> dict[str, float]:
     model, meta = load_model(cell / "model.safetensors", device=cfg.device)
     det = load_detector(cell / "detector.safetensors", model, device=cfg.device)
     test = make_splits(cfg).test
-    trig, _ = trigger_dataset(attack_from_dict(meta["attack"]), test)
+    trig, _ = trigger_dataset(attack_from_meta(meta), test)
     c, t = det.confidences(test), det.confidences(trig)
     out = {}
     for rule in SCORES:
@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--attacks", default="badnet,blend,trojan")
     p.add_argument("--presets", default="auto,paper")
     p.add_argument("--poison-rate", type=float, default=0.01)
+    p.add_argument("--attack-param", action="append", default=[], metavar="[ATTACK:]KEY=VALUE",
+                   help="another attack parameter, JSON value, for every attack or only ATTACK (repeatable), "
+                        "e.g. tact:cover_rate=0.02")
     p.add_argument("--fpr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -120,10 +123,16 @@ def main(argv=None) -> int:
         recipe[key] = json.loads(value)
     rows, results, rule_rows = [], [], []
     for attack in args.attacks.split(","):
+        attack_params = {"poison_rate": args.poison_rate}
+        for item in args.attack_param:
+            key, _, value = item.partition("=")
+            scope, _, key = key.rpartition(":")
+            if scope in ("", attack):
+                attack_params[key] = json.loads(value)
         for preset in args.presets.split(","):
             cfg = ExperimentConfig(
                 dataset=args.dataset, data_path=args.data_path, arch=args.arch, width=args.width, attack=attack,
-                attack_params={"poison_rate": args.poison_rate}, recipe=recipe, train_size=args.train_size,
+                attack_params=attack_params, recipe=recipe, train_size=args.train_size,
                 detector_params={"preset": preset}, fpr=args.fpr, seed=args.seed, device=args.device,
             )
             name = f"{args.dataset}-{args.arch}" + (f"-w{args.width}" if args.width else "") + f"-{attack}-{preset}"

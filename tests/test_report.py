@@ -186,12 +186,31 @@ def test_infinite_threshold_is_explained(tmp_path):
 def test_examples_grid_shapes(tmp_path):
     rgb = np.random.default_rng(0).random((12, 3, 16, 16))
     fig = plot_examples(rgb, rgb * 0.5, class_names=NAMES, example_labels=[0, 1, 2, 3] * 3)
-    assert len(fig.axes) == 16  # two rows, at most 8 columns
+    assert len(fig.axes) == 24  # clean, triggered, difference; at most 8 columns
     assert fig.axes[1].get_title() == "one"
     fig = plot_examples(torch.rand(3, 1, 8, 8))
     assert len(fig.axes) == 3
     with pytest.raises(ValueError):
         plot_examples(np.zeros((2, 5, 8, 8)))
+
+
+def test_examples_show_a_faint_trigger_in_the_amplified_difference():
+    """A trigger changing pixels by 2/255 (a warp, colour quantisation) is invisible in the
+    triggered row but fills the difference row's range once amplified."""
+    clean = np.random.default_rng(1).random((4, 3, 16, 16)).astype(np.float32) * 0.9
+    trig = clean.copy()
+    trig[:, :, 4:8, 4:8] += 2 / 255
+    fig = plot_examples(clean, trig)
+    diff_axes = fig.axes[8:12]
+    assert diff_axes[0].get_ylabel().startswith("|difference| x50")  # capped gain
+    shown = np.asarray(diff_axes[0].images[0].get_array())
+    assert shown[4:8, 4:8].min() > 0.35 and shown[:4].max() == 0.0  # only the trigger lights up
+    strong = clean.copy()
+    strong[:, :, 0, 0] = 1.0 - strong[:, :, 0, 0]
+    fig = plot_examples(clean, strong)
+    gain = float(fig.axes[8].get_ylabel().split("x")[-1])
+    assert 1.0 <= gain < 50  # scaled so the strongest change shown is white
+    assert float(np.asarray(fig.axes[8].images[0].get_array()).max()) <= 1.0
 
 
 def test_mismatched_masks_raise_and_leave_nothing(tmp_path, synthetic):

@@ -165,7 +165,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .attacks import attack_from_dict
+    from .attacks import attack_from_meta
     from .evaluation import evaluate
     from .experiment import ExperimentConfig, make_splits, train_suspect
     from .io import save_model
@@ -186,7 +186,7 @@ def cmd_train(args) -> int:
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, log=_log)
-    measured = evaluate(model, None, splits.test, attack_from_dict(meta["attack"])).metrics
+    measured = evaluate(model, None, splits.test, attack_from_meta(meta)).metrics
     meta["clean_accuracy"] = measured["clean_accuracy"]
     line = f"clean accuracy {meta['clean_accuracy']:.2%}"
     if attack:
@@ -250,7 +250,7 @@ def cmd_defend(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .attacks import attack_from_dict, get_attack
+    from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
     from .evaluation import evaluate
     from .experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
@@ -272,7 +272,7 @@ def cmd_evaluate(args) -> int:
     if args.attack is not None:
         attack = get_attack(name, **_attack_params(args)) if name else None
     else:
-        attack = attack_from_dict(meta.get("attack"))
+        attack = attack_from_meta(meta, source=f"'{args.model}'")
     cfg.detector_params = detector.get_params()
     cfg.attack = attack.name if attack else None
     cfg.attack_params = attack.params() if attack else {}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .attacks import Attack, attack_from_dict, get_attack
+from .attacks import Attack, attack_from_meta, get_attack
 from .data import Splits, load_dataset, split
 from .detectors import Detector, get_detector
 from .errors import BadExpertError
@@ -242,6 +242,8 @@ def train_suspect(
     meta = model_meta(cfg, splits, attack, recipe)
     meta["train_seconds"] = time.perf_counter() - t0
     meta.update(info)
+    if attack is not None:  # saved with the model: evaluation applies exactly this trigger
+        meta["attack_state"] = attack.trigger_state((tr.channels, *tr.image_size))
     model.eval()
     if cache_file is not None:
         save_model(cache_file, model, meta)
@@ -308,7 +310,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
     splits = make_splits(cfg)
     log(f"splits: {splits.sizes()}")
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
-    attack = attack_from_dict(meta.get("attack"))
+    attack = attack_from_meta(meta)
     # the attack-success gate first: no detector is fitted for a backdoor that did not implant
     result = evaluate(model, None, splits.test, attack, asr_bar=cfg.asr_bar, seed=cfg.seed)
     detector = None

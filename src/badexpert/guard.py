@@ -173,7 +173,9 @@ def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_me
     if not hasattr(detector, "threshold_"):
         raise NotFittedError("a bundle needs a calibrated detector: call fit() then calibrate()")
     detector.check_model(model)
-    mm = check_model_meta(dict(to_jsonable(model_meta)), "the model metadata")
+    expect(model_meta, dict, "the model metadata")
+    mm = check_model_meta(dict(to_jsonable({k: v for k, v in model_meta.items() if k != "attack_state"})),
+                          "the model metadata")
     det_tensors, det_meta = detector.to_state()
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"detector.{k}": v for k, v in det_tensors.items()})

@@ -20,17 +20,27 @@ from .utils import atomic_write_bytes, resolve_device, to_jsonable
 from .validation import Range, check_value, expect
 
 FORMAT = "badexpert-model/1"
+#: Key prefix of the attack's trigger state (``meta["attack_state"]``) inside a model file.
+ATTACK_PREFIX = "@attack/"
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model``'s state dict and ``meta`` (must hold ``arch``, ``in_channels``,
-    ``num_classes``, ``image_size``, ``mean``, ``std``) atomically to ``path``."""
+    ``num_classes``, ``image_size``, ``mean``, ``std``) atomically to ``path``.
+
+    ``meta["attack_state"]`` (the attack's trigger tensors, :meth:`Attack.trigger_state`) is
+    stored as tensors named ``@attack/<key>`` beside the weights, not in the JSON."""
     from safetensors.torch import save
 
     for key in ("arch", "in_channels", "num_classes", "image_size", "mean", "std"):
         if key not in meta:
             raise BadExpertError(f"model metadata lacks '{key}'")
+    meta = dict(meta)
+    attack_state = meta.pop("attack_state", None) or {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if any(k.startswith(ATTACK_PREFIX) for k in state):
+        raise BadExpertError(f"model parameter names may not start with '{ATTACK_PREFIX}'")
+    state.update({ATTACK_PREFIX + k: v.detach().cpu().contiguous() for k, v in attack_state.items()})
     blob = save(state, metadata={"badexpert": json.dumps(to_jsonable({"format": FORMAT, **meta}))})
     path = Path(path)
     atomic_write_bytes(path, blob)
@@ -145,7 +155,8 @@ def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -
     """Rebuild the architecture recorded in a checkpoint and load its weights (eval mode).
 
     The architecture is checked against the tensor shapes the file declares before anything is
-    allocated (:func:`build_for_weights`).
+    allocated (:func:`build_for_weights`). The attack's trigger state, if the file has one, is
+    returned as ``meta["attack_state"]`` (see :func:`badexpert.attacks.attack_from_meta`).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -153,7 +164,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -
     meta = read_model_meta(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys() if not k.startswith(ATTACK_PREFIX)}
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
     model = build_for_weights(meta, shapes, f"'{path}'")
@@ -161,7 +172,11 @@ def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the weights in '{path}': the file is corrupt") from exc
+    attack_state = {k[len(ATTACK_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(ATTACK_PREFIX)]}
     load_weights(model, state, source=str(path), arch=meta["arch"])
+    meta.pop("attack_state", None)  # only ever the file's tensors, never its JSON
+    if attack_state:
+        meta["attack_state"] = attack_state
     return model.to(resolve_device(device)).eval(), meta
 
 

@@ -106,6 +106,9 @@ def lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
 
 
 StepCallback = Callable[[int, nn.Module], bool]
+#: ``(images, labels, generator) -> (images, labels)``: changes each training batch after
+#: augmentation (float images in [0, 1] on the model's device); attacks that poison online use it.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -125,6 +128,7 @@ def train(
     labels: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     callback_every: int = 0,
+    batch_transform: BatchTransform | None = None,
     desc: str = "train",
 ) -> TrainLog:
     """Train ``model`` in place on ``data`` (a Dataset or ``(images, labels)``) with ``recipe``.
@@ -132,7 +136,9 @@ def train(
     ``labels`` overrides the dataset's labels (the backdoor expert trains on wrong labels).
     ``callback(step, model)`` runs every ``callback_every`` steps and after every epoch; if it
     returns True, training stops there (the model is left in train mode either way). The model
-    stays on its device; data is moved there batch by batch.
+    stays on its device; data is moved there batch by batch. ``batch_transform(x, y, generator)``
+    changes each batch after augmentation (online poisoning: BPP's backdoor and negative samples,
+    finetuning attacks); it draws its randomness from the loop's seeded generator.
     """
     expect(model, nn.Module, "the model")
     expect(recipe, Recipe, "the recipe")
@@ -177,6 +183,8 @@ def train(
                     break
                 if recipe.augment:
                     xb = augment(xb, pad=pad, hflip=hflip, generator=g)
+                if batch_transform is not None:
+                    xb, yb = batch_transform(xb, yb, g)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(recipe, step, steps_per_epoch)
                 with amp_ctx():

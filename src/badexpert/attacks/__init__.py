@@ -10,7 +10,7 @@ from ..errors import BadExpertError
 from ..registry import Registry
 from .adaptive import AdaptiveBlend, AdaptivePatch
 from .all_to_all import AllToAll
-from .base import Attack
+from .base import Attack, restoring
 from .blend import Blend
 from .patch import BadNet, PatchAttack, Trojan
 from .sig import SIG
@@ -32,15 +32,36 @@ def get_attack(name: str, **params) -> Attack:
     return cls(**params)
 
 
-def attack_from_dict(d: dict | None) -> Attack | None:
-    """Re-create an attack from :meth:`Attack.to_dict` output (``None`` for no attack)."""
+def attack_from_dict(d: dict | None, *, check_files: bool = True) -> Attack | None:
+    """Re-create an attack from :meth:`Attack.to_dict` output (``None`` for no attack).
+
+    ``check_files=False`` skips checking the files it names (to describe it, or when its trigger
+    state comes from a saved model: see :func:`attack_from_meta`)."""
     if not d:
         return None
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise BadExpertError(f"an attack record must be a JSON object with a 'name', got {type(d).__name__}")
     d = dict(d)
-    return get_attack(d.pop("name"), **d)
+    name = d.pop("name")
+    if check_files:
+        return get_attack(name, **d)
+    with restoring():
+        return get_attack(name, **d)
+
+
+def attack_from_meta(meta: dict, *, source: str = "the model file") -> Attack | None:
+    """The attack a saved model was trained with (``None`` for a clean model), with the trigger
+    state saved in the model file restored, so it applies exactly the trigger the model was
+    trained with (files it was built from, such as reflection images, are not needed)."""
+    state = meta.get("attack_state")
+    attack = attack_from_dict(meta.get("attack"), check_files=not state)
+    if attack is not None and state:
+        shape = (int(meta["in_channels"]), *(int(v) for v in meta["image_size"]))
+        attack.restore_state(shape, state, source=source)
+    return attack
 
 
 __all__ = [
     "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BadNet", "Blend", "PatchAttack", "SIG", "TaCT",
-    "Trojan", "attack_from_dict", "get_attack",
+    "Trojan", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
 ]

@@ -11,15 +11,20 @@ An attack knows three things:
   any non-target sample, relabelled; clean-label: target-class samples, labels kept), and
   optionally "cover" samples that carry the trigger with their true labels.
 
-Triggers are built lazily for the image shape they are applied to and depend only on the
-attack's parameters (including ``trigger_seed``), so an attack is re-created exactly from
-:meth:`Attack.to_dict`.
+Triggers are built lazily for the image shape they are applied to (:meth:`Attack.build_trigger`)
+from the attack's parameters (including ``trigger_seed``) and any files they name (a trigger
+image, a folder of reflections). What was built is the attack's *trigger state*
+(:meth:`Attack.trigger_state`): it is saved with the suspect model (safetensors tensors next to
+the weights) and restored when the model is loaded (:meth:`Attack.restore_state`), so a saved
+model is evaluated with exactly the trigger it was trained with, even where those files are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +36,20 @@ from ..validation import Fraction, NonNegativeInt, validate_fields
 #: A fraction in [0, 1] (poison and cover rates, opacities).
 Rate = Fraction
 ClassIndex = NonNegativeInt
+
+#: True while an attack is re-created from a saved model's record (its files are not needed then).
+_RESTORING: ContextVar[bool] = ContextVar("badexpert_attack_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring() -> Iterator[None]:
+    """Build attacks without checking the files they name (their trigger state comes from a saved
+    model, or they are only described in a report)."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
 
 
 @dataclass
@@ -50,7 +69,12 @@ class Attack:
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")
         self._cache: dict = {}
-        if getattr(self, "trigger_image", None):  # a user's file: checked now, before any data is read
+        if not _RESTORING.get():
+            self.check_files()
+
+    def check_files(self) -> None:
+        """Check the files the attack names (a trigger image by default), before any data is read."""
+        if getattr(self, "trigger_image", None):
             load_trigger_image(self.trigger_image, 3, (1, 1))
 
     # --- what subclasses implement -------------------------------------------------------
@@ -80,6 +104,36 @@ class Attack:
                 self._cache[(tuple(shape), "cpu")] = cpu
             self._cache[key] = {k: v.to(device) for k, v in cpu.items()}
         return self._cache[key]
+
+    def trigger_state(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """The trigger's tensors for images of ``shape`` (what :meth:`build_trigger` made from the
+        parameters, the seed and any files), on the CPU: saved with the suspect model."""
+        return {k: v.detach().cpu().contiguous() for k, v in self._parts(tuple(shape), torch.device("cpu")).items()}
+
+    def restore_state(self, shape: tuple[int, int, int], state: dict[str, torch.Tensor], *, source: str = "the model file") -> None:
+        """Use ``state`` (from :meth:`trigger_state`, read back from a saved model) as the trigger for
+        images of ``shape`` instead of building it again. A state that does not fit the attack
+        (tampered or from another attack) is a one-line error."""
+        shape = tuple(int(v) for v in shape)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise BadExpertError(f"the trigger state in {source} is not a set of named tensors")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise BadExpertError(f"the trigger state in {source} has non-finite values ('{bad[0]}'); the file is damaged")
+        self._cache = {(shape, "cpu"): {k: v.detach().cpu() for k, v in state.items()}}
+        probe = torch.zeros(2, *shape)
+        try:
+            out = self.trigger_test(probe, self._cache[(shape, "cpu")], torch.Generator().manual_seed(0))
+            if tuple(out.shape) != tuple(probe.shape):
+                raise ValueError(f"it gives shape {tuple(out.shape)}")
+        except (RuntimeError, KeyError, IndexError, ValueError, TypeError) as exc:
+            self._cache = {}
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise BadExpertError(
+                f"the trigger state in {source} does not fit attack '{self.name}' on {shape[0]}x{shape[1]}x{shape[2]} "
+                f"images ({first}); the file is damaged or was edited"
+            ) from exc
 
     def trigger_test(self, x: torch.Tensor, parts: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         """The test-time trigger; attacks whose test trigger is random per input (a reflection, a

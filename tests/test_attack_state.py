@@ -1,0 +1,123 @@
+"""Every registered attack: its trigger state is saved with the suspect model and restored from it,
+so a saved model is evaluated with exactly the trigger it was trained with, even when the files
+the trigger was built from are gone; a tampered state is a one-line error. Parametrised over the
+registry, so a new attack is covered by registering it."""
+
+import shutil
+
+import pytest
+import torch
+
+from badexpert.attacks import ATTACKS, attack_from_meta, get_attack
+from badexpert.errors import BadExpertError
+from badexpert.io import load_model, save_model
+from badexpert.models import build_model
+
+SHAPES = ((3, 32, 32), (1, 28, 28))
+
+
+def _files(tmp_path, cls) -> dict:
+    """Files an attack class names in its parameters (decided from its fields, not its name)."""
+    from PIL import Image
+
+    params = {}
+    folder = tmp_path / "files"
+    if "reflections" in cls.__dataclass_fields__:
+        (folder / "refl").mkdir(parents=True)
+        g = torch.Generator().manual_seed(0)
+        for i in range(6):
+            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(folder / "refl" / f"r{i}.png")
+        params["reflections"] = str(folder / "refl")
+    if "trigger_image" in cls.__dataclass_fields__ and cls.__dataclass_fields__["trigger_image"].default is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(5, 5, 3, generator=torch.Generator().manual_seed(1)) * 255)
+                        .to(torch.uint8).numpy()).save(folder / "trigger.png")
+        params["trigger_image"] = str(folder / "trigger.png")
+    return params
+
+
+def _save(path, attack, shape):
+    c, h, w = shape
+    model = build_model("cnn", in_channels=c, num_classes=10, image_size=(h, w), mean=[0.5] * c, std=[0.25] * c,
+                        width=4)
+    meta = {"arch": "cnn", "width": 4, "in_channels": c, "num_classes": 10, "image_size": [h, w],
+            "mean": [0.5] * c, "std": [0.25] * c, "attack": attack.to_dict(),
+            "attack_state": attack.trigger_state(shape)}
+    return save_model(path, model, meta)
+
+
+def _triggered(attack, x):
+    return attack.apply(x, torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["rgb32", "gray28"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_a_saved_model_restores_its_exact_trigger_without_the_files(name, shape, tmp_path):
+    params = _files(tmp_path, ATTACKS[name])
+    attack = get_attack(name, trigger_seed=4, **params)
+    x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(2))
+    expected = _triggered(attack, x)
+    path = _save(tmp_path / "m.safetensors", attack, shape)
+    shutil.rmtree(tmp_path / "files", ignore_errors=True)  # the trigger image / reflections are gone
+    model, meta = load_model(path)
+    assert set(meta["attack_state"]) == set(attack.trigger_state(shape))
+    restored = attack_from_meta(meta)
+    assert type(restored) is type(attack) and restored.to_dict() == attack.to_dict()
+    assert torch.equal(_triggered(restored, x), expected)
+    # a model without state (made before trigger state was saved) rebuilds the trigger from its record
+    if not params:
+        meta.pop("attack_state")
+        assert torch.equal(_triggered(attack_from_meta(meta), x), expected)
+
+
+def test_the_state_is_what_makes_the_trigger(tmp_path):
+    """Restoring really uses the saved tensors: another seed's key, saved under this record, is
+    what the restored attack applies."""
+    a, b = get_attack("blend", trigger_seed=1), get_attack("blend", trigger_seed=2)
+    shape = (3, 16, 16)
+    c, h, w = shape
+    model = build_model("cnn", in_channels=c, num_classes=10, image_size=(h, w), width=4)
+    meta = {"arch": "cnn", "width": 4, "in_channels": c, "num_classes": 10, "image_size": [h, w], "mean": [0.0] * 3,
+            "std": [1.0] * 3, "attack": a.to_dict(), "attack_state": b.trigger_state(shape)}
+    save_model(tmp_path / "m.safetensors", model, meta)
+    _, loaded = load_model(tmp_path / "m.safetensors")
+    x = torch.rand(2, *shape)
+    assert torch.equal(attack_from_meta(loaded).apply(x), b.apply(x))
+    assert not torch.equal(attack_from_meta(loaded).apply(x), a.apply(x))
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan", "missing"])
+def test_a_tampered_state_is_a_one_line_error(damage, tmp_path):
+    attack = get_attack("trojan")
+    shape = (3, 32, 32)
+    state = attack.trigger_state(shape)
+    if damage == "shape":
+        state["mask"] = torch.zeros(1, 5, 7)
+    elif damage == "nan":
+        state["pattern"] = state["pattern"].clone()
+        state["pattern"][0, 0, 0] = float("nan")
+    else:
+        state.pop("pattern")
+    meta = {"in_channels": 3, "image_size": [32, 32], "attack": attack.to_dict(), "attack_state": state}
+    with pytest.raises(BadExpertError) as err:
+        attack_from_meta(meta, source="'m.safetensors'")
+    msg = str(err.value)
+    assert "\n" not in msg and "trigger state in 'm.safetensors'" in msg and "damaged" in msg
+
+
+def test_model_weights_and_trigger_state_do_not_mix(tmp_path):
+    """The trigger tensors live beside the weights under their own prefix: the architecture check
+    ignores them and the JSON metadata never holds them."""
+    import json
+
+    from safetensors import safe_open
+
+    attack = get_attack("blend")
+    path = _save(tmp_path / "m.safetensors", attack, (3, 32, 32))
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+        md = json.loads(fh.metadata()["badexpert"])
+    assert "@attack/key" in keys and "attack_state" not in md
+    model, meta = load_model(path)
+    assert not any(k.startswith("@attack/") for k in model.state_dict())
