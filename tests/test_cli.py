@@ -124,3 +124,36 @@ def test_bad_config_field(tmp_path, capsys):
     (tmp_path / "c.json").write_text('{"dataset": "fashion-mnist", "atack": "badnet"}')
     assert main(["run", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o")]) == 2
     assert "unknown config field(s) ['atack']" in capsys.readouterr().err
+
+
+def test_help_and_list_read_the_registries(capsys):
+    """The CLI names every registered attack, dataset, architecture and detector from the registries
+    (no hand-kept lists), with each attack's reference defaults."""
+    from badexpert.attacks import ATTACKS
+    from badexpert.data import DATASETS
+    from badexpert.detectors import DETECTORS
+    from badexpert.models import ARCHITECTURES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in [*ATTACKS, *DATASETS, *ARCHITECTURES]:
+        assert name in text
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in ATTACKS.items():
+        assert f"\n{name}: " in "\n" + out
+        assert f"poison_rate={cls.__dataclass_fields__['poison_rate'].default!r}" in out.split(f"{name}: ", 1)[1]
+    assert main(["list", "detectors"]) == 0
+    assert all(f"{n}: " in capsys.readouterr().out for n in DETECTORS)
+    assert main(["list", "nothing"]) == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_building_the_parser_imports_no_torch():
+    """Help texts read the registries lazily, so `serve --onnx` stays torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys; from badexpert.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -12,6 +12,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import BadExpertError
 
@@ -37,6 +38,45 @@ def _kv(items: list[str] | None) -> dict:
 
 
 # --- shared option groups ---------------------------------------------------------------------
+class _RegistryHelp(str):
+    """A help text naming a registry's entries (``{choices}`` in ``template``), read from the
+    registry only when help is printed: building the parser imports nothing heavy, so a command
+    that needs no torch (``serve --onnx``) never loads it, and the help never lists stale names."""
+
+    def __new__(cls, template: str, registry: Callable[[], Any]):
+        obj = super().__new__(cls, template)
+        obj._template, obj._registry = template, registry
+        return obj
+
+    def __mod__(self, params):  # argparse expands help texts with ``help % params``
+        return self._template.replace("{choices}", self._registry().choices().replace("%", "%%")) % params
+
+
+def _attacks():
+    from .attacks import ATTACKS
+
+    return ATTACKS
+
+
+def _datasets():
+    from .data import DATASETS
+
+    return DATASETS
+
+
+def _architectures():
+    from .models import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def _score_rules():
+    from .detectors import SCORES
+    from .registry import Registry
+
+    return Registry("score rule", [(name, name) for name in SCORES])
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the one seed for every random choice (default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
@@ -47,7 +87,7 @@ def _add_data(p: argparse.ArgumentParser, *, command: str) -> None:
     g = p.add_argument_group("data")
     recorded = " (default: the one recorded in the model file)" if command != "train" else " (default fashion-mnist)"
     g.add_argument("--dataset", default="fashion-mnist" if command == "train" else None,
-                   help=f"fashion-mnist, cifar10, gtsrb or imagefolder{recorded}")
+                   help=_RegistryHelp(f"{{choices}}{recorded}", _datasets))
     g.add_argument("--data-path", default=None,
                    help="local dataset files (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
     if command in ("train", "defend"):
@@ -86,10 +126,12 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
     g = p.add_argument_group("attack")
     g.add_argument("--attack", default=default,
-                   help=f"attack name, e.g. badnet, blend, trojan, sig, tact (an unknown name lists them all), or none "
-                        f"(default {default})")
+                   help=_RegistryHelp(f"{{choices}}, or none for a clean model (default {default}); their "
+                                      "parameters: `badexpert list attacks`", _attacks))
     g.add_argument("--target", type=int, default=None, help="attack target class (default 0)")
-    g.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set poisoned (default 0.01)")
+    g.add_argument("--poison-rate", type=float, default=None,
+                   help="fraction of the training set poisoned (default: the attack's reference rate, see "
+                        "`badexpert list attacks`; the demo uses 0.01)")
     g.add_argument("--attack-param", action="append", metavar="KEY=VALUE",
                    help="any other attack parameter, e.g. alpha=0.1 or trigger_image=patch.png (repeatable)")
 
@@ -98,7 +140,7 @@ def _add_detector(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detector")
     g.add_argument("--preset", choices=("auto", "paper"), default="auto",
                    help="auto: choose finetuning strengths from clean data (default); paper: the research code's settings")
-    g.add_argument("--score-rule", default=None, help="logratio, ratio, triangle, expert or auxiliary (default: the preset's)")
+    g.add_argument("--score-rule", default=None, help=_RegistryHelp("{choices} (default: the preset's)", _score_rules))
     g.add_argument("--expert-lr", type=float, default=None, help="fix the backdoor expert's learning rate")
     g.add_argument("--aux-lr", type=float, default=None, help="fix the auxiliary model's learning rate")
     g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on clean inputs (default 0.01)")
@@ -335,6 +377,45 @@ def cmd_serve(args) -> int:
     return 0
 
 
+#: What ``badexpert list`` can list (each read from its registry).
+LISTS = {"attacks": _attacks, "detectors": lambda: __import__("badexpert.detectors", fromlist=["DETECTORS"]).DETECTORS,
+         "datasets": _datasets, "architectures": _architectures}
+
+
+def _parameters(factory) -> list[tuple[str, Any]]:
+    """``(name, default)`` of a registry entry's parameters (dataclass fields or call signature)."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(factory):
+        out = []
+        for f in dataclasses.fields(factory):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            out.append((f.name, default))
+        return out
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []
+    return [(n, "(required)" if p.default is p.empty else p.default) for n, p in sig.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "kwargs")]
+
+
+def cmd_list(args) -> int:
+    registry = LISTS[args.kind]()
+    for name, factory in registry.items():
+        para = " ".join((getattr(factory, "__doc__", None) or "").strip().split("\n\n")[0].split())
+        summary = para.split(". ")[0].rstrip(".")
+        print(f"{name}: {summary}" if summary else name)
+        if args.kind in ("attacks", "detectors"):
+            params = ", ".join(f"{k}={v!r}" for k, v in _parameters(factory))
+            print(f"    parameters: {params}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
@@ -390,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("list", help="list the attacks, detectors, datasets or architectures, with parameters",
+                       description="Each registered attack or detector with its reference default parameters (set "
+                                   "them with --attack-param / --detector-param, or in a config).")
+    p.add_argument("kind", choices=sorted(LISTS), help="what to list")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("run", help="the whole pipeline from a JSON config (see configs/)",
                        description="Run data -> attack -> suspect model -> detector -> evaluation -> report from a "
                                    "JSON file holding ExperimentConfig fields.")
@@ -405,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model on a dataset, optionally poisoned by an attack, and save it as "
                                    "safetensors with JSON metadata (architecture, dataset, split, attack, recipe, seed).")
     _add_data(p, command="train")
-    p.add_argument("--arch", default="cnn", help="cnn (default), resnet18, vgg16bn, mobilenetv2 or vit")
+    p.add_argument("--arch", default="cnn", help=_RegistryHelp("{choices} (default cnn)", _architectures))
     p.add_argument("--width", type=int, default=None, help="architecture width (ResNet-18: 64 in the paper)")
     _add_attack(p, "none")
     g = p.add_argument_group("training")
