@@ -180,3 +180,19 @@ def test_random_test_triggers_draw_from_the_callers_generator(blobs):
     b, _ = trigger_dataset(Speckle(), te, seed=1)
     c, _ = trigger_dataset(Speckle(), te, seed=2)
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"attack": "tact", "attack_params": {"cover_classes": [5, 12]}}, "cover class 12 is outside 0..9"),
+    ({"attack": "badnet", "attack_params": {"target": 10}}, "target class 10 is outside 0..9"),
+    ({"attack": "tact", "attack_params": {"source_classes": [11]}}, "source class 11 is outside 0..9"),
+])
+def test_class_indices_are_checked_before_any_data_is_read(params, match):
+    """Datasets with a fixed class list (Fashion-MNIST, CIFAR-10, GTSRB) check the attack's class
+    indices in validate(), without the data (the path does not even exist)."""
+    from badexpert.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig(dataset="fashion-mnist", data_path="/nonexistent", **params)
+    with pytest.raises(BadExpertError, match=match):
+        cfg.validate()
+    ExperimentConfig(dataset="gtsrb", data_path="/nonexistent", **params).validate()  # 43 classes: fine

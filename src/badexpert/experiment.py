@@ -99,14 +99,16 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         """Check every name, type and range (fields, recipe, attack and detector parameters)
         before any data is read; one-line errors naming the field."""
-        from .data import canonical_dataset
+        from .data import NUM_CLASSES, canonical_dataset
         from .models import canonical_arch
 
         validate_fields(self, "config field")
         resolve_device(self.device)
-        canonical_dataset(self.dataset)
+        dataset = canonical_dataset(self.dataset)
         canonical_arch(self.arch)
-        self.make_attack()
+        attack = self.make_attack()
+        if attack is not None and dataset in NUM_CLASSES:  # class indices, before the data is read
+            attack.check(NUM_CLASSES[dataset])
         self.make_recipe()
         get_detector(self.detector, **self.detector_params)
         return self

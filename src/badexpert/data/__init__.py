@@ -54,6 +54,11 @@ DATASETS = Registry(
 )
 
 
+#: Number of classes of the datasets whose class list is fixed (an ImageFolder's is read from its
+#: folders): configs are checked against it before any data is read.
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "gtsrb": 43}
+
+
 def canonical_dataset(name: str) -> str:
     """The registry name for a dataset name (aliases such as ``fmnist`` accepted), or a one-line error."""
     return DATASETS.canonical(name)
