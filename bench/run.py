@@ -27,7 +27,7 @@ import torch
 from badexpert.attacks import attack_from_meta
 from badexpert.detectors import SCORES, combine, load_detector
 from badexpert.evaluation import trigger_dataset
-from badexpert.experiment import ExperimentConfig, make_splits, run
+from badexpert.experiment import ExperimentConfig, make_splits, run, train_suspect
 from badexpert.io import load_model
 from badexpert.metrics import auroc
 from badexpert.utils import write_json
@@ -37,6 +37,10 @@ from badexpert.utils import write_json
 #: throughput no worse than 1/3.3 of the bare model.
 TARGETS = {"auroc": 0.99, "asr": 0.05, "asr_blend": 0.114, "ca_drop": 0.015, "fpr_lo": 0.005, "fpr_hi": 0.015,
            "throughput": 1 / 3.3}
+#: Targets of the attack suites (issues #6, #7): an implant reaches ASR >= 85% with clean accuracy
+#: within 2 points of a clean model trained with the same recipe; BaDExpert's AUROC on the paper's
+#: (filtered) population >= 99% on average and >= 95% on every attack, ASR after defense <= 5% on average.
+SUITE_TARGETS = {"implant_asr": 0.85, "implant_ca_gap": 0.02, "auroc_mean": 0.99, "auroc_min": 0.95, "asr_after_mean": 0.05}
 
 
 def check(m: dict) -> dict[str, bool]:
@@ -71,7 +75,7 @@ def rule_aurocs(cell: Path, cfg: ExperimentConfig) -> dict[str, float]:
 def row(m: dict, preset: str) -> str:
     if m.get("attack_failed"):
         return (f"| {m['attack']['name']} | {preset} | {m['clean_accuracy']:.1%} | {m['attack_success_rate']:.1%} | "
-                "attack failed: no detection numbers | | | | | | |")
+                "attack failed: no detection numbers | | | | | | | |")
     d = m["defense"]
     ok = check(m)
     mark = lambda k: "" if ok[k] else " ✗"  # noqa: E731
@@ -79,14 +83,59 @@ def row(m: dict, preset: str) -> str:
         f"| {m['attack']['name']} | {preset} | {m['clean_accuracy']:.1%} | {m['attack_success_rate']:.1%} | "
         f"{d['auroc']:.2%}{mark('auroc')} | {d['auroc_filtered']:.2%} | "
         f"{d['attack_success_rate']:.1%}{mark('asr')} | {100 * d['clean_accuracy_drop']:.2f}{mark('ca_drop')} | "
-        f"{d['fpr']:.2%}{mark('fpr')} | {d['timings']['fit_s']:.0f} | {d['cost']['throughput_ratio']:.2f}{mark('throughput')} |"
+        f"{d['fpr']:.2%}{mark('fpr')} | {d['tpr_at_fpr']['1%']:.1%} | {d['timings']['fit_s']:.0f} | "
+        f"{d['cost']['throughput_ratio']:.2f}{mark('throughput')} |"
     )
 
 
 HEADER = (
-    "| attack | preset | CA | ASR | AUROC | AUROC (filtered) | ASR after | CA drop (pts) | FPR (target 1%) | fit (s) | "
-    "throughput vs model |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| attack | preset | CA | ASR | AUROC | AUROC (filtered) | ASR after | CA drop (pts) | FPR (target 1%) | "
+    "TPR at 1% FPR | fit (s) | throughput vs model |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def clean_baseline(args, recipe: dict) -> dict:
+    """A model trained on clean data with the same recipe, split and seed (cached like the suspect
+    models): the clean accuracy each attack's model is compared with."""
+    from badexpert.training import accuracy
+
+    cfg = ExperimentConfig(dataset=args.dataset, data_path=args.data_path, arch=args.arch, width=args.width,
+                           attack=None, recipe=recipe, train_size=args.train_size, seed=args.seed, device=args.device)
+    splits = make_splits(cfg)
+    model, meta = train_suspect(cfg, splits, cache_dir=args.cache_dir,
+                                log=lambda s: print(f"[clean] {s}", file=sys.stderr, flush=True))
+    return {"clean_accuracy": accuracy(model, splits.test), "train_seconds": meta.get("train_seconds")}
+
+
+def implant_rows(results: list[dict], clean_ca: float) -> list[str]:
+    """Per attack: ASR and CA next to the clean model's CA, against the suite's implant target."""
+    out, seen = [], set()
+    for r in results:
+        m = r["metrics"]
+        name = m["attack"]["name"]
+        if name in seen:
+            continue
+        seen.add(name)
+        gap = m["clean_accuracy"] - clean_ca
+        ok = m["attack_success_rate"] >= SUITE_TARGETS["implant_asr"] and gap >= -SUITE_TARGETS["implant_ca_gap"]
+        out.append(f"| {name} | {m['clean_accuracy']:.1%} | {clean_ca:.1%} | {100 * gap:+.2f} | "
+                   f"{m['attack_success_rate']:.1%} | {'yes' if ok else 'no'} |")
+    return out
+
+
+def suite_summary(results: list[dict]) -> str:
+    """Mean and minimum filtered AUROC and mean ASR after defense over the attacks that implanted."""
+    ok = [r["metrics"]["defense"] for r in results if not r["metrics"].get("attack_failed")]
+    if not ok:
+        return "No attack implanted: no detection numbers."
+    au = [d["auroc_filtered"] for d in ok]
+    asr = [d["attack_success_rate"] for d in ok]
+    t = SUITE_TARGETS
+    return (f"Over the {len(ok)} cells with an implanted backdoor: AUROC (paper's population) mean {sum(au) / len(au):.2%} "
+            f"(target >= {t['auroc_mean']:.0%}: {'met' if sum(au) / len(au) >= t['auroc_mean'] else 'missed'}), "
+            f"minimum {min(au):.2%} (target >= {t['auroc_min']:.0%}: {'met' if min(au) >= t['auroc_min'] else 'missed'}); "
+            f"ASR after defense mean {sum(asr) / len(asr):.2%} (target <= {t['asr_after_mean']:.0%}: "
+            f"{'met' if sum(asr) / len(asr) <= t['asr_after_mean'] else 'missed'}).")
 
 
 def main(argv=None) -> int:
@@ -111,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=".cache/bench")
     p.add_argument("--out", required=True)
+    p.add_argument("--clean-baseline", action="store_true",
+                   help="also train a clean model with the same recipe and compare each attack's CA and ASR with it")
     p.add_argument("--overwrite", action="store_true",
                    help="re-run cells that already have results under --out (default: reuse them, so an "
                         "interrupted grid resumes where it stopped)")
@@ -122,6 +173,9 @@ def main(argv=None) -> int:
         key, _, value = item.partition("=")
         recipe[key] = json.loads(value)
     rows, results, rule_rows = [], [], []
+    baseline = clean_baseline(args, recipe) if args.clean_baseline else None
+    if baseline:
+        print(f"clean model: CA {baseline['clean_accuracy']:.2%}", file=sys.stderr, flush=True)
     for attack in args.attacks.split(","):
         attack_params = {"poison_rate": args.poison_rate}
         for item in args.attack_param:
@@ -157,10 +211,15 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    table = HEADER + "\n" + "\n".join(rows)
+    table = HEADER + "\n" + "\n".join(rows) + "\n\n" + suite_summary(results)
+    if baseline:
+        table = ("| attack | CA | clean model CA | CA vs clean (pts) | ASR | ASR >= 85% and CA within 2 pts |\n"
+                 "|---|---|---|---|---|---|\n" + "\n".join(implant_rows(results, baseline["clean_accuracy"]))
+                 + "\n\n" + table)
     table += ("\n\nAUROC of each score rule on the same fitted models:\n\n| attack | preset | " + " | ".join(SCORES)
               + " |\n|---|---|" + "---|" * len(SCORES) + "\n" + "\n".join(rule_rows))
-    write_json(out / "summary.json", {"args": vars(args), "machine": machine, "targets": TARGETS, "cells": results})
+    write_json(out / "summary.json", {"args": vars(args), "machine": machine, "targets": TARGETS,
+                                      "suite_targets": SUITE_TARGETS, "clean_baseline": baseline, "cells": results})
     (out / "summary.md").write_text(table + "\n")
     print("\n" + table)
     return 0
