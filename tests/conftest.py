@@ -84,3 +84,25 @@ def backdoored(blobs):
     train(model, poisoned, Recipe(optimizer="adam", lr=3e-3, epochs=6, batch_size=64, weight_decay=0,
                                   schedule="cosine", augment=False), seed=0)
     return model.eval(), attack, tr, te
+
+
+def attack_files(folder: Path, cls, *, optional: bool = True) -> dict:
+    """Parameters naming example files for an attack class (a folder of reflection images, which
+    it needs; a trigger image, which it may take unless ``optional=False``), decided from its
+    fields, not its name."""
+    from PIL import Image
+
+    params = {}
+    if "reflections" in cls.__dataclass_fields__:
+        (folder / "refl").mkdir(parents=True)
+        g = torch.Generator().manual_seed(0)
+        for i in range(6):
+            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(folder / "refl" / f"r{i}.png")
+        params["reflections"] = str(folder / "refl")
+    if optional and "trigger_image" in cls.__dataclass_fields__ and cls.__dataclass_fields__["trigger_image"].default is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(5, 5, 3, generator=torch.Generator().manual_seed(1)) * 255)
+                        .to(torch.uint8).numpy()).save(folder / "trigger.png")
+        params["trigger_image"] = str(folder / "trigger.png")
+    return params

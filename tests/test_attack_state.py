@@ -13,28 +13,9 @@ from badexpert.errors import BadExpertError
 from badexpert.io import load_model, save_model
 from badexpert.models import build_model
 
+from .conftest import attack_files
+
 SHAPES = ((3, 32, 32), (1, 28, 28))
-
-
-def _files(tmp_path, cls) -> dict:
-    """Files an attack class names in its parameters (decided from its fields, not its name)."""
-    from PIL import Image
-
-    params = {}
-    folder = tmp_path / "files"
-    if "reflections" in cls.__dataclass_fields__:
-        (folder / "refl").mkdir(parents=True)
-        g = torch.Generator().manual_seed(0)
-        for i in range(6):
-            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(folder / "refl" / f"r{i}.png")
-        params["reflections"] = str(folder / "refl")
-    if "trigger_image" in cls.__dataclass_fields__ and cls.__dataclass_fields__["trigger_image"].default is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((torch.rand(5, 5, 3, generator=torch.Generator().manual_seed(1)) * 255)
-                        .to(torch.uint8).numpy()).save(folder / "trigger.png")
-        params["trigger_image"] = str(folder / "trigger.png")
-    return params
 
 
 def _save(path, attack, shape):
@@ -54,7 +35,7 @@ def _triggered(attack, x):
 @pytest.mark.parametrize("shape", SHAPES, ids=["rgb32", "gray28"])
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_a_saved_model_restores_its_exact_trigger_without_the_files(name, shape, tmp_path):
-    params = _files(tmp_path, ATTACKS[name])
+    params = attack_files(tmp_path / "files", ATTACKS[name])
     attack = get_attack(name, trigger_seed=4, **params)
     x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(2))
     expected = _triggered(attack, x)

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from badexpert.attacks import ATTACKS, attack_from_dict, get_attack
+from badexpert.attacks import ATTACKS, Attack, attack_from_dict, get_attack
 from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
 from badexpert.utils import derive_generator
+
+from .conftest import attack_files
 
 
 def _data(n=200, c=3, size=32, classes=10, seed=0):
@@ -62,13 +64,14 @@ def _default(cls, field):
 
 PLAIN = sorted(n for n, cls in ATTACKS.items()
                if not cls.clean_label and not cls.all_to_all and _default(cls, "cover_rate") == 0
-               and _default(cls, "source_classes") is None and cls.implant is ATTACKS["badnet"].implant)
+               and _default(cls, "source_classes") is None and cls.implant is Attack.implant
+               and cls.trigger_test is Attack.trigger_test)  # one fixed trigger, the default training
 
 
 @pytest.mark.parametrize("name", PLAIN)
-def test_poison_relabels_exactly_the_chosen_non_target_samples(name):
+def test_poison_relabels_exactly_the_chosen_non_target_samples(name, tmp_path):
     data = _data()
-    attack = get_attack(name, target=2, poison_rate=0.1)
+    attack = get_attack(name, target=2, poison_rate=0.1, **attack_files(tmp_path, ATTACKS[name], optional=False))
     poisoned = attack.poison(data, derive_generator(0, "poison"))
     idx = torch.tensor(poisoned.meta["poison_indices"])
     assert len(idx) == 20

@@ -12,13 +12,17 @@ from .adaptive import AdaptiveBlend, AdaptivePatch
 from .all_to_all import AllToAll
 from .base import Attack, restoring
 from .blend import Blend
+from .bpp import BPP
+from .clean_label import CleanLabel
 from .patch import BadNet, PatchAttack, Trojan
+from .refool import Refool
 from .sig import SIG
 from .tact import TaCT
+from .wanet import WaNet
 
 #: Attacks by name (one line per attack: its class, whose ``name`` is the registry name).
 ATTACKS = Registry("attack", [(cls.name, cls) for cls in (BadNet, Blend, Trojan, SIG, AllToAll, TaCT, AdaptiveBlend,
-                                                         AdaptivePatch)])
+                                                         AdaptivePatch, WaNet, BPP, CleanLabel, Refool)])
 
 
 def get_attack(name: str, **params) -> Attack:
@@ -62,6 +66,6 @@ def attack_from_meta(meta: dict, *, source: str = "the model file") -> Attack | 
 
 
 __all__ = [
-    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BadNet", "Blend", "PatchAttack", "SIG", "TaCT",
-    "Trojan", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
+    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "PatchAttack",
+    "Refool", "SIG", "TaCT", "Trojan", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
 ]
