@@ -102,3 +102,25 @@ def test_model_weights_and_trigger_state_do_not_mix(tmp_path):
     assert "@attack/key" in keys and "attack_state" not in md
     model, meta = load_model(path)
     assert not any(k.startswith("@attack/") for k in model.state_dict())
+
+
+def test_the_model_cache_keys_on_the_content_of_the_attacks_files(tmp_path):
+    """Editing a trigger image or a reflections folder in place is a different suspect model."""
+    from PIL import Image
+
+    from badexpert.experiment import ExperimentConfig, suspect_key
+
+    params = attack_files(tmp_path / "files", ATTACKS["refool"])
+    cfg = ExperimentConfig(attack="refool", attack_params=params)
+    key = suspect_key(cfg, cfg.make_recipe())
+    assert suspect_key(cfg, cfg.make_recipe()) == key
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(tmp_path / "files" / "refl" / "new.png")
+    assert suspect_key(cfg, cfg.make_recipe()) != key
+    img = tmp_path / "t.png"
+    Image.new("RGB", (3, 3), (255, 0, 0)).save(img)
+    cfg = ExperimentConfig(attack="badnet", attack_params={"trigger_image": str(img)})
+    key = suspect_key(cfg, cfg.make_recipe())
+    Image.new("RGB", (3, 3), (0, 255, 0)).save(img)
+    assert suspect_key(cfg, cfg.make_recipe()) != key
+    plain = ExperimentConfig(attack="badnet")
+    assert suspect_key(plain, plain.make_recipe()) != key

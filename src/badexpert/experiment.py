@@ -174,14 +174,38 @@ def _data_fingerprint(cfg: ExperimentConfig) -> str:
     return json.dumps([str(p.resolve()) if path else "", entries])
 
 
+def files_fingerprint(paths: list[str]) -> list:
+    """Identify files an attack builds its trigger from: a file by the SHA-256 of its content, a
+    folder by the names, sizes and modification times of the files under it."""
+    out = []
+    for path in paths:
+        p = Path(path).expanduser()
+        if p.is_file():
+            h = hashlib.sha256()
+            with p.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out.append([str(p.resolve()), h.hexdigest()])
+        elif p.is_dir():
+            entries = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                             for f in p.rglob("*") if f.is_file())
+            out.append([str(p.resolve()), hashlib.sha256(json.dumps(entries).encode()).hexdigest()])
+        else:
+            out.append([str(p), None])
+    return out
+
+
 def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
-    """Content hash of everything the suspect model depends on."""
+    """Content hash of everything the suspect model depends on (with the content of the files the
+    attack's trigger is built from)."""
     attack = cfg.make_attack()
     payload = {
         "data": _data_fingerprint(cfg), "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width,
         "attack": attack.to_dict() if attack else None, "recipe": recipe.to_dict(), "seed": cfg.seed,
         "train_size": cfg.train_size, "image_size": cfg.image_size, "version": __version__,
     }
+    if attack is not None and attack.source_files():
+        payload["attack_files"] = files_fingerprint(attack.source_files())
     return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
 
 

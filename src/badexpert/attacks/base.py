@@ -72,6 +72,11 @@ class Attack:
         if not _RESTORING.get():
             self.check_files()
 
+    def source_files(self) -> list[str]:
+        """The files the trigger is built from (a trigger image by default): the suspect-model cache
+        keys on their content, so editing them in place trains a new model."""
+        return [self.trigger_image] if getattr(self, "trigger_image", None) else []
+
     def check_files(self) -> None:
         """Check the files the attack names (a trigger image by default), before any data is read."""
         if getattr(self, "trigger_image", None):

@@ -136,6 +136,9 @@ class Refool(Attack):
                 raise BadExpertError(f"attack 'refool' parameter '{field}' must be [low, high] with low <= high, got [{lo}, {hi}]")
 
     # --- files -----------------------------------------------------------------------------
+    def source_files(self) -> list[str]:
+        return [self.reflections] if self.reflections else []
+
     def check_files(self) -> None:
         """``reflections`` names a folder or zip holding at least one decodable image (the first
         few files are tried; nothing else is decoded here)."""
