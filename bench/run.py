@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--attack-param", action="append", default=[], metavar="[ATTACK:]KEY=VALUE",
                    help="another attack parameter, JSON value, for every attack or only ATTACK (repeatable), "
                         "e.g. tact:cover_rate=0.02")
+    p.add_argument("--detector-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another BaDExpert parameter for every cell, JSON value (e.g. expert_agreement=0.95)")
     p.add_argument("--fpr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -172,6 +174,10 @@ def main(argv=None) -> int:
     for item in args.recipe:
         key, _, value = item.partition("=")
         recipe[key] = json.loads(value)
+    detector_params = {}
+    for item in args.detector_param:
+        key, _, value = item.partition("=")
+        detector_params[key] = json.loads(value)
     rows, results, rule_rows = [], [], []
     baseline = clean_baseline(args, recipe) if args.clean_baseline else None
     if baseline:
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
             cfg = ExperimentConfig(
                 dataset=args.dataset, data_path=args.data_path, arch=args.arch, width=args.width, attack=attack,
                 attack_params=attack_params, recipe=recipe, train_size=args.train_size,
-                detector_params={"preset": preset}, fpr=args.fpr, seed=args.seed, device=args.device,
+                detector_params={"preset": preset, **detector_params}, fpr=args.fpr, seed=args.seed, device=args.device,
             )
             name = f"{args.dataset}-{args.arch}" + (f"-w{args.width}" if args.width else "") + f"-{attack}-{preset}"
             t0 = time.perf_counter()
