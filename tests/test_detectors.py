@@ -9,10 +9,13 @@ from badexpert.detectors import DETECTORS, BaDExpert, combine, load_detector
 from badexpert.errors import BadExpertError, NotFittedError
 from badexpert.metrics import auroc
 
-# Every detector in the registry must appear here with settings small enough for a unit test.
-FACTORIES = {
-    "badexpert": lambda: BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0),
+# Every detector in the registry must appear here with settings small enough for a unit test, and
+# the separation it must reach on the strongly backdoored tiny model (clean test inputs vs triggered
+# ones): AUROC, and the share of triggered inputs rejected at a 5% calibrated FPR.
+CONTRACT = {
+    "badexpert": (lambda: BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0), 0.95, 0.8),
 }
+FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 
 
 def test_every_registered_detector_is_in_the_contract_test():
@@ -58,7 +61,7 @@ def test_higher_score_means_backdoor(fitted, splits):
     clean, trig = fitted.score(test), fitted.score(triggered)
     assert clean.dtype.is_floating_point and clean.shape == (len(test),)
     assert trig.mean() > clean.mean()
-    assert auroc(clean.numpy(), trig.numpy()) > 0.95
+    assert auroc(clean.numpy(), trig.numpy()) > CONTRACT[fitted.name][1]
 
 
 def test_calibrated_threshold_controls_false_positives(fitted, splits):
@@ -69,7 +72,7 @@ def test_calibrated_threshold_controls_false_positives(fitted, splits):
     assert realized <= 0.05 + 0.03  # 800 fresh clean inputs: binomial noise around <= 5%
     flags = fitted.predict(triggered)
     assert flags.dtype == torch.bool and torch.equal(flags, fitted.score(triggered) > fitted.threshold_)
-    assert flags.float().mean() > 0.8
+    assert flags.float().mean() > CONTRACT[fitted.name][2]
 
 
 def test_predict_before_calibrate(splits):
@@ -221,3 +224,39 @@ def test_works_with_a_users_own_module(blobs):
     test = te.subset(range(1600, 2400))
     trig = attack.apply(test.images[attack.counts(test.labels)])
     assert auroc(det.score(test).numpy(), det.score(trig).numpy()) > 0.9
+
+
+# --- scikit-learn conventions, cost, seeded randomness (every detector) --------------------------
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_params_clone_repr_and_cost(name):
+    from badexpert.detectors.base import clone
+
+    det = FACTORIES[name]()
+    params = det.get_params(deep=True)
+    assert params == det.get_params() and params["seed"] == 0
+    twin = clone(det)
+    assert type(twin) is type(det) and twin.get_params() == params and not twin.is_fitted
+    assert det.set_params(seed=7) is det and det.get_params()["seed"] == 7
+    with pytest.raises(BadExpertError, match="no parameter"):
+        det.set_params(bogus=1)
+    with pytest.raises(BadExpertError, match="'seed'"):
+        det.set_params(seed=-1)
+    assert det.get_params()["seed"] == 7  # a refused change leaves the detector as it was
+    text = repr(det)
+    assert text.startswith(type(det).__name__ + "(") and "seed=7" in text
+    cost = det.cost
+    assert set(cost) == {"forward", "backward"} and cost["forward"] >= 1 and cost["backward"] >= 0
+    assert det.needs_gradients == (cost["backward"] > 0)
+
+
+def test_input_generators_depend_on_the_input_not_the_batch(splits):
+    det = FACTORIES["badexpert"]()
+    x = splits[3].images[:6]
+    draw = lambda gens: torch.stack([torch.rand(4, generator=g) for g in gens])  # noqa: E731
+    a = draw(det.input_generators(x))
+    b = draw(det.input_generators(x.flip(0))).flip(0)  # another order
+    c = torch.cat([draw(det.input_generators(x[:2])), draw(det.input_generators(to_float(x[2:])))])  # other batches
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a, draw(det.set_params(seed=1).input_generators(x)))
+    assert not torch.equal(a, draw(det.set_params(seed=0).input_generators(x, "other")))

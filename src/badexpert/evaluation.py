@@ -104,7 +104,8 @@ def measure_throughput(model: nn.Module, detector: Detector, images: torch.Tenso
         t_det = best(run_detector)
     n = len(images)
     return {
-        "forward_passes_per_input": detector.forward_passes_per_input,
+        "forward_passes_per_input": detector.cost["forward"],
+        "backward_passes_per_input": detector.cost["backward"],
         "model_images_per_s": n / t_model,
         "detector_images_per_s": n / t_det,
         "throughput_ratio": t_model / t_det,
@@ -227,7 +228,8 @@ def evaluate(
     if throughput:
         defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)
     else:
-        defense["cost"] = {"forward_passes_per_input": detector.forward_passes_per_input}
+        defense["cost"] = {"forward_passes_per_input": detector.cost["forward"],
+                           "backward_passes_per_input": detector.cost["backward"]}
     metrics["defense"] = defense
     for key in ("x", "y"):
         if key in det_clean:

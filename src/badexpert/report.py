@@ -518,6 +518,7 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
     if isinstance(cost, dict):
         labels = {
             "forward_passes_per_input": ("forward passes per input", "{:g}"),
+            "backward_passes_per_input": ("backward passes per input", "{:g}"),
             "throughput_ratio": ("scoring throughput relative to the bare model", "{:.2f}x"),
             "model_images_per_s": ("bare model throughput", "{:,.0f} images/s"),
             "detector_images_per_s": ("detector throughput", "{:,.0f} images/s"),

@@ -24,7 +24,12 @@ What every detector guarantees, whatever its method (the checks live here, once)
   data it is fitted on (:class:`badexpert.data.Dataset`); a bare ``(images, labels)`` pair
   declares none, so no flips.
 
-Capability flags (captum-style): ``forward_passes_per_input``, ``needs_gradients``.
+Cost (:attr:`Detector.cost`) is a property of the instance: model forward and backward passes
+per input (STRIP's ``n`` superimpositions, TeCo's corruptions), reported next to the measured
+throughput. Randomised detectors draw from :meth:`Detector.input_generators`, seeded from the
+detector's seed and each input's content, so a score never depends on the batch it came in, its
+order or its size. scikit-learn conventions: ``get_params(deep)``, ``set_params``, :func:`clone`,
+a readable ``repr``.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ class Detector:
     """Base class. Subclasses implement :meth:`_fit` and :meth:`_score_batch`."""
 
     name: ClassVar[str] = "detector"
+    #: model forward / backward passes per scored input; instances whose cost depends on their
+    #: parameters override :attr:`cost`
     forward_passes_per_input: ClassVar[int] = 1
-    needs_gradients: ClassVar[bool] = False
+    backward_passes_per_input: ClassVar[int] = 0
     #: whether :meth:`score_given_logits` uses the suspect model's logits instead of running the
     #: model again (a guard then costs ``forward_passes_per_input`` passes in all)
     shares_model_pass: ClassVar[bool] = False
@@ -70,8 +77,65 @@ class Detector:
         self.device = device
 
     # --- configuration -------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """Constructor arguments (scikit-learn style), for configs and reports."""
+    @property
+    def cost(self) -> dict[str, int]:
+        """Model passes per scored input: ``{"forward": ..., "backward": ...}``."""
+        return {"forward": int(self.forward_passes_per_input), "backward": int(self.backward_passes_per_input)}
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether scoring back-propagates through the model (it then runs with gradients enabled)."""
+        return self.cost["backward"] > 0
+
+    def __repr__(self) -> str:
+        defaults = {}
+        import inspect
+
+        for cls in type(self).__mro__:
+            if cls is object:
+                continue
+            for p in inspect.signature(cls.__init__).parameters.values():
+                if p.kind is p.KEYWORD_ONLY and p.name not in defaults:
+                    defaults[p.name] = p.default
+        changed = {k: v for k, v in self.get_params().items() if defaults.get(k, inspect.Parameter.empty) != v}
+        args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        fitted = "" if not self.is_fitted else (", fitted" + (", calibrated" if hasattr(self, "threshold_") else ""))
+        return f"{type(self).__name__}({args}){' <' + fitted[2:] + '>' if fitted else ''}"
+
+    def set_params(self, **params) -> "Detector":
+        """Change constructor parameters (scikit-learn style), validated like the constructor's;
+        fitted state is kept, so refit after changing what the fit depends on."""
+        valid = set(self.get_params())
+        bad = sorted(set(params) - valid)
+        if bad:
+            raise BadExpertError(f"detector '{self.name}' has no parameter(s) {bad}; valid: {sorted(valid)}")
+        old = {k: getattr(self, k) for k in params}
+        for k, v in params.items():
+            setattr(self, k, v)
+        try:
+            self.check_params()
+        except BadExpertError:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        return self
+
+    def input_generators(self, x: torch.Tensor, purpose: str = "score") -> list[torch.Generator]:
+        """One CPU generator per input of ``x``, seeded from the detector's seed, ``purpose`` and
+        the input's content: a randomised score (STRIP's overlays, noise) is then the same
+        whatever batch, batch size or order the input arrives in."""
+        import hashlib
+
+        hashes = image_hashes(x.detach().cpu())
+        gens = []
+        for h in hashes.tolist():
+            digest = hashlib.sha256(f"{self.seed}|{purpose}|{h}".encode()).digest()
+            gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
+        return gens
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments (scikit-learn style), for configs and reports. (No parameter
+        holds another estimator, so ``deep`` changes nothing.)"""
         import inspect
 
         out = {}
@@ -347,6 +411,12 @@ class Detector:
         path = Path(path)
         atomic_write_bytes(path, save(tensors, metadata={"badexpert": json.dumps(meta)}))
         return path
+
+
+def clone(detector: Detector) -> Detector:
+    """A new, unfitted detector with the same parameters (scikit-learn's ``clone``)."""
+    expect(detector, Detector, "the detector")
+    return type(detector)(**detector.get_params()).check_params()
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
