@@ -114,6 +114,139 @@ def measure_throughput(model: nn.Module, detector: Detector, images: torch.Tenso
     }
 
 
+@dataclass
+class TestOutputs:
+    """The suspect model's predictions on a test split and on its triggered copy, computed once
+    and shared by every detector evaluated on them (:func:`evaluate`, :func:`badexpert.compare`)."""
+
+    test: Dataset
+    attack: Attack | None
+    clean_pred: torch.Tensor
+    trig: Dataset | None
+    targets: torch.Tensor | None
+    trig_pred: torch.Tensor | None
+    metrics: dict
+    arrays: dict
+
+
+def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr_bar: float = 0.5, seed: int = 0,
+                  batch_size: int = 256, examples: int = 8) -> TestOutputs:
+    """Clean accuracy and attack success rate of ``model`` on ``test`` (the triggered copy built
+    with ``seed``), with the predictions kept for the detectors; ``metrics["attack_failed"]``
+    when the ASR is below ``asr_bar``."""
+    expect(model, nn.Module, "the model")
+    expect(test, Dataset, "the test split")
+    if attack is not None:
+        expect(attack, Attack, "the attack (from get_attack)")
+        attack.check(test.num_classes)
+    if len(test) == 0:
+        raise BadExpertError("the test split is empty")
+    clean_logits = predict_logits(model, test.images, batch_size=batch_size)
+    if clean_logits.shape[1] != test.num_classes:
+        raise BadExpertError(
+            f"the model has {clean_logits.shape[1]} outputs but the dataset has {test.num_classes} classes"
+        )
+    clean_pred = clean_logits.argmax(1)
+    metrics: dict = {
+        "clean_accuracy": float((clean_pred == test.labels).float().mean()),
+        "sizes": {"test_clean": len(test)},
+    }
+    arrays: dict = {"clean_examples": test.images[:examples].float() / 255}
+    if attack is None:
+        metrics["attack_success_rate"] = None
+        metrics["attack_failed"] = False
+        metrics["message"] = "no attack: only clean accuracy and the realized false-positive rate are measured"
+        return TestOutputs(test, None, clean_pred, None, None, None, metrics, arrays)
+    trig, targets = trigger_dataset(attack, test, seed=seed)
+    if len(trig) == 0:
+        raise BadExpertError("no test input counts for this attack (all are of the target class?)")
+    trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)
+    asr = float((trig_pred == targets).float().mean())
+    metrics["attack_success_rate"] = asr
+    metrics["sizes"]["test_triggered"] = len(trig)
+    metrics["asr_bar"] = asr_bar
+    arrays["trig_examples"] = trig.images[:examples].float() / 255
+    src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
+    arrays["clean_examples"] = test.images[src].float() / 255
+    arrays["example_labels"] = test.labels[src].numpy()
+    arrays["trig_example_preds"] = trig_pred[:examples].numpy()
+    metrics["attack_failed"] = asr < asr_bar
+    if metrics["attack_failed"]:
+        metrics["message"] = (
+            f"the backdoor did not implant: attack success rate {asr:.1%} is below the bar {asr_bar:.0%}; "
+            "detection numbers are not reported (raise the poison rate or training epochs)"
+        )
+    return TestOutputs(test, attack, clean_pred, trig, targets, trig_pred, metrics, arrays)
+
+
+def check_detector_for(model: nn.Module, detector: Detector, test: Dataset, *, allow_overlap: bool = False) -> dict:
+    """Refuse a detector that is not calibrated, was fitted on another model, or has seen images of
+    ``test`` (unless ``allow_overlap``, which warns); returns the overlap counts."""
+    expect(detector, Detector, "the detector")
+    if not hasattr(detector, "threshold_"):
+        raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
+    detector.check_model(model)
+    overlap = detector.overlap(test.images)
+    if overlap["fit"] or overlap["calibration"]:
+        msg = (f"the test split shares {overlap['fit']} image(s) with the data the detector was fitted on and "
+               f"{overlap['calibration']} with its calibration data (of {overlap['total']})")
+        if not allow_overlap:
+            raise BadExpertError(f"{msg}; evaluate on data the detector has not seen (the CLI rebuilds the "
+                                 "detector's own split), or allow the overlap to measure anyway")
+        warnings.warn(f"{msg}; the numbers below flatter the detector", stacklevel=3)
+    return overlap
+
+
+def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, overlap: dict | None = None,
+                     n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
+                     throughput: bool = True) -> tuple[dict, dict]:
+    """``(defense metrics, per-input arrays)`` of a calibrated ``detector`` on the shared model
+    outputs ``out`` (whose attack implanted, or which has no attack)."""
+    test = out.test
+    if out.attack is None:
+        det = _details(detector, test.images)
+        flags = detector.decide(torch.from_numpy(det["score"])).numpy()
+        defense = {
+            "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
+            "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
+            "fpr": float(flags.mean()),
+            "clean_accuracy": float(((out.clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
+        }
+        return defense, {}
+    t0 = time.perf_counter()
+    det_clean = _details(detector, test.images)
+    det_trig = _details(detector, out.trig.images)
+    score_s = time.perf_counter() - t0
+    summary = detection_summary(
+        clean_scores=det_clean["score"], clean_labels=test.labels.numpy(), clean_preds=out.clean_pred.numpy(),
+        trig_scores=det_trig["score"], trig_preds=out.trig_pred.numpy(), trig_target=out.targets.numpy(),
+        threshold=detector.threshold_, fpr_target=detector.fpr_target_, class_names=test.classes,
+        n_boot=n_boot, seed=seed,
+    )
+    defense = {"name": detector.name, "params": detector.get_params(), **summary,
+               "calibration_size": detector.calibration_size_, "overlap": overlap}
+    fit_report = getattr(detector, "fit_report_", None)
+    if fit_report:
+        defense["fit_report"] = fit_report
+    defense["timings"] = {"fit_s": getattr(detector, "fit_seconds_", None),
+                          "calibrate_s": getattr(detector, "calibrate_seconds_", None), "score_s": score_s}
+    if throughput:
+        defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)
+    else:
+        defense["cost"] = {"forward_passes_per_input": detector.cost["forward"],
+                           "backward_passes_per_input": detector.cost["backward"]}
+    arrays = {}
+    for key in ("x", "y"):
+        if key in det_clean:
+            arrays[f"clean_{key}"] = det_clean[key]
+            arrays[f"trig_{key}"] = det_trig[key]
+    arrays.update(
+        clean_scores=det_clean["score"], trig_scores=det_trig["score"],
+        clean_correct=(out.clean_pred == test.labels).numpy(), trig_success=(out.trig_pred == out.targets).numpy(),
+    )
+    return defense, arrays
+
+
 def evaluate(
     model: nn.Module,
     detector: Detector | None,
@@ -137,106 +270,15 @@ def evaluate(
     """
     expect(model, nn.Module, "the model")
     expect(test, Dataset, "the test split")
-    if detector is not None:
-        expect(detector, Detector, "the detector")
-        if not hasattr(detector, "threshold_"):
-            raise NotFittedError("evaluate needs a fitted and calibrated detector: call fit() then calibrate()")
-    if attack is not None:
-        expect(attack, Attack, "the attack (from get_attack)")
-        attack.check(test.num_classes)
-    if len(test) == 0:
-        raise BadExpertError("the test split is empty")
     overlap = None
     if detector is not None:
-        detector.check_model(model)
-        overlap = detector.overlap(test.images)
-        if overlap["fit"] or overlap["calibration"]:
-            msg = (f"the test split shares {overlap['fit']} image(s) with the data the detector was fitted on and "
-                   f"{overlap['calibration']} with its calibration data (of {overlap['total']})")
-            if not allow_overlap:
-                raise BadExpertError(f"{msg}; evaluate on data the detector has not seen (the CLI rebuilds the "
-                                     "detector's own split), or allow the overlap to measure anyway")
-            warnings.warn(f"{msg}; the numbers below flatter the detector", stacklevel=2)
-    clean_logits = predict_logits(model, test.images, batch_size=batch_size)
-    if clean_logits.shape[1] != test.num_classes:
-        raise BadExpertError(
-            f"the model has {clean_logits.shape[1]} outputs but the dataset has {test.num_classes} classes"
-        )
-    clean_pred = clean_logits.argmax(1)
-    metrics: dict = {
-        "clean_accuracy": float((clean_pred == test.labels).float().mean()),
-        "sizes": {"test_clean": len(test)},
-    }
-    arrays: dict = {"clean_examples": test.images[:examples].float() / 255}
-    if attack is None:
-        metrics["attack_success_rate"] = None
-        metrics["attack_failed"] = False
-        metrics["message"] = "no attack: only clean accuracy and the realized false-positive rate are measured"
-        if detector is not None:
-            det = _details(detector, test.images)
-            flags = detector.decide(torch.from_numpy(det["score"])).numpy()
-            metrics["defense"] = {
-                "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
-                "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
-                "fpr": float(flags.mean()),
-                "clean_accuracy": float(((clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
-            }
+        overlap = check_detector_for(model, detector, test, allow_overlap=allow_overlap)
+    out = model_outputs(model, test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size, examples=examples)
+    metrics, arrays = dict(out.metrics), dict(out.arrays)
+    if detector is None or metrics["attack_failed"]:
         return Evaluation(metrics, arrays)
-
-    trig, targets = trigger_dataset(attack, test, seed=seed)
-    if len(trig) == 0:
-        raise BadExpertError("no test input counts for this attack (all are of the target class?)")
-    trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)
-    asr = float((trig_pred == targets).float().mean())
-    metrics["attack_success_rate"] = asr
-    metrics["sizes"]["test_triggered"] = len(trig)
-    metrics["asr_bar"] = asr_bar
-    arrays["trig_examples"] = trig.images[:examples].float() / 255
-    src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
-    arrays["clean_examples"] = test.images[src].float() / 255
-    arrays["example_labels"] = test.labels[src].numpy()
-    arrays["trig_example_preds"] = trig_pred[:examples].numpy()
-    if asr < asr_bar:
-        metrics["attack_failed"] = True
-        metrics["message"] = (
-            f"the backdoor did not implant: attack success rate {asr:.1%} is below the bar {asr_bar:.0%}; "
-            "detection numbers are not reported (raise the poison rate or training epochs)"
-        )
-        return Evaluation(metrics, arrays)
-    metrics["attack_failed"] = False
-    if detector is None:
-        return Evaluation(metrics, arrays)
-
-    t0 = time.perf_counter()
-    det_clean = _details(detector, test.images)
-    det_trig = _details(detector, trig.images)
-    score_s = time.perf_counter() - t0
-    summary = detection_summary(
-        clean_scores=det_clean["score"], clean_labels=test.labels.numpy(), clean_preds=clean_pred.numpy(),
-        trig_scores=det_trig["score"], trig_preds=trig_pred.numpy(), trig_target=targets.numpy(),
-        threshold=detector.threshold_, fpr_target=detector.fpr_target_, class_names=test.classes,
-        n_boot=n_boot, seed=seed,
-    )
-    defense = {"name": detector.name, "params": detector.get_params(), **summary,
-               "calibration_size": detector.calibration_size_, "overlap": overlap}
-    fit_report = getattr(detector, "fit_report_", None)
-    if fit_report:
-        defense["fit_report"] = fit_report
-    timings = {"fit_s": getattr(detector, "fit_seconds_", None), "calibrate_s": getattr(detector, "calibrate_seconds_", None),
-               "score_s": score_s}
-    defense["timings"] = timings
-    if throughput:
-        defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)
-    else:
-        defense["cost"] = {"forward_passes_per_input": detector.cost["forward"],
-                           "backward_passes_per_input": detector.cost["backward"]}
+    defense, det_arrays = detector_metrics(model, detector, out, overlap=overlap, n_boot=n_boot, seed=seed,
+                                           batch_size=batch_size, throughput=throughput)
     metrics["defense"] = defense
-    for key in ("x", "y"):
-        if key in det_clean:
-            arrays[f"clean_{key}"] = det_clean[key]
-            arrays[f"trig_{key}"] = det_trig[key]
-    arrays.update(
-        clean_scores=det_clean["score"], trig_scores=det_trig["score"],
-        clean_correct=(clean_pred == test.labels).numpy(), trig_success=(trig_pred == targets).numpy(),
-    )
+    arrays.update(det_arrays)
     return Evaluation(metrics, arrays)
