@@ -106,3 +106,18 @@ def test_cli_detector_records_its_own_split(demo_run, tmp_path, capsys):
     other = make_splits(ExperimentConfig(reserved=600, calibration=700, test_size=3000, seed=0))
     with pytest.raises(Exception, match="shares 0 image.*fitted on and [1-9][0-9]* with its calibration data"):
         evaluate(model, run_detector, other.test, None, n_boot=0, throughput=False)
+
+
+def test_cli_compare_on_the_demo_model(demo_run, tmp_path, capsys):
+    """`badexpert compare` rebuilds the model's recorded split, applies its recorded attack and
+    writes one table and one ROC figure."""
+    out, m = demo_run
+    code = main(["compare", "--model", str(out / "model.safetensors"), "--detectors", "badexpert",
+                 "--out", str(tmp_path / "cmp")])
+    assert code == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    d = rows["detectors"][0]
+    assert d["name"] == "badexpert" and d["auroc"] > 0.95 and d["cost"]["forward_passes_per_input"] == 3
+    assert rows["model"]["attack_success_rate"] == m["attack_success_rate"]  # same split, same trigger
+    assert "| badexpert |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "roc.png").is_file()

@@ -23,6 +23,7 @@ _EXPORTS = {
     "DETECTORS": "detectors", "BaDExpert": "detectors", "Detector": "detectors", "get_detector": "detectors",
     "load_detector": "detectors",
     "BadExpertError": "errors", "NotFittedError": "errors",
+    "Comparison": "comparison", "compare": "comparison",
     "Evaluation": "evaluation", "evaluate": "evaluation",
     "Guard": "guard", "GuardOutput": "guard", "RejectedInputError": "guard", "load_bundle": "guard",
     "save_bundle": "guard",

@@ -291,6 +291,47 @@ def cmd_defend(args) -> int:
     return 0
 
 
+def _detectors_registry():
+    from .detectors import DETECTORS
+
+    return DETECTORS
+
+
+def cmd_compare(args) -> int:
+    from .attacks import attack_from_meta
+    from .comparison import COMPARE_OUTPUTS, compare, write_comparison
+    from .detectors import DETECTORS, get_detector
+    from .io import load_model
+    from .utils import check_output_dir
+
+    check_output_dir(args.out, owned=COMPARE_OUTPUTS, overwrite=args.overwrite)
+    names = [DETECTORS.canonical(n.strip()) for n in args.detectors.split(",") if n.strip()]
+    if not names:
+        raise BadExpertError("--detectors names no detector; e.g. --detectors badexpert,strip")
+    params: dict[str, dict] = {n: {} for n in names}
+    for item in args.detector_param or []:
+        scope, sep, rest = item.partition(":")
+        if not sep or "=" in scope:
+            raise BadExpertError(f"--detector-param takes DETECTOR:KEY=VALUE (e.g. strip:n=50), got '{item}'")
+        name = DETECTORS.canonical(scope.strip())
+        if name not in params:
+            raise BadExpertError(f"--detector-param names detector '{name}', which is not in --detectors")
+        params[name].update(_kv([rest]))
+    for name in names:  # every detector's parameters checked before any data is read
+        _check_options(detector=name, detector_params={**params[name], "seed": args.seed}, fpr=args.fpr,
+                       device=args.device, seed=args.seed,
+                       **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration)) if v is not None})
+    model, meta = load_model(args.model, device=args.device)
+    _, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
+    attack = attack_from_meta(meta, source=f"'{args.model}'")
+    dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
+    result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device, log=_log)
+    write_comparison(args.out, result, overwrite=args.overwrite)
+    print(result.table())
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
@@ -516,6 +557,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("compare", help="several detectors side by side on one suspect model",
+                       description="Fit every detector on the same reserved clean split of the model's dataset, "
+                                   "calibrate each at the same target FPR on the same calibration split, and "
+                                   "evaluate all on the same test split under the model's attack; writes one table "
+                                   "(compare.md, compare.json) and one ROC figure (roc.png).")
+    p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
+    p.add_argument("--detectors", default="badexpert",
+                   help=_RegistryHelp("comma-separated detector names: {choices} (default badexpert)",
+                                      _detectors_registry))
+    p.add_argument("--detector-param", action="append", metavar="DETECTOR:KEY=VALUE",
+                   help="a parameter of one detector, e.g. strip:n=50 (repeatable)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of every detector (default 0.01)")
+    _add_data(p, command="defend")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_overwrite(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",
                        description="Clean accuracy and attack success rate with and without the detector, AUROC, "

@@ -1,0 +1,100 @@
+"""`compare` / `badexpert compare`: several detectors under one protocol, sharing the model's pass."""
+
+from typing import ClassVar
+
+import pytest
+import torch
+
+from badexpert.comparison import COMPARE_OUTPUTS, compare, write_comparison
+from badexpert.data import Splits
+from badexpert.detectors import BaDExpert, Detector
+from badexpert.errors import BadExpertError
+
+
+class MaxSoftmax(Detector):
+    """A deliberately simple detector from outside the registry: score = max softmax probability
+    (a backdoored model is very confident on triggered inputs)."""
+
+    name: ClassVar[str] = "max_softmax"
+
+    def _fit(self, model, images, labels):
+        pass
+
+    def _score_batch(self, x):
+        return self.model_(x).softmax(1).max(1).values
+
+
+@pytest.fixture(scope="module")
+def setting(backdoored):
+    model, attack, _, te = backdoored
+    splits = Splits(train=te.subset(range(0, 10)), reserved=te.subset(range(0, 800)),
+                    calibration=te.subset(range(800, 1600)), test=te.subset(range(1600, 2400)))
+    return model, attack, splits
+
+
+def _badexpert():
+    return BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0)
+
+
+def test_detectors_share_one_model_pass_and_one_protocol(setting, monkeypatch, tmp_path):
+    import badexpert.comparison as comparison
+
+    model, attack, splits = setting
+    calls = []
+    real = comparison.model_outputs
+    monkeypatch.setattr(comparison, "model_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = compare(model, [_badexpert(), MaxSoftmax()], splits, attack, fpr=0.05, n_boot=50, log=lambda m: None)
+    assert len(calls) == 1  # the suspect model's outputs on the test inputs, computed once
+    rows = {d["name"]: d for d in result.metrics["detectors"]}
+    assert list(rows) == ["badexpert", "max_softmax"]
+    assert rows["badexpert"]["auroc"] > 0.95
+    for d in rows.values():
+        assert d["fpr_target"] == 0.05 and d["calibration_size"] == 800
+        assert d["fpr"] <= 0.05 + 0.04  # same calibration split and target for every detector
+        assert d["cost"]["throughput_ratio"] > 0
+    assert rows["badexpert"]["cost"]["forward_passes_per_input"] == 3
+    assert rows["max_softmax"]["cost"]["forward_passes_per_input"] == 1
+    assert result.metrics["model"]["attack_success_rate"] > 0.9
+    table = result.table()
+    assert "| badexpert |" in table and "| max_softmax |" in table and "TPR at 0.1% / 1% / 5% FPR" in table
+    paths = write_comparison(tmp_path / "cmp", result)
+    assert {p.name for p in paths} == COMPARE_OUTPUTS and (tmp_path / "cmp" / "roc.png").stat().st_size > 1000
+    with pytest.raises(BadExpertError, match="--overwrite|overwrite"):
+        write_comparison(tmp_path / "cmp", result)
+
+
+def test_a_failed_implant_fits_no_detector(setting):
+    model, attack, splits = setting
+    from badexpert.attacks import get_attack
+
+    weak = get_attack("blend", alpha=0.01, target=0)  # not the model's backdoor
+    det = _badexpert()
+    result = compare(model, [det], splits, weak, log=lambda m: None)
+    assert result.metrics["model"]["attack_failed"] and result.metrics["detectors"] == []
+    assert not det.is_fitted and "did not implant" in result.table()
+
+
+def test_compare_argument_errors(setting):
+    model, attack, splits = setting
+    with pytest.raises(BadExpertError, match="listed twice"):
+        compare(model, [_badexpert(), "badexpert"], splits, attack, log=lambda m: None)
+    with pytest.raises(BadExpertError, match="non-empty list"):
+        compare(model, [], splits, attack)
+    with pytest.raises(BadExpertError, match="unknown detector 'nope'"):
+        compare(model, ["nope"], splits, attack)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--detectors", "nope"], "unknown detector 'nope'"),
+    (["--detectors", ","], "names no detector"),
+    (["--detector-param", "n=5"], "DETECTOR:KEY=VALUE"),
+    (["--detector-param", "badexpert:bogus=1"], "bogus"),
+    (["--fpr", "2"], "fpr"),
+])
+def test_cli_compare_mistakes_are_one_line_before_any_data_is_read(argv, match, tmp_path, capsys):
+    from badexpert.cli import main
+
+    code = main(["compare", "--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err
+    assert not (tmp_path / "o").exists()
