@@ -145,7 +145,8 @@ def test_help_and_list_read_the_registries(capsys):
         assert f"\n{name}: " in "\n" + out
         assert f"poison_rate={cls.__dataclass_fields__['poison_rate'].default!r}" in out.split(f"{name}: ", 1)[1]
     assert main(["list", "detectors"]) == 0
-    assert all(f"{n}: " in capsys.readouterr().out for n in DETECTORS)
+    out = capsys.readouterr().out
+    assert all(f"{n}: " in out for n in DETECTORS)
     assert main(["list", "nothing"]) == 2 and "invalid choice" in capsys.readouterr().err
 
 

