@@ -320,9 +320,11 @@ def cmd_compare(args) -> int:
     for name in names:  # every detector's parameters checked before any data is read
         _check_options(detector=name, detector_params={**params[name], "seed": args.seed}, fpr=args.fpr,
                        device=args.device, seed=args.seed,
-                       **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration)) if v is not None})
+                       **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration),
+                                            ("test_size", args.test_size)) if v is not None})
     model, meta = load_model(args.model, device=args.device)
-    _, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
+    _, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration,
+                            test_size=args.test_size)
     attack = attack_from_meta(meta, source=f"'{args.model}'")
     dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
     result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device, log=_log)
@@ -571,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a parameter of one detector, e.g. strip:n=50 (repeatable)")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of every detector (default 0.01)")
     _add_data(p, command="defend")
+    p.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
     p.add_argument("--out", required=True, help="output directory")
     _add_overwrite(p)
     _add_common(p)

@@ -76,7 +76,9 @@ def measure_throughput(model: nn.Module, detector: Detector, images: torch.Tenso
     Each is timed ``repeats`` times after a warm-up pass and the fastest run is kept.
     """
     device = model_device(model)
-    images = images[: max(batch_size, min(len(images), 2048))]
+    # about 2,048 model passes' worth of inputs (at least one batch): an expensive detector (STRIP's
+    # 100 passes per input) is timed on fewer inputs, and the bare model on the same ones
+    images = images[: max(min(batch_size, len(images)), min(len(images), 2048 // max(1, detector.cost["forward"])))]
 
     def run_model():
         with torch.no_grad():
