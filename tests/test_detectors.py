@@ -16,6 +16,7 @@ CONTRACT = {
     "badexpert": (lambda: BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, hflip=False, seed=0), 0.95, 0.8),
     "strip": (lambda: DETECTORS["strip"](n=32, seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (n=32 and n=100)
     "scale_up": (lambda: DETECTORS["scale_up"](seed=0), 0.85, None),  # measured AUROC 0.887, TPR 0.000: the white-patch target class keeps SPC=1 on 23% of clean inputs, so the 5% threshold sits at SPC=1 (ties)
+    "teco": (lambda: DETECTORS["teco"](seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (seeds 0, 1, 2): the patch breaks under blur/elastic/pixelate (flip at 2-4) and survives noise/brightness (6); clean inputs rarely flip at all (mean score 0.25 vs 1.9 triggered)
 }
 FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 

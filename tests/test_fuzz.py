@@ -269,7 +269,7 @@ CONFIG_CASES = [
     ("detector_params-expert_lr-string", {"detector_params": {"expert_lr": "1e-4"}}, "'expert_lr'"),
     ("detector_params-score_rule-unknown", {"detector_params": {"score_rule": "vibes"}}, "'score_rule'"),
     ("detector_params-unknown", {"detector_params": {"bogus": 1}}, "bogus"),
-    ("detector-unknown", {"detector": "strip"}, "unknown detector 'strip'"),
+    ("detector-unknown", {"detector": "sentinel"}, "unknown detector 'sentinel'"),
     ("unknown-field", {"atack": "badnet"}, "unknown config field(s) ['atack']"),
     ("json-list", "[1, 2]", "object"),
     ("json-null", "null", "object"),

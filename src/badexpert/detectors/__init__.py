@@ -8,9 +8,10 @@ from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, load_detector, read_detector_file
 from .scale_up import ScaleUp
 from .strip import STRIP
+from .teco import TeCo
 
 #: Detectors by name.
-DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp)])
+DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp), (TeCo.name, TeCo)])
 
 
 def get_detector(name: str, **params) -> Detector:
@@ -20,4 +21,4 @@ def get_detector(name: str, **params) -> Detector:
     return cls(**validate_params(cls.__init__, params, f"detector '{key}'")).check_params()
 
 
-__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "STRIP", "ScaleUp", "combine", "get_detector", "load_detector", "read_detector_file"]
+__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file"]
