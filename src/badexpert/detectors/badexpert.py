@@ -92,7 +92,9 @@ def combine(x: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
 
 
 class BaDExpert(Detector):
-    """The BaDExpert detector. See the module docstring for the method and the presets.
+    """BaDExpert (Xie et al., ICLR 2024): a backdoor expert and an auxiliary finetuned model, 3 passes per input.
+
+    See the module docstring for the method and the presets.
 
     Parameters
     ----------

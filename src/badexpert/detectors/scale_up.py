@@ -38,7 +38,9 @@ VARIANTS = ("data_free", "data_limited")
 
 
 class ScaleUp(Detector):
-    """The SCALE-UP input detector; see the module docstring for the method.
+    """SCALE-UP (Guo et al., ICLR 2023): flag inputs whose prediction survives pixel-value amplification.
+
+    See the module docstring for the method.
 
     Parameters
     ----------

@@ -33,7 +33,9 @@ OVERLAY_PURPOSE = "strip-overlays"
 
 
 class STRIP(Detector):
-    """The STRIP input detector; see the module docstring for the method.
+    """STRIP (Gao et al., 2019): flag inputs whose prediction stays confident when blended with clean images.
+
+    See the module docstring for the method.
 
     Parameters
     ----------

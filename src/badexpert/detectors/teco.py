@@ -47,7 +47,9 @@ PURPOSE = "teco"
 
 
 class TeCo(Detector):
-    """The TeCo input detector; see the module docstring for the method.
+    """TeCo (Liu et al., CVPR 2023): flag inputs whose robustness to 15 image corruptions is uneven.
+
+    See the module docstring for the method.
 
     Parameters
     ----------
