@@ -106,3 +106,11 @@ def attack_files(folder: Path, cls, *, optional: bool = True) -> dict:
                         .to(torch.uint8).numpy()).save(folder / "trigger.png")
         params["trigger_image"] = str(folder / "trigger.png")
     return params
+
+
+def random_dataset(n: int = 400, c: int = 3, size: int = 32, classes: int = 10, seed: int = 0) -> Dataset:
+    """``n`` uniform-noise uint8 images with labels cycling through ``classes``: for the
+    mechanics tests of attacks (where and how a trigger lands, which samples are chosen)."""
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
+                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")

@@ -1,18 +1,15 @@
+import functools
 import pytest
 import torch
 
 from badexpert.attacks import ATTACKS, Attack, attack_from_dict, get_attack
-from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
 from badexpert.utils import derive_generator
 
-from .conftest import attack_files
+from .conftest import attack_files, random_dataset
 
 
-def _data(n=200, c=3, size=32, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
-                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+_data = functools.partial(random_dataset, n=200)
 
 
 def test_badnet_pattern_is_the_research_codes_3x3_patch():

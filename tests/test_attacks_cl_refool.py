@@ -1,6 +1,7 @@
 """Clean-label (PGD against a surrogate + four corner patches) and Refool (reflections): triggers,
 poisoning, seeds, file checks, the saved trigger state, and real implants."""
 
+import functools
 import json
 import zipfile
 
@@ -11,22 +12,18 @@ from PIL import Image
 
 from badexpert.attacks import ATTACKS, CleanLabel, Refool, attack_from_dict, attack_from_meta, get_attack
 from badexpert.attacks.refool import _blur
-from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
 from badexpert.evaluation import evaluate
 from badexpert.models import build_model
 from badexpert.training import Recipe
 from badexpert.utils import derive_generator, seed_everything
 
-from .conftest import FASHION_MNIST, make_blobs
+from .conftest import FASHION_MNIST, make_blobs, random_dataset
 
 BADNET3 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 
-def _data(n=200, c=3, size=32, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
-                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+_data = functools.partial(random_dataset, n=200)
 
 
 def _cnn(c=3, classes=10, size=32, width=4, seed=0):

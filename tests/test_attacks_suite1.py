@@ -1,6 +1,7 @@
 """SIG, All-to-All, TaCT, Adap-Blend and Adap-Patch: triggers, poisoning, ASR masks, seeds,
 validation, and real implants on the synthetic blobs."""
 
+import functools
 import math
 
 import pytest
@@ -13,15 +14,12 @@ from badexpert.errors import BadExpertError
 from badexpert.evaluation import evaluate, trigger_dataset
 from badexpert.utils import derive_generator
 
-from .conftest import make_blobs
+from .conftest import make_blobs, random_dataset
 
 NEW = ("sig", "all_to_all", "tact", "adaptive_blend", "adaptive_patch")
 
 
-def _data(n=400, c=3, size=32, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
-                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+_data = functools.partial(random_dataset, n=400)
 
 
 def _u8(x):

@@ -2,6 +2,7 @@
 poisoning, seeds, validation, saved trigger state, and real implants (BPP on the synthetic blobs,
 WaNet on Fashion-MNIST)."""
 
+import functools
 import json
 
 import pytest
@@ -11,20 +12,16 @@ import torch.nn.functional as F
 from badexpert.attacks import ATTACKS, BPP, WaNet, attack_from_dict, attack_from_meta, get_attack
 from badexpert.attacks.bpp import floyd_steinberg, palette, quantize
 from badexpert.attacks.wanet import identity_grid
-from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
 from badexpert.evaluation import evaluate
 from badexpert.io import load_model, save_model
 from badexpert.models import build_model
 from badexpert.utils import derive_generator
 
-from .conftest import FASHION_MNIST, make_blobs
+from .conftest import FASHION_MNIST, make_blobs, random_dataset
 
 
-def _data(n=400, c=3, size=32, classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
-                   labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+_data = functools.partial(random_dataset, n=400)
 
 
 def _u8(x):
