@@ -17,6 +17,7 @@ CONTRACT = {
     "strip": (lambda: DETECTORS["strip"](n=32, seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (n=32 and n=100)
     "scale_up": (lambda: DETECTORS["scale_up"](seed=0), 0.85, None),  # measured AUROC 0.887, TPR 0.000: the white-patch target class keeps SPC=1 on 23% of clean inputs, so the 5% threshold sits at SPC=1 (ties)
     "teco": (lambda: DETECTORS["teco"](seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (seeds 0, 1, 2): the patch breaks under blur/elastic/pixelate (flip at 2-4) and survives noise/brightness (6); clean inputs rarely flip at all (mean score 0.25 vs 1.9 triggered)
+    "ibd_psc": (lambda: DETECTORS["ibd_psc"](seed=0), 0.87, 0.3),  # measured AUROC 0.901, TPR 0.362: omega=1.5 never lifts this 3-BN CNN's clean error above xi (0% with 1..3 layers; k=3, so all 5 models amplify every layer), it only sharpens the softmax, more on triggered inputs (PSC 1 - 1e-15 vs 1 - 1e-11; the bare model's confidence gives AUROC 0.35)
 }
 FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 

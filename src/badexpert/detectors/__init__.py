@@ -6,12 +6,13 @@ from ..registry import Registry
 from ..validation import validate_params
 from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, load_detector, read_detector_file
+from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
 from .strip import STRIP
 from .teco import TeCo
 
 #: Detectors by name.
-DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp), (TeCo.name, TeCo)])
+DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp), (TeCo.name, TeCo), (IBDPSC.name, IBDPSC)])
 
 
 def get_detector(name: str, **params) -> Detector:
@@ -21,4 +22,4 @@ def get_detector(name: str, **params) -> Detector:
     return cls(**validate_params(cls.__init__, params, f"detector '{key}'")).check_params()
 
 
-__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file"]
+__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "IBDPSC", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file"]
