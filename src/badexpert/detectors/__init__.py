@@ -12,7 +12,7 @@ from .strip import STRIP
 from .teco import TeCo
 
 #: Detectors by name.
-DETECTORS = Registry("detector", [(BaDExpert.name, BaDExpert), (STRIP.name, STRIP), (ScaleUp.name, ScaleUp), (TeCo.name, TeCo), (IBDPSC.name, IBDPSC)])
+DETECTORS = Registry("detector", [(cls.name, cls) for cls in (BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC)])
 
 
 def get_detector(name: str, **params) -> Detector:
@@ -22,4 +22,5 @@ def get_detector(name: str, **params) -> Detector:
     return cls(**validate_params(cls.__init__, params, f"detector '{key}'")).check_params()
 
 
-__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "IBDPSC", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file"]
+__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "IBDPSC", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector",
+           "load_detector", "read_detector_file"]
