@@ -98,3 +98,12 @@ def test_cli_compare_mistakes_are_one_line_before_any_data_is_read(argv, match, 
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_without_an_attack_measures_false_positives(setting):
+    """No attack: every detector's realized FPR and clean accuracy after filtering on the test split."""
+    model, _, splits = setting
+    result = compare(model, [MaxSoftmax()], splits, None, fpr=0.05, log=lambda m: None)
+    d = result.metrics["detectors"][0]
+    assert d["name"] == "max_softmax" and 0.0 <= d["fpr"] <= 0.05 + 0.04
+    assert d["cost"]["forward_passes_per_input"] == 1 and "| max_softmax |" in result.table()

@@ -334,6 +334,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    from .grid import run_grid
+
+    # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
+    run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log)
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
@@ -578,6 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     _add_common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("grid", help="a benchmark grid: datasets x architectures x attacks x seeds, every detector",
+                       description="Train one suspect model per dataset, architecture, attack and seed, run every "
+                                   "detector of the grid on it under one protocol (as `compare` does), and write "
+                                   "results.jsonl (one line per cell and detector), summary.md / summary.csv (mean, "
+                                   "std and bootstrap 95%% interval across seeds) and heatmap.png. Rerunning with the "
+                                   "same --out resumes: rows already there are not computed again.")
+    p.add_argument("--config", required=True, help="JSON grid config (see configs/grids/grid-example.json)")
+    p.add_argument("--out", required=True, help="output directory (created, or resumed when it holds a grid run)")
+    p.add_argument("--cache-dir", default=None,
+                   help="reuse suspect models and fitted detectors made before with identical settings")
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",
                        description="Clean accuracy and attack success rate with and without the detector, AUROC, "

@@ -1,0 +1,736 @@
+"""The benchmark grid: datasets x architectures x attacks x seeds, every detector on every cell.
+
+``badexpert grid --config grid.json --out DIR`` and :func:`run_grid`. A *cell* is one suspect
+model: (dataset, architecture, attack, seed). Every detector of the grid runs on it through
+:func:`badexpert.compare` (same reserved, calibration and test splits, the model's outputs
+computed once). The whole grid is validated before anything is read or trained: every cell's
+:class:`~badexpert.experiment.ExperimentConfig` (one per detector) must pass ``validate()``.
+
+Work is never done twice:
+
+- suspect models go through :func:`~badexpert.experiment.train_suspect`'s content-hash cache
+  (``cache_dir``);
+- fitted and calibrated detectors are cached beside them, keyed by a content hash of the suspect
+  model's key, the detector's name and parameters, the split and the target FPR, and loaded
+  with :func:`~badexpert.detectors.load_detector` (which checks the model's fingerprint);
+- ``results.jsonl`` gets one JSON line per (cell, detector), appended as each cell finishes;
+  a row already there (same row key: a hash of everything the row depends on) is not computed
+  again, so an interrupted grid resumes where it stopped, and a grid extended by a seed or a
+  detector runs only what is new.
+
+Outputs (``out_dir``): ``grid.json`` (the normalised grid), ``results.jsonl``, ``summary.md`` and
+``summary.csv`` (per dataset, architecture, attack and detector across seeds: mean, standard
+deviation and a seeded bootstrap 95% interval of the AUROC on the paper's population and of the
+ASR after filtering) and ``heatmap.png`` (mean AUROC, attacks x detectors, one panel per dataset
+and architecture). A backdoor that did not implant is recorded as such, without detector numbers.
+
+The seam for a distributed runner: :func:`run_cell` (module level) runs one cell from a
+JSON-able spec and returns its rows; :func:`run_grid`'s ``runner(fn, specs)`` maps it over the
+cells and yields each cell's rows as they finish, in any order (default :func:`local_runner`).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import __version__
+from .errors import BadExpertError
+from .utils import atomic_write_text, check_output_dir, to_jsonable, write_json
+
+#: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
+GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "heatmap.png"})
+
+#: ExperimentConfig fields shared by every cell (top level of the grid config).
+SHARED_FIELDS = ("recipe", "reserved", "calibration", "train_size", "test_size", "image_size", "fpr", "asr_bar",
+                 "device", "n_boot")
+#: The axes of the grid.
+AXES = ("datasets", "architectures", "attacks", "detectors", "seeds")
+DATASET_FIELDS = ("name", "label", "data_path", "image_size", "reserved", "calibration", "train_size", "test_size",
+                  "recipe")
+ARCH_FIELDS = ("arch", "label", "width", "recipe")
+ATTACK_FIELDS = ("name", "label", "params")
+DETECTOR_FIELDS = ("name", "params")
+#: Detector parameters the grid sets itself (the cell's seed, the grid's device).
+GRID_SET_PARAMS = ("seed", "device")
+
+#: Row fields with detector numbers (``None`` when the backdoor did not implant).
+DETECTOR_NUMBERS = ("auroc", "auroc_ci", "auroc_filtered", "tpr_at_1pct_fpr", "tpr", "fpr", "fpr_target", "threshold",
+                    "ca_after", "asr_after", "forward_passes", "backward_passes", "throughput_ratio", "seconds")
+
+SUMMARY_COLUMNS = ("dataset", "arch", "attack", "detector", "seeds", "implanted", "failed",
+                   "auroc_mean", "auroc_std", "auroc_ci_low", "auroc_ci_high",
+                   "asr_after_mean", "asr_after_std", "asr_after_ci_low", "asr_after_ci_high",
+                   "ca_after_mean", "fpr_mean", "clean_accuracy_mean", "attack_success_rate_mean")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# the grid config
+# --------------------------------------------------------------------------------------------
+def read_grid_file(path: str | Path) -> dict:
+    """A grid config file as a dict; one-line errors for a missing, huge or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadExpertError(f"grid config file '{p}' does not exist")
+    if p.stat().st_size > 1024**2:
+        raise BadExpertError(f"grid config file '{p}' is larger than 1 MiB; a grid config holds a few lists")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadExpertError(f"grid config file '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise BadExpertError(f"grid config file '{p}' is not UTF-8 text; write it as a JSON object") from exc
+    except (ValueError, RecursionError) as exc:
+        raise BadExpertError(f"grid config file '{p}' cannot be read as a grid config ({str(exc)[:80]})") from exc
+    if not isinstance(d, dict):
+        raise BadExpertError(f"grid config file '{p}' must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _check_keys(d: dict, valid: tuple[str, ...], where: str) -> None:
+    bad = sorted(set(d) - set(valid))
+    if bad:
+        raise BadExpertError(f"{where}: unknown field(s) {bad}; valid: {sorted(valid)}")
+
+
+def _entries(grid: dict, axis: str) -> list:
+    v = grid.get(axis)
+    if not isinstance(v, list) or not v:
+        got = "nothing" if v is None else type(v).__name__ if not isinstance(v, list) else "an empty list"
+        raise BadExpertError(f"grid field '{axis}' must be a non-empty list, got {got}")
+    return v
+
+
+def _entry(item: Any, axis: str, i: int, name_field: str, fields: tuple[str, ...]) -> dict:
+    where = f"grid {axis}[{i}]"
+    if isinstance(item, str):
+        item = {name_field: item}
+    if not isinstance(item, dict):
+        raise BadExpertError(f"{where} must be a name or an object with '{name_field}', got {type(item).__name__}")
+    _check_keys(item, fields, where)
+    if not isinstance(item.get(name_field), str):
+        raise BadExpertError(f"{where} needs '{name_field}' (a name), got {item.get(name_field)!r}")
+    for key in ("params", "recipe"):
+        if key in item and not isinstance(item[key], dict):
+            raise BadExpertError(f"{where}: '{key}' must be an object, got {type(item[key]).__name__}")
+    if "label" in item:
+        _check_label(item["label"], where)
+    return dict(item)
+
+
+def _check_label(label: Any, where: str) -> None:
+    if not isinstance(label, str) or not label.strip() or len(label) > 80 or any(c in label for c in "|\n\r\t,"):
+        raise BadExpertError(f"{where}: 'label' must be a short name (no '|', ',', tabs or newlines), got {label!r}")
+
+
+def _named(canonical: Callable[[str], str], name: str, where: str) -> str:
+    try:
+        return canonical(name)
+    except BadExpertError as exc:
+        raise BadExpertError(f"{where}: {exc}") from None
+
+
+def _unique(entries: list[dict], axis: str) -> None:
+    labels = [e["label"] for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise BadExpertError(f"grid {axis}: {dup} listed twice; give each entry a distinct \"label\"")
+
+
+def normalize_grid(config: dict) -> dict:
+    """Check the grid config's structure and return it normalised: canonical names, a label for
+    every dataset, architecture and attack, ``params`` / ``recipe`` objects, absolute data paths.
+
+    Names, types and ranges of the values themselves are checked cell by cell in :func:`plan`.
+    """
+    from .attacks import ATTACKS
+    from .data import canonical_dataset
+    from .detectors import DETECTORS
+    from .models import canonical_arch
+
+    if not isinstance(config, dict):
+        raise BadExpertError(f"a grid config must be a JSON object, got {type(config).__name__}")
+    _check_keys(config, AXES + SHARED_FIELDS, "grid config")
+    grid: dict = {k: config[k] for k in SHARED_FIELDS if k in config}
+    if "recipe" in grid and not isinstance(grid["recipe"], dict):
+        raise BadExpertError(f"grid field 'recipe' must be an object, got {type(grid['recipe']).__name__}")
+
+    datasets = []
+    for i, item in enumerate(_entries(config, "datasets")):
+        e = _entry(item, "datasets", i, "name", DATASET_FIELDS)
+        e["name"] = _named(canonical_dataset, e["name"], f"grid datasets[{i}]")
+        e.setdefault("label", e["name"])
+        path = e.get("data_path")
+        if path is not None:
+            if not isinstance(path, str) or not path:
+                raise BadExpertError(f"grid datasets[{i}]: 'data_path' must be a path, got {path!r}")
+            e["data_path"] = str(Path(path).expanduser().absolute())  # the same files from any working directory
+        datasets.append(e)
+    _unique(datasets, "datasets")
+
+    archs = []
+    for i, item in enumerate(_entries(config, "architectures")):
+        e = _entry(item, "architectures", i, "arch", ARCH_FIELDS)
+        e["arch"] = _named(canonical_arch, e["arch"], f"grid architectures[{i}]")
+        w = e.get("width")
+        e.setdefault("label", e["arch"] if w is None else f"{e['arch']}-w{w}")
+        archs.append(e)
+    _unique(archs, "architectures")
+
+    attacks = []
+    for i, item in enumerate(_entries(config, "attacks")):
+        if item is None or (isinstance(item, str) and item.lower() in ("none", "clean", "")):
+            raise BadExpertError(f"grid attacks[{i}]: the grid measures detection of backdoors and needs an attack; "
+                                 "measure a clean model's false-positive rate with `badexpert run` (attack null)")
+        e = _entry(item, "attacks", i, "name", ATTACK_FIELDS)
+        e["name"] = _named(ATTACKS.canonical, e["name"], f"grid attacks[{i}]")
+        e.setdefault("params", {})
+        e.setdefault("label", e["name"])
+        attacks.append(e)
+    _unique(attacks, "attacks")
+
+    detectors = []
+    for i, item in enumerate(_entries(config, "detectors")):
+        e = _entry(item, "detectors", i, "name", DETECTOR_FIELDS)
+        e["name"] = _named(DETECTORS.canonical, e["name"], f"grid detectors[{i}]")
+        e.setdefault("params", {})
+        set_here = sorted(set(e["params"]) & set(GRID_SET_PARAMS))
+        if set_here:
+            raise BadExpertError(f"grid detectors[{i}] ({e['name']}): parameter(s) {set_here} are set by the grid "
+                                 "(each cell's seed, the grid's 'device'); remove them")
+        detectors.append(e)
+    names = [d["name"] for d in detectors]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BadExpertError(f"grid detectors: {dup} listed twice; each detector runs once per cell")
+
+    seeds = _entries(config, "seeds")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise BadExpertError(f"grid field 'seeds' must hold non-negative integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise BadExpertError(f"grid field 'seeds' lists a seed twice: {seeds}")
+
+    grid.update(datasets=datasets, architectures=archs, attacks=attacks, detectors=detectors, seeds=list(seeds))
+    return grid
+
+
+def load_grid(config: dict | str | Path) -> dict:
+    """A grid config (a dict, or the path of a JSON file) checked and normalised."""
+    if isinstance(config, (str, Path)):
+        config = read_grid_file(config)
+    return normalize_grid(config)
+
+
+def _check_data_path(ds: dict, i: int) -> None:
+    """The dataset's files exist (without reading them)."""
+    from .data import DEFAULT_PATHS
+
+    path = ds.get("data_path") or DEFAULT_PATHS.get(ds["name"])
+    if path is None:
+        raise BadExpertError(f"grid datasets[{i}] ({ds['label']}): dataset '{ds['name']}' needs a 'data_path' to its "
+                             "local files; nothing is downloaded")
+    if not Path(path).exists():
+        raise BadExpertError(f"grid datasets[{i}] ({ds['label']}): dataset path '{path}' does not exist")
+
+
+def _cell_name(ds: dict, arch: dict, attack: dict, seed: int) -> str:
+    return f"dataset={ds['label']} arch={arch['label']} attack={attack['label']} seed={seed}"
+
+
+def cell_config(grid: dict, ds: dict, arch: dict, attack: dict, seed: int, detector: dict | None = None):
+    """The :class:`ExperimentConfig` of one cell (and one detector), not yet validated."""
+    from .experiment import ExperimentConfig
+
+    values: dict = {k: grid[k] for k in SHARED_FIELDS if k in grid and k != "recipe"}
+    values.update({k: ds[k] for k in ("data_path", "image_size", "reserved", "calibration", "train_size", "test_size")
+                   if k in ds})
+    recipe = {**grid.get("recipe", {}), **ds.get("recipe", {}), **arch.get("recipe", {})}
+    values.update(dataset=ds["name"], arch=arch["arch"], width=arch.get("width"), attack=attack["name"],
+                  attack_params=dict(attack["params"]), recipe=recipe, seed=seed)
+    if detector is not None:
+        values.update(detector=detector["name"], detector_params={**detector["params"], "seed": seed})
+    return ExperimentConfig(**values)
+
+
+def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> list[dict]:
+    """Validate every cell of the grid (with each detector) and return the cell specs.
+
+    Nothing is read but the dataset paths' existence and the attacks' trigger files; nothing is
+    trained. A spec is JSON-able (what :func:`run_cell` takes)::
+
+        {"cell": key, "dataset": label, "arch": label, "attack": label, "seed": int,
+         "config": ExperimentConfig dict, "cache_dir": str or None, "position": [i, n],
+         "detectors": [{"name", "params", "key"}, ...]}
+
+    ``cell`` hashes everything the suspect model and its evaluation depend on (the suspect-model
+    cache key, split sizes, target FPR, ASR bar, bootstrap size); each detector's ``key`` adds its
+    name and parameters: the row key of ``results.jsonl``.
+    """
+    from .experiment import suspect_key
+
+    grid = load_grid(config)  # normalising is idempotent: a normalised grid passes unchanged
+    for i, ds in enumerate(grid["datasets"]):
+        _check_data_path(ds, i)
+    specs = []
+    for ds in grid["datasets"]:
+        for arch in grid["architectures"]:
+            for attack in grid["attacks"]:
+                for seed in grid["seeds"]:
+                    name = _cell_name(ds, arch, attack, seed)
+                    try:
+                        for det in grid["detectors"]:
+                            cell_config(grid, ds, arch, attack, seed, det).validate()
+                        cfg = cell_config(grid, ds, arch, attack, seed).validate()
+                        skey = suspect_key(cfg, cfg.make_recipe())
+                    except BadExpertError as exc:
+                        raise BadExpertError(f"grid cell {name}: {exc}") from exc
+                    conf = cfg.to_dict()
+                    cell = _hash({"suspect": skey, **{k: conf[k] for k in ("reserved", "calibration", "test_size",
+                                                                             "fpr", "asr_bar", "n_boot")}})
+                    dets = [{"name": d["name"], "params": d["params"],
+                             "key": _hash({"cell": cell, "detector": d["name"], "params": d["params"]})}
+                            for d in grid["detectors"]]
+                    specs.append({"cell": cell, "dataset": ds["label"], "arch": arch["label"],
+                                  "attack": attack["label"], "seed": seed, "config": conf,
+                                  "cache_dir": None if cache_dir is None else str(Path(cache_dir).absolute()),
+                                  "detectors": dets})
+    for i, spec in enumerate(specs):
+        spec["position"] = [i + 1, len(specs)]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# one cell
+# --------------------------------------------------------------------------------------------
+def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
+    """Content hash of what a fitted and calibrated detector depends on: the suspect model's key,
+    the detector's name and parameters (its seed included, its device not), the split it was
+    fitted and calibrated on, and the target FPR."""
+    return _hash({"suspect": suspect, "detector": name, "params": {k: v for k, v in params.items() if k != "device"},
+                  "split": {"dataset": cfg.dataset, "seed": cfg.seed, "reserved": cfg.reserved,
+                            "calibration": cfg.calibration},
+                  "fpr": cfg.fpr, "version": __version__})
+
+
+def _detector_row(d: dict | None) -> dict:
+    if d is None:
+        return dict.fromkeys(DETECTOR_NUMBERS)
+    cost = d.get("cost", {})
+    timings = d.get("timings", {})
+    seconds = [v for v in (timings.get("fit_s"), timings.get("calibrate_s"), timings.get("score_s")) if v is not None]
+    return {
+        "auroc": d.get("auroc"), "auroc_ci": d.get("auroc_ci"), "auroc_filtered": d.get("auroc_filtered"),
+        "tpr_at_1pct_fpr": d.get("tpr_at_fpr", {}).get("1%"), "tpr": d.get("tpr"), "fpr": d.get("fpr"),
+        "fpr_target": d.get("fpr_target"), "threshold": d.get("threshold"),
+        "ca_after": d.get("clean_accuracy"), "asr_after": d.get("attack_success_rate"),
+        "forward_passes": cost.get("forward_passes_per_input"),
+        "backward_passes": cost.get("backward_passes_per_input"),
+        "throughput_ratio": cost.get("throughput_ratio"), "seconds": float(sum(seconds)) if seconds else None,
+    }
+
+
+def run_cell(spec: dict, *, log: Callable[[str], Any] = print) -> list[dict]:
+    """Run one cell from its JSON-able spec (see :func:`plan`): the suspect model (trained or
+    loaded from ``spec["cache_dir"]``), then every detector of ``spec["detectors"]`` through
+    :func:`badexpert.compare` (fitted detectors cached and reused). Returns one JSON-ready row per
+    detector; with a backdoor that did not implant, the rows say so and carry no detector numbers.
+
+    Module-level and driven by plain data only, so a remote worker (a Ray task) can call it.
+    An error is one line naming the cell.
+    """
+    try:
+        return _run_cell(spec, log)
+    except BadExpertError as exc:
+        raise BadExpertError(f"grid cell dataset={spec.get('dataset')} arch={spec.get('arch')} "
+                             f"attack={spec.get('attack')} seed={spec.get('seed')}: {exc}") from exc
+
+
+def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
+    from .attacks import attack_from_meta
+    from .comparison import compare
+    from .detectors import get_detector, load_detector
+    from .experiment import ExperimentConfig, make_splits, split_meta, suspect_key, train_suspect
+    from .utils import seed_everything
+
+    t0 = time.perf_counter()
+    cfg = ExperimentConfig.from_dict(spec["config"]).validate()
+    pos = spec.get("position")
+    where = f"[{pos[0]}/{pos[1]}] " if pos else ""
+    log(f"{where}cell dataset={spec['dataset']} arch={spec['arch']} attack={spec['attack']} seed={spec['seed']}: "
+        f"{', '.join(d['name'] for d in spec['detectors'])}")
+    cache_dir = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
+    skey = suspect_key(cfg, cfg.make_recipe())
+    model_cached = cache_dir is not None and (cache_dir / f"suspect-{skey}.safetensors").is_file()
+    splits = make_splits(cfg)
+    model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
+    attack = attack_from_meta(meta)
+
+    dets, fresh, cached = [], [], set()
+    for d in spec["detectors"]:
+        det = get_detector(d["name"], **{"seed": cfg.seed, "device": cfg.device, **d["params"]})
+        path = None
+        if cache_dir is not None:
+            dkey = detector_cache_key(skey, d["name"], det.get_params(), cfg)
+            path = cache_dir / f"detector-{d['name']}-{dkey}.safetensors"
+            if path.is_file():
+                try:
+                    loaded = load_detector(path, model, device=cfg.device)
+                except BadExpertError as exc:  # e.g. the suspect model was retrained with other weights
+                    log(f"cached {d['name']} detector not usable ({exc}); fitting it again")
+                else:
+                    if hasattr(loaded, "threshold_") and loaded.fpr_target_ == cfg.fpr:
+                        log(f"loaded cached {d['name']} detector {path}")
+                        det = loaded
+                        cached.add(d["name"])
+        if d["name"] not in cached:
+            fresh.append((det, path))
+        dets.append(det)
+    seed_everything(cfg.seed)
+    result = compare(model, dets, splits, attack, fpr=cfg.fpr, seed=cfg.seed, device=cfg.device,
+                     asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, log=log)
+    for det, path in fresh:
+        if path is not None and hasattr(det, "threshold_"):
+            det.model_name_ = f"suspect-{skey}.safetensors"
+            det.save(path, extra=split_meta(cfg))
+
+    m = result.metrics["model"]
+    failed = bool(m["attack_failed"])
+    by_name = {d["name"]: d for d in result.metrics["detectors"]}
+    seconds = time.perf_counter() - t0
+    rows = []
+    for d in spec["detectors"]:
+        row = {
+            "key": d["key"], "cell": spec["cell"], "dataset": spec["dataset"], "arch": spec["arch"],
+            "attack": spec["attack"], "seed": spec["seed"], "detector": d["name"], "detector_params": d["params"],
+            "status": "attack_failed" if failed else "ok",
+            "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"],
+            "attack_failed": failed,
+            **_detector_row(None if failed else by_name[d["name"]]),
+            "n_test": m["sizes"]["test_clean"], "n_triggered": m["sizes"].get("test_triggered"),
+            "train_seconds": meta.get("train_seconds"), "cell_seconds": seconds,
+            "model_cached": model_cached, "detector_cached": d["name"] in cached,
+            "badexpert_version": __version__,
+        }
+        rows.append(json.loads(json.dumps(to_jsonable(row))))  # exactly what results.jsonl will hold
+    return rows
+
+
+def local_runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
+    """Run the cells one after the other in this process, yielding each cell's rows."""
+    for spec in specs:
+        yield fn(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# results.jsonl
+# --------------------------------------------------------------------------------------------
+def read_results(path: str | Path, *, log: Callable[[str], Any] = print) -> list[dict]:
+    """The rows of a ``results.jsonl`` (none when it does not exist). A torn last line (a write
+    cut short by a crash) is dropped and the file repaired; any other damage is an error."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadExpertError(f"'{p}' is not UTF-8 text; it is not a grid's results file (choose another --out)") from None
+    lines = text.split("\n")
+    rows, tail = [], lines[-1]  # ``tail`` is "" when the file ends with a newline
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise BadExpertError(f"'{p}' line {n} is not a JSON row; remove that line (its cell will run "
+                                 "again)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise BadExpertError(f"'{p}' line {n} is not a grid row (no 'key'); remove that line")
+        rows.append(row)
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+            ok = isinstance(row, dict) and isinstance(row.get("key"), str)
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            rows.append(row)
+            atomic_write_text(p, text + "\n")
+        else:
+            log(f"dropping a torn last line of '{p}' (an interrupted write); its cell runs again")
+            atomic_write_text(p, text[: len(text) - len(tail)])
+    return rows
+
+
+def append_rows(path: str | Path, rows: list[dict]) -> None:
+    """Append rows to ``results.jsonl`` in one write, flushed to disk."""
+    data = "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------------
+def mean_interval(values: Iterable[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                  ) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement,
+    ``numpy.random.default_rng(seed)``), through :func:`badexpert.metrics.bootstrap_ci`."""
+    from .metrics import bootstrap_ci
+
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0 or not n_boot:
+        return None
+    # bootstrap_ci resamples two samples; the statistic reads only the first
+    return bootstrap_ci(v, np.zeros(1), lambda a, _b: float(a.mean()), n_boot=n_boot, level=level, seed=seed)
+
+
+def _stats(values: list[float], n_boot: int, seed: int) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    ci = mean_interval(v, n_boot=n_boot, seed=seed)
+    return {"mean": float(v.mean()) if v.size else None, "std": float(v.std(ddof=1)) if v.size > 1 else None,
+            "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
+
+
+def _values(rows: list[dict], key: str) -> list[float]:
+    out = []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+            out.append(float(v))
+    return out
+
+
+def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per (dataset, arch, attack, detector), across seeds: how many seeds ran and implanted,
+    and mean, sample standard deviation (ddof=1; ``None`` for one seed) and seeded bootstrap 95%
+    interval of the mean of the AUROC on the paper's population (``auroc_filtered``) and of the
+    ASR after filtering, over the seeds whose backdoor implanted; mean CA after and realized FPR."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["arch"], r["attack"], r["detector"]), []).append(r)
+    out = []
+    for (ds, arch, attack, det), g in groups.items():
+        ok = [r for r in g if r.get("status") == "ok"]
+        s = {"dataset": ds, "arch": arch, "attack": attack, "detector": det, "seeds": len(g), "implanted": len(ok),
+             "failed": len(g) - len(ok)}
+        for key, name in (("auroc_filtered", "auroc"), ("asr_after", "asr_after")):
+            for stat, v in _stats(_values(ok, key), n_boot, seed).items():
+                s[f"{name}_{stat}"] = v
+        for key in ("ca_after", "fpr"):
+            v = _values(ok, key)
+            s[f"{key}_mean"] = float(np.mean(v)) if v else None
+        for key in ("clean_accuracy", "attack_success_rate"):
+            v = _values(g, key)
+            s[f"{key}_mean"] = float(np.mean(v)) if v else None
+        out.append(s)
+    return out
+
+
+def _f(v: Any, fmt: str, scale: float = 1.0) -> str:
+    return "n/a" if v is None else format(scale * v, fmt)
+
+
+def _stat_cell(s: dict, name: str, fmt: str, scale: float, unit: str = "") -> str:
+    if s[f"{name}_mean"] is None:
+        return "n/a"
+    text = f"{_f(s[f'{name}_mean'], fmt, scale)}{unit}"
+    if s[f"{name}_std"] is not None:
+        text += f" ± {_f(s[f'{name}_std'], fmt, scale)}"
+    if s[f"{name}_ci_low"] is not None:
+        text += f" [{_f(s[f'{name}_ci_low'], fmt, scale)}, {_f(s[f'{name}_ci_high'], fmt, scale)}]"
+    return text
+
+
+def format_summary(summary: list[dict]) -> str:
+    """The summary as a Markdown table (one row per dataset, architecture, attack and detector)."""
+    lines = ["| dataset | arch | attack | detector | seeds implanted | AUROC, paper's population: mean ± std [95% CI] "
+             "| ASR after (%): mean ± std [95% CI] | CA after | realized FPR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        seeds = f"{s['implanted']}/{s['seeds']}"
+        if not s["implanted"]:
+            lines.append(f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | attack failed "
+                         f"(ASR {_f(s['attack_success_rate_mean'], '.1%')}) | n/a | n/a | n/a |")
+            continue
+        lines.append(
+            f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | "
+            f"{_stat_cell(s, 'auroc', '.4f', 1.0)} | {_stat_cell(s, 'asr_after', '.2f', 100.0)} | "
+            f"{_f(s['ca_after_mean'], '.1%')} | {_f(s['fpr_mean'], '.2%')} |")
+    failed = sum(s["failed"] for s in summary)
+    note = ("\n\nMean over the seeds whose backdoor implanted; std is the sample standard deviation across seeds; "
+            "the interval is a seeded percentile bootstrap of the mean over seeds.")
+    if failed:
+        note += (f" {failed} (cell, detector) row(s) had a backdoor that did not implant (ASR below the bar): "
+                 "no detector numbers for them.")
+    return "\n".join(lines) + note + "\n"
+
+
+def summary_csv(summary: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for s in summary:
+        w.writerow({k: ("" if s.get(k) is None else s[k]) for k in SUMMARY_COLUMNS})
+    return buf.getvalue()
+
+
+def plot_heatmap(summary: list[dict]):
+    """Mean AUROC (paper's population), attacks x detectors, one panel per dataset and architecture;
+    a cell whose backdoor never implanted is grey and says so."""
+    from .report import _new_figure
+
+    panels = list(dict.fromkeys((s["dataset"], s["arch"]) for s in summary))
+    attacks = list(dict.fromkeys(s["attack"] for s in summary))
+    dets = list(dict.fromkeys(s["detector"] for s in summary))
+    by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    pw, ph = 1.6 + 1.2 * len(dets), 1.8 + 0.6 * len(attacks)
+    fig = _new_figure(pw * ncols + 1.2, ph * nrows + 0.4)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        ds, arch = panels[k]
+        mat = np.full((len(attacks), len(dets)), np.nan)
+        for i, a in enumerate(attacks):
+            for j, d in enumerate(dets):
+                s = by.get((ds, arch, a, d))
+                if s is not None and s["auroc_mean"] is not None:
+                    mat[i, j] = s["auroc_mean"]
+        image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0.5, vmax=1.0, aspect="auto")
+        for i, a in enumerate(attacks):
+            for j, d in enumerate(dets):
+                s = by.get((ds, arch, a, d))
+                if s is None:
+                    text = ""
+                elif not s["implanted"]:
+                    text = "attack\nfailed"
+                elif s["auroc_mean"] is None:
+                    text = "n/a"
+                else:
+                    text = f"{s['auroc_mean']:.3f}"
+                    if s["failed"]:
+                        text += f"\n({s['implanted']}/{s['seeds']} implanted)"
+                v = mat[i, j]
+                dark = not np.isnan(v) and (v > 0.92 or v < 0.58)  # the colour map's dark ends
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        ax.set_xticks(range(len(dets)), dets, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+        ax.set_title(f"{ds} / {arch}", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="mean AUROC\n(paper's population)")
+    fig.suptitle("Detection AUROC across seeds (grey: backdoor did not implant)", fontsize=10)
+    return fig
+
+
+def write_summary(out_dir: str | Path, rows: list[dict], *, n_boot: int = 1000, seed: int = 0,
+                  heatmap: bool = True) -> list[dict]:
+    """``summary.md``, ``summary.csv`` and (``heatmap``) ``heatmap.png`` from the rows, each atomically."""
+    out = Path(out_dir)
+    summary = summarize(rows, n_boot=n_boot, seed=seed)
+    atomic_write_text(out / "summary.md", "# Benchmark grid\n\n" + format_summary(summary))
+    atomic_write_text(out / "summary.csv", summary_csv(summary))
+    if heatmap and summary:
+        from .utils import atomic_write_bytes
+
+        buf = io.BytesIO()
+        plot_heatmap(summary).savefig(buf, format="png")
+        atomic_write_bytes(out / "heatmap.png", buf.getvalue())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------
+def check_grid_dirs(out_dir: str | Path, cache_dir: str | Path | None) -> Path:
+    """``out_dir`` holds nothing but grid outputs (an earlier run of a grid is resumed, never
+    deleted); ``cache_dir`` is a directory, and not ``out_dir``."""
+    from .experiment import check_cache_dir
+
+    out = check_output_dir(out_dir, owned=GRID_OUTPUTS, overwrite=True)
+    if cache_dir is not None:
+        if Path(cache_dir).absolute() == out.absolute():
+            raise BadExpertError("--cache-dir must not be the --out directory; give it a directory of its own")
+        check_cache_dir(cache_dir)
+    return out
+
+
+def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str | Path | None = None,
+             log: Callable[[str], Any] = print,
+             runner: Callable[[Callable[[dict], list[dict]], list[dict]], Iterable[list[dict]]] | None = None
+             ) -> list[dict]:
+    """Run (or resume) a benchmark grid and return its rows, one per cell and detector, in grid order.
+
+    ``config``: a grid dict or the path of a JSON file (see the module docs and
+    ``configs/grids/grid-example.json``). The output and cache directories and every cell are checked
+    before any data is read. Rows already in ``out_dir/results.jsonl`` are kept and not computed
+    again; each finished cell's rows are appended to it at once. ``runner(fn, specs)`` calls
+    ``fn(spec)`` (:func:`run_cell` with this ``log``) for every spec, in any order and anywhere,
+    yielding each cell's rows as it finishes (default :func:`local_runner`: one after the other).
+    """
+    out = check_grid_dirs(out_dir, cache_dir)
+    grid = load_grid(config)
+    specs = plan(grid, cache_dir=cache_dir)
+    n_boot = int(grid.get("n_boot", 1000))
+    results = out / "results.jsonl"
+    done = {r["key"]: r for r in read_results(results, log=log)}
+    wanted = {d["key"] for spec in specs for d in spec["detectors"]}
+    other = sum(1 for k in done if k not in wanted)
+    todo = []
+    for spec in specs:
+        missing = [d for d in spec["detectors"] if d["key"] not in done]
+        if missing:
+            todo.append({**spec, "detectors": missing})
+    n_det = len(grid["detectors"])
+    log(f"grid: {len(specs)} cell(s) x {n_det} detector(s); {len(specs) - len(todo)} cell(s) already in "
+        f"{results}, {len(todo)} to run" + (f"; {other} row(s) there from other grids are left out" if other else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "grid.json", grid)
+
+    def current() -> list[dict]:
+        return [done[d["key"]] for spec in specs for d in spec["detectors"] if d["key"] in done]
+
+    for rows in (runner or local_runner)(functools.partial(run_cell, log=log), todo):
+        append_rows(results, rows)
+        done.update((r["key"], r) for r in rows)
+        write_summary(out, current(), n_boot=n_boot, heatmap=False)
+    rows = current()
+    if len(rows) < len(wanted):
+        raise BadExpertError(f"the runner returned no rows for {len(wanted) - len(rows)} (cell, detector) pair(s); "
+                             "run the grid again to compute them")
+    write_summary(out, rows, n_boot=n_boot)
+    return rows
+
+
+__all__ = ["GRID_OUTPUTS", "append_rows", "format_summary", "load_grid", "local_runner", "mean_interval",
+           "normalize_grid", "plan", "plot_heatmap", "read_results", "run_cell", "run_grid", "summarize",
+           "write_summary"]

@@ -1,0 +1,308 @@
+"""`run_grid` / `badexpert grid`: a benchmark grid on a tiny ImageFolder task, resumed, summarised."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import badexpert.experiment as experiment
+from badexpert.cli import main
+from badexpert.detectors import get_detector
+from badexpert.errors import BadExpertError
+from badexpert.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, plan, read_results, run_grid, summarize
+
+#: fields a cached model and cached detectors reproduce exactly (timings and throughput do not)
+MEASURED = ("clean_accuracy", "attack_success_rate", "attack_failed", "status", "auroc", "auroc_ci", "auroc_filtered",
+            "tpr_at_1pct_fpr", "tpr", "fpr", "threshold", "ca_after", "asr_after", "forward_passes", "n_triggered")
+
+
+def write_blobs(root: Path, n_train: int = 100, n_test: int = 80, size: int = 12, classes: int = 4) -> Path:
+    """An ImageFolder (``train/<class>/*.png``, ``test/<class>/*.png``): class k is a bright bar at
+    row band k on noise, learnable by a tiny CNN in a second."""
+    r = np.random.default_rng(0)
+    band = size // classes
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(classes):
+            d = root / split / f"c{k}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                x = r.random((size, size)) * 0.35
+                x[k * band:(k + 1) * band, 1:-4] += 0.55
+                Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def make_grid(data: Path) -> dict:
+    return {
+        "datasets": [{"name": "imagefolder", "label": "blobs", "data_path": str(data)}],
+        "architectures": [{"arch": "cnn", "width": 8}],
+        "attacks": [{"name": "badnet", "params": {"poison_rate": 0.1}},  # implants
+                    {"name": "blend", "params": {"poison_rate": 0.003, "alpha": 0.05}}],  # one poisoned image: fails
+        "detectors": [{"name": "badexpert", "params": {"expert_lr": 0.01, "aux_lr": 0.1, "aux_epochs": 4,
+                                                       "hflip": False, "expert_batch_size": 32, "aux_batch_size": 32}},
+                      "scale_up"],
+        "seeds": [0, 1],
+        "recipe": {"optimizer": "adam", "lr": 0.003, "epochs": 8, "batch_size": 64, "weight_decay": 0,
+                   "augment": False},
+        "reserved": 100, "calibration": 100, "fpr": 0.05, "n_boot": 200, "device": "cpu",
+    }
+
+
+class Counter:
+    """Counts suspect-model trainings (models built by train_suspect) and train_suspect calls."""
+
+    def __init__(self, monkeypatch):
+        self.trained = self.calls = 0
+        real_build, real_suspect = experiment.build_model, experiment.train_suspect
+
+        def build(*a, **k):
+            self.trained += 1
+            return real_build(*a, **k)
+
+        def suspect(*a, **k):
+            self.calls += 1
+            return real_suspect(*a, **k)
+
+        monkeypatch.setattr(experiment, "build_model", build)
+        monkeypatch.setattr(experiment, "train_suspect", suspect)
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """The grid run once: (root, grid, rows, log lines, trainings)."""
+    root = tmp_path_factory.mktemp("grid")
+    grid = make_grid(write_blobs(root / "data"))
+    logs: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        count = Counter(mp)
+        rows = run_grid(grid, root / "out", cache_dir=root / "cache", log=logs.append)
+    return root, grid, rows, logs, count.trained
+
+
+def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
+    root, grid, rows, logs, trained = first
+    assert trained == 4  # 2 attacks x 2 seeds, one suspect model each
+    assert [(r["attack"], r["seed"], r["detector"]) for r in rows] == [
+        (a, s, d) for a in ("badnet", "blend") for s in (0, 1) for d in ("badexpert", "scale_up")]
+    assert len({r["key"] for r in rows}) == 8 and len({r["cell"] for r in rows}) == 4
+    for r in rows:
+        assert r["dataset"] == "blobs" and r["arch"] == "cnn-w8" and r["fpr_target"] in (0.05, None)
+        if r["attack"] == "blend":  # did not implant: recorded, no detector numbers
+            assert r["status"] == "attack_failed" and r["attack_failed"] and r["attack_success_rate"] < 0.5
+            assert all(r[k] is None for k in DETECTOR_NUMBERS)
+        else:
+            assert r["status"] == "ok" and not r["attack_failed"] and r["attack_success_rate"] >= 0.9
+            assert r["clean_accuracy"] > 0.9 and 0 <= r["auroc"] <= 1 and 0 <= r["auroc_filtered"] <= 1
+            assert r["forward_passes"] == get_detector(r["detector"]).cost["forward"]
+            assert r["throughput_ratio"] > 0 and r["seconds"] > 0 and r["fpr"] <= 0.2
+            assert not r["model_cached"] and not r["detector_cached"]
+    by = {(r["attack"], r["seed"], r["detector"]): r for r in rows}
+    assert by["badnet", 0, "badexpert"]["auroc_filtered"] > 0.95  # BaDExpert separates a real backdoor
+    assert by["badnet", 0, "badexpert"]["asr_after"] < 0.2
+    # results.jsonl holds exactly these rows, one line each
+    lines = (root / "out" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == rows
+    assert {p.name for p in (root / "out").iterdir()} == GRID_OUTPUTS
+    assert (root / "out" / "heatmap.png").stat().st_size > 5000
+    md = (root / "out" / "summary.md").read_text()
+    assert "| blobs | cnn-w8 | blend | badexpert | 0/2 | attack failed" in md
+    assert "| blobs | cnn-w8 | badnet | badexpert | 2/2 |" in md
+    cached = sorted(p.name.split("-")[0] for p in (root / "cache").iterdir())
+    assert cached == ["detector"] * 4 + ["suspect"] * 4  # failed implants fit no detector
+
+
+def test_resume_in_the_same_directory_runs_nothing(first, monkeypatch):
+    root, grid, rows, _, _ = first
+    count, logs = Counter(monkeypatch), []
+    again = run_grid(grid, root / "out", cache_dir=root / "cache", log=logs.append)
+    assert again == rows and count.calls == 0 and count.trained == 0
+    assert "4 cell(s) already in" in logs[0] and "0 to run" in logs[0]
+    assert len((root / "out" / "results.jsonl").read_text().splitlines()) == 8
+
+
+def test_interrupted_grid_resumes_with_cached_models_and_detectors_and_a_remote_style_runner(first, monkeypatch):
+    """A results.jsonl missing one row and ending in a torn line: only that row is computed,
+    from the cached suspect model and cached detector, by a runner that sees only JSON."""
+    root, grid, rows, _, _ = first
+    out = root / "resumed"
+    out.mkdir()
+    lines = (root / "out" / "results.jsonl").read_text().splitlines(keepends=True)
+    missing = rows[3]  # badnet, seed 1, scale_up
+    (out / "results.jsonl").write_text("".join(lines[:3] + lines[4:]) + '{"key": "a torn wri')
+    seen = []
+
+    def runner(fn, specs):
+        for spec in reversed(specs):
+            spec = json.loads(json.dumps(spec))  # what a remote worker receives
+            seen.append(spec)
+            from badexpert.grid import run_cell  # importable at module top level
+            yield run_cell(spec, log=lambda m: None)
+
+    count, logs = Counter(monkeypatch), []
+    again = run_grid(grid, out, cache_dir=root / "cache", log=logs.append, runner=runner)
+    assert [s["detectors"][0]["name"] for s in seen] == ["scale_up"] and len(seen[0]["detectors"]) == 1
+    assert count.calls == 1 and count.trained == 0  # loaded from the cache, not trained
+    assert any("dropping a torn last line" in m for m in logs)
+    new = again[3]
+    assert new["key"] == missing["key"] and new["model_cached"] and new["detector_cached"]
+    assert {k: new[k] for k in MEASURED} == {k: missing[k] for k in MEASURED}
+    assert again[:3] + again[4:] == rows[:3] + rows[4:]
+    assert [json.loads(x)["key"] for x in (out / "results.jsonl").read_text().splitlines()] == \
+        [r["key"] for r in rows[:3] + rows[4:]] + [missing["key"]]
+
+
+def test_summary_matches_numpy_on_the_rows(first):
+    root, grid, rows, _, _ = first
+    with open(root / "out" / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert len(summary) == 4
+    for s in summary:
+        group = [r for r in rows if (r["attack"], r["detector"]) == (s["attack"], s["detector"])]
+        ok = [r for r in group if r["status"] == "ok"]
+        assert (int(s["seeds"]), int(s["implanted"]), int(s["failed"])) == (2, len(ok), 2 - len(ok))
+        for col, key in (("auroc", "auroc_filtered"), ("asr_after", "asr_after")):
+            if not ok:
+                assert s[f"{col}_mean"] == s[f"{col}_std"] == s[f"{col}_ci_low"] == ""
+                continue
+            v = np.array([r[key] for r in ok])
+            idx = np.random.default_rng(0).integers(0, len(v), size=(grid["n_boot"], len(v)))
+            lo, hi = np.percentile(v[idx].mean(1), [2.5, 97.5])
+            assert float(s[f"{col}_mean"]) == pytest.approx(v.mean(), abs=1e-12)
+            assert float(s[f"{col}_std"]) == pytest.approx(v.std(ddof=1), abs=1e-12)
+            assert (float(s[f"{col}_ci_low"]), float(s[f"{col}_ci_high"])) == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_summarize_uses_implanted_seeds_only():
+    rng = np.random.default_rng(3)
+    vals = rng.uniform(0.6, 1.0, 7)
+    rows = [{"dataset": "d", "arch": "a", "attack": "x", "detector": "k", "seed": i, "status": "ok",
+             "auroc_filtered": float(v), "asr_after": float(v) / 10, "ca_after": 0.9, "fpr": 0.01,
+             "clean_accuracy": 0.9, "attack_success_rate": 1.0} for i, v in enumerate(vals)]
+    rows += [{"dataset": "d", "arch": "a", "attack": "x", "detector": "k", "seed": 9, "status": "attack_failed",
+              "auroc_filtered": None, "asr_after": None, "clean_accuracy": 0.9, "attack_success_rate": 0.1}]
+    rows[0]["auroc_filtered"] = None  # an undefined AUROC (no successful triggered input) is left out
+    (s,) = summarize(rows, n_boot=500, seed=0)
+    assert (s["seeds"], s["implanted"], s["failed"]) == (8, 7, 1)
+    v = vals[1:]
+    idx = np.random.default_rng(0).integers(0, len(v), size=(500, len(v)))
+    assert s["auroc_mean"] == pytest.approx(v.mean()) and s["auroc_std"] == pytest.approx(v.std(ddof=1))
+    assert (s["auroc_ci_low"], s["auroc_ci_high"]) == pytest.approx(tuple(np.percentile(v[idx].mean(1), [2.5, 97.5])))
+    assert s["auroc_ci_low"] < v.mean() < s["auroc_ci_high"]
+    assert s["asr_after_mean"] == pytest.approx(vals.mean() / 10)
+    assert s["attack_success_rate_mean"] == pytest.approx((7 * 1.0 + 0.1) / 8)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda g: g["attacks"].append("sleeper"), "unknown attack 'sleeper'"),
+    (lambda g: g["detectors"][0]["params"].update(bogus=1), "bogus"),
+    (lambda g: g["detectors"].append({"name": "strip", "params": {"n": 0}}), "grid cell dataset=blobs arch=cnn-w8"),
+    (lambda g: g["attacks"][0]["params"].update(poison_rate=2.0), "grid cell dataset=blobs arch=cnn-w8 attack=badnet"),
+    (lambda g: g.update(epochs=3), "unknown field(s) ['epochs']"),
+    (lambda g: g["datasets"][0].update(colour=True), "grid datasets[0]: unknown field(s) ['colour']"),
+    (lambda g: g["detectors"].append({"name": "strip", "params": {"seed": 3}}), "set by the grid"),
+    (lambda g: g["detectors"].append("badexpert"), "listed twice"),
+    (lambda g: g.update(seeds=[0, "1"]), "non-negative integers"),
+    (lambda g: g.update(seeds=[]), "non-empty list"),
+    (lambda g: g["datasets"][0].update(data_path="/nonexistent/blobs"), "does not exist"),
+    (lambda g: g["recipe"].update(lr=-1), "lr"),
+    (lambda g: g.update(fpr=1.5), "fpr"),
+])
+def test_an_invalid_grid_is_refused_before_anything_is_read_or_trained(change, match, first, monkeypatch, tmp_path):
+    root, grid, _, _, _ = first
+    bad = json.loads(json.dumps(grid))
+    change(bad)
+    count = Counter(monkeypatch)
+    monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("data read"))
+    with pytest.raises(BadExpertError, match=re.escape(match)) as e:
+        run_grid(bad, tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert count.calls == count.trained == 0 and not (tmp_path / "out").exists()
+
+
+def test_plan_gives_json_specs_keyed_by_everything_a_row_depends_on(first):
+    root, grid, rows, _, _ = first
+    specs = plan(grid, cache_dir=root / "cache")
+    assert json.loads(json.dumps(specs)) == specs
+    assert [d["key"] for s in specs for d in s["detectors"]] == [r["key"] for r in rows]
+    other = json.loads(json.dumps(grid))
+    other["fpr"] = 0.1
+    other["detectors"][1] = {"name": "scale_up", "params": {"scales": [3.0, 5.0]}}
+    changed = plan(other)
+    assert not {d["key"] for s in changed for d in s["detectors"]} & {r["key"] for r in rows}
+    other = json.loads(json.dumps(grid))
+    other["seeds"] = [1, 2]  # extending a grid keeps the keys of the cells it shares
+    shared = {s["cell"] for s in plan(other)} & {r["cell"] for r in rows}
+    assert shared == {r["cell"] for r in rows if r["seed"] == 1}
+
+
+def test_cli_grid_success_from_caches_and_exit_codes(first, tmp_path, monkeypatch, capsys):
+    root, grid, rows, _, _ = first
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(grid))
+    count = Counter(monkeypatch)
+    argv = ["grid", "--config", str(config), "--out", str(tmp_path / "o"), "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert count.trained == 0 and "fitting" not in cap.err  # every model and detector from the cache
+    assert "| blobs | cnn-w8 | badnet | scale_up | 2/2 |" in cap.out and "attack failed" in cap.out
+    again = read_results(tmp_path / "o" / "results.jsonl")
+    assert [{k: r[k] for k in MEASURED} for r in again] == [{k: r[k] for k in MEASURED} for r in rows]
+
+    (tmp_path / "bad.json").write_text('{"datasets": [')
+    (tmp_path / "unknown.json").write_text(json.dumps({**grid, "epoch": 1}))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    cases = [
+        (["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "n1")], "does not exist"),
+        (["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "n2")], "not valid JSON"),
+        (["--config", str(tmp_path / "unknown.json"), "--out", str(tmp_path / "n3")], "unknown field(s) ['epoch']"),
+        (["--config", str(config), "--out", str(tmp_path / "file")], "is a file"),
+        (["--config", str(config), "--out", str(tmp_path / "foreign")], "notes.txt"),
+        (["--config", str(config), "--out", str(tmp_path / "n4"), "--cache-dir", str(tmp_path / "n4")],
+         "must not be the --out"),
+        (["--config", str(config)], "--out"),
+    ]
+    for argv, match in cases:
+        assert main(["grid", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("badexpert: error: ") and match in err[0], (argv, err)
+    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3", "n4"))
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit) as e:
+        main(["grid", "--help"])
+    assert e.value.code == 0 and "usage: badexpert grid" in capsys.readouterr().out
+
+
+def test_example_config_is_a_valid_grid():
+    example = Path(__file__).resolve().parents[1] / "configs" / "grids" / "grid-example.json"
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("the example grid uses the Fashion-MNIST files")
+    specs = plan(example)
+    assert len(specs) == 2 * 3 * 3 and len(specs[0]["detectors"]) == 5
+
+
+def test_results_file_damage_is_one_line(tmp_path):
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(BadExpertError, match="line 2 is not a JSON row"):
+        read_results(p)
+    p.write_text('{"key": "a"}\n{"key": "b"}')  # a last line without its newline but whole is kept
+    assert [r["key"] for r in read_results(p)] == ["a", "b"] and p.read_text().endswith("}\n")
+
+
+def test_a_cell_failing_at_run_time_names_the_cell_and_keeps_finished_rows(first, tmp_path, monkeypatch):
+    """An ImageFolder's classes are known only once it is read: target class 7 of 4 fails in its cell."""
+    root, grid, rows, _, _ = first
+    bad = json.loads(json.dumps(grid))
+    bad["attacks"] = [grid["attacks"][1], {"name": "badnet", "params": {"poison_rate": 0.1, "target": 7}}]
+    bad["seeds"] = [0]
+    with pytest.raises(BadExpertError, match="grid cell dataset=blobs arch=cnn-w8 attack=badnet seed=0: .*target") as e:
+        run_grid(bad, tmp_path / "out", cache_dir=root / "cache", log=lambda m: None)
+    assert "\n" not in str(e.value)
+    kept = read_results(tmp_path / "out" / "results.jsonl")  # the blend cell before it finished and stays
+    assert [r["key"] for r in kept] == [r["key"] for r in rows if r["attack"] == "blend" and r["seed"] == 0]
