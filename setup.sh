@@ -22,5 +22,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-"$PY" -m pip install --quiet -e ".[test,serve,export]"
+"$PY" -m pip install --quiet -e ".[test,serve,export,grid]"
 echo "setup.sh: done. Try: badexpert demo --out runs/demo"

@@ -306,3 +306,31 @@ def test_a_cell_failing_at_run_time_names_the_cell_and_keeps_finished_rows(first
     assert "\n" not in str(e.value)
     kept = read_results(tmp_path / "out" / "results.jsonl")  # the blend cell before it finished and stays
     assert [r["key"] for r in kept] == [r["key"] for r in rows if r["attack"] == "blend" and r["seed"] == 0]
+
+
+def test_a_tiny_grid_on_a_local_ray_instance_gives_the_local_rows(first, tmp_path):
+    """The same grid through Ray tasks (one per cell, local instance) gives the same measured rows
+    as the local runner (the cache is not shared, so everything is trained again in the workers)."""
+    pytest.importorskip("ray")
+    from badexpert.grid import ray_runner
+
+    _, grid, local_rows, _, _ = first
+    import torch
+
+    threads = torch.get_num_threads()  # the workers use this process's thread count: same float sums
+    rows = run_grid(grid, tmp_path / "ray", cache_dir=tmp_path / "cache", log=lambda m: None,
+                    runner=ray_runner("local", cpus_per_cell=threads,
+                                      init={"num_cpus": max(2, threads), "object_store_memory": 80 * 1024 * 1024}))
+    assert [r["key"] for r in rows] == [r["key"] for r in local_rows]
+    for a, b in zip(rows, local_rows):
+        assert {k: a.get(k) for k in MEASURED} == {k: b.get(k) for k in MEASURED}
+
+
+def test_cli_ray_options_are_checked(first, tmp_path, capsys):
+    _, grid, _, _, _ = first
+    cfg = tmp_path / "grid.json"
+    cfg.write_text(json.dumps(grid))
+    code = main(["grid", "--config", str(cfg), "--out", str(tmp_path / "o"), "--ray", "local", "--cpus-per-cell", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--cpus-per-cell" in err
+    assert not (tmp_path / "o").exists()

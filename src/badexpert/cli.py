@@ -338,7 +338,14 @@ def cmd_grid(args) -> int:
     from .grid import run_grid
 
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
-    run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log)
+    runner = None
+    if args.ray is not None:
+        from .grid import ray_runner
+
+        if args.cpus_per_cell <= 0 or args.gpus_per_cell < 0:
+            raise BadExpertError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
+        runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
+    run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
     return 0
@@ -599,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created, or resumed when it holds a grid run)")
     p.add_argument("--cache-dir", default=None,
                    help="reuse suspect models and fitted detectors made before with identical settings")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run each cell as a Ray task: 'local' starts Ray on this machine, else a cluster address "
+                        "(workers must see the same data and cache paths; needs pip install 'badexpert[grid]')")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task requests (default 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=0.0, help="GPUs each Ray task requests (default 0)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",

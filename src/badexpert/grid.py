@@ -436,6 +436,58 @@ def local_runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterato
         yield fn(spec)
 
 
+def _ray_cell(spec: dict) -> list[dict]:
+    """:func:`run_cell` in a Ray worker (its log goes to the worker's output, which Ray forwards)."""
+    return run_cell(spec)
+
+
+def ray_runner(address: str = "local", *, cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0,
+               init: dict | None = None) -> Callable[[Callable[[dict], list[dict]], list[dict]], Iterator[list[dict]]]:
+    """A runner for :func:`run_grid` that runs every cell as a Ray task requesting
+    ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs, and yields each cell's rows as it finishes.
+
+    ``address``: ``"local"`` starts a Ray instance on this machine (stopped afterwards); anything
+    else is a cluster address for ``ray.init`` (``"auto"``, ``"ray://head:10001"``). Workers must
+    see the same dataset paths and cache directory (shared storage) and have badexpert installed.
+    Ray is an optional dependency: ``pip install 'badexpert[grid]'``.
+    """
+    def runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
+        try:
+            import ray
+        except ImportError as exc:
+            raise BadExpertError("the grid's Ray runner needs Ray: pip install 'badexpert[grid]' "
+                                 "(or run the grid without --ray)") from exc
+        started = not ray.is_initialized()
+        if started:
+            # a task uses as many threads as the CPUs it requests (the thread count changes the
+            # floating-point summation order, so it is part of what makes a cell reproducible)
+            threads = str(max(1, int(cpus_per_cell)))
+            options = {"include_dashboard": False, "logging_level": "WARNING",
+                       "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
+                       **(init or {})}
+            try:
+                ray.init(address=None if address == "local" else address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise BadExpertError(f"cannot start or reach Ray at '{address}' ({str(exc).splitlines()[0][:160]})") from exc
+        try:
+            task = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell)(_ray_cell)
+            pending = [task.remote(spec) for spec in specs]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                try:
+                    yield ray.get(ready[0])
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, BadExpertError):
+                        raise BadExpertError(str(cause)) from exc
+                    raise
+        finally:
+            if started:
+                ray.shutdown()
+
+    return runner
+
+
 # --------------------------------------------------------------------------------------------
 # results.jsonl
 # --------------------------------------------------------------------------------------------
@@ -732,5 +784,5 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
 
 
 __all__ = ["GRID_OUTPUTS", "append_rows", "format_summary", "load_grid", "local_runner", "mean_interval",
-           "normalize_grid", "plan", "plot_heatmap", "read_results", "run_cell", "run_grid", "summarize",
+           "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results", "run_cell", "run_grid", "summarize",
            "write_summary"]
