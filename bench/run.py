@@ -24,12 +24,7 @@ from pathlib import Path
 
 import torch
 
-from badexpert.attacks import attack_from_meta
-from badexpert.detectors import SCORES, combine, load_detector
-from badexpert.evaluation import trigger_dataset
 from badexpert.experiment import ExperimentConfig, make_splits, run, train_suspect
-from badexpert.io import load_model
-from badexpert.metrics import auroc
 from badexpert.utils import write_json
 
 #: Targets from the issue: AUROC >= 99%; at 1% target FPR, ASR after defense <= 5% (Blend: the
@@ -53,23 +48,6 @@ def check(m: dict) -> dict[str, bool]:
         "fpr": TARGETS["fpr_lo"] <= d["fpr"] <= TARGETS["fpr_hi"],
         "throughput": d["cost"]["throughput_ratio"] >= TARGETS["throughput"],
     }
-
-
-def rule_aurocs(cell: Path, cfg: ExperimentConfig) -> dict[str, float]:
-    """AUROC of every BaDExpert score rule on the same fitted expert and auxiliary models."""
-    model, meta = load_model(cell / "model.safetensors", device=cfg.device)
-    det = load_detector(cell / "detector.safetensors", model, device=cfg.device)
-    test = make_splits(cfg).test
-    trig, _ = trigger_dataset(attack_from_meta(meta), test)
-    c, t = det.confidences(test), det.confidences(trig)
-    out = {}
-    for rule in SCORES:
-        if rule == "logodds":
-            sc, st = c["logit_x"] - c["logit_y"], t["logit_x"] - t["logit_y"]
-        else:
-            sc, st = combine(c["x"], c["y"], rule), combine(t["x"], t["y"], rule)
-        out[rule] = auroc(sc.numpy(), st.numpy())
-    return out
 
 
 def row(m: dict, preset: str) -> str:
@@ -207,11 +185,10 @@ def main(argv=None) -> int:
                         log=lambda s: print(f"[{name}] {s}", file=sys.stderr, flush=True))
             wall = None if reused else time.perf_counter() - t0
             rows.append(row(m, preset))
-            rules = None if m.get("attack_failed") else rule_aurocs(out / name, cfg)
+            rules = None if m.get("attack_failed") else m["defense"].get("diagnostics", {}).get("auroc_by_score_rule")
             results.append({"cell": name, "wall_s": wall, "checks": None if m.get("attack_failed") else check(m),
                             "auroc_by_score_rule": rules, "metrics": m})
-            rule_rows.append(f"| {attack} | {preset} | " + " | ".join(
-                "n/a" if rules is None else f"{rules[r]:.2%}" for r in SCORES) + " |")
+            rule_rows.append((attack, preset, rules))  # the detector's own diagnostics (BaDExpert: every score rule)
             if len(rows) == 1:
                 print(HEADER.splitlines()[0])
             print(rows[-1], flush=True)
@@ -222,8 +199,12 @@ def main(argv=None) -> int:
         table = ("| attack | CA | clean model CA | CA vs clean (pts) | ASR | ASR >= 85% and CA within 2 pts |\n"
                  "|---|---|---|---|---|---|\n" + "\n".join(implant_rows(results, baseline["clean_accuracy"]))
                  + "\n\n" + table)
-    table += ("\n\nAUROC of each score rule on the same fitted models:\n\n| attack | preset | " + " | ".join(SCORES)
-              + " |\n|---|---|" + "---|" * len(SCORES) + "\n" + "\n".join(rule_rows))
+    names = next((list(r) for _, _, r in rule_rows if r), [])
+    if names:
+        table += ("\n\nAUROC of each score rule on the same fitted models:\n\n| attack | preset | " + " | ".join(names)
+                  + " |\n|---|---|" + "---|" * len(names) + "\n" + "\n".join(
+                      f"| {a} | {p} | " + " | ".join("n/a" if r is None else f"{r[k]:.2%}" for k in names) + " |"
+                      for a, p, r in rule_rows))
     write_json(out / "summary.json", {"args": vars(args), "machine": machine, "targets": TARGETS,
                                       "suite_targets": SUITE_TARGETS, "clean_baseline": baseline, "cells": results})
     (out / "summary.md").write_text(table + "\n")

@@ -265,3 +265,23 @@ def test_input_generators_depend_on_the_input_not_the_batch(splits):
     assert not torch.equal(a[0], a[1])
     assert not torch.equal(a, draw(det.set_params(seed=1).input_generators(x)))
     assert not torch.equal(a, draw(det.set_params(seed=0).input_generators(x, "other")))
+
+
+def test_diagnostics_and_decision_space_come_from_the_detector(splits):
+    """evaluate() records what the detector itself reports (BaDExpert: the AUROC every score rule
+    would give on its models; its own rule's equals the evaluation's AUROC) and plots the decision
+    space the detector declares; a detector declaring none gets no scatter."""
+    from badexpert.attacks import get_attack
+    from badexpert.detectors import SCORES
+    from badexpert.evaluation import evaluate
+
+    model, reserved, calib, test, _ = splits
+    attack = get_attack("badnet", target=0)
+    det = FACTORIES["badexpert"]().fit(model, reserved).calibrate(calib, 0.05)
+    res = evaluate(model, det, test, attack, n_boot=20, throughput=False)
+    rules = res.metrics["defense"]["diagnostics"]["auroc_by_score_rule"]
+    assert set(rules) == set(SCORES) and rules[det.rule] == pytest.approx(res.metrics["defense"]["auroc"], abs=1e-9)
+    assert res.arrays["clean_xy"].shape == (len(test), 2) and res.arrays["scatter_axes"]["x"] == "x"
+    other = DETECTORS["scale_up"](seed=0).fit(model, reserved).calibrate(calib, 0.05)
+    res = evaluate(model, other, test, attack, n_boot=20, throughput=False)
+    assert "clean_xy" not in res.arrays and "diagnostics" not in res.metrics["defense"]

@@ -237,11 +237,15 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     else:
         defense["cost"] = {"forward_passes_per_input": detector.cost["forward"],
                            "backward_passes_per_input": detector.cost["backward"]}
+    diagnostics = detector.diagnostics(det_clean, det_trig)
+    if diagnostics:
+        defense["diagnostics"] = diagnostics
     arrays = {}
-    for key in ("x", "y"):
-        if key in det_clean:
-            arrays[f"clean_{key}"] = det_clean[key]
-            arrays[f"trig_{key}"] = det_trig[key]
+    axes = detector.scatter_axes
+    if axes and axes["x"] in det_clean and axes["y"] in det_clean:  # the detector's own decision space
+        arrays["clean_xy"] = np.stack([det_clean[axes["x"]], det_clean[axes["y"]]], 1)
+        arrays["trig_xy"] = np.stack([det_trig[axes["x"]], det_trig[axes["y"]]], 1)
+        arrays["scatter_axes"] = dict(axes)
     arrays.update(
         clean_scores=det_clean["score"], trig_scores=det_trig["score"],
         clean_correct=(out.clean_pred == test.labels).numpy(), trig_success=(out.trig_pred == out.targets).numpy(),

@@ -306,14 +306,10 @@ def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_
     from .report import write_report
 
     a = result.arrays
-
-    def xy(prefix: str):
-        return np.stack([a[f"{prefix}_x"], a[f"{prefix}_y"]], 1) if f"{prefix}_x" in a else None
-
     return write_report(
         out_dir, metrics,
         clean_scores=a.get("clean_scores"), trig_scores=a.get("trig_scores"),
-        clean_xy=xy("clean"), trig_xy=xy("trig"),
+        clean_xy=a.get("clean_xy"), trig_xy=a.get("trig_xy"), scatter_axes=a.get("scatter_axes"),
         clean_examples=a.get("clean_examples"), trig_examples=a.get("trig_examples"),
         class_names=class_names, clean_correct=a.get("clean_correct"), trig_success=a.get("trig_success"),
         example_labels=a.get("example_labels"), trig_example_preds=a.get("trig_example_preds"),

@@ -270,8 +270,22 @@ def _subsample(a: np.ndarray, k: int, seed: int) -> np.ndarray:
     return a[np.sort(idx)]
 
 
-def plot_scatter(clean_xy: Any = None, trig_xy: Any = None, *, max_points: int = 20000) -> Figure:
-    """BaDExpert's decision space: backdoor expert's vs auxiliary model's confidence in M's label."""
+#: Labels of the decision-space scatter when the detector gives none (BaDExpert's, for callers
+#: that pass its confidences directly).
+DEFAULT_SCATTER_AXES = {
+    "limits": (0.0, 1.0),
+    "x_label": "x: backdoor expert B's confidence in M's label",
+    "y_label": "y: auxiliary model M\u2032's confidence in M's label",
+    "title": "Clean inputs: x low, y high (top left)\nbackdoor inputs: x high, y low (bottom right)",
+    "caption": "Decision space: backdoor expert vs auxiliary model confidence",
+}
+
+
+def plot_scatter(clean_xy: Any = None, trig_xy: Any = None, *, axes: dict | None = None,
+                 max_points: int = 20000) -> Figure:
+    """A detector's 2-D decision space (``axes``: its :attr:`Detector.scatter_axes`; default
+    BaDExpert's: the backdoor expert's vs the auxiliary model's confidence in M's label)."""
+    axes = dict(axes) if axes else dict(DEFAULT_SCATTER_AXES)
     fig = _new_figure(6.4, 6.0)
     ax = fig.subplots()
     for xy, name, color, seed in ((clean_xy, "clean", CLEAN_COLOR, 1), (trig_xy, "triggered", TRIG_COLOR, 2)):
@@ -284,13 +298,17 @@ def plot_scatter(clean_xy: Any = None, trig_xy: Any = None, *, max_points: int =
         lab = f"{name} inputs (n={len(a)}" + (f", {len(shown)} shown)" if len(shown) < len(a) else ")")
         ax.scatter(shown[:, 0], shown[:, 1], s=6, alpha=0.35, color=color, edgecolors="none", label=lab,
                    rasterized=True)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_aspect("equal")
-    ax.set_xlabel("x: backdoor expert B's confidence in M's label")
-    ax.set_ylabel("y: auxiliary model M\u2032's confidence in M's label")
-    ax.set_title("Clean inputs: x low, y high (top left)\nbackdoor inputs: x high, y low (bottom right)",
-                 fontsize=10)
+    limits = axes.get("limits")
+    if limits is not None:
+        lo, hi = limits
+        pad = 0.02 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+    ax.set_xlabel(axes.get("x_label", "x"))
+    ax.set_ylabel(axes.get("y_label", "y"))
+    if axes.get("title"):
+        ax.set_title(axes["title"], fontsize=10)
     ax.grid(True, alpha=0.3)
     leg = ax.legend(loc="lower left", fontsize=8, markerscale=2.5, framealpha=0.9)
     for h in leg.legend_handles:
@@ -452,7 +470,8 @@ def _fpr_sentence(d: dict) -> str:
     return s
 
 
-def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None = None) -> str:
+def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None = None, *,
+              scatter_caption: str = DEFAULT_SCATTER_AXES["caption"]) -> str:
     d = _defense(metrics)
     failed = _attack_failed(metrics)
     out = ["# Backdoor detection report", "", "## What was run", "", *_what_was_run(metrics, class_names), ""]
@@ -537,7 +556,7 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
     if plots:
         captions = {
             "roc.png": "ROC curves (linear and log-FPR), calibrated operating point circled",
-            "scatter.png": "Decision space: backdoor expert vs auxiliary model confidence",
+            "scatter.png": scatter_caption,
             "examples.png": "Clean test inputs, the same inputs with the trigger, and their amplified difference",
         }
         out += ["## Plots", ""]
@@ -573,6 +592,7 @@ def write_report(
     trig_scores: Any = None,
     clean_xy: Any = None,
     trig_xy: Any = None,
+    scatter_axes: dict | None = None,
     clean_examples: Any = None,
     trig_examples: Any = None,
     class_names: Sequence[str] | None = None,
@@ -585,7 +605,8 @@ def write_report(
 
     ``roc.png`` needs ``clean_scores`` and ``trig_scores`` (plus ``clean_correct`` and
     ``trig_success`` masks for the filtered curve); ``scatter.png`` needs ``clean_xy`` and/or
-    ``trig_xy`` ([n, 2]: backdoor expert's and auxiliary model's confidence in the model's label);
+    ``trig_xy`` ([n, 2]: two per-input quantities of the detector, labelled by ``scatter_axes``,
+    its :attr:`~badexpert.detectors.Detector.scatter_axes`; default BaDExpert's confidences);
     ``examples.png`` needs ``clean_examples`` and/or ``trig_examples`` ([n, C, H, W] in [0, 1]).
     For a failed attack (``metrics['attack_failed']``) no ROC or scatter plot is drawn.
 
@@ -607,7 +628,7 @@ def write_report(
                 threshold=d.get("threshold"), fpr_target=d.get("fpr_target"),
                 auroc=d.get("auroc"), auroc_filtered=d.get("auroc_filtered"))))
         if not failed and (clean_xy is not None or trig_xy is not None):
-            figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy)))
+            figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy, axes=scatter_axes)))
         if clean_examples is not None or trig_examples is not None:
             figures.append(("examples.png", lambda: plot_examples(
                 clean_examples, trig_examples, class_names=class_names,
@@ -617,7 +638,8 @@ def write_report(
             pending.append((tmp, out / name))
             _save_figure(make(), tmp)
 
-        md = _markdown(metrics, [name for name, _ in figures], class_names)
+        caption = (scatter_axes or DEFAULT_SCATTER_AXES).get("caption", "Decision space of the detector")
+        md = _markdown(metrics, [name for name, _ in figures], class_names, scatter_caption=caption)
         tmp = _tmp_in(out, "report.md")
         pending.append((tmp, out / "report.md"))
         tmp.write_text(md, encoding="utf-8")

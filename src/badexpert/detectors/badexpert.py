@@ -122,6 +122,13 @@ class BaDExpert(Detector):
 
     name: ClassVar[str] = "badexpert"
     forward_passes_per_input: ClassVar[int] = 3
+    scatter_axes: ClassVar[dict] = {
+        "x": "x", "y": "y", "limits": (0.0, 1.0),
+        "x_label": "x: backdoor expert B's confidence in M's label",
+        "y_label": "y: auxiliary model M\u2032's confidence in M's label",
+        "title": "Clean inputs: x low, y high (top left)\nbackdoor inputs: x high, y low (bottom right)",
+        "caption": "Decision space: backdoor expert vs auxiliary model confidence",
+    }
     shares_model_pass: ClassVar[bool] = True
 
     def __init__(
@@ -344,6 +351,18 @@ class BaDExpert(Detector):
         conf = self.confidences(x)
         return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
+    def diagnostics(self, clean: dict, triggered: dict) -> dict:
+        """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
+        expert and auxiliary models: how much the rule, rather than the models, contributes."""
+        from ..metrics import auroc
+
+        out = {}
+        for rule in SCORES:
+            sc, st = (self._combine({k: torch.from_numpy(d[k]) for k in ("x", "y", "logit_x", "logit_y")}, rule)
+                      for d in (clean, triggered))
+            out[rule] = auroc(sc.numpy(), st.numpy())
+        return {"auroc_by_score_rule": out}
+
     def _forward(self, xb: torch.Tensor, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if logits is None:
             with eval_mode(self.model_):
@@ -356,10 +375,11 @@ class BaDExpert(Detector):
             out[f"logit_{key}"] = logodds
         return out
 
-    def _combine(self, conf: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.rule == "logodds":  # exact from the logits, even where a softmax rounds to 1
+    def _combine(self, conf: dict[str, torch.Tensor], rule: str | None = None) -> torch.Tensor:
+        rule = rule or self.rule
+        if rule == "logodds":  # exact from the logits, even where a softmax rounds to 1
             return conf["logit_x"] - conf["logit_y"]
-        return combine(conf["x"], conf["y"], self.rule)
+        return combine(conf["x"], conf["y"], rule)
 
     def _score_batch(self, xb: torch.Tensor) -> torch.Tensor:
         return self._combine(self._forward(xb)).cpu()

@@ -64,6 +64,10 @@ class Detector:
     #: parameters override :attr:`cost`
     forward_passes_per_input: ClassVar[int] = 1
     backward_passes_per_input: ClassVar[int] = 0
+    #: a 2-D view of the detector's decision space for reports (``scatter.png``): which two keys of
+    #: :meth:`score_details` to plot and how to label them (``x``, ``y``, ``x_label``, ``y_label``,
+    #: ``title``, ``caption``, optional ``limits``); ``None``: no such plot
+    scatter_axes: ClassVar[dict[str, Any] | None] = None
     #: whether :meth:`score_given_logits` uses the suspect model's logits instead of running the
     #: model again (a guard then costs ``forward_passes_per_input`` passes in all)
     shares_model_pass: ClassVar[bool] = False
@@ -258,6 +262,11 @@ class Detector:
         """``score`` plus any per-input quantities the detector computes on the way (as numpy
         arrays); evaluation and reports use this to avoid a second pass."""
         return {"score": self.score(x).numpy()}
+
+    def diagnostics(self, clean: dict, triggered: dict) -> dict[str, Any]:
+        """Detector-specific findings for the evaluation record (``defense.diagnostics``), from the
+        :meth:`score_details` of the clean and triggered test inputs (numpy arrays). Default: none."""
+        return {}
 
     def calibrate(self, clean, fpr: float = 0.01) -> "Detector":
         """Set ``threshold_`` so that at most ``fpr`` of new clean inputs are rejected (in expectation).
