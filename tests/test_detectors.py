@@ -18,6 +18,8 @@ CONTRACT = {
     "scale_up": (lambda: DETECTORS["scale_up"](seed=0), 0.85, None),  # measured AUROC 0.887, TPR 0.000: the white-patch target class keeps SPC=1 on 23% of clean inputs, so the 5% threshold sits at SPC=1 (ties)
     "teco": (lambda: DETECTORS["teco"](seed=0), 0.97, 0.9),  # measured AUROC 1.000, TPR 1.000 (seeds 0, 1, 2): the patch breaks under blur/elastic/pixelate (flip at 2-4) and survives noise/brightness (6); clean inputs rarely flip at all (mean score 0.25 vs 1.9 triggered)
     "ibd_psc": (lambda: DETECTORS["ibd_psc"](seed=0), 0.87, 0.3),  # measured AUROC 0.901, TPR 0.362: omega=1.5 never lifts this 3-BN CNN's clean error above xi (0% with 1..3 layers; k=3, so all 5 models amplify every layer), it only sharpens the softmax, more on triggered inputs (PSC 1 - 1e-15 vs 1 - 1e-11; the bare model's confidence gives AUROC 0.35)
+    "cd": (lambda: DETECTORS["cd"](steps=30, seed=0), 0.77, 0.2),  # measured AUROC 0.801, TPR 0.288 with steps=30 (reference steps=100: AUROC 0.813, TPR 0.247, 3x slower): the tiny CNN's masks shrink less on triggered inputs (mean(m) 0.53 vs 0.58 clean), uniform [0, 1] noise being far from these dark blobs
+    "sentinet": (lambda: DETECTORS["sentinet"](n=32, layer="net.features.4", seed=0), 0.55, 0.35),  # measured AUROC 0.609/0.596/0.604, TPR 0.454/0.452/0.449 (seeds 0/1/2; n=32 for speed, n=100 gives AUROC 0.593): Grad-CAM at the last conv (3x3 maps on 12x12 inputs) is too coarse to find the 3x3 corner patch (0.7 of its 9 pixels in the region, AUROC 0.38-0.56), so the 6x6 middle conv is named; even there the region holds ~3.9 of the 9 trigger pixels, so pasted triggers fool only ~62% of clean images (clean inputs ~36%)
 }
 FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 

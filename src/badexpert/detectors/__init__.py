@@ -6,13 +6,17 @@ from ..registry import Registry
 from ..validation import validate_params
 from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, load_detector, read_detector_file
+from .cd import CognitiveDistillation
 from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
+from .sentinet import SentiNet
 from .strip import STRIP
 from .teco import TeCo
 
 #: Detectors by name.
-DETECTORS = Registry("detector", [(cls.name, cls) for cls in (BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC)])
+DETECTORS = Registry("detector", [(cls.name, cls) for cls in (
+    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet,
+)])
 
 
 def get_detector(name: str, **params) -> Detector:
@@ -22,5 +26,7 @@ def get_detector(name: str, **params) -> Detector:
     return cls(**validate_params(cls.__init__, params, f"detector '{key}'")).check_params()
 
 
-__all__ = ["DETECTORS", "SCORES", "BaDExpert", "Detector", "IBDPSC", "STRIP", "ScaleUp", "TeCo", "combine", "get_detector",
-           "load_detector", "read_detector_file"]
+__all__ = [
+    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "IBDPSC", "STRIP", "ScaleUp", "SentiNet",
+    "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
+]

@@ -1,0 +1,214 @@
+"""SentiNet: the Grad-CAM region, the clean decision boundary, the model left untouched, seeded
+per-input draws, parameters and persistence."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from badexpert.data import to_float
+from badexpert.detectors import SentiNet, get_detector, load_detector
+from badexpert.detectors.base import clone
+from badexpert.detectors.sentinet import BIN_WIDTH, fit_boundary
+from badexpert.errors import BadExpertError
+
+LAYER = "net.features.4"  # the 6x6 middle conv of the tiny CNN (see the CONTRACT entry in test_detectors.py)
+
+
+@pytest.fixture(scope="module")
+def parts(backdoored):
+    model, attack, _, te = backdoored
+    reserved, calib, test = te.subset(range(0, 300)), te.subset(range(800, 1000)), te.subset(range(1600, 1700))
+    trig = attack.apply(test.images[attack.counts(test.labels)])
+    corner = (to_float(attack.apply(test.images[:50])) != to_float(test.images[:50])).any(0).any(0)  # the 3x3 patch
+    return model, reserved, calib, test, trig, corner
+
+
+@pytest.fixture(scope="module")
+def det(parts):
+    model, reserved, calib, _, _, _ = parts
+    return SentiNet(n=12, layer=LAYER, device="cpu").fit(model, reserved).calibrate(calib, 0.1)
+
+
+def hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_gradcam_region_finds_the_trigger_corner(parts):
+    model, reserved, _, test, trig, corner = parts
+    assert int(corner.sum()) == 9 and bool(corner[9:, 9:].all())
+    for layer in (None, LAYER):  # the default (last conv) and the middle one
+        d = SentiNet(n=4, layer=layer, device="cpu").fit(model, reserved)
+        assert d.layer_name_ == (layer or "net.features.8")
+        overlap = {}
+        for name, x in (("trig", to_float(trig[:60])), ("clean", to_float(test.images[:60]))):
+            heat, label = d.gradcam(x)
+            mask = d.region(heat)
+            assert heat.shape == (60, 12, 12) and mask.shape == (60, 1, 12, 12)
+            assert torch.equal(mask.sum((1, 2, 3)), torch.full((60,), float(round(0.15 * 144))))  # 22 pixels each
+            overlap[name] = (mask[:, 0] * corner).sum((1, 2)).mean().item()
+        assert overlap["trig"] > overlap["clean"] + 0.5, (layer, overlap)
+
+
+def test_region_is_the_top_share_with_ties_to_earlier_pixels():
+    d = SentiNet(top=0.25)
+    heat = torch.zeros(2, 4, 4)
+    heat[0, 3, 3], heat[0, 2, 2], heat[0, 0, 1], heat[0, 1, 0] = 4, 3, 2, 1
+    mask = d.region(heat)
+    assert mask[0, 0].nonzero().tolist() == [[0, 1], [1, 0], [2, 2], [3, 3]]
+    assert mask[1, 0].flatten().nonzero().flatten().tolist() == [0, 1, 2, 3]  # all tied: row-major order
+
+
+def test_model_unchanged_no_hooks_and_frozen_models_work(parts, det):
+    model, _, _, test, trig, _ = parts
+    before = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]  # left over from training
+    assert hooks(model) == 0
+    det.score(trig[:10])
+    assert hooks(model) == 0
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # a model in train mode stays in train mode (scoring runs in eval mode); a frozen one still gives Grad-CAM
+    frozen = copy.deepcopy(model).train()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    d = SentiNet(n=12, layer=LAYER, device="cpu").fit(frozen, parts[1])
+    assert frozen.training and all(m.training for m in frozen.modules())
+    assert torch.equal(d.score(test.images[:10]), det.score(test.images[:10]))
+    assert not any(p.requires_grad for p in frozen.parameters()) and hooks(frozen) == 0
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        p.grad = None
+    SentiNet(n=2, layer=LAYER, device="cpu").fit(fresh, parts[1]).score(test.images[:5])
+    assert all(p.grad is None for p in fresh.parameters())  # gradients reach the activations only
+    # a failing call removes its hook too
+    bad = SentiNet(n=2, layer="net.fc", device="cpu")
+    with pytest.raises(BadExpertError, match=r"layer 'net.fc' outputs .*not \[N, C, h, w\]"):
+        bad.fit(model, parts[1])
+    assert hooks(model) == 0 and not bad.is_fitted
+
+
+def test_scores_do_not_depend_on_batch_size_order_or_dtype(parts, det):
+    model, reserved, _, test, _, _ = parts
+    x = test.images[:30]
+    s = det.score(x)
+    small = SentiNet(n=12, layer=LAYER, batch_size=7, device="cpu").fit(model, reserved)
+    assert torch.allclose(small.score(x), s, rtol=0, atol=1e-6)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(det.score(x[perm]), s[perm], rtol=0, atol=1e-6)
+    assert torch.allclose(torch.cat([det.score(x[:11]), det.score(x[11:])]), s, rtol=0, atol=1e-6)
+    assert torch.equal(det.score(to_float(x)), s)  # uint8 and float inputs agree
+    assert torch.equal(det.pool_indices(to_float(x)), small.pool_indices(to_float(x)))
+    with torch.no_grad():  # the Grad-CAM pass enables gradients itself
+        assert torch.equal(det.score(x), s)
+    other = SentiNet(n=12, layer=LAYER, seed=1, device="cpu").fit(model, reserved)
+    assert not torch.equal(other.pool_indices(to_float(x)), det.pool_indices(to_float(x)))
+
+
+def test_score_is_fooled_minus_the_boundary(det, parts):
+    x = parts[4][:20]
+    d = det.score_details(x)
+    fooled, conf = torch.from_numpy(d["fooled"]), torch.from_numpy(d["avg_conf"])
+    assert ((fooled * det.n).round() == fooled * det.n).all() and ((conf > 0) & (conf <= 1)).all()
+    assert np.allclose(d["score"], (fooled - det.boundary(conf)).numpy(), atol=1e-6)
+    assert np.allclose(d["score"], det.score(x).numpy(), atol=1e-6)
+    lo, hi = det.conf_range_
+    c2, c1, c0 = det.curve_
+    assert det.boundary(torch.tensor([0.0, 1.0])).tolist() == pytest.approx([c2 * lo**2 + c1 * lo + c0, c2 * hi**2 + c1 * hi + c0])
+
+
+def test_boundary_is_fitted_on_held_out_clean_images(det, parts):
+    _, reserved, _, _, _, _ = parts
+    hold = det.holdout_index_
+    assert len(hold) == 60 and len(det.pool_) == 240  # holdout=0.2 of 300
+    # the pool is the rest of the fit set: no held-out image is pasted onto
+    pool_rest = torch.ones(300, dtype=torch.bool)
+    pool_rest[hold] = False
+    assert torch.equal(det.pool_, reserved.images[pool_rest])
+    fooled, conf = det.statistics(to_float(reserved.images[hold]))
+    assert np.array_equal(det.fit_points_["fooled"], fooled.numpy()) and np.array_equal(det.fit_points_["avg_conf"], conf.numpy())
+    # by hand: bin maxima at bin centres, quadratic polyfit
+    bins = np.floor(conf.numpy() / BIN_WIDTH).astype(int)
+    xs = np.array([(b + 0.5) * BIN_WIDTH for b in np.unique(bins)])
+    ys = np.array([fooled.numpy()[bins == b].max() for b in np.unique(bins)])
+    assert np.allclose(det.curve_, np.polyfit(xs, ys, 2)) and det.conf_range_ == pytest.approx((xs.min(), xs.max()))
+    # clean fit images lie on or below the boundary's maxima (up to the fit's residual)
+    assert np.median(det.fit_points_["fooled"] - det.boundary(conf).numpy()) < 0
+
+
+def test_fit_boundary_by_hand():
+    conf = np.array([0.505, 0.51, 0.61, 0.615, 0.71, 0.93, 0.935])  # bins 25, 25, 30, 30, 35, 46, 46
+    fooled = np.array([0.1, 0.3, 0.2, 0.5, 0.4, 0.9, 0.8])
+    coef, rng = fit_boundary(conf, fooled)
+    assert np.allclose(coef, np.polyfit([0.51, 0.61, 0.71, 0.93], [0.3, 0.5, 0.4, 0.9], 2)) and rng == pytest.approx((0.51, 0.93))
+    coef, rng = fit_boundary(np.array([0.5, 0.505]), np.array([0.2, 0.7]))  # one bin: a constant
+    assert coef.tolist() == [0.0, 0.0, 0.7] and rng == pytest.approx((0.51, 0.51))
+    coef, _ = fit_boundary(np.array([1.0, 0.3]), np.array([1.0, 0.0]))  # confidence 1 falls in the last bin
+    assert np.allclose(np.polyval(coef, [0.31, 0.99]), [0.0, 1.0])
+
+
+def test_cost_and_params():
+    d = SentiNet(n=37)
+    assert d.cost == {"forward": 75, "backward": 1} and d.needs_gradients
+    assert SentiNet().cost == {"forward": 201, "backward": 1}
+    assert d.get_params() == {"n": 37, "top": 0.15, "layer": None, "holdout": 0.2, "batch_size": 256, "seed": 0, "device": None}
+    assert repr(SentiNet(n=5)) == "SentiNet(n=5)" and clone(d).get_params() == d.get_params()
+    assert d.set_params(n=3).cost["forward"] == 7
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"n": 0}, "'n' must be an integer >= 1, got 0"),
+    ({"top": 0}, "'top' must be a number in \\(0, 1\\), got 0"),
+    ({"top": 1.0}, "'top' must be a number in \\(0, 1\\)"),
+    ({"top": -0.1}, "'top'"),
+    ({"holdout": 1}, "'holdout'"),
+    ({"layer": 3}, "'layer'"),
+    ({"k": 3}, "no parameter"),
+])
+def test_bad_parameters_are_one_line_errors(params, match):
+    with pytest.raises(BadExpertError, match=match) as err:
+        get_detector("sentinet", **params)
+    assert "\n" not in str(err.value)
+    d = SentiNet(n=4)
+    with pytest.raises(BadExpertError, match=match):
+        d.set_params(**params)
+    assert d.n == 4 and d.top == 0.15
+
+
+def test_unknown_or_missing_layer(parts):
+    model, reserved = parts[0], parts[1]
+    with pytest.raises(BadExpertError, match="no module named 'layer4'; its convolutions: net.features.0") as err:
+        SentiNet(n=2, layer="layer4").fit(model, reserved)
+    assert "\n" not in str(err.value)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    with pytest.raises(BadExpertError, match="no nn.Conv2d layer for Grad-CAM; name one with layer="):
+        SentiNet(n=2).fit(mlp, reserved)
+
+
+def test_save_load_round_trip(det, parts, tmp_path):
+    model, _, _, test, trig, _ = parts
+    path = det.save(tmp_path / "sentinet.safetensors")
+    loaded = load_detector(path, model)
+    assert isinstance(loaded, SentiNet) and loaded.get_params() == det.get_params()
+    assert loaded.threshold_ == det.threshold_ and loaded.layer_name_ == det.layer_name_
+    assert torch.equal(loaded.pool_, det.pool_) and np.array_equal(loaded.curve_, det.curve_)
+    assert loaded.conf_range_ == det.conf_range_
+    assert torch.equal(loaded.score(test.images[:20]), det.score(test.images[:20]))
+    assert torch.equal(loaded.predict(trig[:20]), det.predict(trig[:20]))
+    # a damaged file (no pool) is refused in one line
+    from safetensors.torch import load_file, save_file
+    import json
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    del tensors["pool"]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(BadExpertError, match="lacks its clean pool or boundary curve"):
+        load_detector(tmp_path / "bad.safetensors", model)
+    assert json.loads(meta["badexpert"])["state"]["layer"] == LAYER
