@@ -81,20 +81,9 @@ class ExperimentConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise BadExpertError(f"config file '{p}' does not exist")
-        if p.stat().st_size > 1024**2:
-            raise BadExpertError(f"config file '{p}' is larger than 1 MiB; a config holds a few fields")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise BadExpertError(f"config file '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-        except UnicodeDecodeError as exc:
-            raise BadExpertError(f"config file '{p}' is not UTF-8 text; write it as a JSON object") from exc
-        except (ValueError, RecursionError) as exc:  # numbers beyond Python's digit limit, absurd nesting
-            raise BadExpertError(f"config file '{p}' cannot be read as a config ({str(exc)[:80]})") from exc
-        return cls.from_dict(d)
+        from .utils import read_json_file
+
+        return cls.from_dict(read_json_file(path, "config file"))
 
     def validate(self) -> "ExperimentConfig":
         """Check every name, type and range (fields, recipe, attack and detector parameters)

@@ -83,19 +83,10 @@ def _hash(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 def read_grid_file(path: str | Path) -> dict:
     """A grid config file as a dict; one-line errors for a missing, huge or malformed file."""
+    from .utils import read_json_file
+
     p = Path(path)
-    if not p.is_file():
-        raise BadExpertError(f"grid config file '{p}' does not exist")
-    if p.stat().st_size > 1024**2:
-        raise BadExpertError(f"grid config file '{p}' is larger than 1 MiB; a grid config holds a few lists")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadExpertError(f"grid config file '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    except UnicodeDecodeError as exc:
-        raise BadExpertError(f"grid config file '{p}' is not UTF-8 text; write it as a JSON object") from exc
-    except (ValueError, RecursionError) as exc:
-        raise BadExpertError(f"grid config file '{p}' cannot be read as a grid config ({str(exc)[:80]})") from exc
+    d = read_json_file(p, "grid config file")
     if not isinstance(d, dict):
         raise BadExpertError(f"grid config file '{p}' must hold a JSON object, got {type(d).__name__}")
     return d

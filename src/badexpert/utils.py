@@ -227,3 +227,21 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled
     if enabled is None:
         enabled = sys.stderr.isatty() and not os.environ.get("BADEXPERT_QUIET")
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def read_json_file(path: str | Path, what: str, *, max_bytes: int = 1024**2) -> Any:
+    """The JSON value in a small text file (a config); one-line errors naming ``what`` for a
+    missing, huge, non-UTF-8 or malformed file, absurd nesting or numbers beyond Python's limit."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadExpertError(f"{what} '{p}' does not exist")
+    if p.stat().st_size > max_bytes:
+        raise BadExpertError(f"{what} '{p}' is larger than {max_bytes // 1024**2} MiB; a config holds a few fields")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadExpertError(f"{what} '{p}' is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise BadExpertError(f"{what} '{p}' is not UTF-8 text; write it as a JSON object") from exc
+    except (ValueError, RecursionError) as exc:  # numbers beyond Python's digit limit, absurd nesting
+        raise BadExpertError(f"{what} '{p}' cannot be read ({str(exc)[:80]})") from exc
