@@ -137,6 +137,14 @@ class Detector:
             gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
         return gens
 
+    def draw_indices(self, x: torch.Tensor, size: int, n: int, purpose: str) -> torch.Tensor:
+        """``[len(x), n]`` indices into a pool of ``size`` items (clean images to blend or paste
+        onto), drawn per input from :meth:`input_generators`: without replacement when the pool
+        holds at least ``n`` items, with replacement otherwise."""
+        rows = [torch.randperm(size, generator=g)[:n] if n <= size else torch.randint(size, (n,), generator=g)
+                for g in self.input_generators(x, purpose)]
+        return torch.stack(rows) if rows else torch.empty(0, n, dtype=torch.int64)
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """Constructor arguments (scikit-learn style), for configs and reports. (No parameter
         holds another estimator, so ``deep`` changes nothing.)"""

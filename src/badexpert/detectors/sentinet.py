@@ -176,12 +176,7 @@ class SentiNet(Detector):
     def pool_indices(self, x: torch.Tensor) -> torch.Tensor:
         """``[len(x), n]`` indices into :attr:`pool_`: the clean images each input of ``x`` is
         pasted onto, drawn from that input's own generator."""
-        size = len(self.pool_)
-        rows = []
-        for g in self.input_generators(x, POOL_PURPOSE):
-            rows.append(torch.randperm(size, generator=g)[: self.n] if self.n <= size
-                        else torch.randint(size, (self.n,), generator=g))
-        return torch.stack(rows) if rows else torch.empty(0, self.n, dtype=torch.int64)
+        return self.draw_indices(x, len(self.pool_), self.n, POOL_PURPOSE)
 
     def gradcam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(heatmap [N, H, W], label [N])``: Grad-CAM of the model's predicted class for a float

@@ -98,14 +98,7 @@ class STRIP(Detector):
     def overlay_indices(self, x: torch.Tensor) -> torch.Tensor:
         """``[len(x), n]`` indices into :attr:`overlays_`: the clean images each input of ``x`` is
         blended with, drawn from that input's own generator."""
-        pool = len(self.overlays_)
-        rows = []
-        for g in self.input_generators(x, OVERLAY_PURPOSE):
-            if self.n <= pool:
-                rows.append(torch.randperm(pool, generator=g)[: self.n])
-            else:
-                rows.append(torch.randint(pool, (self.n,), generator=g))
-        return torch.stack(rows) if rows else torch.empty(0, self.n, dtype=torch.int64)
+        return self.draw_indices(x, len(self.overlays_), self.n, OVERLAY_PURPOSE)
 
     def entropies(self, x: torch.Tensor) -> torch.Tensor:
         """``[len(x), n]`` softmax entropies (bits, float64, CPU) of the model on each input's
