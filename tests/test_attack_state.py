@@ -52,6 +52,20 @@ def test_a_saved_model_restores_its_exact_trigger_without_the_files(name, shape,
         assert torch.equal(_triggered(attack_from_meta(meta), x), expected)
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_round_trip_through_dict_and_json(name, tmp_path):
+    """Every attack is re-created exactly from its JSON record (parameters and trigger)."""
+    import json
+
+    from badexpert.attacks import attack_from_dict
+
+    a = get_attack(name, trigger_seed=5, **attack_files(tmp_path / "files", ATTACKS[name]))
+    b = attack_from_dict(json.loads(json.dumps(a.to_dict())))
+    assert b.to_dict() == a.to_dict() and type(b) is type(a)
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(a.apply(x, torch.Generator().manual_seed(1)), b.apply(x, torch.Generator().manual_seed(1)))
+
+
 def test_the_state_is_what_makes_the_trigger(tmp_path):
     """Restoring really uses the saved tensors: another seed's key, saved under this record, is
     what the restored attack applies."""

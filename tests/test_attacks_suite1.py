@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from badexpert.attacks import ATTACKS, AdaptiveBlend, AdaptivePatch, AllToAll, TaCT, attack_from_dict, get_attack
+from badexpert.attacks import ATTACKS, AdaptiveBlend, AdaptivePatch, AllToAll, TaCT, get_attack
 from badexpert.attacks.sig import SIG
 from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
@@ -15,9 +15,6 @@ from badexpert.evaluation import evaluate, trigger_dataset
 from badexpert.utils import derive_generator
 
 from .conftest import make_blobs, random_dataset
-
-NEW = ("sig", "all_to_all", "tact", "adaptive_blend", "adaptive_patch")
-
 
 _data = functools.partial(random_dataset, n=400)
 
@@ -47,17 +44,6 @@ def test_registry_and_reference_defaults():
     assert (p.train_alphas, p.test_alpha, p.poison_rate, p.cover_rate) == ((0.5, 0.2, 0.5, 0.3), 1.0, 0.003, 0.006)
     a = get_attack("all_to_all")
     assert a.all_to_all and not ATTACKS["badnet"].all_to_all and "(y+1) mod C" in a.describe()
-
-
-@pytest.mark.parametrize("name", NEW)
-def test_round_trip_through_dict_and_json(name):
-    import json
-
-    a = get_attack(name, trigger_seed=5)
-    b = attack_from_dict(json.loads(json.dumps(a.to_dict())))
-    assert b.to_dict() == a.to_dict() and type(b) is type(a)
-    x = torch.rand(3, 3, 32, 32)
-    assert torch.equal(a.apply(x), b.apply(x))
 
 
 # --- SIG ---------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ poisoning, seeds, validation, saved trigger state, and real implants (BPP on the
 WaNet on Fashion-MNIST)."""
 
 import functools
-import json
 
 import pytest
 import torch
@@ -36,15 +35,6 @@ def test_registry_and_reference_defaults():
     b = get_attack("BPP")
     assert (b.squeeze_num, b.dither, b.poison_rate, b.negative_rate, b.cover_rate) == (8, True, 0.2, 0.2, 0.0)
     assert not w.clean_label and not b.clean_label
-
-
-@pytest.mark.parametrize("name", ["wanet", "bpp"])
-def test_round_trip_through_dict_and_json(name):
-    a = get_attack(name, trigger_seed=5)
-    b = attack_from_dict(json.loads(json.dumps(a.to_dict())))
-    assert b.to_dict() == a.to_dict() and type(b) is type(a)
-    x = torch.rand(3, 3, 16, 16)
-    assert torch.equal(a.apply(x), b.apply(x))
 
 
 @pytest.mark.parametrize("name,param,value", [

@@ -438,7 +438,7 @@ def cmd_serve(args) -> int:
 
 
 #: What ``badexpert list`` can list (each read from its registry).
-LISTS = {"attacks": _attacks, "detectors": lambda: __import__("badexpert.detectors", fromlist=["DETECTORS"]).DETECTORS,
+LISTS = {"attacks": _attacks, "detectors": _detectors_registry,
          "datasets": _datasets, "architectures": _architectures}
 
 
