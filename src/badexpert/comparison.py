@@ -91,8 +91,6 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
         log(f"evaluating {det.name} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
         defense, det_arrays = detector_metrics(model, det, out, overlap=overlap, n_boot=n_boot, seed=seed,
                                                batch_size=batch_size, throughput=throughput)
-        defense.setdefault("cost", {}).update(forward_passes_per_input=det.cost["forward"],
-                               backward_passes_per_input=det.cost["backward"])
         metrics["detectors"].append(defense)
         arrays[det.name] = det_arrays
     return Comparison(metrics, arrays)

@@ -205,6 +205,8 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     """``(defense metrics, per-input arrays)`` of a calibrated ``detector`` on the shared model
     outputs ``out`` (whose attack implanted, or which has no attack)."""
     test = out.test
+    passes = {"forward_passes_per_input": detector.cost["forward"],
+              "backward_passes_per_input": detector.cost["backward"]}
     if out.attack is None:
         det = _details(detector, test.images)
         flags = detector.decide(torch.from_numpy(det["score"])).numpy()
@@ -213,6 +215,7 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
             "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
             "fpr": float(flags.mean()),
             "clean_accuracy": float(((out.clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
+            "cost": dict(passes),
         }
         return defense, {}
     t0 = time.perf_counter()
@@ -235,8 +238,7 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     if throughput:
         defense["cost"] = measure_throughput(model, detector, test.images, batch_size=batch_size)
     else:
-        defense["cost"] = {"forward_passes_per_input": detector.cost["forward"],
-                           "backward_passes_per_input": detector.cost["backward"]}
+        defense["cost"] = dict(passes)
     diagnostics = detector.diagnostics(det_clean, det_trig)
     if diagnostics:
         defense["diagnostics"] = diagnostics
