@@ -158,3 +158,16 @@ def test_building_the_parser_imports_no_torch():
     code = "import sys; from badexpert.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    """`badexpert list attacks | head -1`: no traceback, exit status 0 (the reader here closes the
+    pipe before anything is written, so every write fails)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "badexpert.cli", "list", "attacks"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait() == 0 and "Traceback" not in err, err

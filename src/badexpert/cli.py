@@ -714,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("badexpert: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":
