@@ -108,6 +108,15 @@ def attack_files(folder: Path, cls, *, optional: bool = True) -> dict:
     return params
 
 
+def prepared(attack, shape):
+    """``attack`` ready to trigger images of ``shape``: a learned attack (a generator, an encoder,
+    an optimised pattern) gets its seeded initial state, so its machinery is exercised without
+    training; others build their trigger from their parameters as usual."""
+    if attack.learned:
+        attack.restore_state(shape, attack.initial_state(shape), source="its initial state")
+    return attack
+
+
 def random_dataset(n: int = 400, c: int = 3, size: int = 32, classes: int = 10, seed: int = 0) -> Dataset:
     """``n`` uniform-noise uint8 images with labels cycling through ``classes``: for the
     mechanics tests of attacks (where and how a trigger lands, which samples are chosen)."""

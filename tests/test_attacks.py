@@ -142,9 +142,9 @@ def test_the_pipeline_implants_through_the_attack(blobs, tmp_path):
     class Recording(BadNet):
         name: ClassVar[str] = "badnet"
 
-        def implant(self, train_set, build_model, recipe, seed, *, log=print):
-            calls.append((len(train_set), recipe.epochs, seed))
-            model, info = super().implant(train_set, build_model, recipe, seed, log=log)
+        def implant(self, train_set, build_model, recipe, seed, *, log=print, components=None):
+            calls.append((len(train_set), recipe.epochs, seed, components is not None))
+            model, info = super().implant(train_set, build_model, recipe, seed, log=log, components=components)
             return model, {**info, "custom": True}
 
     tr, te = blobs
@@ -154,7 +154,8 @@ def test_the_pipeline_implants_through_the_attack(blobs, tmp_path):
                            seed=3)
     cfg.make_attack = lambda: Recording(poison_rate=0.05)
     _, meta = train_suspect(cfg, splits, log=lambda m: None)
-    assert calls == [(400, 1, 3)] and meta["custom"] and meta["poisoned_samples"] == 20
+    assert calls == [(400, 1, 3, True)] and meta["custom"] and meta["poisoned_samples"] == 20
+    assert set(meta["phase_seconds"]) == {"poison", "suspect_model"}  # the pipeline hands a Components in
 
 
 def test_random_test_triggers_draw_from_the_callers_generator(blobs):

@@ -297,7 +297,7 @@ def test_bpp_implant_learns_the_quantisation_trigger_and_ignores_foreign_noise()
     model, info = a.implant(
         tr, lambda: build_model("cnn", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=8),
         Recipe(optimizer="adam", lr=3e-3, epochs=5, batch_size=64, weight_decay=0, augment=False), 0, log=logs.append)
-    assert info == {"poisoned_per_batch": 13, "negative_per_batch": 13, "batch_size": 64} and "13" in logs[0]
+    assert {k: info[k] for k in ("poisoned_per_batch", "negative_per_batch", "batch_size")} == {"poisoned_per_batch": 13, "negative_per_batch": 13, "batch_size": 64} and set(info["phase_seconds"]) == {"suspect_model"} and "13" in logs[0]
     model.eval()
     m = evaluate(model, None, te, a, n_boot=0, throughput=False).metrics
     assert m["clean_accuracy"] >= 0.9 and m["attack_success_rate"] >= 0.9

@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .attacks import Attack, attack_from_meta, get_attack
+from .attacks.components import Components
 from .data import Splits, load_dataset, split
 from .detectors import Detector, get_detector
 from .errors import BadExpertError
@@ -224,7 +225,10 @@ def train_suspect(
 ) -> tuple[torch.nn.Module, dict]:
     """Poison the training split with the configured attack and train the suspect model.
 
-    With ``cache_dir``, a model trained before from identical inputs is loaded instead.
+    With ``cache_dir``, a model trained before from identical inputs is loaded instead, and the
+    attack's trained parts (a clean host model, a trigger generator) are cached there by content
+    hash (:class:`~badexpert.attacks.components.Components`). The metadata records the seconds
+    each training phase took (``phase_seconds``).
     """
     device = resolve_device(cfg.device)
     attack = cfg.make_attack()
@@ -249,11 +253,15 @@ def train_suspect(
         return model
 
     t0 = time.perf_counter()
+    # an attack's trained parts (clean host, generator, encoder) are cached beside the models
+    components = Components(cache_dir, log=log)
     if attack is None:
         model, info = make_model(), {"poisoned_samples": 0}
-        train(model, tr, recipe, seed=cfg.seed, desc="suspect model")
+        with components.phase("suspect_model"):
+            train(model, tr, recipe, seed=cfg.seed, desc="suspect model")
+        info.update(components.info())
     else:
-        model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log)
+        model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log, components=components)
     meta = model_meta(cfg, splits, attack, recipe)
     meta["train_seconds"] = time.perf_counter() - t0
     meta.update(info)

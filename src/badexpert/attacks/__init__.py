@@ -11,6 +11,7 @@ from ..registry import Registry
 from .adaptive import AdaptiveBlend, AdaptivePatch
 from .all_to_all import AllToAll
 from .base import Attack, restoring
+from .components import Components
 from .blend import Blend
 from .bpp import BPP
 from .clean_label import CleanLabel
@@ -21,8 +22,20 @@ from .tact import TaCT
 from .wanet import WaNet
 
 #: Attacks by name (one line per attack: its class, whose ``name`` is the registry name).
-ATTACKS = Registry("attack", [(cls.name, cls) for cls in (BadNet, Blend, Trojan, SIG, AllToAll, TaCT, AdaptiveBlend,
-                                                         AdaptivePatch, WaNet, BPP, CleanLabel, Refool)])
+ATTACKS = Registry("attack", [(cls.name, cls) for cls in (
+    BadNet,
+    Blend,
+    Trojan,
+    SIG,
+    AllToAll,
+    TaCT,
+    AdaptiveBlend,
+    AdaptivePatch,
+    WaNet,
+    BPP,
+    CleanLabel,
+    Refool,
+)])
 
 
 def get_attack(name: str, **params) -> Attack:
@@ -66,6 +79,7 @@ def attack_from_meta(meta: dict, *, source: str = "the model file") -> Attack | 
 
 
 __all__ = [
-    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "PatchAttack",
+    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "Components",
+    "PatchAttack",
     "Refool", "SIG", "TaCT", "Trojan", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 from ..data.core import Dataset, to_float, to_uint8
 from ..errors import BadExpertError
 from ..validation import Fraction, NonNegativeInt, validate_fields
+from .components import Components
 
 #: A fraction in [0, 1] (poison and cover rates, opacities).
 Rate = Fraction
@@ -65,6 +66,9 @@ class Attack:
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
     all_to_all: ClassVar[bool] = False
+    #: True when the trigger is learned by :meth:`implant` (a generator, an encoder, an optimised
+    #: pattern): it exists only after implanting, or restored from a saved model.
+    learned: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")
@@ -84,8 +88,27 @@ class Attack:
 
     # --- what subclasses implement -------------------------------------------------------
     def build_trigger(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        """Tensors the trigger needs for images of ``shape = (C, H, W)`` (cached per shape)."""
+        """Tensors the trigger needs for images of ``shape = (C, H, W)`` (cached per shape).
+
+        A learned attack cannot build its trigger from its parameters: it raises
+        :meth:`not_learned_yet`'s error (its state comes from :meth:`implant` or a saved model)."""
+        if self.learned:
+            raise self.not_learned_yet(shape)
         return {}
+
+    def initial_state(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """The trigger state before any training, seeded by ``trigger_seed`` (for a learned attack:
+        the generator's or encoder's initial weights; otherwise what :meth:`build_trigger` makes).
+        Learned attacks start :meth:`implant` from it; tests use it to exercise the machinery
+        without training (``attack.restore_state(shape, attack.initial_state(shape))``)."""
+        return self.build_trigger(tuple(shape))
+
+    def not_learned_yet(self, shape) -> BadExpertError:
+        c, h, w = shape
+        return BadExpertError(
+            f"attack '{self.name}' learns its trigger while it implants the backdoor; it has no trigger for "
+            f"{c}x{h}x{w} images yet: implant it first, or load a model trained with it (attack_from_meta / evaluate)"
+        )
 
     def trigger(self, x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the test-time trigger to a float batch in ``[0, 1]``."""
@@ -126,7 +149,7 @@ class Attack:
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise BadExpertError(f"the trigger state in {source} has non-finite values ('{bad[0]}'); the file is damaged")
-        self._cache = {(shape, "cpu"): {k: v.detach().cpu() for k, v in state.items()}}
+        self.use_state(shape, state)
         probe = torch.zeros(2, *shape)
         try:
             out = self.trigger_test(probe, self._cache[(shape, "cpu")], torch.Generator().manual_seed(0))
@@ -139,6 +162,11 @@ class Attack:
                 f"the trigger state in {source} does not fit attack '{self.name}' on {shape[0]}x{shape[1]}x{shape[2]} "
                 f"images ({first}); the file is damaged or was edited"
             ) from exc
+
+    def use_state(self, shape: tuple[int, int, int], state: dict[str, torch.Tensor]) -> None:
+        """Make ``state`` the trigger for images of ``shape`` (a learned attack calls this when
+        :meth:`implant` has trained its trigger; :meth:`restore_state` checks a saved one first)."""
+        self._cache = {(tuple(int(v) for v in shape), "cpu"): {k: v.detach().cpu() for k, v in state.items()}}
 
     def trigger_test(self, x: torch.Tensor, parts: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         """The test-time trigger; attacks whose test trigger is random per input (a reflection, a
@@ -157,23 +185,31 @@ class Attack:
         return self.trigger_test(x, self._parts(tuple(x.shape[1:]), x.device), generator).clamp(0, 1)
 
     def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
-                log: Callable[[str], Any] = print) -> tuple[nn.Module, dict]:
+                log: Callable[[str], Any] = print, components: Components | None = None) -> tuple[nn.Module, dict]:
         """Produce the suspect model: ``(model, info)``.
 
         The default poisons ``train_set`` (:meth:`poison`) and trains ``build_model()`` with the
         one training loop and ``recipe``. Attacks that train differently (negative samples in
         every batch, a trigger generator trained jointly, finetuning a clean model, weight
         surgery) override this; the pipeline and its model cache go through it.
+
+        ``components`` (:class:`~badexpert.attacks.components.Components`) builds and caches the
+        attack's trained parts (a clean host model, a generator) by content hash and times each
+        phase; ``info`` ends with its :meth:`~badexpert.attacks.components.Components.info`
+        (``phase_seconds``, ``components``), which the pipeline saves in the model's metadata.
         """
         from ..training import train
         from ..utils import derive_generator
 
-        data = self.poison(train_set, derive_generator(seed, "poison"))
+        components = components if components is not None else Components(log=log)
+        with components.phase("poison"):
+            data = self.poison(train_set, derive_generator(seed, "poison"))
         info = {"poisoned_samples": len(data.meta["poison_indices"]), "cover_samples": len(data.meta["cover_indices"])}
         log(f"poisoned {info['poisoned_samples']} of {len(data)} training samples with {self.describe()}")
         model = build_model()
-        train(model, data, recipe, seed=seed, desc="suspect model")
-        return model, info
+        with components.phase("suspect_model"):
+            train(model, data, recipe, seed=seed, desc="suspect model")
+        return model, {**info, **components.info()}
 
     def target_of(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
         """The label the attacker wants for triggered inputs of these true labels."""

@@ -15,6 +15,7 @@ from ..data.core import Dataset
 from ..errors import BadExpertError
 from ..validation import Range
 from .base import Attack, Rate
+from .components import Components
 
 #: Floyd-Steinberg weights: right, down-left, down, down-right.
 FS_RIGHT, FS_DOWN_LEFT, FS_DOWN, FS_DOWN_RIGHT = 7 / 16, 3 / 16, 5 / 16, 1 / 16
@@ -202,9 +203,10 @@ class BPP(Attack):
         return x, y
 
     def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
-                log: Callable[[str], Any] = print) -> tuple[nn.Module, dict]:
+                log: Callable[[str], Any] = print, components: Components | None = None) -> tuple[nn.Module, dict]:
         """Train ``build_model()`` from scratch with ``recipe``, poisoning every batch online
-        (:meth:`batch_transform`). ``info``: samples poisoned and negative per batch."""
+        (:meth:`batch_transform`). ``info``: samples poisoned and negative per batch, and the
+        phase times."""
         from ..training import train
 
         self.check(train_set.num_classes)
@@ -217,6 +219,8 @@ class BPP(Attack):
             )
         info = {"poisoned_per_batch": n_poison, "negative_per_batch": n_neg, "batch_size": bs}
         log(f"poisoning {n_poison} and adding {n_neg} negative samples in every batch of {bs} with {self.describe()}")
+        components = components if components is not None else Components(log=log)
         model = build_model()
-        train(model, train_set, recipe, seed=seed, desc="suspect model", batch_transform=self.batch_transform)
-        return model, info
+        with components.phase("suspect_model"):
+            train(model, train_set, recipe, seed=seed, desc="suspect model", batch_transform=self.batch_transform)
+        return model, {**info, **components.info()}

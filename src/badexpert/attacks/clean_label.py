@@ -22,6 +22,7 @@ from ..data.core import Dataset
 from ..errors import BadExpertError
 from ..validation import OneOf, PositiveInt, Range
 from .base import Attack, Rate
+from .components import Components
 from .patch import BadNet
 
 #: The reference's l2 radius: MadryLab's ``two_600`` images, 600 on the 0-255 scale.
@@ -218,33 +219,30 @@ class CleanLabel(Attack):
         return out
 
     def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
-                log: Callable[[str], Any] = print) -> tuple[nn.Module, dict]:
-        """Train a surrogate on the clean ``train_set``, poison with PGD against it, train the
-        suspect model on the poisoned set (all with ``recipe``, seeded by ``seed``)."""
+                log: Callable[[str], Any] = print, components: Components | None = None) -> tuple[nn.Module, dict]:
+        """Train a surrogate on the clean ``train_set`` (a cached component: the clean model of
+        the same recipe), poison with PGD against it, train the suspect model on the poisoned set
+        (all with ``recipe``, seeded by ``seed``)."""
         from ..training import accuracy, train
         from ..utils import derive_generator
 
-        t0 = time.perf_counter()
+        components = components if components is not None else Components(log=log)
         srecipe = recipe if self.surrogate_epochs is None else recipe.replace(epochs=self.surrogate_epochs)
-        log(f"clean-label: training a surrogate model on the clean training set ({srecipe.epochs} epochs)")
-        surrogate = build_model()
-        train(surrogate, train_set, srecipe, seed=seed, desc="surrogate model")
-        surrogate.eval()
+        log(f"clean-label: a surrogate model trained on the clean training set ({srecipe.epochs} epochs)")
+        surrogate = components.clean_model(build_model, train_set, srecipe, seed, desc="surrogate model")
         surrogate_acc = accuracy(surrogate, train_set)
-        t1 = time.perf_counter()
-        data = self.poison(train_set, derive_generator(seed, "poison"), surrogate=surrogate)
-        t2 = time.perf_counter()
+        with components.phase("perturb_and_poison"):
+            data = self.poison(train_set, derive_generator(seed, "poison"), surrogate=surrogate)
         pert = data.meta["perturbation"]
         del surrogate
         log(f"poisoned {len(data.meta['poison_indices'])} of {len(data)} training samples with {self.describe()} "
             f"(surrogate accuracy on them {pert['surrogate_accuracy_before']:.2f} -> {pert['surrogate_accuracy_after']:.2f})")
         model = build_model()
-        train(model, data, recipe, seed=seed, desc="suspect model")
-        t3 = time.perf_counter()
+        with components.phase("suspect_model"):
+            train(model, data, recipe, seed=seed, desc="suspect model")
         info = {
             "poisoned_samples": len(data.meta["poison_indices"]), "cover_samples": len(data.meta["cover_indices"]),
             "surrogate_train_accuracy": surrogate_acc, "surrogate_epochs": srecipe.epochs,
             "perturbation": {k: v for k, v in pert.items() if k != "seconds"},
-            "phase_seconds": {"surrogate": t1 - t0, "perturb_and_poison": t2 - t1, "suspect": t3 - t2},
         }
-        return model, info
+        return model, {**info, **components.info()}
