@@ -121,3 +121,37 @@ def test_cli_compare_on_the_demo_model(demo_run, tmp_path, capsys):
     assert rows["model"]["attack_success_rate"] == m["attack_success_rate"]  # same split, same trigger
     assert "| badexpert |" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "roc.png").is_file()
+
+
+def test_cli_defend_evaluate_and_bundle_any_detector(demo_run, tmp_path, capsys):
+    """defend --method builds any registered detector; evaluate, bundle and the guard take it as
+    they take BaDExpert (ONNX export stays BaDExpert's and says so in one line)."""
+    from badexpert.attacks import attack_from_meta
+    from badexpert.guard import load_bundle
+    from badexpert.io import load_model
+
+    out, _ = demo_run
+    det = tmp_path / "strip.safetensors"
+    assert main(["defend", "--model", str(out / "model.safetensors"), "--method", "strip", "--detector-param", "n=16",
+                 "--reserved", "300", "--calibration", "500", "--fpr", "0.05", "--out", str(det), "--device", "cpu"]) == 0
+    assert "fitted strip in" in capsys.readouterr().out
+    rc = main(["evaluate", "--model", str(out / "model.safetensors"), "--detector", str(det), "--n-boot", "0",
+               "--test-size", "600", "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["defense"]["name"] == "strip" and m["defense"]["auroc"] > 0.9
+    bundle = tmp_path / "strip.bundle.safetensors"
+    assert main(["bundle", "--model", str(out / "model.safetensors"), "--detector", str(det), "--out", str(bundle)]) == 0
+    guard = load_bundle(bundle)
+    model, meta = load_model(out / "model.safetensors")
+    attack = attack_from_meta(meta)
+    from badexpert.data import load_dataset
+
+    _, test = load_dataset("fashion-mnist")
+    x = test.images[test.labels != 0][:200]
+    clean, trig = guard(x), guard(attack.apply(x))
+    assert float(trig.reject.float().mean()) > 0.7 and float(clean.reject.float().mean()) < 0.2
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(bundle), "--onnx", str(tmp_path / "g.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "export supports the badexpert detector only, not 'strip'" in err and not (tmp_path / "g.onnx").exists()

@@ -136,15 +136,25 @@ def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="any other attack parameter, e.g. alpha=0.1 or trigger_image=patch.png (repeatable)")
 
 
-def _add_detector(p: argparse.ArgumentParser) -> None:
+#: BaDExpert's own options of `defend`: refused for another detector.
+BADEXPERT_OPTIONS = ("preset", "score_rule", "expert_lr", "aux_lr")
+
+
+def _add_detector(p: argparse.ArgumentParser, *, method: bool = False) -> None:
     g = p.add_argument_group("detector")
-    g.add_argument("--preset", choices=("auto", "paper"), default="auto",
-                   help="auto: choose finetuning strengths from clean data (default); paper: the research code's settings")
-    g.add_argument("--score-rule", default=None, help=_RegistryHelp("{choices} (default: the preset's)", _score_rules))
-    g.add_argument("--expert-lr", type=float, default=None, help="fix the backdoor expert's learning rate")
-    g.add_argument("--aux-lr", type=float, default=None, help="fix the auxiliary model's learning rate")
+    if method:
+        g.add_argument("--method", default="badexpert",
+                       help=_RegistryHelp("the detector to build: {choices} (default badexpert)", _detectors_registry))
+    g.add_argument("--preset", choices=("auto", "paper"), default=None,
+                   help="BaDExpert: auto chooses finetuning strengths from clean data (default); paper: the research "
+                        "code's settings")
+    g.add_argument("--score-rule", default=None,
+                   help=_RegistryHelp("BaDExpert: {choices} (default: the preset's)", _score_rules))
+    g.add_argument("--expert-lr", type=float, default=None, help="BaDExpert: fix the backdoor expert's learning rate")
+    g.add_argument("--aux-lr", type=float, default=None, help="BaDExpert: fix the auxiliary model's learning rate")
     g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on clean inputs (default 0.01)")
-    g.add_argument("--detector-param", action="append", metavar="KEY=VALUE", help="any other BaDExpert parameter")
+    g.add_argument("--detector-param", action="append", metavar="KEY=VALUE",
+                   help="any other parameter of the detector, e.g. n=50 for strip (see `badexpert list detectors`)")
 
 
 def _attack_params(args) -> dict:
@@ -156,11 +166,19 @@ def _attack_params(args) -> dict:
     return params
 
 
-def _detector_params(args) -> dict:
-    params = {"preset": args.preset, **_kv(args.detector_param)}
-    for key in ("score_rule", "expert_lr", "aux_lr"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
+def _detector_params(args, method: str = "badexpert") -> dict:
+    """The detector's parameters from ``--detector-param`` and, for BaDExpert, its own options
+    (given to another detector they are a one-line error)."""
+    params = _kv(args.detector_param)
+    given = [k for k in BADEXPERT_OPTIONS if getattr(args, k, None) is not None]
+    if method != "badexpert" and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise BadExpertError(f"{flag} is a BaDExpert option, not one of detector '{method}'; "
+                             f"pass {method}'s parameters with --detector-param KEY=VALUE")
+    for key in given:
+        params[key] = getattr(args, key)
+    if method == "badexpert":
+        params.setdefault("preset", "auto")
     return params
 
 
@@ -273,19 +291,24 @@ def cmd_defend(args) -> int:
     from .io import load_model
     from .utils import check_output_file
 
+    from .detectors import DETECTORS
+
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
-    params = {**_detector_params(args), "seed": args.seed}  # the split's seed stays the model's
-    _check_options(detector_params=params, fpr=args.fpr, device=args.device, seed=args.seed,
+    method = DETECTORS.canonical(args.method)
+    params = {**_detector_params(args, method), "seed": args.seed}  # the split's seed stays the model's
+    _check_options(detector=method, detector_params=params, fpr=args.fpr, device=args.device, seed=args.seed,
                    **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration)) if v is not None})
     model, meta = load_model(args.model, device=args.device)
     cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
-    cfg.detector_params, cfg.fpr, cfg.device = params, args.fpr, args.device
+    cfg.detector, cfg.detector_params, cfg.fpr, cfg.device = method, params, args.fpr, args.device
     cfg.validate()
-    _log(f"fitting BaDExpert ({args.preset}) on {len(splits.reserved)} reserved clean samples")
+    _log(f"fitting {method}{' (' + params['preset'] + ')' if 'preset' in params else ''} on "
+         f"{len(splits.reserved)} reserved clean samples")
     det = fit_detector(cfg, model, splits)
     det.model_name_ = str(args.model)
     det.save(args.out, extra=split_meta(cfg))
-    print(f"fitted in {det.fit_seconds_:.1f}s (expert lr {det.expert_lr_:g}, auxiliary lr {det.aux_lr_:g}); "
+    chose = det.fit_summary()
+    print(f"fitted {method} in {det.fit_seconds_:.1f}s{' (' + chose + ')' if chose else ''}; "
           f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from {det.calibration_size_} clean samples")
     print(f"wrote {args.out}")
     return 0
@@ -566,12 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("defend", help="build a BaDExpert detector for a suspect model",
-                       description="Fit BaDExpert on the reserved clean split of the model's dataset and calibrate "
-                                   "its threshold on the disjoint calibration split.")
+    p = sub.add_parser("defend", help="build a detector (BaDExpert by default) for a suspect model",
+                       description="Fit a detector (--method; BaDExpert by default) on the reserved clean split of "
+                                   "the model's dataset and calibrate its threshold on the disjoint calibration "
+                                   "split. evaluate, bundle and serve take any detector it writes.")
     p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
     _add_data(p, command="defend")
-    _add_detector(p)
+    _add_detector(p, method=True)
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
     _add_overwrite(p)
     _add_common(p)

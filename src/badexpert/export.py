@@ -279,18 +279,24 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
     }
 
 
+def _check_exportable(det):
+    """The detector, if its scoring can be written as one ONNX graph (BaDExpert's score rules)."""
+    from .detectors.badexpert import SCORES, BaDExpert
+
+    if not isinstance(det, BaDExpert):
+        raise BadExpertError(f"export supports the badexpert detector only, not '{det.name}'; serve its bundle with "
+                             "`badexpert serve BUNDLE` instead")
+    if det.rule not in SCORES:  # pragma: no cover - the detector validates its rule
+        raise BadExpertError(f"score rule '{det.rule}' cannot be exported; use one of: {', '.join(SCORES)}")
+    return det
+
+
 def build_onnx(guard, *, opset: int = DEFAULT_OPSET, source: str | None = None, checksum: str | None = None) -> bytes:
     """The serialized ONNX graph of a BaDExpert :class:`~badexpert.guard.Guard` (module docstring),
     with its metadata; nothing is written."""
-    from .detectors.badexpert import SCORES, BaDExpert
-
     opset = _check_opset(opset)
     onnx = _require("onnx")
-    det = guard.detector
-    if not isinstance(det, BaDExpert):
-        raise BadExpertError(f"export supports the badexpert detector only, not '{det.name}'")
-    if det.rule not in SCORES:  # pragma: no cover - the detector validates its rule
-        raise BadExpertError(f"score rule '{det.rule}' cannot be exported; use one of: {', '.join(SCORES)}")
+    det = _check_exportable(guard.detector)
     raw = _torch_to_onnx(_guard_graph(guard), _example(guard.input_shape), OUTPUT_NAMES, opset)
     try:
         proto = onnx.load_from_string(raw)
@@ -456,6 +462,7 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
     _require("onnxruntime")
     opset = _check_opset(opset)
     guard = load_bundle(bundle, device="cpu")  # checksum, metadata and fingerprint verified
+    _check_exportable(guard.detector)
     checksum = read_meta(bundle, fmt=BUNDLE_FORMAT, what="bundle", hint="").get("checksum")
     if log:
         log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.rule} score) from '{bundle}' at opset {opset}")

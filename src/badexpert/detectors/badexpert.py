@@ -351,6 +351,9 @@ class BaDExpert(Detector):
         conf = self.confidences(x)
         return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
+    def fit_summary(self) -> str:
+        return f"expert lr {self.expert_lr_:g}, auxiliary lr {self.aux_lr_:g}"
+
     def diagnostics(self, clean: dict, triggered: dict) -> dict:
         """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
         expert and auxiliary models: how much the rule, rather than the models, contributes."""

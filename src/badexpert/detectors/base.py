@@ -271,6 +271,10 @@ class Detector:
         arrays); evaluation and reports use this to avoid a second pass."""
         return {"score": self.score(x).numpy()}
 
+    def fit_summary(self) -> str:
+        """What fitting chose, in a few words for the CLI (BaDExpert: its learning rates); default: none."""
+        return ""
+
     def diagnostics(self, clean: dict, triggered: dict) -> dict[str, Any]:
         """Detector-specific findings for the evaluation record (``defense.diagnostics``), from the
         :meth:`score_details` of the clean and triggered test inputs (numpy arrays). Default: none."""
