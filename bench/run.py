@@ -129,7 +129,8 @@ def main(argv=None) -> int:
                    help="other training-recipe fields, JSON values (e.g. pad=0 for flips without crops)")
     p.add_argument("--attacks", default="badnet,blend,trojan")
     p.add_argument("--presets", default="auto,paper")
-    p.add_argument("--poison-rate", type=float, default=0.01)
+    p.add_argument("--poison-rate", type=float, default=None,
+                   help="every attack's poison rate (default: each attack's own reference rate)")
     p.add_argument("--attack-param", action="append", default=[], metavar="[ATTACK:]KEY=VALUE",
                    help="another attack parameter, JSON value, for every attack or only ATTACK (repeatable), "
                         "e.g. tact:cover_rate=0.02")
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     if baseline:
         print(f"clean model: CA {baseline['clean_accuracy']:.2%}", file=sys.stderr, flush=True)
     for attack in args.attacks.split(","):
-        attack_params = {"poison_rate": args.poison_rate}
+        attack_params = {} if args.poison_rate is None else {"poison_rate": args.poison_rate}
         for item in args.attack_param:
             key, _, value = item.partition("=")
             scope, _, key = key.rpartition(":")

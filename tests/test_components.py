@@ -123,3 +123,22 @@ def test_a_learned_trigger_does_not_exist_before_implanting():
     assert "\n" not in str(err.value)
     a.restore_state((1, 4, 4), a.initial_state((1, 4, 4)))
     assert torch.equal(a.apply(torch.zeros(2, 1, 4, 4)), torch.full((2, 1, 4, 4), 0.25))
+
+
+def test_the_clean_suspect_model_is_the_clean_model_component(blobs, tmp_path):
+    """A run with no attack trains the same cached clean model FT (and TrojanNN, SRA) start from."""
+    from badexpert.attacks.components import tensor_digest
+    from badexpert.data import Splits
+    from badexpert.experiment import ExperimentConfig, train_suspect
+
+    tr, te = blobs
+    splits = Splits(train=tr.subset(range(600)), reserved=te.subset(range(100)), calibration=te.subset(range(100, 200)),
+                    test=te.subset(range(200, 300)))
+    cfg = dict(arch="cnn", width=4, recipe={"epochs": 1, "batch_size": 64}, seed=3)
+    clean, meta = train_suspect(ExperimentConfig(**cfg, attack=None), splits, cache_dir=tmp_path, log=lambda m: None)
+    assert meta["components"]["clean_model"]["cached"] is False
+    _, ft_meta = train_suspect(ExperimentConfig(**cfg, attack="ft"), splits, cache_dir=tmp_path, log=lambda m: None)
+    assert ft_meta["components"]["clean_model"]["cached"] is True
+    assert ft_meta["components"]["clean_model"]["key"] == meta["components"]["clean_model"]["key"]
+    again, _ = train_suspect(ExperimentConfig(**cfg, attack=None), splits, log=lambda m: None)  # no cache: same weights
+    assert tensor_digest(again.state_dict()) == tensor_digest(clean.state_dict())

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -33,7 +32,7 @@ from .errors import BadExpertError
 from .evaluation import Evaluation, evaluate
 from .io import load_model, save_model
 from .models import build_model
-from .training import Recipe, train
+from .training import Recipe
 from .utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
 from .validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
@@ -95,8 +94,10 @@ class ExperimentConfig:
         validate_fields(self, "config field")
         resolve_device(self.device)
         dataset = canonical_dataset(self.dataset)
-        canonical_arch(self.arch)
+        arch = canonical_arch(self.arch)
         attack = self.make_attack()
+        if attack is not None:
+            attack.check_architecture(arch)
         if attack is not None and dataset in NUM_CLASSES:  # class indices, before the data is read
             attack.check(NUM_CLASSES[dataset])
         self.make_recipe()
@@ -255,11 +256,9 @@ def train_suspect(
     t0 = time.perf_counter()
     # an attack's trained parts (clean host, generator, encoder) are cached beside the models
     components = Components(cache_dir, log=log)
-    if attack is None:
-        model, info = make_model(), {"poisoned_samples": 0}
-        with components.phase("suspect_model"):
-            train(model, tr, recipe, seed=cfg.seed, desc="suspect model")
-        info.update(components.info())
+    if attack is None:  # the clean model attacks that start from one (FT, TrojanNN, SRA) share
+        model = components.clean_model(make_model, tr, recipe, cfg.seed)
+        info = {"poisoned_samples": 0, **components.info()}
     else:
         model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log, components=components)
     meta = model_meta(cfg, splits, attack, recipe)

@@ -15,10 +15,16 @@ from .components import Components
 from .blend import Blend
 from .bpp import BPP
 from .clean_label import CleanLabel
+from .dynamic import Dynamic
+from .finetune import FineTune
+from .issba import ISSBA
 from .patch import BadNet, PatchAttack, Trojan
 from .refool import Refool
 from .sig import SIG
+from .sleeper_agent import SleeperAgent
+from .sra import SRA
 from .tact import TaCT
+from .trojannn import TrojanNN
 from .wanet import WaNet
 
 #: Attacks by name (one line per attack: its class, whose ``name`` is the registry name).
@@ -35,6 +41,12 @@ ATTACKS = Registry("attack", [(cls.name, cls) for cls in (
     BPP,
     CleanLabel,
     Refool,
+    Dynamic,
+    ISSBA,
+    FineTune,
+    TrojanNN,
+    SleeperAgent,
+    SRA,
 )])
 
 
@@ -79,7 +91,7 @@ def attack_from_meta(meta: dict, *, source: str = "the model file") -> Attack | 
 
 
 __all__ = [
-    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "Components",
+    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "Components", "Dynamic", "FineTune", "ISSBA",
     "PatchAttack",
-    "Refool", "SIG", "TaCT", "Trojan", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
+    "Refool", "SIG", "SleeperAgent", "SRA", "TaCT", "Trojan", "TrojanNN", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
 ]

@@ -211,6 +211,25 @@ class Attack:
             train(model, data, recipe, seed=seed, desc="suspect model")
         return model, {**info, **components.info()}
 
+    def per_batch(self, batch_size: int) -> tuple[int, int]:
+        """Attacks that poison every training batch online (BPP, FT, Dynamic): how many samples of
+        a ``batch_size`` batch get the backdoor, and how many the attack's second kind of sample
+        (negative, cover or cross-trigger samples)."""
+        raise NotImplementedError(f"attack '{self.name}' does not poison batches online")
+
+    def online_counts(self, train_set: Dataset, recipe) -> tuple[int, int, int]:
+        """``(batch size, backdoor samples, other samples)`` per batch of an online-poisoning
+        :meth:`implant` (:meth:`per_batch`); a rate that poisons nothing is a one-line error."""
+        self.check(train_set.num_classes)
+        bs = min(recipe.batch_size, len(train_set))
+        n_poison, n_other = self.per_batch(bs)
+        if self.poison_rate > 0 and n_poison == 0:
+            raise BadExpertError(
+                f"poison rate {self.poison_rate} poisons no sample of a {bs}-sample batch; "
+                "raise the poison rate or the batch size"
+            )
+        return bs, n_poison, n_other
+
     def target_of(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
         """The label the attacker wants for triggered inputs of these true labels."""
         if self.all_to_all:
@@ -225,6 +244,10 @@ class Attack:
         if self.source_classes is not None:
             mask &= torch.isin(labels, torch.tensor(self.source_classes, dtype=labels.dtype))
         return mask
+
+    def check_architecture(self, arch: str) -> None:
+        """A one-line error if the attack cannot implant into architecture ``arch`` (a registry
+        name); called by ``ExperimentConfig.validate()`` before any data is read. Default: any."""
 
     def check(self, num_classes: int) -> None:
         if not self.all_to_all and not 0 <= self.target < num_classes:

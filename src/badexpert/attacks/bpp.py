@@ -209,14 +209,7 @@ class BPP(Attack):
         phase times."""
         from ..training import train
 
-        self.check(train_set.num_classes)
-        bs = min(recipe.batch_size, len(train_set))
-        n_poison, n_neg = self.per_batch(bs)
-        if self.poison_rate > 0 and n_poison == 0:
-            raise BadExpertError(
-                f"poison rate {self.poison_rate} poisons no sample of a {bs}-sample batch; "
-                "raise the poison rate or the batch size"
-            )
+        bs, n_poison, n_neg = self.online_counts(train_set, recipe)
         info = {"poisoned_per_batch": n_poison, "negative_per_batch": n_neg, "batch_size": bs}
         log(f"poisoning {n_poison} and adding {n_neg} negative samples in every batch of {bs} with {self.describe()}")
         components = components if components is not None else Components(log=log)

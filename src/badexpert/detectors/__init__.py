@@ -7,6 +7,7 @@ from ..validation import validate_params
 from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, load_detector, read_detector_file
 from .cd import CognitiveDistillation
+from .frequency import Frequency
 from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
 from .sentinet import SentiNet
@@ -15,7 +16,7 @@ from .teco import TeCo
 
 #: Detectors by name.
 DETECTORS = Registry("detector", [(cls.name, cls) for cls in (
-    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet,
+    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet, Frequency,
 )])
 
 
@@ -27,6 +28,6 @@ def get_detector(name: str, **params) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "IBDPSC", "STRIP", "ScaleUp", "SentiNet",
-    "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
+    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "IBDPSC", "STRIP", "ScaleUp",
+    "SentiNet", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
 ]
