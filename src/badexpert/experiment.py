@@ -248,10 +248,11 @@ def train_suspect(
     tr = splits.train
 
     def make_model() -> torch.nn.Module:
-        model = build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
-                            mean=tr.mean, std=tr.std, width=cfg.width).to(device)
-        log(f"training {cfg.arch} on {len(tr)} samples for {recipe.epochs} epochs on {device}")
-        return model
+        return build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
+                           mean=tr.mean, std=tr.std, width=cfg.width).to(device)
+
+    log(f"suspect model: {cfg.arch} trained on {len(tr)} samples ({recipe.epochs} epochs) on {device}"
+        + (f" by attack {attack.name}" if attack is not None else ""))
 
     t0 = time.perf_counter()
     # an attack's trained parts (clean host, generator, encoder) are cached beside the models
