@@ -247,12 +247,16 @@ def train_suspect(
     seed_everything(cfg.seed)
     tr = splits.train
 
-    def make_model() -> torch.nn.Module:
-        return build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
-                           mean=tr.mean, std=tr.std, width=cfg.width).to(device)
+    built = []
 
-    log(f"suspect model: {cfg.arch} trained on {len(tr)} samples ({recipe.epochs} epochs) on {device}"
-        + (f" by attack {attack.name}" if attack is not None else ""))
+    def make_model() -> torch.nn.Module:
+        model = build_model(cfg.arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
+                            mean=tr.mean, std=tr.std, width=cfg.width).to(device)
+        if not built:  # one line per run, once the architecture is known to fit the data
+            built.append(True)
+            log(f"suspect model: {cfg.arch} trained on {len(tr)} samples ({recipe.epochs} epochs) on {device}"
+                + (f" by attack {attack.name}" if attack is not None else ""))
+        return model
 
     t0 = time.perf_counter()
     # an attack's trained parts (clean host, generator, encoder) are cached beside the models
