@@ -200,10 +200,9 @@ DEMO_ATTACK, DEMO_ATTACK_PARAMS = "badnet", {"poison_rate": 0.01}
 
 
 def cmd_demo(args) -> int:
+    from .attacks import ATTACKS
     from .experiment import ExperimentConfig, run
     from .report import format_table
-
-    from .attacks import ATTACKS
 
     attack = _attack_name(args.attack)
     # the demo's own attack at the demo's rate; any other attack at its own reference defaults
@@ -295,11 +294,10 @@ def _splits_for(meta: dict, record: dict, args, **overrides):
 
 
 def cmd_defend(args) -> int:
+    from .detectors import DETECTORS
     from .experiment import fit_detector, split_meta
     from .io import load_model
     from .utils import check_output_file
-
-    from .detectors import DETECTORS
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
     method = DETECTORS.canonical(args.method)
