@@ -69,9 +69,18 @@ class Attack:
     #: True when the trigger is learned by :meth:`implant` (a generator, an encoder, an optimised
     #: pattern): it exists only after implanting, or restored from a saved model.
     learned: ClassVar[bool] = False
+    #: Attacks that poison every batch online: the field holding the per-batch rate of their
+    #: second kind of sample (``poison_rate`` plus it may not exceed 1); ``None`` for the others.
+    second_batch_rate: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")
+        second = self.second_batch_rate
+        if second is not None and self.poison_rate + getattr(self, second) > 1 + 1e-9:
+            raise BadExpertError(
+                f"attack '{self.name}' parameters 'poison_rate' ({self.poison_rate:g}) and '{second}' "
+                f"({getattr(self, second):g}) add up to more than 1 per batch; lower one of them"
+            )
         self._cache: dict = {}
         if not _RESTORING.get():
             self.check_files()
@@ -213,9 +222,13 @@ class Attack:
 
     def per_batch(self, batch_size: int) -> tuple[int, int]:
         """Attacks that poison every training batch online (BPP, FT, Dynamic): how many samples of
-        a ``batch_size`` batch get the backdoor, and how many the attack's second kind of sample
-        (negative, cover or cross-trigger samples)."""
-        raise NotImplementedError(f"attack '{self.name}' does not poison batches online")
+        a ``batch_size`` batch get the backdoor (``poison_rate``), and how many the attack's second
+        kind of sample (the field :attr:`second_batch_rate` names: negative, cover or cross-trigger
+        samples)."""
+        if self.second_batch_rate is None:
+            raise NotImplementedError(f"attack '{self.name}' does not poison batches online")
+        return (int(round(self.poison_rate * batch_size)),
+                int(round(getattr(self, self.second_batch_rate) * batch_size)))
 
     def online_counts(self, train_set: Dataset, recipe) -> tuple[int, int, int]:
         """``(batch size, backdoor samples, other samples)`` per batch of an online-poisoning

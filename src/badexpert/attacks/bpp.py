@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ..data.core import Dataset
-from ..errors import BadExpertError
 from ..validation import Range
 from .base import Attack, Rate
 from .components import Components
@@ -132,14 +131,7 @@ class BPP(Attack):
     dither: bool = True
 
     name: ClassVar[str] = "bpp"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.poison_rate + self.negative_rate > 1 + 1e-9:
-            raise BadExpertError(
-                f"attack '{self.name}' parameters 'poison_rate' ({self.poison_rate:g}) and 'negative_rate' "
-                f"({self.negative_rate:g}) add up to more than 1 per batch; lower one of them"
-            )
+    second_batch_rate: ClassVar[str] = "negative_rate"
 
     def build_trigger(self, shape):
         return {"levels": palette(self.squeeze_num)}
@@ -169,10 +161,6 @@ class BPP(Attack):
     def partners(idx: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """For each index of ``idx`` (in ``0..n-1``, ``n >= 2``) another random index of ``0..n-1``."""
         return (idx + torch.randint(1, n, (len(idx),), generator=generator)) % n
-
-    def per_batch(self, batch_size: int) -> tuple[int, int]:
-        """How many samples of a ``batch_size`` batch are poisoned and how many are negative."""
-        return int(round(self.poison_rate * batch_size)), int(round(self.negative_rate * batch_size))
 
     def batch_transform(self, x: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.core import Dataset, to_float
-from ..errors import BadExpertError
 from ..validation import PositiveInt, Range
 from .base import Attack, Rate
 from .components import Components, tensor_digest
@@ -198,15 +197,11 @@ class Dynamic(Attack):
     generator_lr: Annotated[float, Range(gt=0)] = 0.01
 
     name: ClassVar[str] = "dynamic"
+    second_batch_rate: ClassVar[str] = "cross_rate"
     learned: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.poison_rate + self.cross_rate > 1 + 1e-9:
-            raise BadExpertError(
-                f"attack '{self.name}' parameters 'poison_rate' ({self.poison_rate:g}) and 'cross_rate' "
-                f"({self.cross_rate:g}) add up to more than 1 per batch; lower one of them"
-            )
         self._nets: dict[int, tuple[dict, nn.Module, nn.Module]] = {}
 
     # --- the networks --------------------------------------------------------------------
@@ -282,10 +277,6 @@ class Dynamic(Attack):
         return self.cross_trigger(x, other, parts)
 
     # --- training ------------------------------------------------------------------------
-    def per_batch(self, batch_size: int) -> tuple[int, int]:
-        """How many samples of a ``batch_size`` batch get the backdoor trigger and how many a cross trigger."""
-        return int(round(self.poison_rate * batch_size)), int(round(self.cross_rate * batch_size))
-
     def mask_loss(self, x: torch.Tensor, masks: torch.Tensor, shift: int) -> torch.Tensor:
         """The mask generator's loss on a batch and its masks, each image paired with the one
         ``shift`` places further (see the class docstring)."""

@@ -103,6 +103,7 @@ class FineTune(Attack):
     finetune_lr: Annotated[float, Range(gt=0)] = 0.01
 
     name: ClassVar[str] = "ft"
+    second_batch_rate: ClassVar[str] = "cover_rate"
 
     def __post_init__(self) -> None:
         if isinstance(self.base_params, str):  # a CLI value that is not JSON stays a string
@@ -200,10 +201,6 @@ class FineTune(Attack):
         return self._base.describe_target(class_names)
 
     # --- online poisoning and finetuning --------------------------------------------------
-    def per_batch(self, batch_size: int) -> tuple[int, int]:
-        """How many samples of a ``batch_size`` batch are poisoned and how many are covers."""
-        return int(round(self.poison_rate * batch_size)), int(round(self.cover_rate * batch_size))
-
     def batch_transform(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Online poisoning of one training batch (float images in ``[0, 1]``, labels), see the
