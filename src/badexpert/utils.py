@@ -42,6 +42,16 @@ def derive_generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(h % (2**63))
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, purpose: str) -> Iterator[None]:
+    """Run a block (building a network: its initial weights) with torch's global CPU generator
+    seeded from ``seed`` and ``purpose`` (:func:`derive_generator`), leaving the caller's random
+    state as it was: the same seed gives the same weights whatever ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_generator(seed, purpose).initial_seed())
+        yield
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None`` or ``"auto"`` picks the GPU when one is present, else the CPU."""
     if device is None or str(device) == "auto":

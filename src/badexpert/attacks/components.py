@@ -141,10 +141,9 @@ class Components:
         same inputs give the same model and the cache can recognise it."""
         from ..io import load_weights
         from ..training import train
-        from ..utils import derive_generator
+        from ..utils import seeded_rng
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(derive_generator(seed, f"init:{kind}").initial_seed()))
+        with seeded_rng(seed, f"init:{kind}"):
             model = build_model()
         spec = {"recipe": recipe.to_dict(), "seed": seed, "init": tensor_digest(model.state_dict())}
 

@@ -210,12 +210,11 @@ class Dynamic(Attack):
         """The pattern and mask generators for ``channels``-channel images (on the CPU): initial
         weights drawn from ``trigger_seed`` (the global random state is left alone), or those of
         ``state`` (``"pattern.*"`` and ``"mask.*"``) loaded into them."""
-        from ..utils import derive_generator
+        from ..utils import seeded_rng
 
         nets = []
         for part, out in (("pattern", channels), ("mask", 1)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(derive_generator(self.trigger_seed, f"dynamic:{part}").initial_seed()))
+            with seeded_rng(self.trigger_seed, f"dynamic:{part}"):
                 net = EncoderDecoder(channels, out, self.generator_channels, self.generator_blocks)
             if state is not None:
                 net.load_state_dict(_unprefixed(part, state))
@@ -352,13 +351,12 @@ class Dynamic(Attack):
         density measured on training images, and the phase times."""
         from ..io import load_weights
         from ..training import train
-        from ..utils import derive_generator, model_device
+        from ..utils import model_device, seeded_rng
 
         components = components if components is not None else Components(log=log)
         bs, n_bd, n_cross = self.online_counts(train_set, recipe)
         shape = (train_set.channels, *train_set.image_size)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(derive_generator(seed, "init:dynamic_suspect").initial_seed()))
+        with seeded_rng(seed, "init:dynamic_suspect"):
             model = build_model()
         device = model_device(model)
         pattern, mask = self.networks(shape[0])

@@ -243,11 +243,10 @@ class ISSBA(Attack):
         """The encoder and decoder for images of ``shape``: initial weights drawn from
         ``trigger_seed`` (not the global random state), or ``tensors`` (``"encoder.*"`` and,
         where present, ``"decoder.*"``) loaded into them."""
-        from ..utils import derive_generator
+        from ..utils import seeded_rng
 
         c, h, w = (int(v) for v in shape)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(derive_generator(self.trigger_seed, "issba:init").initial_seed()))
+        with seeded_rng(self.trigger_seed, "issba:init"):
             enc = StegaEncoder(c, h, w, self.bits, self.codec_width, self.max_residual, self.masking)
             dec = StegaDecoder(c, h, w, self.bits, self.codec_width)
         if tensors is not None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data.core import Dataset, augment, default_pad, to_float
 from ..errors import BadExpertError
-from ..utils import derive_generator, eval_mode, model_device, progress
+from ..utils import derive_generator, eval_mode, model_device, progress, seeded_rng
 from ..validation import OneOf, PositiveInt, Range
 from .base import Attack, ClassIndex, Rate
 from .components import Components, tensor_digest
@@ -365,8 +365,7 @@ class SleeperAgent(Attack):
 
         crafted = {"indices": indices, "delta": self._quantised(train_set.images[indices], deltas)}
         data = self.poison(train_set, None, crafted)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(derive_generator(seed, f"init:sleeper_agent_retrain:{round_}").initial_seed()))
+        with seeded_rng(seed, f"init:sleeper_agent_retrain:{round_}"):
             model = build_model()
         rrecipe = self.retrain_recipe(recipe)
         with components.phase("surrogate_retraining"):
@@ -435,8 +434,7 @@ class SleeperAgent(Attack):
         }
         log(f"poisoned {info['poisoned_samples']} target-class training samples with {self.describe()} (alignment loss "
             f"{info['crafting']['alignment_first']} -> {info['crafting']['alignment_last']})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(derive_generator(seed, "init:suspect_model").initial_seed()))
+        with seeded_rng(seed, "init:suspect_model"):
             model = build_model()
         with components.phase("suspect_model"):
             train(model, data, recipe, seed=seed, desc="suspect model")

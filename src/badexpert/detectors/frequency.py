@@ -55,7 +55,7 @@ from torch import nn
 from ..data.core import batches, to_float
 from ..errors import BadExpertError
 from ..training import Recipe, predict_logits, train
-from ..utils import derive_generator
+from ..utils import derive_generator, seeded_rng
 from ..validation import NonNegativeInt, PositiveInt, Range
 from .base import Detector
 
@@ -286,8 +286,7 @@ class Frequency(Detector):
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Train the CNN on the clean images against synthetic triggers; the suspect model is not used."""
         shape = tuple(images.shape[1:])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_generator(self.seed, "frequency-init").initial_seed())
+        with seeded_rng(self.seed, "frequency-init"):
             cnn = FrequencyCNN(shape, self.width)
         cnn = cnn.to(self.device_)
         cnn.standardise_on(images)
