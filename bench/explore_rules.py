@@ -1,0 +1,140 @@
+"""BaDExpert's clean-data-only knobs and score rules, explored on cached suspect models.
+
+Not part of CI. For each model, BaDExpert is fitted once per ``--detector-param`` set (on the
+model's own reserved split, seed 0, as ``bench/run.py`` does) and the per-input log-odds of the
+suspect model (``logit_m``), the backdoor expert (``logit_x``) and the auxiliary model
+(``logit_y``) in M's label are cached under ``--out`` on the calibration, test and triggered test
+inputs. Every rule is then evaluated from the cache without refitting: the threshold is the
+conformal quantile of the calibration scores at ``--fpr``; the AUROC is on the paper's population
+(clean inputs M gets right vs triggered inputs the backdoor flips); ASR after defense counts
+triggered inputs that are flipped and not rejected.
+
+The rules are the detector's own (:data:`badexpert.detectors.badexpert.SCORES`) plus the
+experimental ones below, which also use M's log-odds. A rule that wins here still has to win on
+data it was not chosen on before it becomes a default. Record results in bench/RESULTS.md with
+the command, the machine and the date.
+
+Example::
+
+    python bench/explore_rules.py --models runs/bench-fmnist-suite1/*-auto/model.safetensors \\
+        --detector-param expert_agreement=0.5 --rules logodds,with_model --out runs/explore-rules
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from badexpert.attacks import attack_from_meta
+from badexpert.cli import _kv, _splits_for
+from badexpert.detectors import get_detector
+from badexpert.detectors.badexpert import SCORES, _label_log_odds, combine
+from badexpert.evaluation import trigger_dataset
+from badexpert.io import load_model
+from badexpert.metrics import auroc, conformal_threshold
+from badexpert.training import predict_logits
+
+#: Experimental rules over the log-odds of M (``m``), the expert (``x``) and the auxiliary model (``y``).
+EXTRA = {
+    # the expert's and M's confidence both count as evidence for the backdoor label
+    "with_model": lambda m, x, y: x + m - 2 * y,
+    # the expert's confidence relative to M's (how much of M's confidence the expert kept)
+    "relative": lambda m, x, y: x - m - y,
+    # M against the auxiliary model, no expert
+    "model_aux": lambda m, x, y: m - y,
+}
+
+
+def cell_name(model: Path) -> str:
+    return model.parent.name if model.name == "model.safetensors" else model.stem
+
+
+def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
+    """Fit BaDExpert with ``params`` on the model's reserved split and cache the log-odds."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    path = out / f"{cell_name(model_path)}-{key}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    model, meta = load_model(model_path)
+    _, splits = _splits_for(meta, meta, argparse.Namespace(dataset=None, data_path=None, image_size=None))
+    attack = attack_from_meta(meta, source=f"'{model_path}'")
+    det = get_detector("badexpert", seed=0, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det.fit(model, splits.reserved)
+    trig, targets = trigger_dataset(attack, splits.test, seed=0)
+    res: dict[str, np.ndarray] = {}
+    for part, images in (("cal", splits.calibration.images), ("clean", splits.test.images), ("trig", trig.images)):
+        conf = det.confidences(images)
+        _, logit_m = _label_log_odds(predict_logits(model, images), conf["pred"])
+        res.update({f"{part}_pred": conf["pred"].numpy(), f"{part}_m": logit_m.numpy(),
+                    f"{part}_x": conf["logit_x"].numpy(), f"{part}_y": conf["logit_y"].numpy()})
+    res["clean_label"] = splits.test.labels.numpy()
+    res["trig_target"] = targets.numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **res)
+    print(f"[{cell_name(model_path)}] fitted with {params or 'defaults'}: {det.fit_summary()}", file=sys.stderr, flush=True)
+    return res
+
+
+def scores(d: dict[str, np.ndarray], part: str, rule: str) -> np.ndarray:
+    m, x, y = (d[f"{part}_{k}"] for k in ("m", "x", "y"))
+    if rule in EXTRA:
+        return EXTRA[rule](m, x, y)
+    if rule == "logodds":
+        return x - y
+    sig = lambda t: torch.sigmoid(torch.from_numpy(t).double())  # noqa: E731
+    return combine(sig(x), sig(y), rule).numpy()
+
+
+def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float) -> tuple[float, float, float]:
+    """(AUROC on the paper's population, ASR after defense, realized FPR)."""
+    s = {p: scores(d, p, rule) for p in ("cal", "clean", "trig")}
+    thr = conformal_threshold(s["cal"], fpr)
+    correct = d["clean_pred"] == d["clean_label"]
+    flipped = d["trig_pred"] == d["trig_target"]
+    return (auroc(s["clean"][correct], s["trig"][flipped]), float(np.mean(flipped & (s["trig"] <= thr))),
+            float(np.mean(s["clean"] > thr)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", required=True, type=Path)
+    p.add_argument("--detector-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="BaDExpert parameter for this exploration (JSON values), e.g. expert_agreement=0.5")
+    p.add_argument("--rules", default="logodds", help=f"comma-separated, of {', '.join((*SCORES, *EXTRA))}")
+    p.add_argument("--fpr", type=float, default=0.01)
+    p.add_argument("--out", type=Path, default=Path("runs/explore-rules"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    params = _kv(args.detector_param)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    bad = [r for r in rules if r not in (*SCORES, *EXTRA)]
+    if bad:
+        p.error(f"unknown rule(s) {bad}")
+    rows = {cell_name(m): dump(m, params, args.out) for m in args.models}
+    print(f"BaDExpert {params or 'defaults'}; cells: AUROC (paper's population) / ASR after / FPR at target {args.fpr:g}\n")
+    print("| model | " + " | ".join(rules) + " |")
+    print("|---|" + "---|" * len(rules))
+    per = {r: [] for r in rules}
+    for name, d in rows.items():
+        cells = []
+        for r in rules:
+            a, s, f = evaluate(d, r, args.fpr)
+            per[r].append((a, s, f))
+            cells.append(f"{100 * a:.2f}% / {100 * s:.1f}% / {100 * f:.2f}%")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("| **mean** | " + " | ".join(
+        " / ".join(f"{100 * np.mean([v[i] for v in per[r]]):.{2 if i != 1 else 1}f}%" for i in range(3)) for r in rules) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
