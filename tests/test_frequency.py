@@ -116,6 +116,14 @@ def test_never_runs_the_suspect_model_and_learns_its_task(setup):
     assert det.cost == {"forward": 1, "backward": 0} and not det.needs_gradients and not det.shares_model_pass
 
 
+def test_fit_report_counts_every_fitting_image_a_batch_at_a_time(setup):
+    det, _, fit, _, _ = setup  # 800 fitting images, scored in batches of 256: four chunks
+    assert det.batch_size < len(fit)
+    rep = det.fit_report_
+    assert rep["clean_accepted_at_argmax"] == pytest.approx(float((det.score(fit.images) <= 0).float().mean()))
+    assert all(0.0 <= v <= 1.0 for v in rep["triggered_detected_at_argmax"].values())
+
+
 def test_score_is_the_logit_difference_and_independent_of_batch_size_and_order(setup):
     det, _, _, test, _ = setup
     x = test.images[:300]

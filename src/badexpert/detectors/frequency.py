@@ -299,17 +299,24 @@ class Frequency(Detector):
                     batch_transform=with_triggers, desc="frequency CNN")
         cnn.eval()
         self.cnn_ = cnn
-        # how well the CNN learned its own task: the fitting images against fresh synthetic triggers
-        trig, fam = synthetic_triggers(to_float(images), derive_generator(self.seed, "frequency-report"), self.triggers)
-        clean_s = _logit_gap(predict_logits(cnn, images, batch_size=self.batch_size))
-        trig_s = _logit_gap(predict_logits(cnn, trig, batch_size=self.batch_size))
+        # how well the CNN learned its own task: the fitting images against fresh synthetic triggers,
+        # a batch at a time (a large fitting set is never converted or triggered whole)
+        g = derive_generator(self.seed, "frequency-report")
+        k = len(self.triggers)
+        accepted, hits, counts = 0, torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+        for start in range(0, len(images), self.batch_size):
+            xb = images[start:start + self.batch_size]
+            trig, fam = synthetic_triggers(to_float(xb), g, self.triggers)
+            accepted += int((_logit_gap(predict_logits(cnn, xb, batch_size=self.batch_size)) <= 0).sum())
+            flagged = _logit_gap(predict_logits(cnn, trig, batch_size=self.batch_size)) > 0
+            hits += torch.bincount(fam[flagged], minlength=k)
+            counts += torch.bincount(fam, minlength=k)
         self.fit_report_ = {
             "clean_size": int(len(images)), "steps": log.steps,
             "final_loss": float(sum(log.losses[-10:]) / max(1, len(log.losses[-10:]))),
-            "clean_accepted_at_argmax": float((clean_s <= 0).float().mean()),
+            "clean_accepted_at_argmax": accepted / max(1, len(images)),
             "triggered_detected_at_argmax": {
-                name: float((trig_s[fam == k] > 0).float().mean()) for k, name in enumerate(self.triggers)
-                if bool((fam == k).any())
+                name: float(hits[i]) / int(counts[i]) for i, name in enumerate(self.triggers) if counts[i]
             },
         }
 
