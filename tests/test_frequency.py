@@ -2,6 +2,7 @@
 independence from the suspect model, determinism, batch-size independence, parameters and
 persistence. (The shared contract in test_detectors.py runs it on the backdoored blobs model.)"""
 
+import copy
 import math
 
 import pytest
@@ -175,6 +176,32 @@ def test_save_load_round_trip(setup, tmp_path):
     save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata=meta)
     with pytest.raises(BadExpertError, match="CNN weights are missing or do not match"):
         load_detector(tmp_path / "damaged.safetensors", model)
+
+
+def test_rebind_moves_it_to_another_model_and_nothing_else_moves(setup, backdoored, tmp_path):
+    det, model, _, test, _ = setup
+    det.calibrate(make_blobs(300, seed=4), fpr=0.05)
+    path = det.save(tmp_path / "freq.safetensors")
+    other = Refuses()
+    with torch.no_grad():
+        other.lin.weight.add_(1.0)  # other weights: another fingerprint
+    with pytest.raises(BadExpertError, match="fitted on model .* but was given model"):
+        load_detector(path, other)  # the default stays strict
+    moved = load_detector(path, other, rebind=True, model_name="other.safetensors")
+    assert not Frequency.uses_model and torch.equal(moved.score(test), det.score(test))
+    assert moved.threshold_ == det.threshold_ and moved.model_name_ == "other.safetensors"
+    moved.check_model(other)  # now bound to the new model
+    # a detector that uses the model is never moved
+    bd_model, _, _, te = backdoored
+    strip = get_detector("strip", n=4, seed=0).fit(bd_model, te.subset(range(200)))
+    strip.calibrate(te.subset(range(200, 400)), fpr=0.05)
+    spath = strip.save(tmp_path / "strip.safetensors")
+    fresh = copy.deepcopy(bd_model)
+    with torch.no_grad():
+        next(fresh.parameters()).add_(0.1)
+    assert get_detector("strip").uses_model
+    with pytest.raises(BadExpertError, match="fitted on model .* but was given model"):
+        load_detector(spath, fresh, rebind=True)
 
 
 def test_registry_and_parameters():

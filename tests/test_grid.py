@@ -334,3 +334,29 @@ def test_cli_ray_options_are_checked(first, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--cpus-per-cell" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_detector_that_does_not_use_the_model_is_fitted_once_per_split(first, tmp_path, monkeypatch):
+    """Frequency never runs the suspect model: with a cache, the grid fits it once for the two
+    suspect models of one split, and the reused copy gives the numbers a fresh fit gives."""
+    from badexpert.detectors import Frequency
+
+    root, grid, _, _, _ = first
+    small = json.loads(json.dumps(grid))
+    small["attacks"] = [{"name": "badnet", "params": {"poison_rate": 0.1}},
+                        {"name": "badnet", "label": "badnet-20", "params": {"poison_rate": 0.2}}]
+    small["detectors"] = [{"name": "frequency", "params": {"width": 4, "epochs": 2}}]
+    small["seeds"] = [0]
+    fits = []
+    real_fit = Frequency._fit
+    monkeypatch.setattr(Frequency, "_fit", lambda self, *a: (fits.append(1), real_fit(self, *a))[1])
+    cached = run_grid(small, tmp_path / "cached", cache_dir=root / "cache", log=lambda m: None)
+    assert len(fits) == 1 and [r["detector_cached"] for r in cached] == [False, True]
+    assert all(r["status"] == "ok" for r in cached)  # both implanted: both cells scored
+    fresh = run_grid(small, tmp_path / "fresh", cache_dir=None, log=lambda m: None)
+    assert len(fits) == 3  # without a cache, once per cell
+    for a, b in zip(cached, fresh):
+        assert {k: a[k] for k in MEASURED} == {k: b[k] for k in MEASURED}
+    # one detector, one calibration: the same threshold; and since it never looks at the model, the
+    # same scores on the same (BadNet-triggered) test inputs, whichever model they were poisoned for
+    assert cached[0]["threshold"] == cached[1]["threshold"] and cached[0]["auroc"] == cached[1]["auroc"]

@@ -12,7 +12,9 @@ Work is never done twice:
   (``cache_dir``);
 - fitted and calibrated detectors are cached beside them, keyed by a content hash of the suspect
   model's key, the detector's name and parameters, the split and the target FPR, and loaded
-  with :func:`~badexpert.detectors.load_detector` (which checks the model's fingerprint);
+  with :func:`~badexpert.detectors.load_detector` (which checks the model's fingerprint); a
+  detector that never uses the model (Frequency) is keyed on its data instead and fitted once
+  for every suspect model of the same split;
 - ``results.jsonl`` gets one JSON line per (cell, detector), appended as each cell finishes;
   a row already there (same row key: a hash of everything the row depends on) is not computed
   again, so an interrupted grid resumes where it stopped, and a grid extended by a seed or a
@@ -309,7 +311,8 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
 # one cell
 # --------------------------------------------------------------------------------------------
 def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
-    """Content hash of what a fitted and calibrated detector depends on: the suspect model's key,
+    """Content hash of what a fitted and calibrated detector depends on: the suspect model's key
+    (for a detector that does not use the model, a digest of its fitting and calibration images),
     the detector's name and parameters (its seed included, its device not), the split it was
     fitted and calibrated on, and the target FPR."""
     return _hash({"suspect": suspect, "detector": name, "params": {k: v for k, v in params.items() if k != "device"},
@@ -353,6 +356,7 @@ def run_cell(spec: dict, *, log: Callable[[str], Any] = print) -> list[dict]:
 
 def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
     from .attacks import attack_from_meta
+    from .attacks.components import tensor_digest
     from .comparison import compare
     from .detectors import get_detector, load_detector
     from .experiment import ExperimentConfig, make_splits, split_meta, suspect_key, train_suspect
@@ -376,11 +380,15 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
         det = get_detector(d["name"], **{"seed": cfg.seed, "device": cfg.device, **d["params"]})
         path = None
         if cache_dir is not None:
-            dkey = detector_cache_key(skey, d["name"], det.get_params(), cfg)
+            # a detector that never uses the suspect model is keyed on its data alone: fitted once
+            # per split, it serves every suspect model of that split
+            owner = skey if det.uses_model else "data-" + tensor_digest(
+                {"reserved": splits.reserved.images, "calibration": splits.calibration.images})
+            dkey = detector_cache_key(owner, d["name"], det.get_params(), cfg)
             path = cache_dir / f"detector-{d['name']}-{dkey}.safetensors"
             if path.is_file():
                 try:
-                    loaded = load_detector(path, model, device=cfg.device)
+                    loaded = load_detector(path, model, device=cfg.device, rebind=not det.uses_model)
                 except BadExpertError as exc:  # e.g. the suspect model was retrained with other weights
                     log(f"cached {d['name']} detector not usable ({exc}); fitting it again")
                 else:

@@ -71,6 +71,9 @@ class Detector:
     #: whether :meth:`score_given_logits` uses the suspect model's logits instead of running the
     #: model again (a guard then costs ``forward_passes_per_input`` passes in all)
     shares_model_pass: ClassVar[bool] = False
+    #: whether fitting and scoring use the suspect model at all; a detector that does not (Frequency)
+    #: can be moved to another model on the same data (``load_detector(..., rebind=True)``)
+    uses_model: ClassVar[bool] = True
 
     def __init__(
         self, *, batch_size: PositiveInt = 256, seed: NonNegativeInt = 0,
@@ -496,23 +499,26 @@ def check_record(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> N
 
 
 def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None,
-                  model_name: str | None = None) -> Detector:
+                  model_name: str | None = None, rebind: bool = False) -> Detector:
     """Load a detector saved with :meth:`Detector.save` for the suspect ``model`` it was fitted on.
 
     A model whose weights differ from the fitted one's (by fingerprint) is refused; ``model_name``
-    (a file name) is used in that message.
+    (a file name) is used in that message. ``rebind=True`` moves a detector that never uses the
+    suspect model (:attr:`Detector.uses_model` false: Frequency) to ``model`` instead; any other
+    detector is still refused.
     """
     expect(model, nn.Module, "the model")
     tensors, meta = read_detector_file(path)
     return detector_from_state(tensors, meta, model, device=device, model_name=model_name,
-                               source=f"detector file '{path}'")
+                               source=f"detector file '{path}'", rebind=rebind)
 
 
 def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module, *,
                         device: str | None = None, model_name: str | None = None,
-                        source: str = "the detector") -> Detector:
+                        source: str = "the detector", rebind: bool = False) -> Detector:
     """Rebuild a detector from :meth:`Detector.to_state` output (metadata already checked with
-    :func:`check_detector_meta`) for the suspect ``model`` whose fingerprint it records."""
+    :func:`check_detector_meta`) for the suspect ``model`` whose fingerprint it records (or, with
+    ``rebind`` and a detector that does not use the model, for ``model`` whatever its weights)."""
     from . import DETECTORS
 
     tensors = dict(tensors)
@@ -527,6 +533,10 @@ def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.
     det = DETECTORS[name](**params)
     det.model_fingerprint_ = meta["model"]["fingerprint"]
     det.model_name_ = meta["model"].get("name")
+    if rebind and not det.uses_model:
+        from ..io import model_fingerprint
+
+        det.model_fingerprint_, det.model_name_ = model_fingerprint(model), model_name
     det.check_model(model, model_name=model_name)
     det.device_ = resolve_device(det.device)
     det.input_shape_ = tuple(meta["input_shape"])

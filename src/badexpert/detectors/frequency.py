@@ -241,6 +241,7 @@ class Frequency(Detector):
     """
 
     name: ClassVar[str] = "frequency"
+    uses_model: ClassVar[bool] = False
 
     def __init__(
         self,
