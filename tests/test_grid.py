@@ -341,7 +341,7 @@ def test_a_detector_that_does_not_use_the_model_is_fitted_once_per_split(first, 
     suspect models of one split, and the reused copy gives the numbers a fresh fit gives."""
     from badexpert.detectors import Frequency
 
-    root, grid, _, _, _ = first
+    _, grid, _, _, _ = first
     small = json.loads(json.dumps(grid))
     small["attacks"] = [{"name": "badnet", "params": {"poison_rate": 0.1}},
                         {"name": "badnet", "label": "badnet-20", "params": {"poison_rate": 0.2}}]
@@ -350,7 +350,7 @@ def test_a_detector_that_does_not_use_the_model_is_fitted_once_per_split(first, 
     fits = []
     real_fit = Frequency._fit
     monkeypatch.setattr(Frequency, "_fit", lambda self, *a: (fits.append(1), real_fit(self, *a))[1])
-    cached = run_grid(small, tmp_path / "cached", cache_dir=root / "cache", log=lambda m: None)
+    cached = run_grid(small, tmp_path / "cached", cache_dir=tmp_path / "cache", log=lambda m: None)
     assert len(fits) == 1 and [r["detector_cached"] for r in cached] == [False, True]
     assert all(r["status"] == "ok" for r in cached)  # both implanted: both cells scored
     fresh = run_grid(small, tmp_path / "fresh", cache_dir=None, log=lambda m: None)
