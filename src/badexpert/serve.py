@@ -56,6 +56,8 @@ SERVE_EXTRA = "install the serve extra: pip install 'badexpert[serve]'"
 LOGGER = "badexpert.serve"
 ON_REJECT = ("flag", "abstain")
 JSON_DTYPES = ("uint8", "float32")
+#: The classification route (HTTP path, not a file).
+CLASSIFY_ROUTE = "/v1/classify"
 RAW_DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -581,6 +583,8 @@ def _num(v) -> str:
 
 
 def _resident_bytes() -> int | None:
+    """The process's resident memory from Linux's ``/proc/self/statm`` (a kernel interface, present
+    on every Linux host); ``None`` where there is none (macOS, Windows): the gauge is then left out."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -895,7 +899,7 @@ def create_app(model, *, settings: Settings | None = None):
             h["X-Request-ID"] = rid
         return Response(_json_bytes(doc), status_code=status, media_type="application/json", headers=h)
 
-    def refuse(exc: BadExpertError, rid: str, started: float, path: str = "/v1/classify") -> Response:
+    def refuse(exc: BadExpertError, rid: str, started: float, path: str = CLASSIFY_ROUTE) -> Response:
         """The one place a refused request becomes an answer: ``{"error": "..."}``, one line."""
         status = exc.status if isinstance(exc, RequestError) else 422
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -930,7 +934,7 @@ def create_app(model, *, settings: Settings | None = None):
             return fn()
         return await asyncio.to_thread(fn)  # large bodies: parse off the event loop
 
-    @app.post("/v1/classify")
+    @app.post(CLASSIFY_ROUTE)
     async def classify(request: Request):
         started = time.perf_counter()
         rid = _request_id(request.headers)
@@ -1012,7 +1016,7 @@ def create_app(model, *, settings: Settings | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        if request.url.path == "/v1/classify" and 400 <= exc.status_code < 500:
+        if request.url.path == CLASSIFY_ROUTE and 400 <= exc.status_code < 500:
             metrics.bad(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 405:
