@@ -10,6 +10,12 @@ Example (the Fashion-MNIST models of ``bench/run.py``)::
 
     python bench/compare.py --models runs/bench-fmnist-recover/*-auto/model.safetensors \\
         --detectors badexpert,strip,scale_up --test-size 2000 --out runs/compare-fmnist
+
+``--merge DIR ...`` runs nothing: it summarises the finished comparisons of several earlier
+``--out`` directories in one table (per model, each detector from the first directory that has
+it; rows in the attack registry's order)::
+
+    python bench/compare.py --merge runs/compare-c10 runs/compare-c10-more --detectors badexpert,strip
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from badexpert.attacks import ATTACKS
 from badexpert.cli import main as cli
 from badexpert.utils import write_json
 
@@ -65,17 +72,47 @@ def summary(results: dict[str, dict], detectors: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(dirs: list[Path]) -> dict[str, dict]:
+    """The finished comparisons (``<dir>/<model>/compare.json``) of several ``--out`` directories:
+    per model, the detectors of every directory (the first one that has a detector wins), in the
+    attack registry's order."""
+    results: dict[str, dict] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*/compare.json")):
+            r = json.loads(f.read_text())
+            have = results.setdefault(f.parent.name, {**r, "detectors": []})
+            names = {x["name"] for x in have["detectors"]}
+            have["detectors"] += [x for x in r["detectors"] if x["name"] not in names]
+    order = list(ATTACKS)
+
+    def rank(item):
+        attack = (item[1].get("attack") or {}).get("name")
+        return (order.index(attack) if attack in order else len(order), item[0])
+
+    return dict(sorted(results.items(), key=rank))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", required=True, help="suspect model files (from bench/run.py or train)")
+    p.add_argument("--models", nargs="+", help="suspect model files (from bench/run.py or train)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                   help="run nothing: summarise the finished comparisons of these earlier --out directories")
     p.add_argument("--detectors", default="badexpert,strip,scale_up")
     p.add_argument("--detector-param", action="append", default=[], metavar="DETECTOR:KEY=VALUE")
     p.add_argument("--fpr", type=float, default=0.01)
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     args = p.parse_args(argv)
+    detectors = [d.strip() for d in args.detectors.split(",")]
+    if args.merge:
+        if args.models:
+            p.error("give --models (run) or --merge (summarise), not both")
+        print(summary(merged(args.merge), detectors))
+        return 0
+    if not args.models or not args.out:
+        p.error("--models and --out are required (or --merge DIR ... to summarise earlier runs)")
     out = Path(args.out)
     results = {}
     for model in map(Path, args.models):
@@ -93,7 +130,6 @@ def main(argv=None) -> int:
                 print(f"[{name}] failed; see the error above", file=sys.stderr)
                 continue
         results[name] = json.loads(done.read_text())
-    detectors = [d.strip() for d in args.detectors.split(",")]
     table = summary(results, detectors)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     write_json(out / "summary.json", {"args": vars(args), "machine": machine, "results": results})
