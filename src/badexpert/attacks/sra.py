@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.core import Dataset, batches
 from ..errors import BadExpertError
+from ..utils import model_device
 from ..validation import PositiveInt, Range
 from .base import Rate, place_bottom_right
 from .components import Components, tensor_digest
@@ -138,23 +139,26 @@ def narrow_copy(model: nn.Module, plan: GraftPlan, n: int, generator: torch.Gene
     image channels as input) and the final layer a bias-free linear map to one output: the
     backdoor subnet, same architecture family, initialised by :func:`init_subnet`. Normalisation
     layers and the forward code are the host's."""
-    sub = copy.deepcopy(model)
+    sub = copy.deepcopy(model).cpu()  # built and initialised on the CPU (its RNG), then moved
     for s in plan.slots:
         conv = model.get_submodule(s.conv)
         cin = conv.in_channels if s.src == "input" else n
         _set(sub, s.conv, nn.Conv2d(cin, n, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None))
         _set(sub, s.bn, nn.BatchNorm2d(n))
     _set(sub, plan.fc, nn.Linear(n * plan.spatial, 1, bias=False))
-    return init_subnet(sub, plan, generator)
+    return init_subnet(sub, plan, generator).to(model_device(model))
 
 
 def init_subnet(subnet: nn.Module, plan: GraftPlan, generator: torch.Generator) -> nn.Module:
     """(Re-)initialise ``subnet``'s layers from ``generator`` (not the caller's random state): He
     init for the convolutions, as the host families use, fresh batch norms, and a non-negative
     head (the features it reads are >= 0 after ReLU; a negative start teaches the subnet to
-    switch its features off rather than to fire on the trigger)."""
+    switch its features off rather than to fire on the trigger). The weights are drawn on the CPU
+    whatever the subnet's device, so a seed gives the same subnet on every device."""
     from ..models import he_init
 
+    device = model_device(subnet)
+    subnet.cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         for m in subnet.modules():
@@ -163,7 +167,7 @@ def init_subnet(subnet: nn.Module, plan: GraftPlan, generator: torch.Generator) 
         he_init(subnet)
     with torch.no_grad():
         subnet.get_submodule(plan.fc).weight.abs_()
-    return subnet
+    return subnet.to(device)
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
