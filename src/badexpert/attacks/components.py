@@ -52,6 +52,17 @@ def tensor_digest(tensors: dict[str, torch.Tensor] | torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every key as ``prefix.key`` (several networks' weights in one file)."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix.``, with the prefix taken off (inverse of :func:`prefixed`)."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 class Components:
     """Builds, caches and times an attack's trained parts (see the module docstring).
 

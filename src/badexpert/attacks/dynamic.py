@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.core import Dataset, to_float
+from ..models.cnn import conv_bn_relu
 from ..validation import PositiveInt, Range
 from .base import Attack, Rate
-from .components import Components, tensor_digest
+from .components import Components, prefixed, tensor_digest, unprefixed
 
 #: Added to the denominator of the diversity ratio (the reference's ``EPSILON``).
 DIV_EPSILON = 1e-7
@@ -23,10 +24,6 @@ DIV_EPSILON = 1e-7
 DENSITY_SAMPLES = 1024
 #: Images put through the generators at once when triggering a large batch.
 APPLY_BATCH = 512
-
-
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class EncoderDecoder(nn.Module):
@@ -48,13 +45,13 @@ class EncoderDecoder(nn.Module):
         c = in_channels
         for i in range(blocks):
             w = channels * 2**i
-            layers += [*_conv_bn_relu(c, w), *_conv_bn_relu(w, w), nn.MaxPool2d(2)]
+            layers += [*conv_bn_relu(c, w), *conv_bn_relu(w, w), nn.MaxPool2d(2)]
             c = w
-        layers += _conv_bn_relu(c, c)
+        layers += conv_bn_relu(c, c)
         for i in reversed(range(blocks)):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), *_conv_bn_relu(c, c)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), *conv_bn_relu(c, c)]
             if i > 0:
-                layers += _conv_bn_relu(c, c // 2)
+                layers += conv_bn_relu(c, c // 2)
                 c //= 2
             else:
                 layers.append(nn.Conv2d(c, out_channels, 3, padding=1))
@@ -111,14 +108,6 @@ class _AddLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=grad.device)
-
-
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
 @dataclass
@@ -217,13 +206,13 @@ class Dynamic(Attack):
             with seeded_rng(self.trigger_seed, f"dynamic:{part}"):
                 net = EncoderDecoder(channels, out, self.generator_channels, self.generator_blocks)
             if state is not None:
-                net.load_state_dict(_unprefixed(part, state))
+                net.load_state_dict(unprefixed(part, state))
             nets.append(net)
         return nets[0], nets[1]
 
     def initial_state(self, shape):
         pattern, mask = self.networks(int(shape[0]))
-        return {**_prefixed("pattern", pattern.state_dict()), **_prefixed("mask", mask.state_dict())}
+        return {**prefixed("pattern", pattern.state_dict()), **prefixed("mask", mask.state_dict())}
 
     def use_state(self, shape, state):
         super().use_state(shape, state)
@@ -390,12 +379,12 @@ class Dynamic(Attack):
             train(model, train_set, recipe, seed=seed, desc="suspect model",
                   batch_transform=functools.partial(self.joint_batch, pattern, mask),
                   callback=step_pattern, callback_every=1)
-            return {**_prefixed("classifier", model.state_dict()), **_prefixed("pattern", pattern.state_dict())}
+            return {**prefixed("classifier", model.state_dict()), **prefixed("pattern", pattern.state_dict())}
 
         joint = components.fetch("dynamic_suspect", joint_spec, build, data=train_set)
         if components.records["dynamic_suspect"]["cached"]:
-            load_weights(model, _unprefixed("classifier", joint), source="the cached dynamic suspect model")
-        self.use_state(shape, {**_prefixed("pattern", _unprefixed("pattern", joint)), **_prefixed("mask", mask_state)})
+            load_weights(model, unprefixed("classifier", joint), source="the cached dynamic suspect model")
+        self.use_state(shape, {**prefixed("pattern", unprefixed("pattern", joint)), **prefixed("mask", mask_state)})
         with torch.no_grad():
             _, masks = self.patterns_and_masks(to_float(train_set.images[:DENSITY_SAMPLES]))
         info = {"poisoned_per_batch": n_bd, "cross_per_batch": n_cross, "batch_size": bs,

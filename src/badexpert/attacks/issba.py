@@ -16,7 +16,7 @@ from ..data.core import Dataset, to_float
 from ..errors import BadExpertError
 from ..validation import PositiveInt, Range
 from .base import Attack, Rate
-from .components import Components, tensor_digest
+from .components import Components, prefixed, tensor_digest, unprefixed
 
 #: Channels of the spatial map the secret is spread into before it joins the image (StegaStamp: 3).
 SECRET_CHANNELS = 4
@@ -104,15 +104,6 @@ class StegaDecoder(nn.Module):
         hp = 2 * (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
         h = _act(self.c3(_act(self.c2(_act(self.c1(hp))))))
         return self.head(F.adaptive_avg_pool2d(h, 4).flatten(1)) + self.matched(2 * hp.flatten(1))
-
-
-def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in tensors.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -250,15 +241,15 @@ class ISSBA(Attack):
             enc = StegaEncoder(c, h, w, self.bits, self.codec_width, self.max_residual, self.masking)
             dec = StegaDecoder(c, h, w, self.bits, self.codec_width)
         if tensors is not None:
-            enc.load_state_dict(_unprefixed("encoder", tensors))
-            decoder = _unprefixed("decoder", tensors)
+            enc.load_state_dict(unprefixed("encoder", tensors))
+            decoder = unprefixed("decoder", tensors)
             if decoder:
                 dec.load_state_dict(decoder)
         return enc.to(device).eval(), dec.to(device).eval()
 
     def initial_state(self, shape):
         enc, _ = self.networks(shape)
-        return {"secret": self.secret(), **_prefixed("encoder", enc.state_dict())}
+        return {"secret": self.secret(), **prefixed("encoder", enc.state_dict())}
 
     def _encoder(self, parts: dict[str, torch.Tensor], shape: tuple[int, int, int], device: torch.device) -> StegaEncoder:
         """The encoder built from ``parts`` (cached per device while ``parts`` is the state in use)."""
@@ -289,7 +280,7 @@ class ISSBA(Attack):
     def codec_spec(self, shape: tuple[int, int, int], seed: int) -> dict:
         """What the trained encoder depends on besides the training images (its cache key)."""
         enc, dec = self.networks(shape)
-        init = tensor_digest({**_prefixed("encoder", enc.state_dict()), **_prefixed("decoder", dec.state_dict())})
+        init = tensor_digest({**prefixed("encoder", enc.state_dict()), **prefixed("decoder", dec.state_dict())})
         return {"shape": [int(v) for v in shape], "seed": seed, "trigger_seed": self.trigger_seed, "init": init,
                 **{k: getattr(self, k) for k in CODEC_FIELDS}}
 
@@ -336,7 +327,7 @@ class ISSBA(Attack):
                     bar.update(1)
         finally:
             bar.close()
-        return {**_prefixed("encoder", enc.state_dict()), **_prefixed("decoder", dec.state_dict())}
+        return {**prefixed("encoder", enc.state_dict()), **prefixed("decoder", dec.state_dict())}
 
     def measure(self, codec: dict[str, torch.Tensor], images: torch.Tensor, *,
                 device: torch.device | str = "cpu") -> dict[str, float]:

@@ -8,7 +8,7 @@ from torch import nn
 from . import he_init
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
@@ -26,9 +26,9 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv_bn_relu(in_channels, w), nn.MaxPool2d(2),
-            *_conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            *_conv_bn_relu(2 * w, 4 * w),
+            *conv_bn_relu(in_channels, w), nn.MaxPool2d(2),
+            *conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
+            *conv_bn_relu(2 * w, 4 * w),
             nn.AdaptiveAvgPool2d(3), nn.Flatten(),
         )
         self.fc = nn.Linear(4 * w * 9, num_classes)
