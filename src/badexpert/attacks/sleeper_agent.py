@@ -440,11 +440,6 @@ class SleeperAgent(Attack):
             train(model, data, recipe, seed=seed, desc="suspect model")
         return model, {**info, **components.info()}
 
-    def params(self) -> dict:
-        d = super().params()
-        d["source_classes"] = list(d["source_classes"])
-        return d
-
 
 def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample l2 norm of the gradient of ``model``'s cross-entropy (eval mode) with respect to

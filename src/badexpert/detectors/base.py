@@ -533,11 +533,12 @@ def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.
     det = DETECTORS[name](**params)
     det.model_fingerprint_ = meta["model"]["fingerprint"]
     det.model_name_ = meta["model"].get("name")
-    if rebind and not det.uses_model:
+    if rebind and not det.uses_model:  # moved to this model: it records this model's fingerprint
         from ..io import model_fingerprint
 
         det.model_fingerprint_, det.model_name_ = model_fingerprint(model), model_name
-    det.check_model(model, model_name=model_name)
+    else:
+        det.check_model(model, model_name=model_name)
     det.device_ = resolve_device(det.device)
     det.input_shape_ = tuple(meta["input_shape"])
     det.fit_seconds_ = meta.get("fit_seconds")

@@ -260,13 +260,8 @@ class Frequency(Detector):
         self.epochs = epochs
         self.lr = lr
         self.train_batch_size = train_batch_size
-        self.triggers = tuple(triggers) if isinstance(triggers, list) else triggers
+        self.triggers = triggers  # check_params makes a list a tuple
         self.check_params()
-
-    @property
-    def cost(self) -> dict[str, int]:
-        """One forward pass per input, of the detector's own small CNN (the suspect model: none)."""
-        return {"forward": 1, "backward": 0}
 
     def check_params(self) -> "Frequency":
         super().check_params()
