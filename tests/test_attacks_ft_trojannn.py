@@ -141,7 +141,8 @@ def test_ft_uses_the_base_attacks_trigger_and_label_map():
     blend = get_attack("blend", alpha=0.3, trigger_seed=3, target=2)
     assert torch.equal(ft.apply(x), blend.apply(x))
     assert tensor_digest(ft.trigger_state((3, 16, 16))) == tensor_digest(blend.trigger_state((3, 16, 16)))
-    assert not torch.equal(ft.apply(x), get_attack("ft", base="blend", trigger_seed=4).apply(x))  # seed passed on
+    other_seed = get_attack("ft", base="blend", base_params={"alpha": 0.3}, trigger_seed=4, target=2)
+    assert not torch.equal(ft.apply(x), other_seed.apply(x))  # the seed is passed on (all else equal)
     labels = torch.tensor([0, 1, 2, 3])
     a2a = get_attack("ft", base="all_to_all")
     assert a2a.target_of(labels, 4).tolist() == [1, 2, 3, 0] and a2a.counts(labels, 4).all()
