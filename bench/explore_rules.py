@@ -41,6 +41,9 @@ from badexpert.io import load_model
 from badexpert.metrics import auroc, conformal_threshold
 from badexpert.training import predict_logits
 
+sys.path.insert(0, str(Path(__file__).parent))
+from compare import cell_name  # noqa: E402  (bench/compare.py: a model's row name)
+
 #: Experimental rules over the log-odds of M (``m``), the expert (``x``) and the auxiliary model (``y``).
 EXTRA = {
     # the expert's and M's confidence both count as evidence for the backdoor label
@@ -52,13 +55,11 @@ EXTRA = {
 }
 
 
-def cell_name(model: Path) -> str:
-    return model.parent.name if model.name == "model.safetensors" else model.stem
-
-
 def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
     """Fit BaDExpert with ``params`` on the model's reserved split and cache the log-odds."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    # the cache knows the model file (path and modification time) as well as the parameters
+    ident = {"params": params, "model": str(model_path.resolve()), "mtime_ns": model_path.stat().st_mtime_ns}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"{cell_name(model_path)}-{key}.npz"
     if path.exists():
         return dict(np.load(path))
@@ -75,7 +76,8 @@ def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
         conf = det.confidences(images)
         _, logit_m = _label_log_odds(predict_logits(model, images), conf["pred"])
         res.update({f"{part}_pred": conf["pred"].numpy(), f"{part}_m": logit_m.numpy(),
-                    f"{part}_x": conf["logit_x"].numpy(), f"{part}_y": conf["logit_y"].numpy()})
+                    f"{part}_x": conf["logit_x"].numpy(), f"{part}_y": conf["logit_y"].numpy(),
+                    f"{part}_px": conf["x"].numpy(), f"{part}_py": conf["y"].numpy()})
     res["clean_label"] = splits.test.labels.numpy()
     res["trig_target"] = targets.numpy()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +92,8 @@ def scores(d: dict[str, np.ndarray], part: str, rule: str) -> np.ndarray:
         return EXTRA[rule](m, x, y)
     if rule == "logodds":
         return x - y
-    sig = lambda t: torch.sigmoid(torch.from_numpy(t).double())  # noqa: E731
-    return combine(sig(x), sig(y), rule).numpy()
+    # the detector's own rules on its own confidences: exactly the numbers it would score
+    return combine(torch.from_numpy(d[f"{part}_px"]), torch.from_numpy(d[f"{part}_py"]), rule).numpy()
 
 
 def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float) -> tuple[float, float, float]:
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rules if r not in (*SCORES, *EXTRA)]
     if bad:
         p.error(f"unknown rule(s) {bad}")
-    rows = {cell_name(m): dump(m, params, args.out) for m in args.models}
+    names = [cell_name(m) for m in args.models]
+    if len(set(names)) != len(names):
+        p.error("two --models share a row name (their directory's name); give each model its own directory name")
+    rows = {name: dump(m, params, args.out) for name, m in zip(names, args.models)}
     print(f"BaDExpert {params or 'defaults'}; cells: AUROC (paper's population) / ASR after / FPR at target {args.fpr:g}\n")
     print("| model | " + " | ".join(rules) + " |")
     print("|---|" + "---|" * len(rules))
