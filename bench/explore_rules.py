@@ -5,7 +5,9 @@ model's own reserved split, seed 0, as ``bench/run.py`` does) and the per-input 
 suspect model (``logit_m``), the backdoor expert (``logit_x``) and the auxiliary model
 (``logit_y``) in M's label are cached under ``--out`` on the calibration, test and triggered test
 inputs. Every rule is then evaluated from the cache without refitting: the threshold is the
-conformal quantile of the calibration scores at ``--fpr``; the AUROC is on the paper's population
+conformal quantile at ``--fpr`` of the calibration scores of ``--calibrate-on`` (``correct``, the
+detector's default: the calibration inputs M classifies correctly; ``all``: every one, the
+detector's default before 2026-11-22); the AUROC is on the paper's population
 (clean inputs M gets right vs triggered inputs the backdoor flips); ASR after defense counts
 triggered inputs that are flipped and not rejected.
 
@@ -36,6 +38,7 @@ from badexpert.attacks import attack_from_meta
 from badexpert.cli import _kv, _splits_for
 from badexpert.detectors import get_detector
 from badexpert.detectors.badexpert import SCORES, _label_log_odds, combine
+from badexpert.detectors.base import CALIBRATION_POPULATIONS, DEFAULT_POPULATION
 from badexpert.evaluation import trigger_dataset
 from badexpert.io import load_model
 from badexpert.metrics import auroc, conformal_threshold
@@ -61,10 +64,14 @@ def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
     ident = {"params": params, "model": str(model_path.resolve()), "mtime_ns": model_path.stat().st_mtime_ns}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"{cell_name(model_path)}-{key}.npz"
-    if path.exists():
-        return dict(np.load(path))
     model, meta = load_model(model_path)
     _, splits = _splits_for(meta, meta, argparse.Namespace(dataset=None, data_path=None, image_size=None))
+    if path.exists():
+        res = dict(np.load(path))
+        if "cal_label" not in res:  # cached before the calibration labels were kept
+            res["cal_label"] = splits.calibration.labels.numpy()
+            np.savez(path, **res)
+        return res
     attack = attack_from_meta(meta, source=f"'{model_path}'")
     det = get_detector("badexpert", seed=0, **params)
     with warnings.catch_warnings():
@@ -78,6 +85,7 @@ def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
         res.update({f"{part}_pred": conf["pred"].numpy(), f"{part}_m": logit_m.numpy(),
                     f"{part}_x": conf["logit_x"].numpy(), f"{part}_y": conf["logit_y"].numpy(),
                     f"{part}_px": conf["x"].numpy(), f"{part}_py": conf["y"].numpy()})
+    res["cal_label"] = splits.calibration.labels.numpy()
     res["clean_label"] = splits.test.labels.numpy()
     res["trig_target"] = targets.numpy()
     out.mkdir(parents=True, exist_ok=True)
@@ -96,14 +104,16 @@ def scores(d: dict[str, np.ndarray], part: str, rule: str) -> np.ndarray:
     return combine(torch.from_numpy(d[f"{part}_px"]), torch.from_numpy(d[f"{part}_py"]), rule).numpy()
 
 
-def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float) -> tuple[float, float, float]:
-    """(AUROC on the paper's population, ASR after defense, realized FPR)."""
+def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float, population: str) -> tuple[float, float, float]:
+    """(AUROC on the paper's population, ASR after defense, realized FPR on ``population``)."""
     s = {p: scores(d, p, rule) for p in ("cal", "clean", "trig")}
-    thr = conformal_threshold(s["cal"], fpr)
+    cal = s["cal"][d["cal_pred"] == d["cal_label"]] if population == "correct" else s["cal"]
+    thr = conformal_threshold(cal, fpr)
     correct = d["clean_pred"] == d["clean_label"]
     flipped = d["trig_pred"] == d["trig_target"]
+    clean = s["clean"][correct] if population == "correct" else s["clean"]
     return (auroc(s["clean"][correct], s["trig"][flipped]), float(np.mean(flipped & (s["trig"] <= thr))),
-            float(np.mean(s["clean"] > thr)))
+            float(np.mean(clean > thr)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="BaDExpert parameter for this exploration (JSON values), e.g. expert_agreement=0.5")
     p.add_argument("--rules", default="logodds", help=f"comma-separated, of {', '.join((*SCORES, *EXTRA))}")
     p.add_argument("--fpr", type=float, default=0.01)
+    p.add_argument("--calibrate-on", choices=CALIBRATION_POPULATIONS, default=DEFAULT_POPULATION,
+                   help="calibration inputs that set the threshold (default: the detector's, %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/explore-rules"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -125,14 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         p.error("two --models share a row name (their directory's name); give each model its own directory name")
     rows = {name: dump(m, params, args.out) for name, m in zip(names, args.models)}
-    print(f"BaDExpert {params or 'defaults'}; cells: AUROC (paper's population) / ASR after / FPR at target {args.fpr:g}\n")
+    print(f"BaDExpert {params or 'defaults'}, calibrated on {args.calibrate_on}; cells: AUROC (paper's population) / "
+          f"ASR after / realized FPR at target {args.fpr:g}\n")
     print("| model | " + " | ".join(rules) + " |")
     print("|---|" + "---|" * len(rules))
     per = {r: [] for r in rules}
     for name, d in rows.items():
         cells = []
         for r in rules:
-            a, s, f = evaluate(d, r, args.fpr)
+            a, s, f = evaluate(d, r, args.fpr, args.calibrate_on)
             per[r].append((a, s, f))
             cells.append(f"{100 * a:.2f}% / {100 * s:.1f}% / {100 * f:.2f}%")
         print(f"| {name} | " + " | ".join(cells) + " |")

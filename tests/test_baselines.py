@@ -257,7 +257,7 @@ def test_save_load_round_trips(tmp_path):
     x = torch.rand(15, 1, 3, 3, generator=g)
     model = Linear3(9).eval()
     for clean in (clean8, clean8.float() / 255 + 0.001):  # a uint8 pool and a float one
-        det = STRIP(n=8, alpha=0.8, device="cpu").fit(model, (clean, labels)).calibrate(calib, 0.2)
+        det = STRIP(n=8, alpha=0.8, device="cpu").fit(model, (clean, labels)).calibrate(calib, 0.2, population="all")
         loaded = load_detector(det.save(tmp_path / "strip.safetensors"), model)
         assert isinstance(loaded, STRIP) and loaded.get_params() == det.get_params()
         assert loaded.overlays_.dtype == clean.dtype and torch.equal(loaded.overlays_, det.overlays_)
@@ -273,7 +273,7 @@ def test_save_load_round_trips(tmp_path):
     rule = MeanRule()
     clean = (const(0.10, 0.12, 0.20, 0.04, 0.60), torch.tensor([0, 1, 1, 0, 0]))
     for variant in ("data_free", "data_limited"):
-        det = ScaleUp(variant=variant, device="cpu").fit(rule, clean).calibrate(const(0.3, 0.05, 0.13, 0.61), 0.3)
+        det = ScaleUp(variant=variant, device="cpu").fit(rule, clean).calibrate(const(0.3, 0.05, 0.13, 0.61), 0.3, population="all")
         loaded = load_detector(det.save(tmp_path / "scale_up.safetensors"), rule)
         assert isinstance(loaded, ScaleUp) and loaded.get_params() == det.get_params()
         assert (loaded.spc_mean_, loaded.spc_std_) == (det.spc_mean_, det.spc_std_)
@@ -325,6 +325,6 @@ def test_guard_scores_match_the_detector():
     clean, labels = torch.rand(40, 1, 4, 4, generator=g), torch.randint(0, 2, (40,), generator=g)
     calib, x = torch.rand(30, 1, 4, 4, generator=g), torch.rand(12, 1, 4, 4, generator=g) * 0.3
     for det, model in ((STRIP(n=5, device="cpu"), Linear3(16).eval()), (ScaleUp(device="cpu"), MeanRule())):
-        det.fit(model, (clean, labels)).calibrate(calib, 0.2)
+        det.fit(model, (clean, labels)).calibrate(calib, 0.2, population="all")
         out = Guard(model, det)(x)
         assert torch.equal(out.score, det.score(x)) and torch.equal(out.reject, det.predict(x))

@@ -1,5 +1,7 @@
 """The detector contract, run for every registered detector, and BaDExpert's own behaviour."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -72,15 +74,63 @@ def test_higher_score_means_backdoor(fitted, splits):
 
 
 def test_calibrated_threshold_controls_false_positives(fitted, splits):
-    _, _, calib, test, triggered = splits
-    assert fitted.threshold_ is not None and fitted.fpr_target_ == 0.05 and fitted.calibration_size_ == 800
-    assert fitted.predict(calib).float().mean() <= 0.05
+    model, _, calib, test, triggered = splits
+    with torch.no_grad():
+        right = model.eval()(to_float(calib.images)).argmax(1) == calib.labels
+    # the paper's protocol: the threshold comes from the calibration inputs the model gets right
+    assert fitted.calibration_population_ == "correct" and fitted.calibration_size_ == int(right.sum())
+    assert fitted.threshold_ is not None and fitted.fpr_target_ == 0.05
+    assert fitted.predict(calib.images[right]).float().mean() <= 0.05
     realized = fitted.predict(test).float().mean().item()
     assert realized <= 0.05 + 0.03  # 800 fresh clean inputs: binomial noise around <= 5%
     flags = fitted.predict(triggered)
     assert flags.dtype == torch.bool and torch.equal(flags, fitted.score(triggered) > fitted.threshold_)
     if CONTRACT[fitted.name][2] is not None:  # None: the detector makes no claim at this FPR (see its entry)
         assert flags.float().mean() > CONTRACT[fitted.name][2]
+
+
+def test_calibration_population(splits, tmp_path):
+    """``correct`` (the default) sets the threshold on the calibration inputs the model classifies
+    correctly, ``all`` on every one; each is the conformal quantile of exactly those scores."""
+    from badexpert.metrics import conformal_threshold
+
+    model, reserved, calib, _, _ = splits
+    det = FACTORIES["strip"]().fit(model, reserved)
+    # a quarter of the labels wrong: the model now "misclassifies" those inputs
+    labels = calib.labels.clone()
+    labels[::4] = (labels[::4] + 1) % 4
+    scores = det.score(calib.images)
+    with torch.no_grad():
+        right = model.eval()(to_float(calib.images)).argmax(1) == labels
+    assert 500 < int(right.sum()) < 700
+    det.calibrate((calib.images, labels), fpr=0.05)
+    assert det.calibration_population_ == "correct" and det.calibration_size_ == int(right.sum())
+    assert det.threshold_ == pytest.approx(conformal_threshold(scores[right].numpy(), 0.05))
+    det.calibrate(calib.images, fpr=0.05, population="all")  # no labels needed
+    assert det.calibration_population_ == "all" and det.calibration_size_ == len(calib)
+    assert det.threshold_ == pytest.approx(conformal_threshold(scores.numpy(), 0.05))
+    for args, kwargs, msg in [
+        ((calib.images, 0.05), {}, r"needs the calibration labels .* or population='all'"),
+        ((calib, 0.05), {"population": "wrong"}, "population"),
+        (((calib.images, (calib.labels + 1) % 4), 0.05), {}, "classifies none of the 800 calibration images"),
+    ]:
+        with pytest.raises(BadExpertError, match=msg) as err:
+            det.calibrate(*args, **kwargs)
+        assert "\n" not in str(err.value)
+    # the population travels with the saved detector
+    det.calibrate((calib.images, labels), fpr=0.05)
+    path = det.save(tmp_path / "strip.safetensors")
+    loaded = load_detector(path, model)
+    assert loaded.calibration_population_ == "correct" and loaded.threshold_ == det.threshold_
+    # a file written before the population was recorded was calibrated on every input
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads(fh.metadata()["badexpert"])
+    del meta["calibration_population"]
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"badexpert": json.dumps(meta)})
+    assert load_detector(tmp_path / "old.safetensors", model).calibration_population_ == "all"
 
 
 def test_predict_before_calibrate(splits):

@@ -15,7 +15,7 @@ from badexpert.attacks import get_attack
 from badexpert.data import to_float
 from badexpert.detectors import DETECTORS, Frequency, get_detector, load_detector
 from badexpert.detectors.frequency import TRIGGERS, FrequencyCNN, dct2, dct_matrix, idct2, synthetic_triggers
-from badexpert.errors import BadExpertError
+from badexpert.errors import BadExpertError, NotFittedError
 from badexpert.metrics import auroc
 
 from .conftest import FASHION_MNIST, make_blobs
@@ -159,7 +159,7 @@ def test_fit_is_deterministic_under_the_seed():
 def test_save_load_round_trip(setup, tmp_path):
     det, model, _, test, triggered = setup
     calib = make_blobs(300, seed=4)
-    det.calibrate(calib, fpr=0.05)
+    det.calibrate(calib, fpr=0.05, population="all")  # the Refuses model cannot classify the calibration set
     path = det.save(tmp_path / "freq.safetensors")
     loaded = load_detector(path, model)
     assert isinstance(loaded, Frequency) and loaded.get_params() == det.get_params()
@@ -179,7 +179,7 @@ def test_save_load_round_trip(setup, tmp_path):
 
 def test_rebind_moves_it_to_another_model_and_nothing_else_moves(setup, backdoored, tmp_path):
     det, model, _, test, _ = setup
-    det.calibrate(make_blobs(300, seed=4), fpr=0.05)
+    det.calibrate(make_blobs(300, seed=4), fpr=0.05, population="all")
     path = det.save(tmp_path / "freq.safetensors")
     other = Refuses()
     with torch.no_grad():
@@ -189,6 +189,16 @@ def test_rebind_moves_it_to_another_model_and_nothing_else_moves(setup, backdoor
     moved = load_detector(path, other, rebind=True, model_name="other.safetensors")
     assert torch.equal(moved.score(test), det.score(test))
     assert moved.threshold_ == det.threshold_ and moved.model_name_ == "other.safetensors"
+    # a threshold set on the inputs one model classifies correctly is that model's: it does not move
+    bd_model, _, _, te = backdoored
+    real = load_detector(path, bd_model, rebind=True).calibrate(te.subset(range(300)), fpr=0.05)
+    assert real.calibration_population_ == "correct"
+    cpath = real.save(tmp_path / "freq-correct.safetensors")
+    assert load_detector(cpath, bd_model, rebind=True).threshold_ == real.threshold_  # the same model: kept
+    uncal = load_detector(cpath, other, rebind=True)
+    assert uncal.is_fitted and not hasattr(uncal, "threshold_")
+    with pytest.raises(NotFittedError, match="calibrate"):
+        uncal.predict(test)
     # a detector that uses the model is never moved
     bd_model, _, _, te = backdoored
     strip = get_detector("strip", n=4, seed=0).fit(bd_model, te.subset(range(200)))

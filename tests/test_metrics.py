@@ -253,6 +253,10 @@ def test_detection_summary_hand_example():
     assert d["tpr"] == pytest.approx(2 / 4)
     assert d["fpr_filtered"] == pytest.approx(1 / 4)  # correct clean 0.1 0.2 0.6 0.3 -> one > 0.5
     assert d["tpr_filtered"] == pytest.approx(2 / 3)  # successful 0.8 0.7 0.3 -> two > 0.5
+    # the realized FPR set beside the target is the one of the calibrated population
+    assert d["calibration_population"] == "all" and d["realized_fpr"] == d["fpr"]
+    c = _hand_example(calibration_population="correct")
+    assert c["calibration_population"] == "correct" and c["realized_fpr"] == pytest.approx(1 / 4)
     # AUROC all: 0.8 beats 5 clean, 0.7 beats 5, 0.3 beats 2 and ties 1, 0.05 beats none -> 12.5/24
     assert d["auroc"] == pytest.approx(12.5 / 24)
     # filtered: 0.8 beats 4, 0.7 beats 4, 0.3 beats 2 and ties 1 -> 10.5/12

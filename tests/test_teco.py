@@ -398,7 +398,7 @@ def test_save_load_round_trip(tmp_path):
     model = MeanRange()
     det = fitted(TeCo(corruptions=("brightness", "contrast", "gaussian_noise"), severities=(1, 2, 4), seed=5), model)
     calib = torch.cat([halves(0.31 + 0.01 * k, 0.8) for k in range(30)])  # disjoint from the fitting images
-    det.calibrate(calib, fpr=0.1)
+    det.calibrate(calib, fpr=0.1, population="all")
     x = torch.cat([halves(0.3, 0.8), halves(0.45, 0.75), halves(0.1, 0.3)])
     path = det.save(tmp_path / "teco.safetensors")
     loaded = load_detector(path, model)

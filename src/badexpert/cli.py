@@ -315,7 +315,8 @@ def cmd_defend(args) -> int:
     det.save(args.out, extra=split_meta(cfg))
     chose = det.fit_summary()
     print(f"fitted {method} in {det.fit_seconds_:.1f}s{' (' + chose + ')' if chose else ''}; "
-          f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from {det.calibration_size_} clean samples")
+          f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from the {det.calibration_size_} of "
+          f"{len(splits.calibration)} calibration samples the model classifies correctly")
     print(f"wrote {args.out}")
     return 0
 

@@ -65,8 +65,8 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
     (on ``splits.test`` under ``attack``) every detector, sharing the suspect model's predictions.
 
     ``detectors``: registry names (built with ``seed`` and ``device``) or :class:`Detector`
-    instances; an instance that is already calibrated is used as it is (it must have been
-    fitted on ``model`` and not on the test images). If the backdoor did not implant
+    instances; an instance that is already fitted (on ``model``, not on the test images) is not
+    fitted again, and one already calibrated is used as it is. If the backdoor did not implant
     (ASR below ``asr_bar``) no detector is fitted and the result says so.
     """
     expect(model, nn.Module, "the model")
@@ -83,9 +83,10 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
         log(out.metrics["message"])
         return Comparison(metrics, arrays)
     for det in dets:
-        if not hasattr(det, "threshold_"):
+        if not det.is_fitted:
             log(f"fitting {det.name} on {len(splits.reserved)} reserved clean samples")
             det.fit(model, splits.reserved)
+        if not hasattr(det, "threshold_"):
             det.calibrate(splits.calibration, fpr)
         overlap = check_detector_for(model, det, splits.test)
         log(f"evaluating {det.name} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
@@ -118,7 +119,7 @@ def format_comparison(metrics: dict) -> str:
         rows.append(
             f"| {d['name']} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
             f"{_pct(t.get('0.1%'))} / {_pct(t.get('1%'))} / {_pct(t.get('5%'))} | {_pct(d.get('clean_accuracy'))} | "
-            f"{_pct(d.get('attack_success_rate'))} | {_pct(d.get('fpr'), 2)} | "
+            f"{_pct(d.get('attack_success_rate'))} | {_pct(d.get('realized_fpr', d.get('fpr')), 2)} | "
             f"{cost.get('forward_passes_per_input')} / {cost.get('backward_passes_per_input')} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )

@@ -207,14 +207,19 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     test = out.test
     passes = {"forward_passes_per_input": detector.cost["forward"],
               "backward_passes_per_input": detector.cost["backward"]}
+    population = getattr(detector, "calibration_population_", "all")
     if out.attack is None:
         det = _details(detector, test.images)
         flags = detector.decide(torch.from_numpy(det["score"])).numpy()
+        correct = out.clean_pred.numpy() == test.labels.numpy()
+        fpr_all, fpr_correct = float(flags.mean()), float(flags[correct].mean()) if correct.any() else float("nan")
         defense = {
             "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
             "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
-            "fpr": float(flags.mean()),
-            "clean_accuracy": float(((out.clean_pred.numpy() == test.labels.numpy()) & ~flags).mean()),
+            "calibration_population": population,
+            "realized_fpr": fpr_correct if population == "correct" else fpr_all,
+            "fpr": fpr_all, "fpr_filtered": fpr_correct,
+            "clean_accuracy": float((correct & ~flags).mean()),
             "cost": dict(passes),
         }
         return defense, {}
@@ -226,7 +231,7 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
         clean_scores=det_clean["score"], clean_labels=test.labels.numpy(), clean_preds=out.clean_pred.numpy(),
         trig_scores=det_trig["score"], trig_preds=out.trig_pred.numpy(), trig_target=out.targets.numpy(),
         threshold=detector.threshold_, fpr_target=detector.fpr_target_, class_names=test.classes,
-        n_boot=n_boot, seed=seed,
+        n_boot=n_boot, seed=seed, calibration_population=population,
     )
     defense = {"name": detector.name, "params": detector.get_params(), **summary,
                "calibration_size": detector.calibration_size_, "overlap": overlap}

@@ -342,8 +342,8 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
     else:
         log(f"fitting {cfg.detector} on {len(splits.reserved)} reserved clean samples")
         detector = fit_detector(cfg, model, splits)
-        log(f"calibrated at target FPR {cfg.fpr:g} on {len(splits.calibration)} clean samples: "
-            f"threshold {detector.threshold_:.4g}")
+        log(f"calibrated at target FPR {cfg.fpr:g} on the {detector.calibration_size_} of {len(splits.calibration)} "
+            f"clean calibration samples the model classifies correctly: threshold {detector.threshold_:.4g}")
         result = evaluate(model, detector, splits.test, attack, asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics = experiment_metrics(cfg, meta, result, splits)
     with atomic_directory(out_dir, owned=RUN_OUTPUTS, overwrite=overwrite) as out:

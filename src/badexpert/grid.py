@@ -314,11 +314,13 @@ def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
     """Content hash of what a fitted and calibrated detector depends on: the suspect model's key
     (for a detector that does not use the model, a digest of its fitting and calibration images),
     the detector's name and parameters (its seed included, its device not), the split it was
-    fitted and calibrated on, and the target FPR."""
+    fitted and calibrated on, and the target FPR and calibration population."""
+    from .detectors.base import DEFAULT_POPULATION
+
     return _hash({"suspect": suspect, "detector": name, "params": {k: v for k, v in params.items() if k != "device"},
                   "split": {"dataset": cfg.dataset, "seed": cfg.seed, "reserved": cfg.reserved,
                             "calibration": cfg.calibration},
-                  "fpr": cfg.fpr, "version": __version__})
+                  "fpr": cfg.fpr, "calibration_population": DEFAULT_POPULATION, "version": __version__})
 
 
 def _detector_row(d: dict | None) -> dict:
@@ -329,7 +331,9 @@ def _detector_row(d: dict | None) -> dict:
     seconds = [v for v in (timings.get("fit_s"), timings.get("calibrate_s"), timings.get("score_s")) if v is not None]
     return {
         "auroc": d.get("auroc"), "auroc_ci": d.get("auroc_ci"), "auroc_filtered": d.get("auroc_filtered"),
-        "tpr_at_1pct_fpr": d.get("tpr_at_fpr", {}).get("1%"), "tpr": d.get("tpr"), "fpr": d.get("fpr"),
+        "tpr_at_1pct_fpr": d.get("tpr_at_fpr", {}).get("1%"), "tpr": d.get("tpr"),
+        # the realized FPR on the population the threshold was calibrated for (beside fpr_target)
+        "fpr": d.get("realized_fpr", d.get("fpr")),
         "fpr_target": d.get("fpr_target"), "threshold": d.get("threshold"),
         "ca_after": d.get("clean_accuracy"), "asr_after": d.get("attack_success_rate"),
         "forward_passes": cost.get("forward_passes_per_input"),
@@ -392,7 +396,8 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
                 except BadExpertError as exc:  # e.g. the suspect model was retrained with other weights
                     log(f"cached {d['name']} detector not usable ({exc}); fitting it again")
                 else:
-                    if hasattr(loaded, "threshold_") and loaded.fpr_target_ == cfg.fpr:
+                    # calibrated at this FPR, or (a detector moved to this model) to be calibrated for it
+                    if getattr(loaded, "fpr_target_", cfg.fpr) == cfg.fpr:
                         log(f"loaded cached {d['name']} detector {path}")
                         det = loaded
                         cached.add(d["name"])

@@ -358,6 +358,7 @@ def detection_summary(
     class_names: Sequence[str] | None,
     n_boot: int = 1000,
     seed: int = 0,
+    calibration_population: str = "all",
 ) -> dict[str, Any]:
     """Every detection number of the report, from per-input arrays.
 
@@ -371,6 +372,11 @@ def detection_summary(
     ``*_filtered`` numbers use the research code's population (clean inputs the model gets right
     vs triggered inputs whose attack succeeds), for comparison with the paper. ``tpr_at_fpr``
     holds oracle operating points (threshold chosen on the test scores), not the calibrated one.
+
+    ``fpr`` is the share of all clean test inputs rejected, ``fpr_filtered`` the share of those
+    the model gets right; ``realized_fpr`` is the one the threshold was calibrated to bound
+    (``calibration_population`` ``"correct"``: ``fpr_filtered``; ``"all"``: ``fpr``), to set
+    beside ``fpr_target``.
     """
     cs = _vec(clean_scores, "clean_scores")
     cl = _vec(clean_labels, "clean_labels", dtype=np.int64)
@@ -396,16 +402,19 @@ def detection_summary(
 
     ca_nd = _mean(correct)
     ca = _mean(correct & ~clean_rej)
+    fpr_all, fpr_correct = _mean(clean_rej), _mean(clean_rej[correct])
     return {
         "threshold": threshold,
         "fpr_target": float(fpr_target),
+        "calibration_population": calibration_population,
+        "realized_fpr": fpr_correct if calibration_population == "correct" else fpr_all,
         "auroc": auroc(cs, ts),
         "auroc_ci": auroc_ci,
         "auroc_filtered": auroc(cs[correct], ts[success]),
         "tpr": _mean(trig_rej),
-        "fpr": _mean(clean_rej),
+        "fpr": fpr_all,
         "tpr_filtered": _mean(trig_rej[success]),
-        "fpr_filtered": _mean(clean_rej[correct]),
+        "fpr_filtered": fpr_correct,
         "tpr_at_fpr": tpr_at_fpr(cs, ts),
         "clean_accuracy": ca,
         "attack_success_rate": _mean(success & ~trig_rej),

@@ -144,7 +144,10 @@ def format_table(metrics: dict) -> str:
     line("AUROC (filtered, paper)", _pct(d.get("auroc_filtered")))
     line("TPR (triggered rejected)", _pct(d.get("tpr")))
     digits = _fpr_digits(d.get("fpr_target"))
-    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(d.get('fpr'), digits)}")
+    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(_realized_fpr(d), digits)}"
+         + (" (clean inputs the model gets right)" if d.get("calibration_population") == "correct" else ""))
+    if d.get("calibration_population") == "correct":
+        line("clean inputs rejected (all)", _pct(d.get("fpr"), digits))
     line("threshold", _float(d.get("threshold")))
     fit_s = _num(_get(d, "timings", "fit_s"))
     if fit_s is not None:
@@ -451,17 +454,33 @@ def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> li
     return lines or ["- (no configuration recorded)"]
 
 
+def _realized_fpr(d: dict) -> Any:
+    """The realized FPR to set beside the target: on the population the threshold was calibrated
+    for (records written before it was recorded have only ``fpr``)."""
+    return d.get("realized_fpr", d.get("fpr"))
+
+
 def _fpr_sentence(d: dict) -> str:
-    tgt, real = d.get("fpr_target"), d.get("fpr")
+    tgt, real = d.get("fpr_target"), _realized_fpr(d)
     digits = _fpr_digits(tgt)
     n_cal = d.get("calibration_size")
     n_clean = d.get("n_clean")
-    cal = f" on {n_cal} held-out clean inputs" if n_cal is not None else ""
-    test = f" of the {n_clean} clean test inputs" if n_clean is not None else " of the clean test inputs"
+    if d.get("calibration_population") == "correct":
+        cal = f" on {n_cal} held-out clean inputs the model classifies correctly" if n_cal is not None else \
+            " on held-out clean inputs the model classifies correctly"
+        n_ok = d.get("n_clean_correct")
+        test = f" of the {n_ok} clean test inputs it gets right" if n_ok is not None else \
+            " of the clean test inputs it gets right"
+        after = (f" Counting the clean inputs it gets wrong too (whose answer was wrong anyway), it rejected "
+                 f"{_pct(d.get('fpr'), digits)} of all clean test inputs.")
+    else:
+        cal = f" on {n_cal} held-out clean inputs" if n_cal is not None else ""
+        test = f" of the {n_clean} clean test inputs" if n_clean is not None else " of the clean test inputs"
+        after = ""
     s = (
         f"The threshold was calibrated{cal} for a target false-positive rate of {_pct(tgt, digits)} "
         f"(split-conformal quantile: at most the target in expectation on new clean data); "
-        f"it rejected {_pct(real, digits)}{test} (realized FPR)."
+        f"it rejected {_pct(real, digits)}{test} (realized FPR).{after}"
     )
     thr = _num(d.get("threshold"))
     if thr is not None and (math.isinf(thr) or thr >= 1e300):

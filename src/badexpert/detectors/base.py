@@ -5,7 +5,11 @@
 - ``score(x)``: one float per input, **higher means more likely a backdoor input**.
 - ``calibrate(clean, fpr)`` sets ``threshold_`` to the split-conformal quantile of the scores of
   a clean calibration set disjoint from the fitting data, so that the false-positive rate on new
-  clean inputs is at most ``fpr`` in expectation.
+  clean inputs is at most ``fpr`` in expectation. By default (``population="correct"``, the
+  paper's protocol) the quantile is over the calibration inputs the suspect model classifies
+  correctly: at most ``fpr`` of the clean inputs it gets right are rejected, and rejecting one it
+  gets wrong costs no accuracy. ``population="all"`` uses every calibration input (no labels
+  needed).
 - ``predict(x)``: boolean tensor, True = reject (``score > threshold_``, or a score that is not a
   number).
 
@@ -39,7 +43,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -54,6 +58,12 @@ from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect
 #: /2 adds the model fingerprint, the data record (content hashes, calibration scores) and the
 #: detector's own split; /1 files (badexpert 0.1.0 before hardening) are refused with a message.
 FORMAT = "badexpert-detector/2"
+
+#: Which calibration inputs set the threshold: those the suspect model classifies correctly (the
+#: paper's protocol; needs labels) or all of them.
+CALIBRATION_POPULATIONS = ("correct", "all")
+#: The population :meth:`Detector.calibrate` uses unless told otherwise (the pipeline never is).
+DEFAULT_POPULATION = "correct"
 
 
 class Detector:
@@ -205,12 +215,16 @@ class Detector:
         self.model_ = model
         self.input_shape_ = tuple(images.shape[1:])
         self.fit_hashes_ = image_hashes(images)
-        for attr in ("threshold_", "fpr_target_", "calibration_size_", "calibration_scores_", "calibration_hashes_"):
-            self.__dict__.pop(attr, None)
+        self._drop_calibration()
         return self
 
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _drop_calibration(self) -> None:
+        for attr in ("threshold_", "fpr_target_", "calibration_population_", "calibration_size_",
+                     "calibration_scores_", "calibration_hashes_"):
+            self.__dict__.pop(attr, None)
 
     @property
     def is_fitted(self) -> bool:
@@ -283,20 +297,37 @@ class Detector:
         :meth:`score_details` of the clean and triggered test inputs (numpy arrays). Default: none."""
         return {}
 
-    def calibrate(self, clean, fpr: float = 0.01) -> "Detector":
+    def calibrate(self, clean, fpr: float = 0.01, *, population: str = DEFAULT_POPULATION) -> "Detector":
         """Set ``threshold_`` so that at most ``fpr`` of new clean inputs are rejected (in expectation).
 
         ``clean`` must be disjoint from the data the detector was fitted on (checked by content)
         and from the data it will be evaluated on. Uses the finite-sample conformal quantile: the
         ``ceil((n+1)(1-fpr))``-th smallest clean score. Non-finite images are refused.
+
+        ``population``: ``"correct"`` (default, the paper's protocol) takes the quantile over the
+        calibration inputs the suspect model classifies correctly, so ``fpr`` bounds the share of
+        clean inputs the model gets right that are rejected; a clean input the model gets wrong
+        may be rejected more often (it costs no accuracy: its answer was wrong anyway, and a
+        backdoor that fires on clean inputs makes such errors). Needs labelled data (a Dataset or
+        an ``(images, labels)`` pair). ``"all"`` takes every calibration input (no labels needed):
+        ``fpr`` then bounds the share of all clean inputs rejected.
         """
         from ..metrics import conformal_threshold
+        from ..training import predict_logits
 
         self._check_fitted("calibrate")
         fpr = check_value(fpr, Annotated[float, Range(gt=0, lt=1)], "fpr", "the target false-positive rate")
-        images, _ = as_tensors(clean)
+        population = check_value(population, Literal[CALIBRATION_POPULATIONS], "population",
+                                 "the calibration population")
+        images, labels = as_tensors(clean)
         if len(images) == 0:
             raise BadExpertError(f"{self.name}: calibrate needs clean samples, got none")
+        if population == "correct" and labels is None:
+            raise BadExpertError(
+                f"{self.name}: calibrate(population='correct') needs the calibration labels (a Dataset or an "
+                "(images, labels) pair), to keep the inputs the model classifies correctly; pass them, or "
+                "population='all' for unlabelled clean data"
+            )
         hashes = image_hashes(images)
         shared = int(torch.isin(hashes, self.fit_hashes_).sum())
         if shared:
@@ -305,6 +336,15 @@ class Detector:
                 "fitted on; calibrate on clean data disjoint from the fitting data"
             )
         start = time.perf_counter()
+        if population == "correct":
+            self._check_input(images)
+            keep = predict_logits(self.model_, images, batch_size=self.batch_size).argmax(1) == labels
+            if not bool(keep.any()):
+                raise BadExpertError(
+                    f"{self.name}: the model classifies none of the {len(images)} calibration images correctly; "
+                    "check that the labels belong to this model's classes, or use population='all'"
+                )
+            images = images[keep]
         scores = self.score(images)
         if not bool(torch.isfinite(scores).all()):
             raise BadExpertError(f"{self.name}: calibration scores are not finite; the detector's models are broken")
@@ -312,12 +352,14 @@ class Detector:
         if math.isinf(thr):
             need = math.ceil(1 / fpr) - 1
             warnings.warn(
-                f"{len(scores)} calibration samples cannot guarantee FPR {fpr}: at least {need} are needed; "
-                "only inputs that cannot be scored will be rejected",
+                f"{len(scores)} calibration samples{' the model classifies correctly' if population == 'correct' else ''}"
+                f" cannot guarantee FPR {fpr}: at least {need} are needed; only inputs that cannot be scored will be "
+                "rejected",
                 stacklevel=2,
             )
         self.threshold_ = float(thr)
         self.fpr_target_ = float(fpr)
+        self.calibration_population_ = population
         self.calibration_size_ = int(len(scores))
         self.calibration_scores_ = scores.clone()
         self.calibration_hashes_ = hashes
@@ -408,6 +450,7 @@ class Detector:
             "data": self.data_info_,
             "threshold": getattr(self, "threshold_", None),
             "fpr_target": getattr(self, "fpr_target_", None),
+            "calibration_population": getattr(self, "calibration_population_", None),
             "calibration_size": getattr(self, "calibration_size_", None),
             "fit_seconds": getattr(self, "fit_seconds_", None),
             "state": self._state_meta(),
@@ -464,6 +507,8 @@ def check_detector_meta(meta: dict, source: str) -> dict:
         "detector": str, "params": dict, "input_shape": tuple[Dim, Dim, Dim], "model": dict, "data": dict,
         "threshold": float | None, "fpr_target": Annotated[float, Range(gt=0, lt=1)] | None,
         "calibration_size": Annotated[int, Range(ge=1)] | None, "state": dict, "extra": dict,
+        # absent in files written before it was recorded: those were calibrated on every input
+        "calibration_population": Literal[CALIBRATION_POPULATIONS] | None,
     }
     for key, tp in checks.items():
         meta[key] = check_value(meta.get(key), tp, key, where)
@@ -505,7 +550,9 @@ def load_detector(path: str | Path, model: nn.Module, *, device: str | None = No
     A model whose weights differ from the fitted one's (by fingerprint) is refused; ``model_name``
     (a file name) is used in that message. ``rebind=True`` moves a detector that never uses the
     suspect model (:attr:`Detector.uses_model` false: Frequency) to ``model`` instead; any other
-    detector is still refused.
+    detector is still refused. A detector moved to another model comes back uncalibrated when its
+    threshold was set on the inputs the old model classified correctly (``population="correct"``):
+    calibrate it again for the new model.
     """
     expect(model, nn.Module, "the model")
     tensors, meta = read_detector_file(path)
@@ -533,10 +580,13 @@ def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.
     det = DETECTORS[name](**params)
     det.model_fingerprint_ = meta["model"]["fingerprint"]
     det.model_name_ = meta["model"].get("name")
+    rebound = False
     if rebind and not det.uses_model:  # moved to this model: it records this model's fingerprint
         from ..io import model_fingerprint
 
-        det.model_fingerprint_, det.model_name_ = model_fingerprint(model), model_name
+        fingerprint = model_fingerprint(model)
+        rebound = fingerprint != det.model_fingerprint_
+        det.model_fingerprint_, det.model_name_ = fingerprint, model_name
     else:
         det.check_model(model, model_name=model_name)
     det.device_ = resolve_device(det.device)
@@ -550,11 +600,15 @@ def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.
     cal_hashes = tensors.pop("record.calibration_hashes", None)
     det._load_state(model, tensors, meta["state"])
     det.model_ = model
-    if meta["threshold"] is not None:
+    # a threshold set on the inputs the old model got right does not carry over to another model:
+    # a rebound detector comes back fitted but uncalibrated
+    carried = not (rebound and (meta["calibration_population"] or "all") == "correct")
+    if meta["threshold"] is not None and carried:
         if meta["fpr_target"] is None or meta["calibration_size"] is None or scores is None:
             raise BadExpertError(f"{source} has a threshold but no calibration record; it is damaged")
         det.threshold_ = float(meta["threshold"])
         det.fpr_target_ = float(meta["fpr_target"])
+        det.calibration_population_ = meta["calibration_population"] or "all"
         det.calibration_size_ = int(meta["calibration_size"])
         det.calibration_scores_ = scores
         det.calibration_hashes_ = cal_hashes
