@@ -106,8 +106,13 @@ def test_calibration_population(splits, tmp_path):
     det.calibrate((calib.images, labels), fpr=0.05)
     assert det.calibration_population_ == "correct" and det.calibration_size_ == int(right.sum())
     assert det.threshold_ == pytest.approx(conformal_threshold(scores[right].numpy(), 0.05))
+    # clean traffic is rejected at the target on what the model gets right, at the measured rate on the rest
+    wrong_rejected = int((scores[~right] > det.threshold_).sum())
+    assert wrong_rejected > 0
+    assert det.clean_rejection_rate_ == pytest.approx((int(right.sum()) * 0.05 + wrong_rejected) / len(calib))
     det.calibrate(calib.images, fpr=0.05, population="all")  # no labels needed
     assert det.calibration_population_ == "all" and det.calibration_size_ == len(calib)
+    assert det.clean_rejection_rate_ == pytest.approx(0.05)
     assert det.threshold_ == pytest.approx(conformal_threshold(scores.numpy(), 0.05))
     for args, kwargs, msg in [
         ((calib.images, 0.05), {}, r"needs the calibration labels .* or population='all'"),
@@ -122,15 +127,17 @@ def test_calibration_population(splits, tmp_path):
     path = det.save(tmp_path / "strip.safetensors")
     loaded = load_detector(path, model)
     assert loaded.calibration_population_ == "correct" and loaded.threshold_ == det.threshold_
+    assert loaded.clean_rejection_rate_ == det.clean_rejection_rate_
     # a file written before the population was recorded was calibrated on every input
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), "pt") as fh:
         meta = json.loads(fh.metadata()["badexpert"])
-    del meta["calibration_population"]
+    del meta["calibration_population"], meta["clean_rejection_rate"]
     save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"badexpert": json.dumps(meta)})
-    assert load_detector(tmp_path / "old.safetensors", model).calibration_population_ == "all"
+    old = load_detector(tmp_path / "old.safetensors", model)
+    assert old.calibration_population_ == "all" and old.clean_rejection_rate_ == old.fpr_target_
 
 
 def test_predict_before_calibrate(splits):

@@ -77,6 +77,7 @@ def test_onnx_guard_equals_the_eager_guard(exported, rule):
     g, guard = OnnxGuard(e["onnx"]), e["guard"]
     assert g.score_rule == rule and g.input_shape == (1, 12, 12) and g.classes == META["classes"]
     assert g.threshold == guard.detector.threshold_ and g.fpr_target == 0.05
+    assert g.clean_rejection_rate == guard.detector.clean_rejection_rate_  # the service's drift reference
     n_cal = len(g.calibration_scores)
     for x in (clean[:400], trig[:200]):  # uint8
         _compare(g(x), guard(torch.from_numpy(x)), n_cal=n_cal)
@@ -225,6 +226,32 @@ def test_onnx_guard_refuses_files_that_are_not_guards(exported, tmp_path):
     bare.write_bytes(export_model_onnx(model, (1, 12, 12)))
     with pytest.raises(BadExpertError, match="not a badexpert ONNX guard"):
         OnnxGuard(bare)
+
+
+def test_onnx_guard_checks_its_clean_rejection_rate(exported, tmp_path):
+    """The drift reference recorded in the file: refused when out of range, the FPR target when
+    absent (files exported before it was recorded)."""
+    import onnx
+
+    src = exported[0]["logodds"]["onnx"]
+
+    def with_rate(value, name):
+        proto = onnx.load(str(src))
+        prop = next(p for p in proto.metadata_props if p.key == "badexpert")
+        meta = json.loads(prop.value)
+        if value is None:
+            del meta["clean_rejection_rate"]
+        else:
+            meta["clean_rejection_rate"] = value
+        prop.value = json.dumps(meta)
+        onnx.save(proto, str(tmp_path / name))
+        return tmp_path / name
+
+    for value in (1.5, -0.1, "high", True):
+        with pytest.raises(BadExpertError, match="bad clean_rejection_rate") as info:
+            OnnxGuard(with_rate(value, "bad.onnx"))
+        assert "\n" not in str(info.value)
+    assert OnnxGuard(with_rate(None, "old.onnx")).clean_rejection_rate == 0.05
 
 
 _BLOCK = """

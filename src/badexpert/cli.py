@@ -713,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drift-alpha", type=float, default=1e-3,
                    help="significance of the one-sided binomial test (default 0.001)")
     g.add_argument("--drift-rate", type=float, default=None,
-                   help="reference rejection rate (default: the detector's calibrated FPR target)")
+                   help="reference rejection rate (default: the detector's expected share of clean inputs rejected: "
+                        "its FPR target, plus the calibration inputs the model gets wrong that it rejects)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's own)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr from this level (default info: one line per request)")

@@ -268,6 +268,7 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
         "input_shape": list(guard.input_shape),
         "threshold": float(det.threshold_),
         "fpr_target": float(det.fpr_target_),
+        "clean_rejection_rate": float(getattr(det, "clean_rejection_rate_", det.fpr_target_)),
         "calibration_size": len(scores),
         "calibration_scores": scores,
         "model_fingerprint": det.model_fingerprint_,
@@ -505,6 +506,9 @@ def _check_meta(meta: Any, source: str) -> dict[str, Any]:
             raise _meta_error(source, f"bad {key}")
     if not 0 < meta["fpr_target"] < 1:
         raise _meta_error(source, "bad fpr_target")
+    rate = meta.get("clean_rejection_rate")  # absent in files exported before it was recorded
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
+        raise _meta_error(source, "bad clean_rejection_rate")
     cal = meta.get("calibration_scores")
     if not (isinstance(cal, list) and cal and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) for v in cal)):
@@ -572,6 +576,8 @@ class OnnxGuard:
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
         self.threshold: float = float(meta["threshold"])
         self.fpr_target: float = float(meta["fpr_target"])
+        rate = meta.get("clean_rejection_rate")
+        self.clean_rejection_rate: float = float(rate) if rate is not None else self.fpr_target
         self.score_rule: str | None = meta.get("score_rule")
         self.model_fingerprint: str = meta["model_fingerprint"]
         self.calibration_scores = np.sort(np.asarray(meta["calibration_scores"], dtype=np.float64))

@@ -4,7 +4,8 @@
 ``model(x) -> dict`` on a numpy batch ``x`` (uint8 ``[0, 255]`` or float32 ``[0, 1]``, shape
 ``[N, C, H, W]``) returning numpy arrays ``label``, ``confidence``, ``score``, ``p_value`` and
 ``reject`` (and optionally a list ``reason``), with attributes ``classes``, ``input_shape`` and
-``fpr_target``. :class:`GuardAdapter` gives a :class:`badexpert.guard.Guard` that shape;
+``fpr_target`` (and optionally ``clean_rejection_rate``, the expected share of all clean inputs
+rejected, the drift monitor's reference). :class:`GuardAdapter` gives a :class:`badexpert.guard.Guard` that shape;
 ``badexpert.export.OnnxGuard`` has it natively. :func:`serve` loads a bundle, binds the socket and
 runs uvicorn.
 
@@ -110,7 +111,7 @@ class Settings:
     on_reject: Annotated[str, OneOf(*ON_REJECT)] = "flag"  #: "flag": answer everything; "abstain": no label/class/confidence for rejected inputs
     drift_window: PositiveInt = 500  #: served inputs in the drift monitor's sliding window
     drift_alpha: Annotated[float, Range(gt=0, lt=1)] = 1e-3  #: significance of the drift alarm's binomial test
-    drift_rate: Annotated[float, Range(gt=0, lt=1)] | None = None  #: reference rejection rate (default: the calibrated FPR target)
+    drift_rate: Annotated[float, Range(gt=0, lt=1)] | None = None  #: reference rejection rate (default: the detector's expected clean rejection rate)
 
     def validate(self) -> "Settings":
         """Types and ranges through the package's one validation layer; one-line errors."""
@@ -148,6 +149,7 @@ class GuardAdapter:
         self.input_shape = tuple(int(v) for v in guard.input_shape)
         self.classes = list(guard.classes) if guard.classes else None
         self.fpr_target = None if self.bare else float(det.fpr_target_)
+        self.clean_rejection_rate = None if self.bare else float(getattr(det, "clean_rejection_rate_", det.fpr_target_))
         self.threshold = None if self.bare else float(det.threshold_)
         meta = guard.meta or {}
         dataset = meta.get("dataset")
@@ -555,7 +557,7 @@ class Metrics:
         metric("badexpert_drift_window_rejections", "gauge", "rejected inputs in the drift window", [({}, st["rejections"])])
         metric("badexpert_drift_rejection_rate", "gauge", "share of rejected inputs in the drift window",
                [({}, st["rejection_rate"] if st["rejection_rate"] is not None else float("nan"))])
-        metric("badexpert_drift_reference_rate", "gauge", "reference rejection rate (calibrated FPR target)",
+        metric("badexpert_drift_reference_rate", "gauge", "reference rejection rate (expected share of clean inputs rejected)",
                [({}, st["rate"] if st["rate"] is not None else float("nan"))])
         metric("badexpert_drift_alarms_total", "counter", "times the drift alarm was raised", [({}, st["alarms_raised"])])
         metric("badexpert_ready", "gauge", "1 once the model is loaded and warmed up", [({}, int(ready))])
@@ -842,7 +844,12 @@ def create_app(model, *, settings: Settings | None = None):
         raise BadExpertError(f"the service model's input_shape must be (C, H, W), got {input_shape}")
     classes = list(model.classes) if model.classes else None
     fpr = getattr(model, "fpr_target", None)
-    rate = settings.drift_rate if settings.drift_rate is not None else (float(fpr) if fpr is not None else None)
+    # the reference is the expected rejection rate of clean traffic: above the FPR target when the
+    # threshold was calibrated on the inputs the model gets right and it also rejects its errors
+    clean_rate = getattr(model, "clean_rejection_rate", None)
+    if clean_rate is None:
+        clean_rate = fpr
+    rate = settings.drift_rate if settings.drift_rate is not None else (float(clean_rate) if clean_rate is not None else None)
     info = dict(getattr(model, "info", None) or {"kind": type(model).__name__,
                                                  "fingerprint": getattr(model, "model_fingerprint", None)})
     model_info = {**info, "input_shape": "x".join(map(str, input_shape)),
@@ -1006,6 +1013,7 @@ def create_app(model, *, settings: Settings | None = None):
             "ready": batcher.ready,
             "model": {**info, "input_shape": list(input_shape), "classes": classes,
                       "fpr_target": None if fpr is None else float(fpr),
+                      "clean_rejection_rate": None if clean_rate is None else float(clean_rate),
                       "threshold": getattr(model, "threshold", None)},
             "limits": {**asdict(settings), "max_queue": settings.queue_limit},
             "drift": drift.state(),

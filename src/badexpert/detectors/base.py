@@ -222,8 +222,8 @@ class Detector:
         raise NotImplementedError
 
     def _drop_calibration(self) -> None:
-        for attr in ("threshold_", "fpr_target_", "calibration_population_", "calibration_size_",
-                     "calibration_scores_", "calibration_hashes_"):
+        for attr in ("threshold_", "fpr_target_", "calibration_population_", "clean_rejection_rate_",
+                     "calibration_size_", "calibration_scores_", "calibration_hashes_"):
             self.__dict__.pop(attr, None)
 
     @property
@@ -336,6 +336,7 @@ class Detector:
                 "fitted on; calibrate on clean data disjoint from the fitting data"
             )
         start = time.perf_counter()
+        keep = torch.ones(len(images), dtype=torch.bool)
         if population == "correct":
             self._check_input(images)
             keep = predict_logits(self.model_, images, batch_size=self.batch_size).argmax(1) == labels
@@ -344,10 +345,10 @@ class Detector:
                     f"{self.name}: the model classifies none of the {len(images)} calibration images correctly; "
                     "check that the labels belong to this model's classes, or use population='all'"
                 )
-            images = images[keep]
-        scores = self.score(images)
-        if not bool(torch.isfinite(scores).all()):
+        all_scores = self.score(images)
+        if not bool(torch.isfinite(all_scores).all()):
             raise BadExpertError(f"{self.name}: calibration scores are not finite; the detector's models are broken")
+        scores = all_scores[keep]
         thr = conformal_threshold(scores.numpy(), fpr)
         if math.isinf(thr):
             need = math.ceil(1 / fpr) - 1
@@ -360,6 +361,10 @@ class Detector:
         self.threshold_ = float(thr)
         self.fpr_target_ = float(fpr)
         self.calibration_population_ = population
+        # the expected share of *all* clean inputs rejected (the drift monitor's reference): the
+        # conformal bound on the inputs the model gets right, the measured rate on the others
+        wrong_rejected = int((all_scores[~keep] > thr).sum())
+        self.clean_rejection_rate_ = float(min(1.0, (int(keep.sum()) * fpr + wrong_rejected) / len(all_scores)))
         self.calibration_size_ = int(len(scores))
         self.calibration_scores_ = scores.clone()
         self.calibration_hashes_ = hashes
@@ -451,6 +456,7 @@ class Detector:
             "threshold": getattr(self, "threshold_", None),
             "fpr_target": getattr(self, "fpr_target_", None),
             "calibration_population": getattr(self, "calibration_population_", None),
+            "clean_rejection_rate": getattr(self, "clean_rejection_rate_", None),
             "calibration_size": getattr(self, "calibration_size_", None),
             "fit_seconds": getattr(self, "fit_seconds_", None),
             "state": self._state_meta(),
@@ -509,6 +515,7 @@ def check_detector_meta(meta: dict, source: str) -> dict:
         "calibration_size": Annotated[int, Range(ge=1)] | None, "state": dict, "extra": dict,
         # absent in files written before it was recorded: those were calibrated on every input
         "calibration_population": Literal[CALIBRATION_POPULATIONS] | None,
+        "clean_rejection_rate": Annotated[float, Range(ge=0, le=1)] | None,
     }
     for key, tp in checks.items():
         meta[key] = check_value(meta.get(key), tp, key, where)
@@ -609,6 +616,8 @@ def detector_from_state(tensors: dict[str, torch.Tensor], meta: dict, model: nn.
         det.threshold_ = float(meta["threshold"])
         det.fpr_target_ = float(meta["fpr_target"])
         det.calibration_population_ = meta["calibration_population"] or "all"
+        cr = meta["clean_rejection_rate"]
+        det.clean_rejection_rate_ = float(cr) if cr is not None else det.fpr_target_
         det.calibration_size_ = int(meta["calibration_size"])
         det.calibration_scores_ = scores
         det.calibration_hashes_ = cal_hashes
