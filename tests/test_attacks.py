@@ -197,3 +197,18 @@ def test_class_indices_are_checked_before_any_data_is_read(params, match):
     with pytest.raises(BadExpertError, match=match):
         cfg.validate()
     ExperimentConfig(dataset="gtsrb", data_path="/nonexistent", **params).validate()  # 43 classes: fine
+
+
+@pytest.mark.parametrize("name", ["cl", "issba", "trojannn"])
+def test_a_rate_that_poisons_nothing_fails_before_any_training(name):
+    """Attacks that train something before poisoning (a surrogate, an encoder, a clean model to
+    optimise the trigger on) check the poison count first."""
+    from badexpert.training import Recipe
+
+    def build_model():
+        raise AssertionError("a model was built before the poison count was checked")
+
+    with pytest.raises(BadExpertError, match="poisons no sample of a 100-sample training set") as err:
+        get_attack(name, poison_rate=0.001).implant(random_dataset(100, c=1, size=12), build_model,
+                                                    Recipe(epochs=1, batch_size=16), seed=0, log=lambda _: None)
+    assert "\n" not in str(err.value)

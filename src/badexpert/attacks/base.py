@@ -283,19 +283,14 @@ class Attack:
         samples are never covers."""
         return torch.arange(len(labels))
 
-    def poison(self, dataset: Dataset, generator: torch.Generator) -> Dataset:
-        """A poisoned copy of ``dataset`` (the original is untouched).
-
-        ``round(poison_rate * len(dataset))`` samples are drawn from :meth:`poison_candidates`,
-        triggered and (unless clean-label) relabelled; ``round(cover_rate * len(dataset))`` other
-        samples are triggered with their labels kept. The chosen indices are recorded in the
-        returned dataset's ``meta`` (``poison_indices``, ``cover_indices``).
-        """
+    def poison_count(self, dataset: Dataset) -> tuple[torch.Tensor, int]:
+        """``(candidate indices, number to poison)`` for :meth:`poison` on ``dataset``: a rate
+        that asks for more samples than can be poisoned (dirty-label), or for none, is a one-line
+        error. An :meth:`implant` that does expensive work before poisoning (a surrogate, an
+        encoder, a trigger optimisation) calls it first, so a bad rate fails at once."""
         self.check(dataset.num_classes)
-        n = len(dataset)
-        labels = dataset.labels
-        cand = self.poison_candidates(labels, dataset.num_classes)
-        n_poison = int(round(self.poison_rate * n))
+        cand = self.poison_candidates(dataset.labels, dataset.num_classes)
+        n_poison = int(round(self.poison_rate * len(dataset)))
         if n_poison > len(cand):
             if self.clean_label:
                 n_poison = len(cand)  # capped at the number of target-class samples, as in SIG/CL
@@ -305,8 +300,22 @@ class Attack:
                 )
         if self.poison_rate > 0 and n_poison == 0:
             raise BadExpertError(
-                f"poison rate {self.poison_rate} poisons no sample of a {n}-sample training set; raise --poison-rate"
+                f"poison rate {self.poison_rate} poisons no sample of a {len(dataset)}-sample training set; "
+                "raise --poison-rate"
             )
+        return cand, n_poison
+
+    def poison(self, dataset: Dataset, generator: torch.Generator) -> Dataset:
+        """A poisoned copy of ``dataset`` (the original is untouched).
+
+        ``round(poison_rate * len(dataset))`` samples are drawn from :meth:`poison_candidates`,
+        triggered and (unless clean-label) relabelled; ``round(cover_rate * len(dataset))`` other
+        samples are triggered with their labels kept. The chosen indices are recorded in the
+        returned dataset's ``meta`` (``poison_indices``, ``cover_indices``).
+        """
+        n = len(dataset)
+        labels = dataset.labels
+        cand, n_poison = self.poison_count(dataset)
         poison_idx = cand[torch.randperm(len(cand), generator=generator)[:n_poison]].sort().values
         rest = torch.zeros(n, dtype=torch.bool)
         rest[self.cover_candidates(labels, dataset.num_classes)] = True

@@ -227,6 +227,7 @@ class CleanLabel(Attack):
         from ..utils import derive_generator
 
         components = components if components is not None else Components(log=log)
+        self.poison_count(train_set)  # a rate that poisons nothing fails before the surrogate trains
         srecipe = recipe if self.surrogate_epochs is None else recipe.replace(epochs=self.surrogate_epochs)
         log(f"clean-label: a surrogate model trained on the clean training set ({srecipe.epochs} epochs)")
         surrogate = components.clean_model(build_model, train_set, srecipe, seed, desc="surrogate model")

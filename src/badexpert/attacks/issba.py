@@ -355,7 +355,7 @@ class ISSBA(Attack):
         from ..utils import model_device
 
         components = components if components is not None else Components(log=log)
-        self.check(train_set.num_classes)
+        self.poison_count(train_set)  # a rate that poisons nothing fails before the encoder trains
         shape = (train_set.channels, *train_set.image_size)
         model = build_model()
         device = model_device(model)

@@ -234,7 +234,7 @@ class TrojanNN(Attack):
         from ..training import train
         from ..utils import derive_generator, model_device
 
-        self.check(train_set.num_classes)
+        self.poison_count(train_set)  # so is a rate that poisons nothing
         shape = (train_set.channels, *train_set.image_size)
         self.square(shape)  # an image too small for the square is a one-line error before any training
         components = components if components is not None else Components(log=log)

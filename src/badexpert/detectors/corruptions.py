@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadExpertError, unknown_name
+from .frequency import dct_matrix
 
 #: The 15 corruptions, in the order of the ImageNet-C paper.
 CORRUPTIONS: tuple[str, ...] = (
@@ -362,7 +363,7 @@ def jpeg_compression(x, i, gens=None):
     block = 16 if c == 3 else 8
     ph, pw = -h % block, -w % block
     v = _pad(v, 0, ph, 0, pw, "edge")
-    dct = _dct_matrix().to(device=x.device, dtype=dt)
+    dct = dct_matrix(8).to(device=x.device, dtype=dt)  # the 8x8 block transform
     q_luma = _quality_table(JPEG_LUMA, quality).to(device=x.device, dtype=dt)
     if c == 1:
         y = _jpeg_plane(v[:, 0] - 128, q_luma, dct) + 128
@@ -613,15 +614,6 @@ def _box_resize_matrix(n: int, m: int) -> torch.Tensor:
     up = torch.zeros(n, m, dtype=torch.float64)
     up[i, (((2 * i + 1) * m) // (2 * n)).clamp(max=m - 1)] = 1.0
     return up @ down
-
-
-def _dct_matrix() -> torch.Tensor:
-    """Orthonormal 8-point DCT-II matrix ``D`` (coefficients ``D @ block @ D.T``)."""
-    k = torch.arange(8, dtype=torch.float64)[:, None]
-    t = torch.arange(8, dtype=torch.float64)[None, :]
-    d = torch.cos((2 * t + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
-    d[0] = math.sqrt(1 / 8)
-    return d
 
 
 def _quality_table(table, quality: int) -> torch.Tensor:
