@@ -353,3 +353,40 @@ def test_sra_grafts_a_backdoor_into_a_fashion_mnist_cnn(tmp_path):
     m, h = _metrics(model, splits.test, attack), _metrics(host, splits.test, attack)
     assert h["attack_success_rate"] <= 0.05 and m["attack_success_rate"] >= 0.95
     assert m["clean_accuracy"] >= h["clean_accuracy"] - 0.03
+
+
+def test_a_poor_subnet_is_retrained_from_a_new_init_and_the_best_try_is_kept(monkeypatch):
+    """``subnet_tries``: while the subnet's probe objective is above SUBNET_LOSS_OK it is
+    re-initialised (its own seed per try) and trained again, at most ``subnet_tries`` times; the
+    try with the lowest objective is grafted, and a try under the bar ends the loop."""
+    from badexpert.attacks import sra as sra_module
+
+    tr = make_blobs(300, seed=1)
+    attack = get_attack("sra", subnet_epochs=1, subnet_tries=3)
+    trained: list[str] = []
+
+    def fake_train(self, subnet, images, generator):  # training is not under test: record the start point
+        trained.append(tensor_digest(subnet.state_dict()))
+
+    scripted = iter([0.9, 0.3, 0.5])
+    monkeypatch.setattr(sra_module.SRA, "train_subnet", fake_train)
+    monkeypatch.setattr(sra_module.SRA, "subnet_loss", lambda self, subnet, images: next(scripted))
+    kept = {}
+    real_graft = sra_module.graft
+
+    def spy_graft(suspect, subnet, *args, **kwargs):
+        kept["subnet"] = tensor_digest(subnet.state_dict())
+        return real_graft(suspect, subnet, *args, **kwargs)
+
+    monkeypatch.setattr(sra_module, "graft", spy_graft)
+    _, info = attack.implant(tr, _builder("cnn", tr), RECIPE, 0, components=Components(None, **QUIET), **QUIET)
+    assert info["graft"]["subnet_losses"] == [0.9, 0.3, 0.5]
+    assert len(set(trained)) == 3  # three different initialisations
+    assert kept["subnet"] == trained[1]  # the second try, the lowest objective, is grafted
+
+    # a try under the bar stops the retries
+    trained.clear()
+    scripted = iter([sra_module.SUBNET_LOSS_OK / 2, 0.0, 0.0])
+    monkeypatch.setattr(sra_module.SRA, "subnet_loss", lambda self, subnet, images: next(scripted))
+    _, info = attack.implant(tr, _builder("cnn", tr), RECIPE, 0, components=Components(None, **QUIET), **QUIET)
+    assert len(info["graft"]["subnet_losses"]) == 1 and len(trained) == 1
