@@ -243,6 +243,31 @@ class Attack:
             )
         return bs, n_poison, n_other
 
+    def batch_roles(self, labels: torch.Tensor, generator: torch.Generator, *, num_classes: int | None = None,
+                    partnered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two kinds of samples of one online-poisoned training batch (:meth:`per_batch` of
+        them), from one random order drawn from ``generator``: backdoor samples among those that
+        count (:meth:`counts`), then second-kind samples (negative, cover or cross-trigger) among
+        the :meth:`cover_candidates` not already chosen. ``partnered``: the second kind needs
+        another sample of the batch (:meth:`partners`), so a batch of one gets none."""
+        n = len(labels)
+        n_first, n_second = self.per_batch(n)
+        labels = labels.cpu()
+        order = torch.randperm(n, generator=generator)
+        first = order[self.counts(labels, num_classes)[order]][:n_first]
+        may = torch.zeros(n, dtype=torch.bool)
+        may[self.cover_candidates(labels, num_classes)] = True
+        may[first] = False
+        second = order[may[order]][:n_second] if n >= 2 or not partnered else order[:0]
+        return first, second
+
+    @staticmethod
+    def partners(idx: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        """For each index of ``idx`` (in ``0..n-1``, ``n >= 2``) another random index of ``0..n-1``."""
+        if not len(idx):
+            return idx
+        return (idx + torch.randint(1, n, (len(idx),), generator=generator)) % n
+
     def target_of(self, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
         """The label the attacker wants for triggered inputs of these true labels."""
         if self.all_to_all:

@@ -157,23 +157,13 @@ class BPP(Attack):
             other = x[self.partners(torch.arange(len(x)), len(x), generator).to(x.device)]
         return (x + self.squeeze(other, parts) - other).clamp(0, 1)
 
-    @staticmethod
-    def partners(idx: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        """For each index of ``idx`` (in ``0..n-1``, ``n >= 2``) another random index of ``0..n-1``."""
-        return (idx + torch.randint(1, n, (len(idx),), generator=generator)) % n
-
     def batch_transform(self, x: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Online poisoning of one training batch (float images in ``[0, 1]``, labels): see the
         class docstring. Random choices come from ``generator`` (CPU), the work runs on ``x``'s device."""
         n = len(x)
-        n_poison, n_neg = self.per_batch(n)
-        order = torch.randperm(n, generator=generator)
-        can = self.counts(y.cpu())[order]
-        poison_idx = order[can][:n_poison]
-        rest = order[~torch.isin(order, poison_idx)]
-        neg_idx = rest[:n_neg] if n >= 2 else rest[:0]
-        partner_idx = self.partners(neg_idx, n, generator) if len(neg_idx) else neg_idx
+        poison_idx, neg_idx = self.batch_roles(y, generator, partnered=True)
+        partner_idx = self.partners(neg_idx, n, generator)
         x, y = x.clone(), y.clone()
         dev = x.device
         src = torch.cat([poison_idx, partner_idx]).to(dev)

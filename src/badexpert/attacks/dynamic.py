@@ -309,13 +309,8 @@ class Dynamic(Attack):
         the classifier's loss reaches it; the diversity loss rides along with the returned batch
         (:class:`_AddLoss`), so the loop's one backward pass gives the pattern generator the
         gradient of both. Random choices come from ``generator``."""
-        n = len(x)
-        n_bd, n_cross = self.per_batch(n)
-        order = torch.randperm(n, generator=generator)
-        backdoor = order[self.counts(y.cpu())[order]][:n_bd]
-        rest = order[~torch.isin(order, backdoor)]
-        cross = rest[:n_cross] if n >= 2 else rest[:0]
-        partners = (cross + torch.randint(1, n, (len(cross),), generator=generator)) % n if len(cross) else cross
+        backdoor, cross = self.batch_roles(y, generator, partnered=True)
+        partners = self.partners(cross, len(x), generator)
         if len(backdoor) + len(cross) == 0:
             return x, y
         dev = x.device

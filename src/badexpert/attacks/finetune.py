@@ -205,15 +205,8 @@ class FineTune(Attack):
                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Online poisoning of one training batch (float images in ``[0, 1]``, labels), see the
         class docstring. Choices come from ``generator`` (CPU); the trigger runs on ``x``'s device."""
-        n = len(x)
-        n_poison, n_cover = self.per_batch(n)
         yc = y.cpu()
-        order = torch.randperm(n, generator=generator)
-        poison_idx = order[self.counts(yc, num_classes)[order]][:n_poison]
-        may_cover = torch.zeros(n, dtype=torch.bool)
-        may_cover[self.cover_candidates(yc, num_classes)] = True
-        may_cover[poison_idx] = False
-        cover_idx = order[may_cover[order]][:n_cover]
+        poison_idx, cover_idx = self.batch_roles(yc, generator, num_classes=num_classes)
         x, y = x.clone(), y.clone()
         parts = self._parts(tuple(x.shape[1:]), x.device)
         if len(poison_idx):
