@@ -325,8 +325,8 @@ class Attack:
                 )
         if self.poison_rate > 0 and n_poison == 0:
             raise BadExpertError(
-                f"poison rate {self.poison_rate} poisons no sample of a {len(dataset)}-sample training set; "
-                "raise --poison-rate"
+                f"poison rate {self.poison_rate} poisons no {'target-class ' if self.clean_label else ''}sample of a "
+                f"{len(dataset)}-sample training set; raise --poison-rate"
             )
         return cand, n_poison
 

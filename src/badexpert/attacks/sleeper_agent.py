@@ -224,14 +224,7 @@ class SleeperAgent(Attack):
     def select_poisons(self, dataset: Dataset, surrogate: nn.Module, generator: torch.Generator) -> torch.Tensor:
         """Sorted indices of the ``round(poison_rate * N)`` target-class images to poison (capped
         at the class size): largest per-sample gradient norm on ``surrogate``, or a seeded draw."""
-        n = len(dataset)
-        cand = self.poison_candidates(dataset.labels, dataset.num_classes)
-        n_poison = min(int(round(self.poison_rate * n)), len(cand))
-        if self.poison_rate > 0 and n_poison == 0:
-            raise BadExpertError(
-                f"poison rate {self.poison_rate} poisons no target-class sample of a {n}-sample training set; "
-                "raise --poison-rate"
-            )
+        cand, n_poison = self.poison_count(dataset)
         if self.selection == "random":
             chosen = cand[torch.randperm(len(cand), generator=generator)[:n_poison]]
         else:
