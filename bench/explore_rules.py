@@ -104,8 +104,9 @@ def scores(d: dict[str, np.ndarray], part: str, rule: str) -> np.ndarray:
     return combine(torch.from_numpy(d[f"{part}_px"]), torch.from_numpy(d[f"{part}_py"]), rule).numpy()
 
 
-def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float, population: str) -> tuple[float, float, float]:
-    """(AUROC on the paper's population, ASR after defense, realized FPR on ``population``)."""
+def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float, population: str) -> tuple[float, float, float, float]:
+    """(AUROC on the paper's population, ASR after defense, realized FPR on ``population``, share
+    of all clean test inputs rejected)."""
     s = {p: scores(d, p, rule) for p in ("cal", "clean", "trig")}
     cal = s["cal"][d["cal_pred"] == d["cal_label"]] if population == "correct" else s["cal"]
     thr = conformal_threshold(cal, fpr)
@@ -113,7 +114,7 @@ def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float, population: str) -
     flipped = d["trig_pred"] == d["trig_target"]
     clean = s["clean"][correct] if population == "correct" else s["clean"]
     return (auroc(s["clean"][correct], s["trig"][flipped]), float(np.mean(flipped & (s["trig"] <= thr))),
-            float(np.mean(clean > thr)))
+            float(np.mean(clean > thr)), float(np.mean(s["clean"] > thr)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,19 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("two --models share a row name (their directory's name); give each model its own directory name")
     rows = {name: dump(m, params, args.out) for name, m in zip(names, args.models)}
     print(f"BaDExpert {params or 'defaults'}, calibrated on {args.calibrate_on}; cells: AUROC (paper's population) / "
-          f"ASR after / realized FPR at target {args.fpr:g}\n")
+          f"ASR after / realized FPR at target {args.fpr:g} / all clean inputs rejected\n")
     print("| model | " + " | ".join(rules) + " |")
     print("|---|" + "---|" * len(rules))
     per = {r: [] for r in rules}
     for name, d in rows.items():
         cells = []
         for r in rules:
-            a, s, f = evaluate(d, r, args.fpr, args.calibrate_on)
-            per[r].append((a, s, f))
-            cells.append(f"{100 * a:.2f}% / {100 * s:.1f}% / {100 * f:.2f}%")
+            a, s, f, f_all = evaluate(d, r, args.fpr, args.calibrate_on)
+            per[r].append((a, s, f, f_all))
+            cells.append(f"{100 * a:.2f}% / {100 * s:.1f}% / {100 * f:.2f}% / {100 * f_all:.2f}%")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| **mean** | " + " | ".join(
-        " / ".join(f"{100 * np.mean([v[i] for v in per[r]]):.{2 if i != 1 else 1}f}%" for i in range(3)) for r in rules) + " |")
+        " / ".join(f"{100 * np.mean([v[i] for v in per[r]]):.{2 if i != 1 else 1}f}%" for i in range(4)) for r in rules) + " |")
     return 0
 
 
