@@ -23,7 +23,7 @@ from ..errors import BadExpertError
 from ..validation import OneOf, PositiveInt, Range
 from .base import Attack, Rate
 from .components import Components
-from .patch import BadNet
+from .patch import BadNet, paste
 
 #: The reference's l2 radius: MadryLab's ``two_600`` images, 600 on the 0-255 scale.
 REFERENCE_L2_EPS = 600 / 255
@@ -123,8 +123,7 @@ class CleanLabel(Attack):
         return {"pattern": pattern, "mask": mask}
 
     def trigger(self, x, parts):
-        m = parts["mask"]
-        return x * (1 - m) + parts["pattern"] * m
+        return paste(x, parts)
 
     def trigger_train(self, x, parts, generator):
         adv = self._adversary

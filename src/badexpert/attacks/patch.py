@@ -12,6 +12,13 @@ from ..validation import Range
 from .base import Attack, Rate, load_trigger_image, place_bottom_right
 
 
+def paste(x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``x (1 - m) + p m``: the trigger state's ``pattern`` p pasted through its ``mask`` m (the
+    patch attacks, clean-label's corner patches, TrojanNN's optimised square)."""
+    m = parts["mask"]
+    return x * (1 - m) + parts["pattern"] * m
+
+
 @dataclass
 class PatchAttack(Attack):
     """Paste a pattern through a mask at a fixed place: ``x' = (1 - a m) x + a m p``.
@@ -40,8 +47,7 @@ class PatchAttack(Attack):
         return {"pattern": full_p, "mask": full_m}
 
     def trigger(self, x, parts):
-        m = parts["mask"]
-        return x * (1 - m) + parts["pattern"] * m
+        return paste(x, parts)
 
 
 @dataclass

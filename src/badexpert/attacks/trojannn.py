@@ -18,7 +18,7 @@ from ..validation import PositiveInt, Range
 from .base import Attack, Rate
 from .components import Components, tensor_digest
 from .finetune import finetune_recipe
-from .patch import Trojan
+from .patch import Trojan, paste
 
 #: The reference selects 100 neurons of ResNet-18's 512 penultimate features; a narrower layer
 #: gets the same share (see :meth:`TrojanNN.neuron_count`).
@@ -164,8 +164,7 @@ class TrojanNN(Attack):
         return self.state_of(self.initial_weights(shape), shape)
 
     def trigger(self, x, parts):
-        m = parts["mask"]
-        return x * (1 - m) + parts["pattern"] * m
+        return paste(x, parts)
 
     # --- neurons and the optimisation -----------------------------------------------------
     def neuron_count(self, features: int) -> int:
@@ -199,17 +198,19 @@ class TrojanNN(Attack):
         with eval_mode(model):
             return float(penultimate(model, layer, x)[:, neurons.to(dev)].mean())
 
-    def optimise_trigger(self, model: nn.Module, images: torch.Tensor,
-                         generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def optimise_trigger(self, model: nn.Module, images: torch.Tensor, generator: torch.Generator, *,
+                         layer: nn.Linear | None = None, neurons: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The trigger state optimised against ``model`` (in eval mode, weights untouched) on
         ``images`` (uint8 ``[N, C, H, W]``, batches drawn with ``generator``), see the class
-        docstring; on the CPU."""
+        docstring; on the CPU. ``layer`` and ``neurons``: the model's final Linear layer and the
+        chosen neurons, when the caller has them (found here otherwise)."""
         from ..utils import eval_mode, model_device, progress
 
         shape = tuple(int(v) for v in images.shape[1:])
         dev = model_device(model)
-        layer = final_linear(model, to_float(images[:2]).to(dev))
-        idx = self.select_neurons(layer).to(dev)
+        if layer is None:
+            layer = final_linear(model, to_float(images[:2]).to(dev))
+        idx = (neurons if neurons is not None else self.select_neurons(layer)).to(dev)
         w = self.initial_weights(shape).to(dev).requires_grad_(True)
         opt = torch.optim.Adam([w], lr=self.trigger_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trigger_steps)
@@ -250,7 +251,8 @@ class TrojanNN(Attack):
         def build() -> dict[str, torch.Tensor]:
             log(f"optimising the trigger to excite {len(neurons)} of {layer.in_features} penultimate neurons "
                 f"({self.trigger_steps} steps)")
-            return self.optimise_trigger(model, train_set.images, derive_generator(seed, "trojannn:trigger"))
+            return self.optimise_trigger(model, train_set.images, derive_generator(seed, "trojannn:trigger"),
+                                         layer=layer, neurons=neurons)
 
         state = components.fetch("trojannn_trigger", spec, build, data=train_set)
         self.use_state(shape, state)
