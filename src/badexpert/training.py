@@ -68,6 +68,14 @@ class Recipe:
             raise BadExpertError(f"unknown recipe field(s) {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**d)
 
+    def crop_and_flip(self, image_size: tuple[int, int], data=None) -> tuple[int, bool]:
+        """``(pad, hflip)`` the augmentation uses on images of ``image_size``: the recipe's own, or
+        the default pad for the size and the data's flip flag (:attr:`Dataset.hflip`; other data:
+        no flips)."""
+        pad = default_pad(tuple(image_size)) if self.pad is None else self.pad
+        hflip = self.hflip if self.hflip is not None else (data.hflip if isinstance(data, Dataset) else False)
+        return pad, hflip
+
     def replace(self, **kw) -> "Recipe":
         return replace(self, **kw)
 
@@ -155,8 +163,7 @@ def train(
     opt = make_optimizer(model, recipe)
     bs = min(recipe.batch_size, len(images))
     steps_per_epoch = max(1, len(images) // bs)  # drop_last: keeps BatchNorm away from 1-sample batches
-    pad = default_pad(tuple(images.shape[2:])) if recipe.pad is None else recipe.pad
-    hflip = recipe.hflip if recipe.hflip is not None else (data.hflip if isinstance(data, Dataset) else False)
+    pad, hflip = recipe.crop_and_flip(tuple(images.shape[2:]), data)
     use_amp = recipe.amp and device.type == "cuda"
     amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     log = TrainLog()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.core import Dataset, augment, default_pad, to_float
+from ..data.core import Dataset, augment, to_float
 from ..errors import BadExpertError
 from ..utils import derive_generator, eval_mode, model_device, progress, seeded_rng
 from ..validation import OneOf, PositiveInt, Range
@@ -305,8 +305,7 @@ class SleeperAgent(Attack):
         chunks = [slice(s, s + self.craft_batch) for s in range(0, len(indices), self.craft_batch)]
         deltas = [torch.zeros_like(x0[sl], requires_grad=True) for sl in chunks]
         optimizer = torch.optim.Adam(deltas, lr=self.step_size)
-        pad = default_pad(train_set.image_size) if recipe.pad is None else recipe.pad
-        hflip = train_set.hflip if recipe.hflip is None else recipe.hflip
+        pad, hflip = recipe.crop_and_flip(train_set.image_size, train_set)
         log(f"sleeper agent: crafting {len(indices)} poisons against {len(sources)} source images "
             f"({steps} iterations, {retrains} retraining(s) of the surrogate)")
         model, trace, accuracies = surrogate, [], []
