@@ -412,7 +412,8 @@ class DriftMonitor:
     """Sliding window over the last ``window`` served inputs' reject flags (and p-values).
 
     Under normal (clean) traffic each input is rejected with probability at most ``rate`` (the
-    calibrated FPR target: the conformal guarantee), so the number ``k`` of rejections among the
+    detector's expected clean rejection rate: the conformal bound on the inputs the model gets
+    right, the measured rate on its calibration errors), so the number ``k`` of rejections among the
     ``n`` inputs of the window is at most Binomial(n, rate) in distribution. Every time the window
     advances, the one-sided exact binomial test ``P(K >= k) = binom.sf(k - 1, n, rate)`` is
     computed; the alarm is on while that p-value is below ``alpha`` and clears when it no longer is.
