@@ -58,10 +58,17 @@ EXTRA = {
 }
 
 
+#: Digest of the source of BaDExpert and the detector base class.
+DETECTOR_CODE = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (
+    sys.modules["badexpert.detectors.badexpert"], sys.modules["badexpert.detectors.base"]))).hexdigest()[:16]
+
+
 def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
     """Fit BaDExpert with ``params`` on the model's reserved split and cache the log-odds."""
-    # the cache knows the model file (path and modification time) as well as the parameters
-    ident = {"params": params, "model": str(model_path.resolve()), "mtime_ns": model_path.stat().st_mtime_ns}
+    # the cache knows the model file (path and modification time), the parameters and the
+    # detector's code (a change of its defaults or its fitting is a new entry)
+    ident = {"params": params, "model": str(model_path.resolve()), "mtime_ns": model_path.stat().st_mtime_ns,
+             "code": DETECTOR_CODE}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"{cell_name(model_path)}-{key}.npz"
     model, meta = load_model(model_path)

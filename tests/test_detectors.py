@@ -224,7 +224,9 @@ def test_score_rules_by_hand():
 
 def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     model, reserved, _, test, triggered = splits
-    det = BaDExpert(hflip=False, seed=0).fit(model, reserved)
+    # crops forced on: on these easy blobs only the shifted inputs make the auxiliary model's
+    # accuracy dip (without them even lr 1.0 keeps 100%), which is the rule under test here
+    det = BaDExpert(hflip=False, augment=True, seed=0).fit(model, reserved)
     rep = det.fit_report_
     assert rep["holdout_size"] == 160 and rep["fit_size"] == 640
     ex = rep["expert"]
@@ -247,13 +249,39 @@ def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     assert auroc(det.score(test).numpy(), det.score(triggered).numpy()) > 0.95
 
 
+def test_auto_finetunes_only_with_the_augmentations_the_model_is_invariant_to(splits, blobs):
+    """``augment=None`` under ``auto``: crops (flips) only where M keeps ``augment_accuracy`` of
+    its held-out accuracy on cropped (flipped) inputs, i.e. where it was trained with them."""
+    from badexpert.models import build_model
+    from badexpert.training import Recipe, train
+
+    model, reserved, _, _, _ = splits  # trained without augmentation
+    tr, _ = blobs
+    rep = BaDExpert(hflip=True, expert_lr=1e-2, aux_lr=0.1, aux_epochs=1, seed=0).fit(model, reserved).fit_report_
+    aug = rep["augmentation"]
+    assert aug["rule"] == "auto" and aug["cropped_accuracy"] < 0.9 * aug["accuracy"] and not aug["crop"]
+    assert aug["flip"] == (aug["flipped_accuracy"] >= 0.9 * aug["accuracy"])
+    # the same architecture trained with crops and flips keeps its accuracy on them: both are used
+    crop_trained = build_model("cnn", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=8)
+    train(crop_trained, tr, Recipe(optimizer="adam", lr=3e-3, epochs=6, batch_size=64, weight_decay=0,
+                                   schedule="cosine", augment=True, hflip=True), seed=0)
+    det = BaDExpert(hflip=True, expert_lr=1e-2, aux_lr=0.1, aux_epochs=1, seed=0).fit(crop_trained.eval(), reserved)
+    aug = det.fit_report_["augmentation"]
+    assert aug["crop"] and aug["flip"] and aug["cropped_accuracy"] >= 0.9 * aug["accuracy"]
+    assert det.aux_recipe(0.1).augment and det.aux_recipe(0.1).pad is None and det.aux_recipe(0.1).hflip
+    assert "crops and flips" in det.fit_summary()
+    # fixed choices, and the paper preset, do not measure
+    assert BaDExpert(augment=False, hflip=True, expert_lr=1e-2, aux_lr=0.1, aux_epochs=1, seed=0).fit(
+        crop_trained.eval(), reserved).fit_report_["augmentation"] == {"crop": False, "flip": False, "rule": "fixed"}
+
+
 def test_auxiliary_that_does_not_recover_is_replaced_by_a_gentler_one(splits):
     """An auxiliary run that stays below aux_recover x the model's held-out accuracy is replaced by
     the next smaller learning rate, down the ladder; the last run trained is the one kept."""
     from badexpert.detectors.badexpert import AUX_LR_LADDER
 
     model, reserved, _, _, _ = splits
-    common = dict(hflip=False, seed=0, expert_lr=1e-2, aux_epochs=1)
+    common = dict(hflip=False, augment=True, seed=0, expert_lr=1e-2, aux_epochs=1)  # crops: see above
     easy = BaDExpert(aux_recover=0.0, **common).fit(model, reserved).fit_report_["auxiliary"]
     assert len(easy["runs"]) == 1
     strict = BaDExpert(aux_recover=1.0, **common).fit(model, reserved)  # must match the model's own accuracy

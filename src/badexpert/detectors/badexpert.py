@@ -26,10 +26,18 @@ architectures the expert may not unlearn at all, or the auxiliary model keep the
   large lr ("clean accuracy first drops ... and recovers"). Too gentle an auxiliary model keeps
   the backdoor; needlessly large ones cost clean accuracy without removing more of it;
 - the score is ``logodds``, ``logit(x) - logit(y)``, computed exactly from the logits: it needs
-  no constants and beat the research code's ``triangle`` rule on every attack we measured.
+  no constants and beat the research code's ``triangle`` rule on every attack we measured;
+- finetuning uses only the augmentations M was trained with, as measured on the held-out slice:
+  random crops (and horizontal flips, where the data allows them) are used only if M keeps at
+  least ``augment_accuracy`` (90%) of its held-out accuracy on cropped (flipped) inputs. A model
+  trained without crops loses about a third of its accuracy on them (Fashion-MNIST: 0.65-0.70 of
+  it; crop-trained CIFAR-10 models keep 0.98), and finetuning it on shifted images it never saw
+  weakens the auxiliary model and the expert where they should follow M: on the 17
+  Fashion-MNIST attacks, mean ASR after defense 7.8% with crops, 3.8% without.
 
 ``preset="paper"`` runs the research code's settings unchanged (Adam 1e-4 for one epoch, Nesterov
-SGD 0.1 for ten epochs with decay at 2/4/6/8, the ``triangle`` score, no held-out slice).
+SGD 0.1 for ten epochs with decay at 2/4/6/8, the ``triangle`` score, no held-out slice, crops
+and flips).
 Explicit ``expert_lr`` / ``aux_lr`` / ``score_rule`` values override either preset.
 """
 
@@ -43,7 +51,7 @@ from typing import Annotated, ClassVar
 import torch
 from torch import nn
 
-from ..data.core import Dataset, holdout, to_uint8
+from ..data.core import Dataset, augment, default_pad, holdout, to_float, to_uint8
 from ..errors import BadExpertError, unknown_name
 from ..training import Recipe, accuracy, model_outputs, predict_logits, train
 from ..utils import derive_generator, eval_mode
@@ -115,7 +123,11 @@ class BaDExpert(Detector):
     aux_recover: ... and keeps it only if, trained in full, it recovers at least this fraction of
         M's held-out accuracy; otherwise the next smaller learning rate is trained (the paper's
         good auxiliary model "first drops ... and recovers").
-    augment: use training augmentation (random crop, flip where ``hflip``) while finetuning.
+    augment: ``None`` (default): ``auto`` finetunes with random crops, and flips where ``hflip``,
+        only where M is invariant to them (``augment_accuracy``), ``paper`` always; ``True`` /
+        ``False``: always / never.
+    augment_accuracy: the share of M's held-out accuracy it must keep on cropped (flipped)
+        inputs for ``auto`` to finetune with crops (flips).
     hflip: whether horizontal flips preserve labels for this data; ``None`` (default) takes the
         fitting data's own flag (:attr:`Dataset.hflip`; a bare ``(images, labels)`` pair: no flips).
     """
@@ -149,7 +161,8 @@ class BaDExpert(Detector):
         expert_agreement: Fraction = 0.9,
         aux_dip: Annotated[float, Range(gt=0, le=1)] = 0.65,
         aux_recover: Fraction = 0.75,
-        augment: bool = True,
+        augment: bool | None = None,
+        augment_accuracy: Fraction = 0.9,
         hflip: bool | None = None,
         batch_size: PositiveInt = 256,
         seed: NonNegativeInt = 0,
@@ -172,6 +185,7 @@ class BaDExpert(Detector):
         self.aux_dip = aux_dip
         self.aux_recover = aux_recover
         self.augment = augment
+        self.augment_accuracy = augment_accuracy
         self.hflip = hflip
 
     # --- configuration -------------------------------------------------------------------
@@ -185,7 +199,7 @@ class BaDExpert(Detector):
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""
         return Recipe(
             optimizer="adam", lr=lr, epochs=self.expert_epochs, batch_size=self.expert_batch_size,
-            weight_decay=0.0, schedule="constant", augment=self.augment, hflip=self.hflip_,
+            weight_decay=0.0, schedule="constant", **self._augmentation_fields(),
         )
 
     def aux_recipe(self, lr: float) -> Recipe:
@@ -193,8 +207,33 @@ class BaDExpert(Detector):
         return Recipe(
             optimizer="sgd", lr=lr, epochs=self.aux_epochs, batch_size=self.aux_batch_size, momentum=0.9,
             nesterov=True, weight_decay=1e-4, schedule="step", milestones=self.aux_milestones,
-            gamma=self.aux_gamma, augment=self.augment, hflip=self.hflip_,
+            gamma=self.aux_gamma, **self._augmentation_fields(),
         )
+
+    def _augmentation_fields(self) -> dict:
+        """The finetuning recipes' augmentation: crops (the default pad) and flips as chosen."""
+        crop, flip = self.augmentation_["crop"], self.augmentation_["flip"]
+        return {"augment": crop or flip, "pad": None if crop else 0, "hflip": flip}
+
+    def _choose_augmentation(self, source: nn.Module, hold: Dataset | None) -> dict:
+        """Crops and flips for finetuning: fixed (``augment`` given, or no held-out slice under
+        ``paper``: both, flips only where ``hflip``), or ``auto``: each only if M keeps at least
+        ``augment_accuracy`` of its held-out accuracy on inputs so transformed."""
+        if self.augment is not None or hold is None:
+            on = True if self.augment is None else bool(self.augment)
+            return {"crop": on, "flip": on and self.hflip_, "rule": "fixed"}
+        images = to_float(hold.images)
+        g = derive_generator(self.seed, "badexpert-augment")
+
+        def acc(x: torch.Tensor) -> float:
+            return float((predict_logits(source, x, batch_size=self.batch_size).argmax(1) == hold.labels).float().mean())
+
+        plain = acc(images)
+        cropped = acc(augment(images, pad=default_pad(tuple(images.shape[2:])), generator=g))
+        flipped = acc(images.flip(3)) if self.hflip_ else None
+        bar = self.augment_accuracy * plain
+        return {"crop": cropped >= bar, "flip": flipped is not None and flipped >= bar, "rule": "auto",
+                "accuracy": plain, "cropped_accuracy": cropped, "flipped_accuracy": flipped}
 
     # --- fitting -------------------------------------------------------------------------
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -209,6 +248,8 @@ class BaDExpert(Detector):
             fit_part, hold_part = holdout(data, self.holdout, derive_generator(self.seed, "badexpert-holdout"))
         self.fit_report_ = {"clean_size": len(data), "fit_size": len(fit_part),
                             "holdout_size": len(hold_part) if hold_part is not None else 0}
+        self.augmentation_ = self._choose_augmentation(source, hold_part)
+        self.fit_report_["augmentation"] = self.augmentation_
         self.expert_ = self._fit_expert(source, fit_part, hold_part, num_classes)
         self.auxiliary_ = self._fit_auxiliary(source, fit_part, hold_part)
         self.expert_.eval()
@@ -352,7 +393,9 @@ class BaDExpert(Detector):
         return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
     def fit_summary(self) -> str:
-        return f"expert lr {self.expert_lr_:g}, auxiliary lr {self.aux_lr_:g}"
+        aug = getattr(self, "augmentation_", None) or {}
+        what = " and ".join(name for key, name in (("crop", "crops"), ("flip", "flips")) if aug.get(key))
+        return f"expert lr {self.expert_lr_:g}, auxiliary lr {self.aux_lr_:g}, finetuned with {what or 'no augmentation'}"
 
     def diagnostics(self, clean: dict, triggered: dict) -> dict:
         """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
@@ -397,7 +440,8 @@ class BaDExpert(Detector):
         return out
 
     def _state_meta(self):
-        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_, "fit_report": self.fit_report_}
+        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_,
+                "augmentation": self.augmentation_, "fit_report": self.fit_report_}
 
     def _load_state(self, model, tensors, meta):
         device = self.device_
@@ -406,6 +450,7 @@ class BaDExpert(Detector):
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
         self.hflip_ = meta.get("hflip")
+        self.augmentation_ = meta.get("augmentation")
         self.fit_report_ = meta.get("fit_report", {})
 
 
