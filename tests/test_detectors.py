@@ -270,6 +270,8 @@ def test_auto_finetunes_only_with_the_augmentations_the_model_is_invariant_to(sp
     assert aug["crop"] and aug["flip"] and aug["cropped_accuracy"] >= 0.9 * aug["accuracy"]
     assert det.aux_recipe(0.1).augment and det.aux_recipe(0.1).pad is None and det.aux_recipe(0.1).hflip
     assert "crops and flips" in det.fit_summary()
+    det.augmentation_ = None  # as loaded from a file written before the choice was recorded
+    assert "finetuned" not in det.fit_summary()
     # fixed choices, and the paper preset, do not measure
     assert BaDExpert(augment=False, hflip=True, expert_lr=1e-2, aux_lr=0.1, aux_epochs=1, seed=0).fit(
         crop_trained.eval(), reserved).fit_report_["augmentation"] == {"crop": False, "flip": False, "rule": "fixed"}

@@ -31,7 +31,7 @@ architectures the expert may not unlearn at all, or the auxiliary model keep the
   random crops (and horizontal flips, where the data allows them) are used only if M keeps at
   least ``augment_accuracy`` (90%) of its held-out accuracy on cropped (flipped) inputs. The
   Fashion-MNIST models, trained without either, keep 0.79-0.86 of it on crops and about 0.69 on
-  flips; CIFAR-10 models trained with both keep about 0.98. Finetuning copies of M on images it
+  flips; CIFAR-10 models trained with both keep all of it (0.98-1.02). Finetuning copies of M on images it
   never saw makes them disagree with M on clean inputs, which the score reads as evidence: on the
   17 Fashion-MNIST attacks, mean ASR after defense 7.8% with crops, 3.8% without.
 
@@ -393,9 +393,12 @@ class BaDExpert(Detector):
         return {"score": self._combine(conf).float().numpy(), **{k: v.numpy() for k, v in conf.items()}}
 
     def fit_summary(self) -> str:
-        aug = getattr(self, "augmentation_", None) or {}
+        out = f"expert lr {self.expert_lr_:g}, auxiliary lr {self.aux_lr_:g}"
+        aug = getattr(self, "augmentation_", None)
+        if aug is None:  # a detector file from before the augmentation was recorded
+            return out
         what = " and ".join(name for key, name in (("crop", "crops"), ("flip", "flips")) if aug.get(key))
-        return f"expert lr {self.expert_lr_:g}, auxiliary lr {self.aux_lr_:g}, finetuned with {what or 'no augmentation'}"
+        return f"{out}, finetuned with {what or 'no augmentation'}"
 
     def diagnostics(self, clean: dict, triggered: dict) -> dict:
         """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
