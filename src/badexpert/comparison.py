@@ -22,6 +22,7 @@ from .data import Splits
 from .detectors import Detector, get_detector
 from .errors import BadExpertError
 from .evaluation import check_detector_for, detector_metrics, model_outputs
+from .metrics import realized_fpr
 from .utils import atomic_directory, check_output_dir, write_json
 from .validation import expect
 
@@ -119,7 +120,7 @@ def format_comparison(metrics: dict) -> str:
         rows.append(
             f"| {d['name']} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
             f"{_pct(t.get('0.1%'))} / {_pct(t.get('1%'))} / {_pct(t.get('5%'))} | {_pct(d.get('clean_accuracy'))} | "
-            f"{_pct(d.get('attack_success_rate'))} | {_pct(d.get('realized_fpr', d.get('fpr')), 2)} | "
+            f"{_pct(d.get('attack_success_rate'))} | {_pct(realized_fpr(d), 2)} | "
             f"{cost.get('forward_passes_per_input')} / {cost.get('backward_passes_per_input')} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )

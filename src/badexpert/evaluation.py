@@ -27,7 +27,7 @@ from .attacks import Attack
 from .data.core import Dataset, batches, to_uint8
 from .detectors.base import Detector
 from .errors import BadExpertError, NotFittedError
-from .metrics import ScoreAccumulator, detection_summary
+from .metrics import ScoreAccumulator, clean_rejection, detection_summary
 from .training import predict_logits
 from .utils import eval_mode, model_device
 from .validation import expect
@@ -207,18 +207,15 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     test = out.test
     passes = {"forward_passes_per_input": detector.cost["forward"],
               "backward_passes_per_input": detector.cost["backward"]}
-    population = getattr(detector, "calibration_population_", "all")
+    population = detector.calibration_population_
     if out.attack is None:
         det = _details(detector, test.images)
         flags = detector.decide(torch.from_numpy(det["score"])).numpy()
         correct = out.clean_pred.numpy() == test.labels.numpy()
-        fpr_all, fpr_correct = float(flags.mean()), float(flags[correct].mean()) if correct.any() else float("nan")
         defense = {
             "name": detector.name, "params": detector.get_params(), "fpr_target": detector.fpr_target_,
             "threshold": detector.threshold_, "calibration_size": detector.calibration_size_, "overlap": overlap,
-            "calibration_population": population,
-            "realized_fpr": fpr_correct if population == "correct" else fpr_all,
-            "fpr": fpr_all, "fpr_filtered": fpr_correct,
+            **clean_rejection(flags, correct, population),
             "clean_accuracy": float((correct & ~flags).mean()),
             "cost": dict(passes),
         }

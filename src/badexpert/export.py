@@ -268,7 +268,7 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
         "input_shape": list(guard.input_shape),
         "threshold": float(det.threshold_),
         "fpr_target": float(det.fpr_target_),
-        "clean_rejection_rate": float(getattr(det, "clean_rejection_rate_", det.fpr_target_)),
+        "clean_rejection_rate": float(det.clean_rejection_rate_),
         "calibration_size": len(scores),
         "calibration_scores": scores,
         "model_fingerprint": det.model_fingerprint_,

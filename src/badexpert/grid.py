@@ -324,6 +324,8 @@ def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
 
 
 def _detector_row(d: dict | None) -> dict:
+    from .metrics import realized_fpr
+
     if d is None:
         return dict.fromkeys(DETECTOR_NUMBERS)
     cost = d.get("cost", {})
@@ -333,7 +335,7 @@ def _detector_row(d: dict | None) -> dict:
         "auroc": d.get("auroc"), "auroc_ci": d.get("auroc_ci"), "auroc_filtered": d.get("auroc_filtered"),
         "tpr_at_1pct_fpr": d.get("tpr_at_fpr", {}).get("1%"), "tpr": d.get("tpr"),
         # the realized FPR on the population the threshold was calibrated for (beside fpr_target)
-        "fpr": d.get("realized_fpr", d.get("fpr")),
+        "fpr": realized_fpr(d),
         "fpr_target": d.get("fpr_target"), "threshold": d.get("threshold"),
         "ca_after": d.get("clean_accuracy"), "asr_after": d.get("attack_success_rate"),
         "forward_passes": cost.get("forward_passes_per_input"),

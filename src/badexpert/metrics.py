@@ -345,6 +345,22 @@ class ScoreAccumulator:
 # --------------------------------------------------------------------------------------------
 # the defense summary
 # --------------------------------------------------------------------------------------------
+def clean_rejection(clean_rejected: Any, correct: Any, calibration_population: str = "all") -> dict[str, Any]:
+    """The clean side of a calibrated threshold's rates: ``fpr`` (all clean inputs rejected),
+    ``fpr_filtered`` (those the model gets right), and ``realized_fpr``, the one of the two the
+    threshold was calibrated to bound (``calibration_population`` ``"correct"`` or ``"all"``)."""
+    rej, ok = np.asarray(clean_rejected, dtype=bool), np.asarray(correct, dtype=bool)
+    fpr_all, fpr_correct = _mean(rej), _mean(rej[ok])
+    return {"calibration_population": calibration_population, "fpr": fpr_all, "fpr_filtered": fpr_correct,
+            "realized_fpr": fpr_correct if calibration_population == "correct" else fpr_all}
+
+
+def realized_fpr(defense: dict) -> Any:
+    """The realized FPR of a defense record, to set beside its target (records written before
+    ``realized_fpr`` existed were calibrated on every input: their ``fpr``)."""
+    return defense.get("realized_fpr", defense.get("fpr"))
+
+
 def detection_summary(
     *,
     clean_scores: Any,
@@ -402,19 +418,15 @@ def detection_summary(
 
     ca_nd = _mean(correct)
     ca = _mean(correct & ~clean_rej)
-    fpr_all, fpr_correct = _mean(clean_rej), _mean(clean_rej[correct])
     return {
         "threshold": threshold,
         "fpr_target": float(fpr_target),
-        "calibration_population": calibration_population,
-        "realized_fpr": fpr_correct if calibration_population == "correct" else fpr_all,
+        **clean_rejection(clean_rej, correct, calibration_population),
         "auroc": auroc(cs, ts),
         "auroc_ci": auroc_ci,
         "auroc_filtered": auroc(cs[correct], ts[success]),
         "tpr": _mean(trig_rej),
-        "fpr": fpr_all,
         "tpr_filtered": _mean(trig_rej[success]),
-        "fpr_filtered": fpr_correct,
         "tpr_at_fpr": tpr_at_fpr(cs, ts),
         "clean_accuracy": ca,
         "attack_success_rate": _mean(success & ~trig_rej),

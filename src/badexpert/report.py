@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from .errors import BadExpertError
-from .metrics import _sklearn_inputs
+from .metrics import _sklearn_inputs, realized_fpr
 from .utils import write_json
 
 __all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
@@ -144,7 +144,7 @@ def format_table(metrics: dict) -> str:
     line("AUROC (filtered, paper)", _pct(d.get("auroc_filtered")))
     line("TPR (triggered rejected)", _pct(d.get("tpr")))
     digits = _fpr_digits(d.get("fpr_target"))
-    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(_realized_fpr(d), digits)}"
+    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(realized_fpr(d), digits)}"
          + (" (clean inputs the model gets right)" if d.get("calibration_population") == "correct" else ""))
     if d.get("calibration_population") == "correct":
         line("clean inputs rejected (all)", _pct(d.get("fpr"), digits))
@@ -454,14 +454,8 @@ def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> li
     return lines or ["- (no configuration recorded)"]
 
 
-def _realized_fpr(d: dict) -> Any:
-    """The realized FPR to set beside the target: on the population the threshold was calibrated
-    for (records written before it was recorded have only ``fpr``)."""
-    return d.get("realized_fpr", d.get("fpr"))
-
-
 def _fpr_sentence(d: dict) -> str:
-    tgt, real = d.get("fpr_target"), _realized_fpr(d)
+    tgt, real = d.get("fpr_target"), realized_fpr(d)
     digits = _fpr_digits(tgt)
     n_cal = d.get("calibration_size")
     n_clean = d.get("n_clean")

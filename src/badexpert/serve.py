@@ -149,7 +149,7 @@ class GuardAdapter:
         self.input_shape = tuple(int(v) for v in guard.input_shape)
         self.classes = list(guard.classes) if guard.classes else None
         self.fpr_target = None if self.bare else float(det.fpr_target_)
-        self.clean_rejection_rate = None if self.bare else float(getattr(det, "clean_rejection_rate_", det.fpr_target_))
+        self.clean_rejection_rate = None if self.bare else float(det.clean_rejection_rate_)
         self.threshold = None if self.bare else float(det.threshold_)
         meta = guard.meta or {}
         dataset = meta.get("dataset")
