@@ -249,7 +249,7 @@ def test_auto_preset_chooses_strengths_from_clean_data_only(splits):
     assert auroc(det.score(test).numpy(), det.score(triggered).numpy()) > 0.95
 
 
-def test_auto_finetunes_only_with_the_augmentations_the_model_is_invariant_to(splits, blobs):
+def test_auto_finetunes_only_with_the_augmentations_the_model_is_invariant_to(splits, blobs, tmp_path):
     """``augment=None`` under ``auto``: crops (flips) only where M keeps ``augment_accuracy`` of
     its held-out accuracy on cropped (flipped) inputs, i.e. where it was trained with them."""
     from badexpert.models import build_model
@@ -270,6 +270,9 @@ def test_auto_finetunes_only_with_the_augmentations_the_model_is_invariant_to(sp
     assert aug["crop"] and aug["flip"] and aug["cropped_accuracy"] >= 0.9 * aug["accuracy"]
     assert det.aux_recipe(0.1).augment and det.aux_recipe(0.1).pad is None and det.aux_recipe(0.1).hflip
     assert "crops and flips" in det.fit_summary()
+    det.calibrate(splits[2], fpr=0.05)
+    loaded = load_detector(det.save(tmp_path / "aug.safetensors"), crop_trained)
+    assert loaded.augmentation_ == det.augmentation_  # the choice travels with the file (fit report)
     det.augmentation_ = None  # as loaded from a file written before the choice was recorded
     assert "finetuned" not in det.fit_summary()
     # fixed choices, and the paper preset, do not measure

@@ -226,7 +226,7 @@ class BaDExpert(Detector):
         g = derive_generator(self.seed, "badexpert-augment")
 
         def acc(x: torch.Tensor) -> float:
-            return float((predict_logits(source, x, batch_size=self.batch_size).argmax(1) == hold.labels).float().mean())
+            return accuracy(source, (x, hold.labels), batch_size=self.batch_size)
 
         plain = acc(images)
         cropped = acc(augment(images, pad=default_pad(tuple(images.shape[2:])), generator=g))
@@ -443,8 +443,7 @@ class BaDExpert(Detector):
         return out
 
     def _state_meta(self):
-        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_,
-                "augmentation": self.augmentation_, "fit_report": self.fit_report_}
+        return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_, "fit_report": self.fit_report_}
 
     def _load_state(self, model, tensors, meta):
         device = self.device_
@@ -453,8 +452,9 @@ class BaDExpert(Detector):
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
         self.hflip_ = meta.get("hflip")
-        self.augmentation_ = meta.get("augmentation")
         self.fit_report_ = meta.get("fit_report", {})
+        # recorded in the fit report (absent in files written before the choice was made)
+        self.augmentation_ = self.fit_report_.get("augmentation")
 
 
 def _label_log_odds(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
