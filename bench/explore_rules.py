@@ -71,14 +71,10 @@ def dump(model_path: Path, params: dict, out: Path) -> dict[str, np.ndarray]:
              "code": DETECTOR_CODE}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"{cell_name(model_path)}-{key}.npz"
+    if path.exists():
+        return dict(np.load(path))
     model, meta = load_model(model_path)
     _, splits = _splits_for(meta, meta, argparse.Namespace(dataset=None, data_path=None, image_size=None))
-    if path.exists():
-        res = dict(np.load(path))
-        if "cal_label" not in res:  # cached before the calibration labels were kept
-            res["cal_label"] = splits.calibration.labels.numpy()
-            np.savez(path, **res)
-        return res
     attack = attack_from_meta(meta, source=f"'{model_path}'")
     det = get_detector("badexpert", seed=0, **params)
     with warnings.catch_warnings():
@@ -124,6 +120,23 @@ def evaluate(d: dict[str, np.ndarray], rule: str, fpr: float, population: str) -
             float(np.mean(clean > thr)), float(np.mean(s["clean"] > thr)))
 
 
+def over_threshold(d: dict[str, np.ndarray], rule: str, fpr: float, population: str, classes: int) -> str:
+    """Who the clean test inputs over the calibrated threshold are: how many, how many M gets
+    wrong, M's labels and the true labels among them, and the auxiliary model's median log-odds
+    in M's label for them and for the triggered inputs the backdoor flips."""
+    s = {p: scores(d, p, rule) for p in ("cal", "clean", "trig")}
+    cal = s["cal"][d["cal_pred"] == d["cal_label"]] if population == "correct" else s["cal"]
+    thr = conformal_threshold(cal, fpr)
+    over = s["clean"] > thr
+    wrong = over & (d["clean_pred"] != d["clean_label"])
+    flipped = d["trig_pred"] == d["trig_target"]
+    count = lambda a: ", ".join(f"{c}: {n}" for c, n in enumerate(np.bincount(a, minlength=classes)) if n)  # noqa: E731
+    return (f"threshold {thr:.2f}; {int(over.sum())} clean test inputs over it, {int(wrong.sum())} of them M's errors; "
+            f"M's labels {{{count(d['clean_pred'][over])}}}, true labels {{{count(d['clean_label'][over])}}}; "
+            f"auxiliary log-odds in M's label, median: {np.median(d['clean_y'][over]):.1f} for them, "
+            f"{np.median(d['trig_y'][flipped]):.1f} for the flipped triggered inputs")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, type=Path)
@@ -134,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-on", choices=CALIBRATION_POPULATIONS, default=DEFAULT_POPULATION,
                    help="calibration inputs that set the threshold (default: the detector's, %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/explore-rules"))
+    p.add_argument("--over-threshold", action="store_true",
+                   help="also say, per model, who the clean test inputs over the first rule's threshold are")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     params = _kv(args.detector_param)
@@ -159,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| **mean** | " + " | ".join(
         " / ".join(f"{100 * np.mean([v[i] for v in per[r]]):.{2 if i != 1 else 1}f}%" for i in range(4)) for r in rules) + " |")
+    if args.over_threshold:
+        print(f"\nClean test inputs over the `{rules[0]}` threshold:\n")
+        for name, d in rows.items():
+            classes = int(max(d["clean_label"].max(), d["clean_pred"].max())) + 1
+            print(f"- {name}: {over_threshold(d, rules[0], args.fpr, args.calibrate_on, classes)}")
     return 0
 
 
