@@ -57,8 +57,11 @@ SERVE_EXTRA = "install the serve extra: pip install 'badexpert[serve]'"
 LOGGER = "badexpert.serve"
 ON_REJECT = ("flag", "abstain")
 JSON_DTYPES = ("uint8", "float32")
-#: The classification route (HTTP path, not a file).
+#: The classification and status routes (HTTP paths, not files).
 CLASSIFY_ROUTE = "/v1/classify"
+STATUS_ROUTE = "/v1/status"
+#: Linux's per-process memory file (a kernel interface); where it is absent the gauge is left out.
+PROC_STATM = "/proc/self/statm"
 RAW_DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -589,7 +592,7 @@ def _resident_bytes() -> int | None:
     """The process's resident memory from Linux's ``/proc/self/statm`` (a kernel interface, present
     on every Linux host); ``None`` where there is none (macOS, Windows): the gauge is then left out."""
     try:
-        with open("/proc/self/statm") as fh:
+        with open(PROC_STATM) as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
@@ -1008,7 +1011,7 @@ def create_app(model, *, settings: Settings | None = None):
         text = metrics.render(ready=batcher.ready, queued=batcher.queued, drift=drift, model_info=model_info)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/status")
+    @app.get(STATUS_ROUTE)
     async def status():
         return answer(200, {
             "ready": batcher.ready,
