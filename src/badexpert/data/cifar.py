@@ -55,9 +55,22 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise BadExpertError(
-                f"refusing to unpickle {module}.{name} from {self.source}: a CIFAR-10 batch holds only plain data "
-                "and numpy arrays; use the official cifar-10-python release"
+                f"refusing to unpickle {_one_line(f'{module}.{name}')} from {self.source}: a CIFAR-10 batch holds only "
+                "plain data and numpy arrays; use the official cifar-10-python release"
             ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        """A persistent reference (PERSID/BINPERSID opcodes) points outside the file: refused."""
+        raise BadExpertError(
+            f"refusing to unpickle a persistent reference from {self.source}: a CIFAR-10 batch holds only plain data "
+            "and numpy arrays; use the official cifar-10-python release"
+        )
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: whitespace runs (newlines included) become one space, other
+    unprintable characters are escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in " ".join(text.split()))
 
 
 def load_pickle(file: str | Path) -> Any:
@@ -72,7 +85,8 @@ def load_pickle(file: str | Path) -> Any:
         raise BadExpertError(f"'{file}' does not exist; the CIFAR-10 python release needs it") from exc
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, TypeError... all mean a damaged file
         raise BadExpertError(
-            f"cannot read '{file}' as a CIFAR-10 pickle ({type(exc).__name__}: {exc}); the file is damaged, fetch it again"
+            f"cannot read '{file}' as a CIFAR-10 pickle ({type(exc).__name__}: {_one_line(str(exc))}); "
+            "the file is damaged, fetch it again"
         ) from exc
 
 

@@ -21,6 +21,11 @@ many were resized is recorded in each split's ``meta["resized"]``, and when the 
 - every image's width x height is checked against :data:`~badexpert.limits.MAX_IMAGE_PIXELS`
   from its header, before its pixels are decoded; Pillow's decompression-bomb warning is an error;
 - the output tensor is checked against the memory budget before it is allocated;
+- every zip member's name and every file's path under a folder is checked by one rule
+  (:func:`safe_parts`): no absolute path, ``..`` or ``.`` component, backslash, drive letter or
+  control character, so no class is named ``..``;
+- every pixel mode is read at the 0..255 scale, or refused, by the one rule of
+  :func:`badexpert.imagefile.to_8bit` (16-bit images divided by 257, float ones read as [0, 1]);
 - every failure (a corrupt zip member, a bad CRC, a truncated or unreadable image...) ends in
   one :class:`~badexpert.errors.BadExpertError` naming the file.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import operator
 import os
+import unicodedata
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -44,8 +50,8 @@ import torch
 from ..errors import BadExpertError
 # one untrusted image file is decoded by badexpert.imagefile (torch-free); re-exported here
 from ..imagefile import IMAGE_FORMATS, open_image  # noqa: F401
-from ..imagefile import (_BILINEAR, MAX_IMAGE_FILE_BYTES, Source, _bombs_are_errors, _decode_error, _open_checked,
-                         _read_source, _too_big, _why, file_source)
+from ..imagefile import (_BILINEAR, GREY_MODES, MAX_IMAGE_FILE_BYTES, Source, _bombs_are_errors, _decode_error,
+                         _open_checked, _read_source, _too_big, _why, file_source, to_8bit)
 from ..limits import MAX_IMAGE_PIXELS, check_allocation, memory_budget
 from .core import Dataset
 
@@ -55,9 +61,6 @@ IMAGE_SUFFIXES = frozenset(
 )
 LAYOUT = "expected train/<class>/<images> and test/<class>/<images>"
 SIZE_HINT = "pass a smaller image size (--image-size, or image_size= in load_dataset)"
-
-# Pillow modes that hold grey levels only; everything else is converted to RGB.
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
 # zip compression methods read: zipfile decompresses bzip2 and LZMA members without an output
@@ -251,7 +254,7 @@ def _survey(sources: Sequence[Source]) -> tuple[tuple[int, int], int, list[bytes
         data = _read_source(label, read)
         try:
             with _open_checked(data, label) as im:
-                hw, grey = (im.height, im.width), im.mode in _GREY_MODES
+                hw, grey = (im.height, im.width), im.mode in GREY_MODES
         except BadExpertError:
             raise
         except Exception as exc:
@@ -271,10 +274,8 @@ def _decode(data: bytes, label: str, hw: tuple[int, int], grey_only: bool) -> tu
     h, w = hw
     try:
         with _open_checked(data, label) as im:
-            grey = im.mode in _GREY_MODES
-            mode = "L" if grey or grey_only else "RGB"
-            if im.mode != mode:
-                im = im.convert(mode)
+            grey = im.mode in GREY_MODES
+            im = to_8bit(im, label, "L" if grey or grey_only else "RGB")  # the 0..255 scale of every mode
             moved = im.size != (w, h)
             if moved:
                 im = im.resize((w, h), _BILINEAR)
@@ -341,17 +342,21 @@ def _scan_directory(path: Path):
         classes: dict[str, list[Source]] = {}
         for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith(".")):
             files = sorted(f for f in cdir.rglob("*") if f.is_file() and _is_image(f.name))
+            for f in (cdir, *files):  # the same names check as a zip's members
+                safe_parts(f.relative_to(root).as_posix(), f"image folder '{root}'")
             classes[cdir.name] = [file_source(f) for f in files]
         groups.append(classes)
     return _assign_labels(str(root), *groups)
 
 
 def _scan_zip(zf: zipfile.ZipFile, path: Path):
+    where = f"zip '{path}'"
+    checked = {info.filename: safe_parts(info.filename, where) for info in zf.infolist()}  # every name
     members = [
         i for i in zf.infolist()
         if not i.is_dir() and not i.filename.startswith("__MACOSX/") and _is_image(i.filename)
     ]
-    parts = [_zip_parts(i.filename) for i in members]
+    parts = [checked[i.filename] for i in members]
     if any(p[0] in ("train", "test") and len(p) >= 3 for p in parts):
         depth = 0
     elif parts and len({p[0] for p in parts}) == 1 and any(len(p) >= 4 and p[1] == "train" for p in parts):
@@ -360,7 +365,7 @@ def _scan_zip(zf: zipfile.ZipFile, path: Path):
         raise BadExpertError(f"zip '{path}' has no train/ folder of images; {LAYOUT}")
     groups: dict[str, dict[str, list[Source]]] = {"train": {}, "test": {}}
     for info in zf.infolist():  # register empty class folders too, so they are reported
-        p = _zip_parts(info.filename)
+        p = checked[info.filename]
         if info.is_dir() and len(p) == depth + 2 and p[depth] in groups and (depth == 0 or p[0] == parts[0][0]):
             groups[p[depth]].setdefault(p[depth + 1], [])
     for info, p in zip(members, parts):
@@ -374,8 +379,35 @@ def _scan_zip(zf: zipfile.ZipFile, path: Path):
     return _assign_labels(str(path), groups["train"], groups["test"])
 
 
-def _zip_parts(name: str) -> tuple[str, ...]:
-    return tuple(p for p in name.split("/") if p)
+def safe_parts(name: str, where: str) -> tuple[str, ...]:
+    """The components of a path inside a data set -- a zip member's name, or a file's path under
+    an image folder (``/``-separated, relative to it) -- refused in one line when unsafe.
+
+    Refused: an absolute path, a ``..`` component (it climbs out of its folder: ``train/../../x.png``
+    would name a class ``..``) or a ``.`` one, a backslash (a Windows separator, which other tools
+    read as one), a drive letter (``C:``), and control, format or line-separator characters (they
+    would break one-line messages and reports, or disguise a name). ``where`` names the zip or
+    folder in the message. Empty components (``a//b``) are dropped.
+    """
+    parts = tuple(p for p in name.split("/") if p)
+    if not name.isprintable() and any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in name):
+        why = "contains a control character"
+    elif name.startswith("/"):
+        why = "is absolute"
+    elif "\\" in name:
+        why = "contains a backslash (a Windows path separator)"
+    elif parts and len(parts[0]) >= 2 and parts[0][1] == ":" and parts[0][0].isascii() and parts[0][0].isalpha():
+        why = "starts with a drive letter"
+    elif ".." in parts:
+        why = "climbs out of its folder ('..')"
+    elif "." in parts:
+        why = "has a '.' component"
+    else:
+        return parts
+    raise BadExpertError(
+        f"{where}: the path {name!r} {why}; paths in a data set must be plain relative names like "
+        "train/<class>/<image>: rename it, or re-create the archive without it"
+    )
 
 
 def _check_member(info: zipfile.ZipInfo, label: str) -> None:
