@@ -288,3 +288,77 @@ def test_defaults_cost_and_registry():
     assert det.cost == {"forward": 6, "backward": 0} and not det.needs_gradients
     assert IBDPSC(n_models=2).cost == {"forward": 3, "backward": 0}
     assert DETECTORS["ibd_psc"] is IBDPSC and isinstance(get_detector("IBD-PSC", omega=2), IBDPSC)
+
+
+# --- degeneration: said at fit, recorded, shown ----------------------------------------------------
+def test_degeneration_flag_on_the_hand_chain():
+    """Clear when the clean error exceeds xi early enough for distinct amplified models; set, with
+    its reason, when xi is never exceeded or when all n models are one model."""
+    x = chain_data(400, 0)
+    y = logits_by_hand(x, 0, OMEGA).argmax(1)
+    e1, e2, e3 = chain_errors(x, y, OMEGA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a healthy fit warns of nothing
+        ok = IBDPSC(omega=OMEGA, xi=e1 / 2, n_models=3).fit(chain(), (x, y))
+    rep = ok.fit_report_
+    assert not ok.degenerate_ and ok.degenerate_reasons_ == [] and rep["degenerate"] is False
+    assert rep["distinct_models"] == 2 and [m["layers"] for m in rep["models"]] == [2, 3]
+    assert [m["error"] for m in rep["models"]] == pytest.approx([e2, e3], abs=1e-12)
+    assert "DEGENERATE" not in ok.fit_summary() and ok.fit_summary().startswith("k=1 of 3 BatchNorm layers, 2 distinct")
+    # xi first exceeded with all 3 layers: k = L, the five models are one
+    with pytest.warns(UserWarning, match=r"degenerate: the clean error first exceeds xi=.* at k=3 of 3 BatchNorm layers, so all 5 amplified models"):
+        same = IBDPSC(omega=OMEGA, xi=(e2 + e3) / 2).fit(chain(), (x, y))
+    assert same.fit_report_["reached_xi"] and same.degenerate_reasons_ == ["models_coincide"]
+    assert same.fit_report_["degenerate"] and "DEGENERATE: the amplified models are all the same model" in same.fit_summary()
+    assert not same.set_params(n_models=1).degenerate_  # one model asked for, one used: nothing degenerate
+    # never exceeded
+    with pytest.warns(UserWarning, match="never above xi=0.9"):
+        never = IBDPSC(omega=OMEGA, xi=0.9).fit(chain(), (x, y))
+    assert never.degenerate_reasons_ == ["xi_not_reached", "models_coincide"]
+    assert "no amplification lifts the clean error above xi=0.9" in never.fit_summary()
+    d = never.diagnostics({}, {})
+    assert d["degenerate"] and d["k"] == 3 == d["bn_layers"] and d["distinct_models"] == 1
+
+
+def test_degeneration_survives_save_load_and_shows_in_the_evaluation(backdoored, fitted, tmp_path):
+    from badexpert.evaluation import evaluate
+
+    model, attack, _, te = backdoored
+    assert fitted.degenerate_reasons_ == ["xi_not_reached", "models_coincide"]  # the 3-BN CNN: 0% error at all 3
+    det = copy.copy(fitted).calibrate(te.subset(range(800, 900)), fpr=0.1)
+    loaded = load_detector(det.save(tmp_path / "ibd.safetensors"), model)
+    assert loaded.degenerate_reasons_ == det.degenerate_reasons_ and loaded.fit_summary() == det.fit_summary()
+    res = evaluate(model, loaded, te.subset(range(1600, 1800)), attack, n_boot=10, throughput=False)
+    d = res.metrics["defense"]
+    assert d["diagnostics"]["degenerate"] and d["fit_report"]["degenerate_reasons"] == ["xi_not_reached", "models_coincide"]
+
+
+def test_fidelity_narrow_resnet_degenerates_and_says_so(blobs):
+    """The CIFAR-10 failure in small: on a narrow ResNet-18 (width 4, 20 BatchNorm layers) that
+    carries a Blend backdoor, amplifying every layer by 1.5 lifts the clean error only to ~25%
+    (never above xi = 0.6), so all five models are the all-layers model and PSC separates the
+    triggered inputs *worse* than chance (measured AUROC 0.13). The detector must say so."""
+    from badexpert.attacks import get_attack
+    from badexpert.metrics import auroc
+    from badexpert.models import build_model
+    from badexpert.training import Recipe, train
+    from badexpert.utils import derive_generator, seed_everything
+
+    tr, te = blobs
+    seed_everything(0)
+    attack = get_attack("blend", target=0, poison_rate=0.05)
+    model = build_model("resnet18", in_channels=1, num_classes=4, image_size=12, mean=tr.mean, std=tr.std, width=4)
+    train(model, attack.poison(tr, derive_generator(0, "poison")),
+          Recipe(optimizer="adam", lr=3e-3, epochs=4, batch_size=64, weight_decay=0, schedule="cosine", augment=False), seed=0)
+    model.eval()
+    test = te.subset(range(1600, 2000))
+    trig = attack.apply(test.images[attack.counts(test.labels)], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(trig).argmax(1) == 0).float().mean() > 0.8  # the backdoor is there
+    with pytest.warns(UserWarning, match="never above xi=0.6"):
+        det = IBDPSC().fit(model, te.subset(range(400)))
+    assert det.bn_layers_ == 20 and det.k_ == 20 and det.degenerate_
+    assert det.fit_report_["degenerate_reasons"] == ["xi_not_reached", "models_coincide"]
+    assert max(t["error"] for t in det.fit_report_["errors"]) < 0.6
+    assert "DEGENERATE" in det.fit_summary()
+    assert auroc(det.score(test).numpy(), det.score(trig).numpy()) < 0.5  # worse than chance, as on CIFAR-10

@@ -13,14 +13,15 @@ from .scale_up import ScaleUp
 from .sentinet import SentiNet
 from .strip import STRIP
 from .teco import TeCo
+from .ted import TED
 
 #: Detectors by name.
 DETECTORS = Registry("detector", [(cls.name, cls) for cls in (
-    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet, Frequency,
+    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet, Frequency, TED,
 )])
 
 
-def get_detector(name: str, **params) -> Detector:
+def get_detector(name: str, /, **params) -> Detector:
     """Build a detector by name with constructor parameters."""
     key = DETECTORS.canonical(name)
     cls = DETECTORS[key]
@@ -29,5 +30,5 @@ def get_detector(name: str, **params) -> Detector:
 
 __all__ = [
     "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "IBDPSC", "STRIP", "ScaleUp",
-    "SentiNet", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
+    "SentiNet", "TED", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
 ]

@@ -39,6 +39,32 @@ are never written to; for the duration of each such call PyTorch substitutes the
 on the module and puts the originals back afterwards (even on an error), so the same model object
 must not be run from another thread while the detector scores.
 
+Reference: the paper (its method section: the PSC statistic, and the adaptive choice of the first
+amplified layer ``k`` by the clean error rate ``xi``; defaults omega 1.5, xi 0.6, n 5, T 0.9) and
+the authors' code in BackdoorBox (``core/defenses/IBD_PSC.py``, read, not copied), whose
+behaviour this follows: layers in ``named_modules`` order counted from the last, error against
+the true labels, models amplifying the last ``k + 1 .. k + n`` layers, capped at ``L``.
+
+Degeneration (measured, and reported). The method presumes that amplifying enough BatchNorm layers
+wrecks clean predictions. On small or narrow networks it often does not: on the test suite's
+12x12 blobs, a BadNet/Blend-backdoored ResNet-18 of width 4, 8 or 16 never exceeds xi = 0.6
+(clean error 25-48% with all 20 layers amplified), nor does a VGG-16-BN of width 4 (47%), nor the
+3-BN CNN (0%). Then ``k = L`` and all ``n`` models are the one all-layers model; PSC is that
+model's confidence, and its AUROC fell *below* chance: 0.13 (ResNet-18 w4 Blend), 0.24 (w8
+Blend), 0.30 (w4 BadNet), 0.65 (VGG w4 BadNet). A second failure: the amplified models may send
+most clean inputs to one class (a MobileNetV2 of width 4 reached xi at ``k = 31`` of 52 layers,
+but every amplified model put 83-89% of clean inputs in class 2 and triggered inputs out of the
+target: AUROC 0.31). The reference has no answer for the first case (its search returns nothing)
+and does not look for the second. Here the fit warns of both, and records them:
+``fit_report_["degenerate"]`` and ``["degenerate_reasons"]`` (``"xi_not_reached"``,
+``"models_coincide"``; also :attr:`IBDPSC.degenerate_reasons_`), ``["collapse"]`` (the class and
+the smallest share, when every amplified model sends at least :data:`COLLAPSE_SHARE` of the clean
+inputs to one class), ``["models"]`` (each amplified model's clean error and majority class);
+:meth:`IBDPSC.fit_summary` (printed by ``badexpert defend``) says ``DEGENERATE`` and why, and
+:meth:`IBDPSC.diagnostics` puts the same facts in an evaluation's ``defense.diagnostics``. The
+CIFAR-10 ResNet-18 (width 8) Blend model of bench/RESULTS.md (AUROC 53.5%) was not kept, so its
+``k`` could not be re-read here; its fit report (in the run's metrics) or a refit says which case.
+
 Cost: 1 forward pass for the model's own label plus one per distinct amplified model (``n``
 unless models coincide, see above); no backward pass. In front of a model
 (:class:`badexpert.guard.Guard`) the first pass is the model's own.
@@ -59,6 +85,11 @@ from ..training import forward, model_outputs
 from ..utils import eval_mode
 from ..validation import NonNegativeInt, PositiveInt, Range
 from .base import Detector
+
+
+#: the share of the clean inputs that every amplified model must send to one same class for the fit
+#: report to record a collapse (and warn): PSC then mostly tells whether an input's label is that class
+COLLAPSE_SHARE = 0.8
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -101,7 +132,8 @@ class IBDPSC(Detector):
 
     Fitted attributes: ``k_`` (the start index), ``bn_layers_`` (``L``), ``amplified_counts_``
     (the number of last layers each of the ``n`` models amplifies), ``fit_report_`` (the clean
-    error rate of every amplification tried while choosing ``k``).
+    error rate of every amplification tried while choosing ``k``, each used model's error and
+    majority class, and whether the fit degenerated), ``degenerate_`` / ``degenerate_reasons_``.
 
     Departures from the paper
     -------------------------
@@ -115,7 +147,12 @@ class IBDPSC(Detector):
       counted; a model without any affine BatchNorm layer is refused at fit time.
     - :attr:`cost` after fitting counts the distinct amplified models actually run (``1 + n``
       unless models coincide); before fitting it is ``1 + n``.
-    - The error rate that chooses ``k`` is measured on the whole clean set given to :meth:`fit`.
+    - The error rate that chooses ``k`` is measured on the whole clean set given to :meth:`fit`;
+      the search tries ``1..L`` layers (the reference ``1..L-1``) and, when none exceeds ``xi``,
+      falls back to ``k = L`` with a warning and ``fit_report_["degenerate"]`` (the reference
+      fails there).
+    - Fitting also runs each amplified model once over the clean set, to record its error and
+      majority class (the degeneration diagnostics above); the reference does not.
     """
 
     name: ClassVar[str] = "ibd_psc"
@@ -149,6 +186,49 @@ class IBDPSC(Detector):
     def amplified_counts_(self) -> list[int]:
         """How many of the last BatchNorm layers each of the ``n_models`` models amplifies."""
         return [min(self.k_ + j, self.bn_layers_) for j in range(1, int(self.n_models) + 1)]
+
+    @property
+    def degenerate_reasons_(self) -> list[str]:
+        """Why the fitted detector is not the method its paper describes (empty: it is):
+        ``"xi_not_reached"``: no number of amplified layers lifted the clean error above ``xi``, so
+        ``k = L`` and every model amplifies all layers; ``"models_coincide"``: the ``n_models``
+        amplified models are one model (``k + 1 >= L``), so PSC is a single model's confidence."""
+        out = []
+        if not (getattr(self, "fit_report_", None) or {}).get("reached_xi", True):
+            out.append("xi_not_reached")
+        if len(set(self.amplified_counts_)) == 1 < int(self.n_models):
+            out.append("models_coincide")
+        return out
+
+    @property
+    def degenerate_(self) -> bool:
+        """Whether the fit degenerated (see :attr:`degenerate_reasons_`)."""
+        return bool(self.degenerate_reasons_)
+
+    def fit_summary(self) -> str:
+        """``k``, the layers and models used, and a loud note when the fit degenerated."""
+        self._check_fitted("fit_summary")
+        distinct = len(set(self.amplified_counts_))
+        out = (f"k={self.k_} of {self.bn_layers_} BatchNorm layers, {distinct} distinct amplified model"
+               f"{'' if distinct == 1 else 's'} of {int(self.n_models)}")
+        reasons = self.degenerate_reasons_
+        if reasons:
+            why = {"xi_not_reached": f"no amplification lifts the clean error above xi={self.xi}",
+                   "models_coincide": "the amplified models are all the same model"}
+            out += "; DEGENERATE: " + " and ".join(why[r] for r in reasons)
+        collapse = (getattr(self, "fit_report_", None) or {}).get("collapse")
+        if collapse:
+            out += (f"; amplified models send {collapse['share']:.0%}+ of clean inputs to class "
+                    f"{collapse['class']}")
+        return out
+
+    def diagnostics(self, clean: dict, triggered: dict) -> dict:
+        """Recorded by evaluation: whether the fit degenerated and why, ``k``, the number of distinct
+        amplified models, and the class the amplified models collapse clean inputs to (if any)."""
+        report = getattr(self, "fit_report_", None) or {}
+        return {"degenerate": self.degenerate_, "degenerate_reasons": self.degenerate_reasons_, "k": self.k_,
+                "bn_layers": self.bn_layers_, "distinct_models": len(set(self.amplified_counts_)),
+                "collapse": report.get("collapse")}
 
     # --- amplification -------------------------------------------------------------------
     def amplified_parameters(self, count: int, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -189,13 +269,18 @@ class IBDPSC(Detector):
         total = len(layers)
         data = list(batches(images, labels, batch_size=self.batch_size, device=self.device_))
 
+        hist: dict[int | None, torch.Tensor] = {}
+
         @torch.no_grad()
         def error(count: int | None) -> float:
-            wrong = 0
+            wrong, seen = 0, torch.zeros(classes, dtype=torch.long)
             with eval_mode(model):
                 for xb, yb in data:
                     logits = forward(model, xb) if count is None else self._amplified_logits(model, count, xb)
-                    wrong += int((logits.argmax(1) != yb).sum())
+                    pred = logits.argmax(1)
+                    wrong += int((pred != yb).sum())
+                    seen += torch.bincount(pred.cpu(), minlength=classes)[:classes]
+            hist[count] = seen
             return wrong / len(images)
 
         base = error(None)
@@ -223,9 +308,41 @@ class IBDPSC(Detector):
             k = total
         self.k_ = int(k)
         self.bn_layers_ = int(total)
+        # how each amplified model actually used answers on the clean set: its error and the class it
+        # sends most clean inputs to (one extra pass over the clean set per model not tried above)
+        errors = {t["layers"]: t["error"] for t in tried}
+        models = []
+        for count in sorted(set(self.amplified_counts_)):
+            err = errors[count] if count in errors else error(count)
+            top = int(hist[count].argmax())
+            models.append({"layers": count, "error": err, "majority_class": top,
+                           "majority_share": float(hist[count][top]) / len(images)})
+        shares = [m["majority_share"] for m in models]
+        tops = {m["majority_class"] for m in models}
+        collapse = ({"class": tops.pop(), "share": min(shares)}
+                    if len(tops) == 1 and min(shares) >= COLLAPSE_SHARE else None)
         self.fit_report_ = {"clean_size": int(len(images)), "bn_layers": total, "clean_error": base,
                             "errors": tried, "k": self.k_, "reached_xi": reached,
-                            "amplified_counts": self.amplified_counts_}
+                            "amplified_counts": self.amplified_counts_, "models": models,
+                            "distinct_models": len(models), "collapse": collapse}
+        reasons = self.degenerate_reasons_  # from the report just written
+        self.fit_report_.update(degenerate=bool(reasons), degenerate_reasons=reasons)
+        if reached and len(models) == 1 < int(self.n_models):
+            warnings.warn(
+                f"IBD-PSC: degenerate: the clean error first exceeds xi={self.xi} at k={self.k_} of {total} BatchNorm "
+                f"layers, so all {int(self.n_models)} amplified models (the last k+1 .. k+n layers, capped at {total}) are "
+                "the same model and PSC is one model's confidence, not a consistency over amplifications",
+                stacklevel=3,
+            )
+        if collapse is not None:
+            names = self.data_info_.get("classes") if hasattr(self, "data_info_") else None
+            label = names[collapse["class"]] if names and collapse["class"] < len(names) else collapse["class"]
+            warnings.warn(
+                f"IBD-PSC: every amplified model sends at least {collapse['share']:.0%} of the clean inputs to class "
+                f"{label}: PSC then mostly says whether the model's own label is that class; unless it is the "
+                "attack's target, triggered inputs score low (AUROC below 0.5)",
+                stacklevel=3,
+            )
 
     # --- scoring -------------------------------------------------------------------------
     @torch.no_grad()
@@ -316,4 +433,4 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
 
 
-__all__ = ["IBDPSC", "batchnorm_layers"]
+__all__ = ["COLLAPSE_SHARE", "IBDPSC", "batchnorm_layers"]
