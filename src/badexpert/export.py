@@ -31,12 +31,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from .arrays import IMAGE_TOLERANCE, check_array  # the conversion rule, torch-free
 from .errors import BadExpertError
+from .limits import DEPLOY_BATCH, check_allocation
+from .validation import Range
 
 ONNX_FORMAT = "badexpert-onnx/1"
 META_KEY = "badexpert"
@@ -454,17 +456,18 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
                   log=None) -> dict[str, Any]:
     """``badexpert export``: bundle -> verified ONNX file, written atomically. Returns a report
     (the verification's numbers, the file, its size, opset and score rule)."""
-    from .guard import BUNDLE_FORMAT, load_bundle
-    from .io import read_meta
+    from .guard import guard_from_bundle, read_bundle
     from .utils import atomic_write_bytes
 
     out = check_onnx_output(onnx_path, overwrite=overwrite)
     _require("onnx")
     _require("onnxruntime")
     opset = _check_opset(opset)
-    guard = load_bundle(bundle, device="cpu")  # checksum, metadata and fingerprint verified
+    meta, tensors = read_bundle(bundle)  # the whole file checked, once: bounds, checksum, sizes, calibration
+    guard = guard_from_bundle(meta, tensors, bundle, device="cpu")  # and the model's fingerprint
+    del tensors
     _check_exportable(guard.detector)
-    checksum = read_meta(bundle, fmt=BUNDLE_FORMAT, what="bundle", hint="").get("checksum")
+    checksum = meta["checksum"]
     if log:
         log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.rule} score) from '{bundle}' at opset {opset}")
     data = build_onnx(guard, opset=opset, source=Path(bundle).name, checksum=checksum)
@@ -490,31 +493,40 @@ def _meta_error(source: str, what: str) -> BadExpertError:
     return BadExpertError(f"{source} is not a badexpert ONNX guard ({what}); create one with `badexpert export`")
 
 
-def _check_meta(meta: Any, source: str) -> dict[str, Any]:
-    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
-        raise _meta_error(source, f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                                  f"expected {ONNX_FORMAT!r}")
-    shape = meta.get("input_shape")
-    if not (isinstance(shape, list) and len(shape) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
-        raise _meta_error(source, "bad input_shape")
-    classes = meta.get("classes")
-    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise _meta_error(source, "bad classes")
-    for key in ("threshold", "fpr_target"):
-        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), (int, float)) or math.isnan(meta[key]):
-            raise _meta_error(source, f"bad {key}")
-    if not 0 < meta["fpr_target"] < 1:
-        raise _meta_error(source, "bad fpr_target")
-    rate = meta.get("clean_rejection_rate")  # absent in files exported before it was recorded
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
-        raise _meta_error(source, "bad clean_rejection_rate")
-    cal = meta.get("calibration_scores")
-    if not (isinstance(cal, list) and cal and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  and math.isfinite(v) for v in cal)):
-        raise _meta_error(source, "bad calibration_scores")
-    if not isinstance(meta.get("model_fingerprint"), str):
-        raise _meta_error(source, "no model fingerprint")
+#: Fields of an ONNX guard's metadata (absent ones are ``None``; files exported before
+#: ``clean_rejection_rate`` and ``calibration_size`` were recorded lack them).
+ONNX_META_TYPES = {
+    "input_shape": tuple[Annotated[int, Range(ge=1, le=64)], Annotated[int, Range(ge=1, le=4096)],
+                         Annotated[int, Range(ge=1, le=4096)]],
+    "classes": list[str] | None,
+    "num_classes": Annotated[int, Range(ge=1, le=100_000)] | None,
+    "threshold": float,
+    "fpr_target": Annotated[float, Range(gt=0, lt=1)],
+    "clean_rejection_rate": Annotated[float, Range(ge=0, le=1)] | None,
+    "calibration_size": Annotated[int, Range(ge=1)] | None,
+    "calibration_scores": list,
+    "model_fingerprint": str,
+    "score_rule": str | None,
+}
+ONNX_FIX = "re-export it with `badexpert export`"
+
+
+def _check_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """An ONNX guard's metadata (already read by :func:`badexpert.metadata.parse_metadata`), checked
+    whole: format, field types, class names against the number of classes, the calibration record
+    (scores finite and as many as declared, the threshold one of them)."""
+    from .metadata import check_calibration, check_classes, check_fields
+
+    if meta.get("format") != ONNX_FORMAT:
+        raise _meta_error(source, f"format {str(meta.get('format'))[:40]!r}, expected {ONNX_FORMAT!r}")
+    check_fields(meta, ONNX_META_TYPES, source, ONNX_FIX)
+    meta["input_shape"] = list(meta["input_shape"])
+    if meta["num_classes"] is not None:
+        check_classes(meta["classes"], meta["num_classes"], source, ONNX_FIX)
+    cal = meta["calibration_scores"]
+    if not all(type(v) in (int, float) for v in cal):
+        raise _meta_error(source, "calibration_scores holds values that are not numbers")
+    check_calibration(cal, meta["threshold"], meta["calibration_size"], source, ONNX_FIX)
     return meta
 
 
@@ -532,10 +544,23 @@ class OnnxGuard:
     ``path`` may also be the serialized model (bytes). ``providers``: onnxruntime execution
     providers (default: CUDA when this onnxruntime has it, else the CPU). ``intra_op_threads``:
     onnxruntime's intra-op thread count (default: its own). ``batch_size``: inputs per run.
+
+    The file is checked whole, once, before it is used (``serve --onnx`` and ``info`` load it
+    through here): its metadata is found in the protocol buffer without reading the graph and
+    read by the bounded reader (:mod:`badexpert.metadata`); field types, class names against
+    ``num_classes``, the calibration record (scores finite and as many as declared, the
+    threshold one of them), a batch of ``max(batch_size, 256)`` inputs of the declared shape
+    against the memory budget, and then the declared shape against the graph's input.
     """
 
     def __init__(self, path: str | Path | bytes, *, providers: list | None = None, intra_op_threads: int | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = DEPLOY_BATCH) -> None:
+        from os import PathLike
+
+        from .metadata import onnx_metadata_entry, parse_metadata
+        from .validation import expect
+
+        expect(path, (str, PathLike, bytes, bytearray), "the ONNX guard (a path or the serialized model)")
         ort = _require("onnxruntime")
         if isinstance(path, (bytes, bytearray)):
             source, model = "the ONNX model", bytes(path)
@@ -549,6 +574,16 @@ class OnnxGuard:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise BadExpertError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
+        # the metadata first, from the file's bytes: bounded and checked whole before onnxruntime
+        # loads the graph or anything is allocated for the input shape it declares
+        raw = onnx_metadata_entry(model if self.path is not None else path, META_KEY, source, ONNX_FIX)
+        if raw is None:
+            raise _meta_error(source, "no badexpert metadata")
+        meta = _check_meta(parse_metadata(raw, source, ONNX_FIX), source)
+        shape = tuple(meta["input_shape"])
+        check_allocation(max(batch_size, DEPLOY_BATCH) * math.prod(shape) * 4,
+                         f"{source}: a batch of {max(batch_size, DEPLOY_BATCH)} inputs of shape {list(shape)}",
+                         f"the file declares an absurd input size; {ONNX_FIX}")
         opts = ort.SessionOptions()
         if intra_op_threads is not None:
             opts.intra_op_num_threads = int(intra_op_threads)
@@ -560,18 +595,17 @@ class OnnxGuard:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BadExpertError(f"{source} cannot be loaded by onnxruntime: {_first_line(exc)}") from exc
-        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        if raw is None:
-            raise _meta_error(source, "no badexpert metadata")
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            raise _meta_error(source, "unreadable metadata") from None
-        self.meta = _check_meta(meta, source)
+        self.meta = meta
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
             raise _meta_error(source, f"inputs {inputs}, outputs {outputs}")
+        graph = self.session.get_inputs()[0]
+        dims = list(graph.shape)[1:] if graph.shape else []
+        fixed = [(d, s) for d, s in zip(dims, shape) if isinstance(d, int)]  # symbolic dims take any size
+        if graph.type != "tensor(float)" or len(dims) != 3 or any(d != s for d, s in fixed):
+            raise BadExpertError(f"{source}: its metadata declares inputs of shape {list(shape)} but its graph takes "
+                                 f"{graph.type} {list(graph.shape or [])}; the file was edited; {ONNX_FIX}")
         self.classes: list[str] | None = meta.get("classes")
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
         self.threshold: float = float(meta["threshold"])

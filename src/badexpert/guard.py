@@ -37,7 +37,7 @@ from .detectors.base import (ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_
                              check_detector_meta, detector_from_state)
 from .errors import BadExpertError, NotFittedError
 from .utils import atomic_write_bytes, eval_mode, to_jsonable
-from .validation import expect
+from .validation import check_value, expect
 
 BUNDLE_FORMAT = "badexpert-bundle/1"
 POLICIES = ("flag", "abstain", "raise")
@@ -85,13 +85,14 @@ class Guard(nn.Module):
         expect(detector, Detector, "the detector")
         if not hasattr(detector, "threshold_"):
             raise NotFittedError("a guard needs a calibrated detector: call fit() then calibrate()")
-        if policy not in POLICIES:
-            raise BadExpertError(f"unknown guard policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise BadExpertError(f"unknown guard policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+        abstain_label = check_value(abstain_label, int, "abstain_label", "the guard's parameter")
         detector.check_model(model)
         self.model = model
         self.detector = detector
         self.policy = policy
-        self.abstain_label = int(abstain_label)
+        self.abstain_label = abstain_label
         self.meta = dict(meta or {})
         self._calibration = torch.sort(detector.calibration_scores_.double().flatten()).values
 
@@ -192,42 +193,76 @@ def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_me
     return path
 
 
+#: The remedy every refusal of a bundle's contents names.
+BUNDLE_FIX = "rebuild it with `badexpert bundle`"
+#: Fields of a bundle's model section beyond the architecture (:data:`badexpert.io.MODEL_META_TYPES`).
+BUNDLE_MODEL_TYPES = {"fingerprint": str, "hflip": bool | None}
+
+
 def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A bundle's metadata and tensors, with the checksum verified and the metadata type-checked."""
+    """A bundle's metadata and tensors, checked whole before anything is built (the one check
+    of a bundle, shared by :func:`load_bundle`, ``serve``, ``export`` and ``info``): metadata
+    bounds (:mod:`badexpert.metadata`), checksum, the types of both sections, the class names
+    against the model's classes, the detector's input shape against the model's input, the
+    model's weights against its architecture and, for a batch of
+    :data:`~badexpert.limits.DEPLOY_BATCH` inputs, the memory budget
+    (:func:`badexpert.io.check_architecture`), and the calibration record (scores present,
+    finite, as many as declared; the threshold one of them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .io import check_model_meta, read_meta
+    from .detectors.base import check_record
+    from .io import check_architecture, check_model_meta, read_meta
+    from .limits import DEPLOY_BATCH
+    from .metadata import check_classes, check_fields
 
+    source = f"bundle '{path}'"
     meta = read_meta(path, fmt=BUNDLE_FORMAT, what="bundle", hint="create one with `badexpert bundle`")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"cannot read the tensors in bundle '{path}': the file is corrupt") from exc
     if not isinstance(meta.get("checksum"), str) or _checksum(meta, tensors) != meta["checksum"]:
-        raise BadExpertError(f"bundle '{path}' fails its checksum: it is corrupt or was modified; rebuild it with "
-                             "`badexpert bundle`")
+        raise BadExpertError(f"bundle '{path}' fails its checksum: it is corrupt or was modified; {BUNDLE_FIX}")
     if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("detector"), dict):
-        raise BadExpertError(f"bundle '{path}' lacks its model or detector section; rebuild it with `badexpert bundle`")
-    check_model_meta(meta["model"], f"bundle '{path}' (model)")
-    check_detector_meta(meta["detector"], f"bundle '{path}' (detector)")
-    if meta["detector"]["threshold"] is None:
+        raise BadExpertError(f"bundle '{path}' lacks its model or detector section; {BUNDLE_FIX}")
+    model, det = meta["model"], meta["detector"]
+    check_model_meta(model, f"{source} (model)", BUNDLE_FIX)
+    check_fields(model, BUNDLE_MODEL_TYPES, f"{source} (model)", BUNDLE_FIX)
+    check_detector_meta(det, f"{source} (detector)", BUNDLE_FIX)
+    if det["threshold"] is None:
         raise BadExpertError(f"bundle '{path}' holds an uncalibrated detector; rebuild it from a calibrated one")
+    if isinstance(det["data"].get("classes"), list):
+        check_classes(det["data"]["classes"], model["num_classes"], f"{source} (detector data)", BUNDLE_FIX)
+    expected = (model["in_channels"], *model["image_size"])
+    if tuple(det["input_shape"]) != expected:
+        raise BadExpertError(f"{source}: its detector takes inputs of shape {list(det['input_shape'])} but its model "
+                             f"takes {list(expected)}; the file is damaged or was edited; {BUNDLE_FIX}")
+    shapes = {k[len("model."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("model.")}
+    check_architecture(model, shapes, source, batch=DEPLOY_BATCH)  # the weights, and a batch of the input size
+    det_state = {k[len("detector."):]: v for k, v in tensors.items() if k.startswith("detector.")}
+    check_record(det_state, det, f"{source} (detector)")
     return meta, tensors
 
 
 def load_bundle(path: str | Path, *, device: str | None = "cpu", policy: str = "flag",
                 abstain_label: int = -1) -> Guard:
-    """Rebuild the guard a bundle holds: checksum, metadata and the model's weights fingerprint
-    are verified before it is returned."""
-    from .io import build_for_weights, load_weights, model_fingerprint
+    """Rebuild the guard a bundle holds: the whole file is checked (:func:`read_bundle`) and the
+    model's weights fingerprint verified before it is returned."""
+    meta, tensors = read_bundle(path)
+    return guard_from_bundle(meta, tensors, path, device=device, policy=policy, abstain_label=abstain_label)
+
+
+def guard_from_bundle(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: str | Path, *,
+                      device: str | None = "cpu", policy: str = "flag", abstain_label: int = -1) -> Guard:
+    """The guard of a bundle already read (and so checked) by :func:`read_bundle`."""
+    from .io import build_checked, load_weights, model_fingerprint
     from .utils import resolve_device
 
-    meta, tensors = read_bundle(path)
+    source = f"bundle '{path}'"
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     det_state = {k[len("detector."):]: v for k, v in tensors.items() if k.startswith("detector.")}
-    source = f"bundle '{path}'"
-    model = build_for_weights(meta["model"], {k: tuple(v.shape) for k, v in model_state.items()}, source)
+    model = build_checked(meta["model"])
     load_weights(model, model_state, source=str(path), arch=meta["model"]["arch"])
     if model_fingerprint(model) != meta["model"]["fingerprint"]:
         raise BadExpertError(f"{source}: the model weights do not match the fingerprint recorded with them")
@@ -237,4 +272,4 @@ def load_bundle(path: str | Path, *, device: str | None = "cpu", policy: str = "
 
 
 __all__ = ["BUNDLE_FORMAT", "Guard", "GuardOutput", "POLICIES", "RejectedInputError", "conformal_p_values",
-           "load_bundle", "read_bundle", "save_bundle"]
+           "guard_from_bundle", "load_bundle", "read_bundle", "save_bundle"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BadExpertError
 from .utils import atomic_write_bytes, resolve_device, to_jsonable
-from .validation import Range, check_value, expect
+from .validation import Range, expect
 
 FORMAT = "badexpert-model/1"
 #: Key prefix of the attack's trigger state (``meta["attack_state"]``) inside a model file.
@@ -79,18 +79,22 @@ def read_meta(path: str | Path, *, fmt: str | None, what: str, hint: str) -> dic
     """
     from safetensors import SafetensorError, safe_open
 
+    from .metadata import parse_metadata, safetensors_header_size
+
     expect(path, (str, PathLike), f"the path of the {what}")
     p = Path(path)
     if not p.is_file():
         raise BadExpertError(f"{what.split()[0]} file '{p}' does not exist; {hint}")
+    source = f"{what} '{p}'"
+    safetensors_header_size(p, what)  # the declared header size, before safetensors reads it
     try:
         with safe_open(str(p), framework="pt") as fh:
             md = fh.metadata() or {}
-        meta = json.loads(md["badexpert"])
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise BadExpertError(f"'{p}' is not a badexpert {what} (corrupt or wrong format)") from exc
-    if not isinstance(meta, dict):
-        raise BadExpertError(f"'{p}' is not a badexpert {what} (its metadata is not a JSON object)")
+    if "badexpert" not in md:
+        raise BadExpertError(f"'{p}' is not a badexpert {what} (corrupt or wrong format: no badexpert metadata)")
+    meta = parse_metadata(md["badexpert"], source, hint.replace("create one", "rebuild it") if hint else None)
     if fmt is not None and meta.get("format") != fmt:
         old = isinstance(meta.get("format"), str) and meta["format"].rsplit("/", 1)[0] == fmt.rsplit("/", 1)[0]
         hint = f"; rebuild it with this version ({hint.removeprefix('create one with ')})" if old else ""
@@ -111,13 +115,18 @@ MODEL_META_TYPES = {
 }
 
 
-def check_model_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
-    """Type- and range-check the architecture fields of a model's metadata (in place)."""
-    for key, tp in MODEL_META_TYPES.items():
-        meta[key] = check_value(meta.get(key), tp, key, f"{source}: field")
+def check_model_meta(meta: dict[str, Any], source: str, fix: str | None = None) -> dict[str, Any]:
+    """Type- and range-check the architecture fields of a model's metadata (in place), and its
+    class names (``None`` or one string per class); ``fix`` ends each message."""
+    from .metadata import check_classes, check_fields
+
+    check_fields(meta, MODEL_META_TYPES, source, fix)
     for key in ("mean", "std"):
         if len(meta[key]) != meta["in_channels"]:
-            raise BadExpertError(f"{source}: field '{key}' has {len(meta[key])} values for {meta['in_channels']} channels")
+            raise BadExpertError(f"{source}: field '{key}' has {len(meta[key])} values for {meta['in_channels']} "
+                                 "channels" + (f"; {fix}" if fix else ""))
+    if "classes" in meta:
+        meta["classes"] = check_classes(meta["classes"], meta["num_classes"], source, fix)
     return meta
 
 
@@ -125,22 +134,35 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, without loading its weights; the architecture fields
     are type- and range-checked (a malformed or tampered file is a one-line error)."""
     meta = read_meta(path, fmt=FORMAT, what="model checkpoint", hint="create one with `badexpert train`")
-    return check_model_meta(meta, f"model checkpoint '{path}'")
+    return check_model_meta(meta, f"model checkpoint '{path}'", "retrain it with `badexpert train`")
 
 
-def build_for_weights(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> nn.Module:
-    """Build the architecture ``meta`` declares, after checking on PyTorch's ``meta`` device (no
-    memory) that its parameter shapes are exactly ``shapes`` (those of the weights to load), so
-    metadata asking for an absurd width or image size is refused before anything is allocated."""
+def _spec(meta: dict[str, Any]) -> dict[str, Any]:
+    return dict(arch=meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta["width"])
+
+
+def check_architecture(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str, *,
+                       batch: int | None = None) -> int | None:
+    """Check on PyTorch's ``meta`` device (no memory) that the architecture ``meta`` declares has
+    exactly the parameter shapes ``shapes`` (those of the weights to load), so metadata asking
+    for an absurd width or image size is refused before anything is allocated.
+
+    With ``batch``, also refuse a declared input size whose batch of ``batch`` float32 inputs
+    would not fit the memory budget (:func:`badexpert.limits.check_allocation`): per input, the
+    input plus the largest input and output of any one layer (what an inference pass holds at
+    once), measured by one forward pass of the same meta-device model. Returns that estimate."""
+    import math
+
+    from .limits import check_allocation
     from .models import build_model
 
-    spec = dict(arch=meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                image_size=tuple(meta["image_size"]), mean=meta["mean"], std=meta["std"], width=meta["width"])
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_model(**spec).state_dict().items()}
+            model = build_model(**_spec(meta)).eval()
     except (RuntimeError, ValueError, TypeError) as exc:
         raise BadExpertError(f"{source}: cannot build {meta['arch']} from its metadata ({exc})".splitlines()[0]) from exc
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != shapes:
         diff = sorted(set(expected) ^ set(shapes)) or [k for k in expected if expected[k] != shapes[k]]
         raise BadExpertError(
@@ -148,7 +170,43 @@ def build_for_weights(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
             f"input {meta['in_channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}) declared in its metadata "
             f"(first difference: {diff[0]}); the file is damaged or was edited"
         )
-    return build_model(**spec)
+    if batch is None:
+        return None
+    shape = (meta["in_channels"], *meta["image_size"])
+    biggest = 0
+
+    def hook(module, inputs, output):
+        nonlocal biggest
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        biggest = max(biggest, sum(t.numel() for t in (*inputs, *outs) if isinstance(t, torch.Tensor)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, *shape, device="meta"))
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        pass  # an operation without a meta kernel: the input alone is counted
+    finally:
+        for h in handles:
+            h.remove()
+    nbytes = batch * (math.prod(shape) + biggest) * 4
+    check_allocation(nbytes, f"{source}: a batch of {batch} inputs of shape {list(shape)} through its "
+                             f"{meta['arch']} model", "the file declares an absurd input size: rebuild it")
+    return nbytes
+
+
+def build_for_weights(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> nn.Module:
+    """Build the architecture ``meta`` declares, after :func:`check_architecture` against the
+    shapes of the weights to load."""
+    check_architecture(meta, shapes, source)
+    return build_checked(meta)
+
+
+def build_checked(meta: dict[str, Any]) -> nn.Module:
+    """The architecture of metadata already checked by :func:`check_architecture`."""
+    from .models import build_model
+
+    return build_model(**_spec(meta))
 
 
 def load_model(path: str | Path, *, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:

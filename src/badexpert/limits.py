@@ -10,6 +10,10 @@ allocates anything.
 - :func:`memory_budget`: bytes one allocation driven by file contents may take; the environment
   variable ``BADEXPERT_MAX_MEMORY`` (``"8G"``, ``"512M"``, or plain bytes) overrides the default
   of half the machine's physical memory, capped at 32 GiB.
+- :data:`MAX_METADATA_BYTES` and :data:`MAX_METADATA_DEPTH`: the JSON metadata of a model,
+  detector, bundle or ONNX file (:mod:`badexpert.metadata`, the one reader of them all).
+- :data:`DEPLOY_BATCH`: inputs the deployment side runs at once; a guard's declared input shape
+  is checked for a batch of this many before a bundle or an ONNX file is accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ from .errors import BadExpertError
 #: Largest image (width x height) decoded from a file: 4096 x 4096.
 MAX_IMAGE_PIXELS = 4096 * 4096
 ENV = "BADEXPERT_MAX_MEMORY"
+#: Largest JSON metadata a file may carry (a bundle holds a few KB; an ONNX guard's calibration
+#: scores take about 22 bytes each, so this holds some 700,000 of them).
+MAX_METADATA_BYTES = 16 * 1024**2
+#: Deepest nesting of that JSON (the files badexpert writes nest 4 levels).
+MAX_METADATA_DEPTH = 32
+#: Inputs run at once by `export`'s verification, :class:`~badexpert.export.OnnxGuard` and the
+#: service: a declared input shape must fit a batch of this many in the memory budget.
+DEPLOY_BATCH = 256
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
