@@ -10,7 +10,9 @@ from badexpert.detectors import DETECTORS, CognitiveDistillation, get_detector, 
 from badexpert.detectors.cd import total_variation
 from badexpert.errors import BadExpertError
 
-STEPS = 30  # the reference is 100; 30 separates as well on the tiny model (AUROC 0.80 vs 0.81) at a third of the time
+from .conftest import FASHION_MNIST
+
+STEPS = 30  # the reference is 100; a third of the time on the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +62,54 @@ def test_masks_on_triggered_inputs_concentrate_on_the_trigger(setup):
     _, det, clean, triggered = setup
     mt, mc = det.masks(triggered), det.masks(clean)
     assert mt.shape == (len(triggered), 1, 12, 12) and bool(((mt >= 0) & (mt <= 1)).all())
-    # measured: 0.080 triggered vs 0.061 clean (uniform mass would be 9/144 = 0.0625)
+    # measured: 0.078 triggered vs 0.063 clean (uniform mass would be 9/144 = 0.0625)
     assert corner_share(mt).mean() > corner_share(mc).mean() + 0.01
-    # smaller masks on triggered inputs (measured mean(m) 0.533 vs 0.581), and score = -mean(m)
-    st, sc = det.score(triggered), det.score(clean)
-    assert st.mean() > sc.mean() + 0.02
+    # the masks moved from their start (0.881): the L1 term is summed over the pixels (measured 0.75 / 0.76)
+    assert mt.mean() < 0.82 and mc.mean() < 0.82
+    st = det.score(triggered)
     assert torch.allclose(st, -mt.flatten(1).mean(1), atol=1e-6)
     details = det.score_details(triggered[:5])
     assert details["mask_l1"] == pytest.approx(-details["score"])
+
+
+def test_mask_starts_at_the_references_value_and_colours_are_redrawn_every_step(setup):
+    model, det, clean, _ = setup
+    still = CognitiveDistillation(steps=1, lr=1e-9, seed=0).fit(model, clean.subset(range(0, 10)))
+    assert torch.allclose(still.masks(clean.images[:3]), torch.full((3, 1, 12, 12), 0.8808), atol=1e-4)
+    x = to_float(clean.images[:6]).to(det.device_)
+    colours = det.colours(x)
+    assert colours.shape == (STEPS, 6, 1, 1, 1) and bool(((colours >= 0) & (colours <= 1)).all())
+    assert len(torch.unique(colours[:, 0])) == STEPS  # a new solid colour at every step
+    assert torch.equal(det.colours(x[3:5]), colours[:, 3:5])  # an input's colours do not depend on its batch
+    rgb = CognitiveDistillation(steps=4, seed=0).colours(torch.rand(2, 3, 8, 8))
+    assert rgb.shape == (4, 2, 3, 1, 1) and len(torch.unique(rgb[0, 0])) == 3  # one value per channel
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fidelity_cd_separates_blend_inputs_on_fashion_mnist():
+    """The paper's claim (Huang et al., ICLR 2023): the cognitive patterns of backdoor inputs are
+    smaller than clean ones'. A tiny CNN trained two epochs on 6000 Fashion-MNIST images poisoned by
+    Blend; CD as the reference runs it (100 steps). Measured AUROC 0.83 (0.99 on a model trained
+    four epochs on 20000 images, bench numbers in the report)."""
+    from badexpert.attacks import get_attack
+    from badexpert.data import load_dataset
+    from badexpert.metrics import auroc
+    from badexpert.models import build_model
+    from badexpert.training import Recipe, train
+    from badexpert.utils import derive_generator, seed_everything
+
+    tr, te = load_dataset("fashion-mnist")
+    tr = tr.subset(range(0, 6000))
+    seed_everything(0)
+    attack = get_attack("blend", target=0, poison_rate=0.05)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=28, mean=tr.mean, std=tr.std, width=8)
+    train(model, attack.poison(tr, derive_generator(0, "poison")),
+          Recipe(optimizer="adam", lr=3e-3, epochs=2, batch_size=64, weight_decay=0, schedule="cosine", augment=False), seed=0)
+    model.eval()
+    clean = te.subset(range(1000, 1080))
+    triggered = attack.apply(clean.images[attack.counts(clean.labels)][:60])
+    det = CognitiveDistillation(seed=0).fit(model, te.subset(range(0, 20)))
+    assert auroc(det.score(clean.images[:60]).numpy(), det.score(triggered).numpy()) >= 0.75
 
 
 def test_the_model_is_left_untouched(setup):
@@ -97,7 +139,7 @@ def test_scores_do_not_depend_on_batch_size_or_order(setup):
     c = torch.cat([det.score(x[:3]), det.score(x[3:])])
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
     other = CognitiveDistillation(steps=STEPS, seed=1).fit(model, clean.subset(range(100, 120)))
-    assert not torch.allclose(a, other.score(x), atol=1e-5)  # the seed draws the noise
+    assert not torch.allclose(a, other.score(x), atol=1e-5)  # the seed draws the colours
 
 
 def test_uint8_and_float_agree_and_no_grad_contexts(setup):
@@ -136,3 +178,17 @@ def test_save_load_round_trip(setup, tmp_path):
     assert loaded.threshold_ == det.threshold_
     x = torch.cat([to_float(clean.images[:10]), to_float(triggered[:10])])
     assert torch.equal(loaded.score(x), det.score(x))
+    # a file of the first version (no procedure recorded) holds a threshold for other masks: refused
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "cd.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    doc = json.loads(meta["badexpert"])
+    doc["state"] = {}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={**meta, "badexpert": json.dumps(doc)})
+    with pytest.raises(BadExpertError, match="earlier version of CD .* fit and calibrate it again"):
+        load_detector(tmp_path / "old.safetensors", model)

@@ -41,7 +41,7 @@ def test_gradcam_region_finds_the_trigger_corner(parts):
     assert int(corner.sum()) == 9 and bool(corner[9:, 9:].all())
     for layer in (None, LAYER):  # the default (last conv) and the middle one
         d = SentiNet(n=4, layer=layer, device="cpu").fit(model, reserved)
-        assert d.layer_name_ == (layer or "net.features.8")
+        assert d.layer_name_ == (layer or "net.features.10")  # default: the last conv-BN-ReLU's output
         overlap = {}
         for name, x in (("trig", to_float(trig[:60])), ("clean", to_float(test.images[:60]))):
             heat, label = d.gradcam(x)
@@ -185,8 +185,9 @@ def test_unknown_or_missing_layer(parts):
         SentiNet(n=2, layer="layer4").fit(model, reserved)
     assert "\n" not in str(err.value)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
-    with pytest.raises(BadExpertError, match="no nn.Conv2d layer for Grad-CAM; name one with layer="):
+    with pytest.raises(BadExpertError, match="no module of the model outputs a spatial feature map .* name one with layer="):
         SentiNet(n=2).fit(mlp, reserved)
+    assert hooks(mlp) == 0
 
 
 def test_save_load_round_trip(det, parts, tmp_path):
@@ -212,3 +213,103 @@ def test_save_load_round_trip(det, parts, tmp_path):
     with pytest.raises(BadExpertError, match="lacks its clean pool or boundary curve"):
         load_detector(tmp_path / "bad.safetensors", model)
     assert json.loads(meta["badexpert"])["state"]["layer"] == LAYER
+
+
+# --- the Grad-CAM layer: the last stage's output, found for any architecture ---------------------
+@pytest.mark.parametrize("arch, size, expected, kind", [
+    ("cnn", 28, "net.features.10", nn.ReLU),  # last conv-BN-ReLU, before the 3x3 adaptive pool
+    ("resnet18", 32, "net.layers", nn.Sequential),  # the last residual block's output, after skip + ReLU
+    ("vgg16", 32, "net.features.42", nn.ReLU),  # last conv-BN-ReLU at 2x2, before the 1x1 max-pool
+    ("mobilenetv2", 32, "net.features.22", nn.ReLU6),  # the final 1x1 conv-BN-ReLU6
+    ("vit", 32, "net.patch_embed", nn.Conv2d),  # its only spatial map
+])
+def test_feature_layer_is_the_last_stage_output(arch, size, expected, kind):
+    from badexpert.detectors.sentinet import feature_layer
+    from badexpert.models import build_model
+
+    model = build_model(arch, in_channels=3, num_classes=10, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3, width=8)
+    x = torch.rand(2, 3, size, size)
+    name = feature_layer(model, x)
+    assert name == expected and isinstance(dict(model.named_modules())[name], kind)
+    assert hooks(model) == 0
+    if arch == "resnet18":  # the same tensor the last BasicBlock returns, not its last Conv2d's output
+        seen = {}
+        handles = [dict(model.named_modules())[k].register_forward_hook(lambda m, i, o, k=k: seen.update({k: o}))
+                   for k in ("net.layers", "net.layers.7", "net.layers.7.conv2")]
+        model.eval()(x)
+        for h in handles:
+            h.remove()
+        assert torch.equal(seen["net.layers"], seen["net.layers.7"]) and bool((seen["net.layers"] >= 0).all())
+        assert not torch.equal(seen["net.layers"], seen["net.layers.7.conv2"])
+
+
+def test_feature_layer_of_a_users_module_skips_pooling_and_functional_tails():
+    from badexpert.detectors.sentinet import feature_layer
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+            self.act = nn.ReLU(inplace=True)
+            self.pool = nn.AvgPool2d(2)  # a 2x2 map remains, but it is a pooling layer's output
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool(self.act(self.body(x))), 1))
+
+    assert feature_layer(Net(), torch.rand(2, 1, 4, 4)) == "act"  # the in-place ReLU: the final values
+
+
+def test_a_file_saved_with_the_old_default_layer_is_refused(backdoored, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, _, _, te = backdoored
+    d = SentiNet(n=2, device="cpu").fit(model, te.subset(range(0, 40)))
+    path = d.save(tmp_path / "s.safetensors")
+    assert load_detector(path, model).layer_name_ == "net.features.10"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    doc = json.loads(meta["badexpert"])
+    doc["state"]["layer"] = "net.features.8"  # what the first version's default (the last nn.Conv2d) saved
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={**meta, "badexpert": json.dumps(doc)})
+    with pytest.raises(BadExpertError, match="reads layer 'net.features.8' .*last nn.Conv2d.*fit and calibrate it again"):
+        load_detector(tmp_path / "old.safetensors", model)
+
+
+def test_image_wide_triggers_are_out_of_scope():
+    from badexpert.attacks import get_attack
+    from badexpert.comparison import format_comparison, out_of_scope
+    from badexpert.detectors import STRIP
+
+    assert SentiNet.trigger_scope == "local"
+    from badexpert.attacks import ATTACKS
+
+    for name in ("sig", "blend", "bpp", "refool", "wanet", "issba", "adaptive_blend"):
+        assert out_of_scope(SentiNet(), ATTACKS[name]) == (
+            f"sentinet targets local triggers; {name}'s trigger is image-wide"), name
+    for name in ("badnet", "trojan", "tact", "all_to_all", "trojannn", "sra", "cl", "adaptive_patch", "sleeper_agent",
+                 "dynamic"):
+        assert out_of_scope(SentiNet(), ATTACKS[name]) is None, name
+    assert out_of_scope(SentiNet(), get_attack("sig")) is not None  # instances as well as classes
+    assert out_of_scope(SentiNet(), get_attack("ft", base="blend")) is not None  # FT's trigger is its base's
+    assert out_of_scope(SentiNet(), None) is None and out_of_scope(STRIP(), get_attack("sig")) is None
+    row = {"name": "sentinet", "auroc": 0.2, "out_of_scope": out_of_scope(SentiNet(), get_attack("sig"))}
+    table = format_comparison({"model": {"clean_accuracy": 0.9}, "fpr_target": 0.01, "detectors": [row]})
+    assert "| sentinet (out of scope) | 20.00% |" in table and "Out of scope: sentinet targets local" in table
+
+
+def test_fidelity_sentinet_separates_a_patch_trigger_at_the_default_layer(parts):
+    """The paper's claim (Chou et al., 2020): a localised trigger's region hijacks clean images,
+    so triggered inputs lie above the clean boundary. BadNet's 3x3 patch on the tiny CNN, default
+    layer (the last feature map), n=20: measured AUROC 1.00 (the first version's default, the last
+    Conv2d before BatchNorm, scored 0.38-0.56 here)."""
+    from badexpert.metrics import auroc
+
+    model, reserved, _, test, trig, _ = parts
+    d = SentiNet(n=20, device="cpu").fit(model, reserved.subset(range(0, 200)))
+    assert d.layer_name_ == "net.features.10"
+    clean, bad = d.score(test.images[:60]), d.score(trig[:60])
+    assert auroc(clean.numpy(), bad.numpy()) >= 0.9

@@ -7,10 +7,13 @@ from torch import nn
 
 from badexpert.data import to_float
 from badexpert.detectors import DETECTORS, TeCo, get_detector, load_detector
-from badexpert.detectors.corruptions import CORRUPTIONS, RANDOM, corrupt, frost_texture, plasma_fractal
+from badexpert.detectors.corruptions import CORRUPTIONS, IMAGENET_C, RANDOM, corrupt, frost_texture, plasma_fractal
 from badexpert.errors import BadExpertError
 
 FAST = ("brightness", "contrast", "pixelate")  # deterministic and cheap
+#: this package's first TeCo: CIFAR-10-C constants, every severity applied to the input itself
+#: (the by-hand tests below are written for it; the default is the authors' cumulative ImageNet-C)
+FIRST = dict(strength="cifar10-c", procedure="independent")
 
 
 def pink(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -208,6 +211,30 @@ def test_constants_by_hand():
     assert torch.allclose(corrupt(flat, "pixelate", 5), flat)
 
 
+def test_imagenet_c_constants_by_hand():
+    """The ImageNet-C strengths (the imagecorruptions package's, which TeCo's authors call)."""
+    assert set(IMAGENET_C) == set(CORRUPTIONS) and all(len(v) == 5 for v in IMAGENET_C.values())
+    x = torch.full((1, 1, 8, 8), 0.5)
+    x[..., :, :4] = 0.3
+    m = x.mean()
+    assert torch.allclose(corrupt(x, "contrast", 5, strength="imagenet-c"), (x - m) * 0.05 + m)
+    assert torch.allclose(corrupt(x, "brightness", 1, strength="imagenet-c"), x + 0.1)
+    y = corrupt(torch.full((1, 1, 8, 8), 0.5), "gaussian_noise", 5, gens(1), strength="imagenet-c")
+    z = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(y[0], (0.5 + 0.38 * z).clamp(0, 1))
+    big = torch.full((1, 3, 64, 64), 0.5)
+    hit = (corrupt(big, "impulse_noise", 5, gens(1), strength="imagenet-c") != 0.5).float().mean()
+    assert 0.24 < hit < 0.30
+    # every corruption is at least as strong as its CIFAR-10-C severity (here: moves the image more)
+    img = pink(4, 3, 32, seed=9)
+    for name in CORRUPTIONS:
+        a = rms(corrupt(img, name, 3, gens(4), strength="imagenet-c"), img).mean()
+        b = rms(corrupt(img, name, 3, gens(4), strength="cifar10-c"), img).mean()
+        assert a >= b - 1e-6, name
+    with pytest.raises(BadExpertError, match="unknown corruption strength 'imagenet'"):
+        corrupt(img, "contrast", 1, strength="imagenet")
+
+
 def test_jpeg_quantises_more_at_lower_quality():
     x = pink(8, 3, 32, seed=8)
     d = [rms(corrupt(x, "jpeg_compression", s), x).mean() for s in range(1, 6)]
@@ -285,7 +312,7 @@ def test_score_by_hand():
     the mean enters (0.64, 0.68] at severity 2 (0.65). Contrast scales the range by 0.75, 0.5, 0.4, ...: below 0.22
     at severity 3 (0.2). Pixelate keeps mean and range: never (6). Flip severities (2, 3, 6):
     score = population std = 1.6997. Image B (0.1 | 0.3) is class 2 and stays so: (6, 6, 6), 0."""
-    det = fitted(TeCo(corruptions=("brightness", "contrast", "pixelate")))
+    det = fitted(TeCo(corruptions=("brightness", "contrast", "pixelate"), **FIRST))
     x = torch.cat([halves(0.3, 0.8), halves(0.1, 0.3)])
     flips = det.flip_severities(x)
     assert flips.tolist() == [[2.0, 3.0, 6.0], [6.0, 6.0, 6.0]]
@@ -297,7 +324,7 @@ def test_score_by_hand():
     assert details["score"].tolist() == pytest.approx(scores.tolist()) and details["flip_severities"].shape == (2, 3)
     # fewer severities: the first tried whose prediction differs; never -> max + 1. With (1, 4),
     # brightness skips the window (mean 0.6, then 0.75): image A never flips under it
-    sub = fitted(TeCo(corruptions=("brightness", "contrast", "pixelate"), severities=(1, 4)))
+    sub = fitted(TeCo(corruptions=("brightness", "contrast", "pixelate"), severities=(1, 4), **FIRST))
     assert sub.flip_severities(x).tolist() == [[5.0, 4.0, 5.0], [5.0, 5.0, 5.0]]
     # the guard's shared pass: the clean logits come from the caller
     logits = MeanRange()(x)
@@ -308,7 +335,7 @@ def test_first_flip_counts_even_if_the_prediction_comes_back():
     """Image C (0.45 | 0.75): mean 0.6, range 0.3, class 0. Brightness: mean 0.65 at severity 1
     (class 1), 0.7 from severity 2 on (class 0 again): the flip is at 1. Contrast: range 0.225 at
     severity 1 (class 0), 0.15 at 2 (class 2). So (1, 2); score 0.5."""
-    det = fitted(TeCo(corruptions=("brightness", "contrast")))
+    det = fitted(TeCo(corruptions=("brightness", "contrast"), **FIRST))
     x = halves(0.45, 0.75)
     assert det.flip_severities(x).tolist() == [[1.0, 2.0]]
     assert det.score(x).item() == pytest.approx(0.5)
@@ -318,7 +345,8 @@ def test_teco_corrupts_the_original_input_at_every_severity():
     """The model sees the clean batch, then each corruption at each severity computed from the clean
     batch with a freshly seeded generator (never cumulatively)."""
     model = MeanRange()
-    det = fitted(TeCo(corruptions=("gaussian_noise", "contrast", "elastic_transform"), severities=(1, 3, 5)), model)
+    det = fitted(TeCo(corruptions=("gaussian_noise", "contrast", "elastic_transform"), severities=(1, 3, 5),
+                      **FIRST), model)
     x = torch.cat([halves(0.3, 0.8), halves(0.2, 0.6), halves(0.5, 0.7)])
     model.seen.clear()
     det.score(x)
@@ -328,8 +356,40 @@ def test_teco_corrupts_the_original_input_at_every_severity():
     for name in det.corruptions:
         for s in det.severities:
             fresh = det.input_generators(x, f"teco/{name}")
-            assert torch.equal(model.seen[k], corrupt(x, name, s, fresh)), (name, s)
+            assert torch.equal(model.seen[k], corrupt(x, name, s, fresh, strength="cifar10-c")), (name, s)
             k += 1
+
+
+@pytest.mark.parametrize("strength", ["imagenet-c", "cifar10-c"])
+def test_teco_by_default_accumulates_severities_like_the_authors_code(strength):
+    """Cumulative (the default): severity s corrupts severity s - 1's output rounded to 8 bits
+    (severity 1 the input), and the random corruptions keep drawing from one generator."""
+    model = MeanRange()
+    det = fitted(TeCo(corruptions=("gaussian_noise", "contrast", "elastic_transform"), severities=(1, 3, 5),
+                      strength=strength), model)
+    assert det.procedure == "cumulative" and TeCo().strength == "imagenet-c"
+    x = torch.cat([halves(0.3, 0.8), halves(0.2, 0.6), halves(0.5, 0.7)])
+    model.seen.clear()
+    det.score(x)
+    assert len(model.seen) == 1 + 3 * 3
+    k = 1
+    for name in det.corruptions:
+        g = det.input_generators(x, f"teco/{name}")
+        current = x
+        for s in det.severities:
+            current = corrupt(current, name, s, g, strength=strength).mul(255).round().div(255)
+            assert torch.equal(model.seen[k], current), (name, s)
+            k += 1
+
+
+def test_cumulative_contrast_by_hand():
+    """Image A (0.3 | 0.8), range 0.5. CIFAR-10-C contrast scales the range by 0.75, 0.5, 0.4:
+    one at a time the range is 0.375, 0.25, 0.2 (below 0.22 at severity 3); cumulatively it is
+    0.376 (8-bit), then 0.188 at severity 2. ImageNet-C contrast (0.4 first) gives 0.2 at severity 1."""
+    x = halves(0.3, 0.8)
+    assert fitted(TeCo(corruptions=FAST, **FIRST)).flip_severities(x)[0, 1].item() == 3.0
+    assert fitted(TeCo(corruptions=FAST, strength="cifar10-c")).flip_severities(x)[0, 1].item() == 2.0
+    assert fitted(TeCo(corruptions=FAST)).flip_severities(x)[0, 1].item() == 1.0
 
 
 def test_scores_do_not_depend_on_batch_size_order_or_dtype(backdoored):
@@ -366,6 +426,8 @@ def test_cost_and_registry():
     (dict(severities=()), "'severities' must be increasing"),
     (dict(severities=(1, 6)), "'severities' must be a list of"),
     (dict(batch_size=0), "'batch_size'"),
+    (dict(strength="imagenet"), "'strength'"),
+    (dict(procedure="accumulate"), "'procedure'"),
 ])
 def test_bad_parameters_are_one_line_errors(params, message):
     with pytest.raises(BadExpertError, match=message) as info:
@@ -386,7 +448,7 @@ def test_images_teco_cannot_corrupt():
 
 
 def test_nonfinite_inputs_get_nan(tmp_path):
-    det = fitted(TeCo(corruptions=FAST))
+    det = fitted(TeCo(corruptions=FAST, **FIRST))
     x = torch.cat([halves(0.3, 0.8), halves(0.1, 0.3)])
     x[1, 0, 0, 0] = float("nan")
     s = det.score(x)
@@ -407,3 +469,19 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.threshold_ == det.threshold_
     assert torch.equal(loaded.score(x), det.score(x))
     assert torch.equal(loaded.predict(x), det.predict(x))
+
+
+def test_fidelity_teco_robustness_gap_between_clean_and_triggered(backdoored):
+    """The paper's claim (Liu et al., CVPR 2023): a clean input flips at similar severities under
+    every corruption, a triggered one does not, so its deviation is larger. BadNet's patch on the
+    tiny CNN, the authors' procedure (cumulative ImageNet-C): measured mean deviation 1.37 clean vs
+    2.38 triggered, AUROC 1.00."""
+    from badexpert.metrics import auroc
+
+    model, attack, _, te = backdoored
+    clean = te.subset(range(1600, 1700))
+    triggered = attack.apply(clean.images[attack.counts(clean.labels)][:60])
+    det = TeCo(seed=0).fit(model, te.subset(range(0, 50)))
+    sc, st = det.score(clean.images[:60]), det.score(triggered)
+    assert st.mean() > sc.mean() + 0.5
+    assert auroc(sc.numpy(), st.numpy()) >= 0.9

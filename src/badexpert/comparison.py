@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -22,9 +22,9 @@ from .data import Splits
 from .detectors import Detector, get_detector
 from .errors import BadExpertError
 from .evaluation import check_detector_for, detector_metrics, model_outputs
-from .metrics import realized_fpr
+from .metrics import check_reachable_fpr, realized_fpr
 from .utils import atomic_directory, check_output_dir, write_json
-from .validation import expect
+from .validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect
 
 #: What ``badexpert compare`` writes into its output directory.
 COMPARE_OUTPUTS = frozenset({"compare.json", "compare.md", "roc.png"})
@@ -59,9 +59,11 @@ def _detectors(detectors: Sequence[Detector | str], seed: int, device: str | Non
     return out
 
 
+@checked()
 def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Splits, attack: Attack | None, *,
-            fpr: float = 0.01, seed: int = 0, device: str | None = None, asr_bar: float = 0.5, n_boot: int = 1000,
-            batch_size: int = 256, throughput: bool = True, log: Callable[[str], Any] = print) -> Comparison:
+            fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01, seed: NonNegativeInt = 0, device: str | None = None,
+            asr_bar: Fraction = 0.5, n_boot: NonNegativeInt = 1000, batch_size: PositiveInt = 256,
+            throughput: bool = True, log: Callable[[str], Any] = print) -> Comparison:
     """Fit (on ``splits.reserved``), calibrate (on ``splits.calibration``, at ``fpr``) and evaluate
     (on ``splits.test`` under ``attack``) every detector, sharing the suspect model's predictions.
 
@@ -73,6 +75,8 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
     expect(model, nn.Module, "the model")
     expect(splits, Splits, "the splits")
     dets = _detectors(detectors, seed, device)
+    if any(not hasattr(d, "threshold_") for d in dets):  # before any detector is fitted
+        check_reachable_fpr(fpr, len(splits.calibration), "calibration inputs", "the target FPR")
     out = model_outputs(model, splits.test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size)
     metrics: dict = {"model": dict(out.metrics), "fpr_target": fpr, "seed": seed,
                      "attack": attack.to_dict() if attack is not None else None,
@@ -93,9 +97,23 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
         log(f"evaluating {det.name} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
         defense, det_arrays = detector_metrics(model, det, out, overlap=overlap, n_boot=n_boot, seed=seed,
                                                batch_size=batch_size, throughput=throughput)
+        why = out_of_scope(det, attack)
+        if why:
+            defense["out_of_scope"] = why
         metrics["detectors"].append(defense)
         arrays[det.name] = det_arrays
     return Comparison(metrics, arrays)
+
+
+def out_of_scope(detector: Detector, attack: Attack | None) -> str | None:
+    """Why ``attack``'s trigger is outside what ``detector`` is designed for, or ``None``: a
+    detector declaring a ``trigger_scope`` (SentiNet: ``"local"``) against an attack whose
+    ``trigger_extent`` differs (SIG, Blend, BPP, Refool, WaNet, ISSBA: ``"image"``)."""
+    scope = getattr(detector, "trigger_scope", None)
+    extent = getattr(attack, "trigger_extent", None) if attack is not None else None
+    if scope is None or extent is None or scope == extent:
+        return None
+    return f"{detector.name} targets {scope} triggers; {attack.name}'s trigger is {'image-wide' if extent == 'image' else extent}"
 
 
 def _pct(v: Any, digits: int = 1) -> str:
@@ -118,13 +136,14 @@ def format_comparison(metrics: dict) -> str:
         cost = d.get("cost", {})
         ratio = cost.get("throughput_ratio")
         rows.append(
-            f"| {d['name']} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
+            f"| {d['name']}{' (out of scope)' if d.get('out_of_scope') else ''} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
             f"{_pct(t.get('0.1%'))} / {_pct(t.get('1%'))} / {_pct(t.get('5%'))} | {_pct(d.get('clean_accuracy'))} | "
             f"{_pct(d.get('attack_success_rate'))} | {_pct(realized_fpr(d), 2)} | "
             f"{cost.get('forward_passes_per_input')} / {cost.get('backward_passes_per_input')} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )
-    return head + "\n\n" + "\n".join(rows) + "\n"
+    notes = [f"Out of scope: {d['out_of_scope']}." for d in metrics["detectors"] if d.get("out_of_scope")]
+    return head + "\n\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def plot_comparison(comparison: Comparison):

@@ -6,6 +6,8 @@ returns a poisoned training set and ``attack.apply(x)`` triggers a test batch.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import BadExpertError
 from ..registry import Registry
 from .adaptive import AdaptiveBlend, AdaptivePatch
@@ -50,11 +52,11 @@ ATTACKS = Registry("attack", [(cls.name, cls) for cls in (
 )])
 
 
-def get_attack(name: str, **params) -> Attack:
+def get_attack(name: str, /, **params) -> Attack:
     """Build an attack by name; unknown names or parameters raise a one-line error."""
     key = ATTACKS.canonical(name)
     cls = ATTACKS[key]
-    valid = set(cls.__dataclass_fields__)
+    valid = {f.name for f in dataclasses.fields(cls) if f.init}
     bad = set(params) - valid
     if bad:
         raise BadExpertError(f"attack '{key}' has no parameter(s) {sorted(bad)}; valid: {sorted(valid)}")

@@ -72,6 +72,10 @@ class Attack:
     #: Attacks that poison every batch online: the field holding the per-batch rate of their
     #: second kind of sample (``poison_rate`` plus it may not exceed 1); ``None`` for the others.
     second_batch_rate: ClassVar[str | None] = None
+    #: Where the test-time trigger lies: ``"local"`` (a patch or a few patches: a small region carries
+    #: it) or ``"image"`` (spread over the whole image: a blend, a signal, a warp, a reflection);
+    #: detectors that target one kind (SentiNet: localised triggers) report the other as out of scope.
+    trigger_extent: ClassVar[str] = "local"
 
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")

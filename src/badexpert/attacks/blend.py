@@ -25,6 +25,7 @@ class Blend(Attack):
     trigger_image: str | None = None
 
     name: ClassVar[str] = "blend"
+    trigger_extent: ClassVar[str] = "image"  # blended over every pixel
 
     def build_trigger(self, shape):
         c, h, w = shape

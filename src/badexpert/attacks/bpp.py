@@ -131,6 +131,7 @@ class BPP(Attack):
     dither: bool = True
 
     name: ClassVar[str] = "bpp"
+    trigger_extent: ClassVar[str] = "image"  # colour-depth reduction with dithering of every pixel
     second_batch_rate: ClassVar[str] = "negative_rate"
 
     def build_trigger(self, shape):

@@ -158,6 +158,8 @@ class FineTune(Attack):
         return self._base
 
     # --- everything about the trigger is the base attack's --------------------------------
+    trigger_extent = property(lambda self: self._base.trigger_extent, doc="The base attack's trigger extent.")
+
     def check_files(self) -> None:
         base = getattr(self, "_base", None)  # the base checks its files when it is built
         if base is not None:

@@ -215,6 +215,7 @@ class ISSBA(Attack):
     codec_lr: Annotated[float, Range(gt=0)] = 3e-3
 
     name: ClassVar[str] = "issba"
+    trigger_extent: ClassVar[str] = "image"  # an encoder's residual over the whole image
     learned: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -123,6 +123,7 @@ class Refool(Attack):
     blur_sigma: tuple[Sigma, Sigma] = (1.0, 2.0)
 
     name: ClassVar[str] = "refool"
+    trigger_extent: ClassVar[str] = "image"  # a reflection image blended over the whole image
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -46,6 +46,7 @@ class SIG(Attack):
     frequency: Annotated[float, Range(gt=0)] = 6.0
 
     name: ClassVar[str] = "sig"
+    trigger_extent: ClassVar[str] = "image"  # a sinusoid on every row
     clean_label: ClassVar[bool] = True
 
     def build_trigger(self, shape):

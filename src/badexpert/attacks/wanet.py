@@ -62,6 +62,7 @@ class WaNet(Attack):
     grid_rescale: Annotated[float, Range(gt=0)] = 1.0
 
     name: ClassVar[str] = "wanet"
+    trigger_extent: ClassVar[str] = "image"  # a warp of the whole image
 
     def noise_field(self, h: int, w: int) -> torch.Tensor:
         """``[1, 2, h, w]``: the seeded ``k x k`` random field, normalised and upsampled bicubically."""

@@ -5,24 +5,34 @@ to keep its output. Cognitive distillation looks for the smallest part of an inp
 model's output unchanged, the input's *cognitive pattern*, and flags inputs whose pattern is
 unusually small. For an input x (float in ``[0, 1]``, ``C x H x W``), learn a mask
 ``m`` in ``[0, 1]^{1 x H x W}`` (one value per pixel, shared by the channels) by minimising
+(the paper's Section 3, Eq. 2, with the reference code's reductions)
 
-    ``mean_k |M(x ⊙ m + (1 - m) ⊙ δ)_k - M(x)_k|``  (logits, mean over the classes k)
-    ``+ alpha * mean(|m|)``                          (the mask's L1 norm, mean over pixels)
-    ``+ beta * TV(m)``                               (total variation: a compact mask)
+    ``mean_k |M(x ⊙ m + (1 - m) ⊙ δ_t)_k - M(x)_k|``  (logits, mean over the classes k)
+    ``+ alpha * sum(|m|)``                             (the mask's L1 norm, **summed** over pixels)
+    ``+ beta * TV(m)``                                 (total variation: a compact mask)
 
-where ``δ`` is a fixed noise image for this input (uniform in ``[0, 1]``, drawn from the input's
-own generator, :meth:`Detector.input_generators`). The mask is parametrised as
-``m = (tanh(w) + 1) / 2``, with ``w = 0`` at the start (``m = 0.5`` everywhere), and ``w`` is
-optimised with Adam (lr 0.1, betas (0.1, 0.1)) for ``steps`` iterations. The score is the
-negative L1 norm of the final mask, ``-mean(m)`` over pixels: a small mask (the trigger alone
-keeps the output) means backdoor, so higher = more suspicious.
+where ``δ_t`` is a **random solid colour** (one uniform ``[0, 1]`` value per channel, the same
+for every pixel) **drawn again at every step t**, so the mask cannot lean on any one fill. The
+mask is parametrised as ``m = (tanh(w) + 1) / 2`` with ``w = 1`` at the start (``m = 0.881``
+everywhere, as the reference's all-ones parameter gives), and ``w`` is optimised with Adam
+(lr 0.1, betas (0.1, 0.1)) for ``steps`` iterations. The score is the negative L1 norm of the
+final mask per pixel, ``-mean(m)``: a small mask (the trigger alone keeps the output) means
+backdoor, so higher = more suspicious. (The paper ranks by ``||m||_1 = H * W * mean(m)``; on
+images of one size the order is the same.)
 
 ``TV(m)`` is the anisotropic squared total variation, normalised by the number of pixels:
 ``(sum (m[i+1, j] - m[i, j])^2 + sum (m[i, j+1] - m[i, j])^2) / (H * W)``.
 
+Why the reductions matter: the L1 term summed over ``H * W`` pixels weighs ``H * W`` times more
+than its mean, so on 32x32 images ``alpha = 0.01`` is a real pull towards a small mask against
+the logit term; with the mean (this package's first version) the masks barely moved from their
+start and the detector sat near chance on several attacks (see the issue "The baselines as their
+authors run them").
+
 All inputs of a batch are optimised together; the loss is a sum of per-input terms and Adam
 updates each mask element from its own gradient, so every mask is the one the input would get
-alone (up to float rounding of batched model passes).
+alone (up to float rounding of batched model passes). Each input's colours come from its own
+generator (:meth:`Detector.input_generators`): a score depends only on the seed and the input.
 
 The suspect model is never changed: only the mask logits ``w`` are optimised, gradients are taken
 with :func:`torch.autograd.grad` with respect to ``w`` alone (nothing accumulates in the model's
@@ -47,8 +57,13 @@ from ..utils import eval_mode
 from ..validation import NonNegativeInt, PositiveInt, Range
 from .base import Detector
 
-#: purpose string of the per-input generators that draw the noise images ``δ``
-NOISE_PURPOSE = "cd-noise"
+#: purpose string of the per-input generators that draw the fill colours ``δ_t``
+NOISE_PURPOSE = "cd-colours"
+#: the mask logits' starting value: ``m = (tanh(1) + 1) / 2 = 0.881`` (the reference's all-ones parameter)
+MASK_INIT_LOGIT = 1.0
+#: the procedure's version, saved with the detector: files of the first version (fixed noise image,
+#: L1 averaged over pixels, mask starting at 0.5) hold a threshold the current masks do not match
+PROCEDURE = 2
 
 
 class CognitiveDistillation(Detector):
@@ -56,29 +71,42 @@ class CognitiveDistillation(Detector):
 
     See the module docstring for the method.
 
+    Reference: the paper's objective (Eq. 2) and its detection by the masks' L1 norm;
+    the behaviour follows the authors' public code (``HanxunH/CognitiveDistillation``, its
+    ``CognitiveDistillation`` module with its defaults, logits variant): the logit distance
+    averaged over classes, the mask's L1 norm summed over pixels, the squared TV divided by the
+    number of mask elements, a random solid fill colour per input redrawn at every step, the mask
+    parameter starting at 1 (``m = 0.881``), Adam with lr 0.1 and betas (0.1, 0.1), 100 steps.
+
     Parameters
     ----------
     steps: Adam iterations per mask (reference: 100).
     lr: Adam's learning rate on the mask logits (reference: 0.1).
-    alpha: weight of the mask's L1 norm (reference: 0.01).
+    alpha: weight of the mask's L1 norm, summed over pixels (reference: 0.01, the code's ``gamma``).
     beta: weight of the mask's total variation (reference: 1.0; 0 switches it off).
     batch_size: inputs whose masks are optimised together (each step is one forward and one
         backward pass of the batch).
-    seed: seeds the noise images; an input's noise depends only on the seed and its content.
+    seed: seeds the fill colours; an input's colours depend only on the seed and its content.
     device: where the model runs (``None``: CUDA when available).
 
     Nothing is learned at fit time: :meth:`fit` only records the model (and checks it takes the
-    images); the detector saves nothing beyond the base class's record.
+    images); the detector saves nothing beyond the base class's record and the procedure's
+    version (a file of the first version, whose threshold the current masks do not match, is
+    refused with a message to refit).
 
     Departures from the paper and the reference code
     ------------------------------------------------
-    - The masked-out pixels are filled with one fixed uniform ``[0, 1]`` noise image per input,
-      drawn from the input's own generator (so a score never depends on the batch), rather than
-      noise redrawn at every step.
-    - The mask starts at ``m = 0.5`` (``w = 0``, where tanh is steepest) for every pixel.
+    - The fill colours come from one generator per input seeded from the detector's seed and the
+      input's content (the reference draws them from the global generator for the whole batch),
+      so a score never depends on the batch, its order or size.
+    - The per-input losses are summed over the batch, not averaged (Adam's update does not depend
+      on that scale, up to its epsilon), so an input's mask does not depend on its batch's size.
+    - Only the logits variant (the paper's CD-L) is offered; the deep-feature variant (CD-F,
+      distilling a hidden layer's output) is not.
+    - The score is ``-mean(m)`` over pixels, the paper's L1 norm divided by ``H * W`` (same order).
     - The threshold comes from :meth:`Detector.calibrate` (the conformal quantile of clean
       scores), like every detector of this package; the paper thresholds by the clean masks'
-      statistics.
+      mean and standard deviation.
     """
 
     name: ClassVar[str] = "cd"
@@ -114,13 +142,14 @@ class CognitiveDistillation(Detector):
             raise BadExpertError(f"cd needs a classifier with at least 2 classes, got {classes} output(s)")
 
     # --- scoring -------------------------------------------------------------------------
-    def noise(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed noise image ``δ`` of each input of ``x`` (uniform in ``[0, 1]``, shape of ``x``,
-        float32 on ``x``'s device), drawn from the input's own generator."""
-        shape = tuple(x.shape[1:])
-        rows = [torch.rand(shape, generator=g) for g in self.input_generators(x, NOISE_PURPOSE)]
-        out = torch.stack(rows) if rows else torch.empty((0, *shape))
-        return out.to(x.device)
+    def colours(self, x: torch.Tensor) -> torch.Tensor:
+        """``[steps, N, C, 1, 1]`` fill colours ``δ_t`` of each input of ``x`` (uniform in
+        ``[0, 1]``, one per channel and step, float32 on ``x``'s device), drawn from the input's
+        own generator."""
+        c = x.shape[1]
+        rows = [torch.rand((int(self.steps), c), generator=g) for g in self.input_generators(x, NOISE_PURPOSE)]
+        out = torch.stack(rows, dim=1) if rows else torch.empty((int(self.steps), 0, c))
+        return out[..., None, None].to(x.device)
 
     def _masks(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """``[len(x), 1, H, W]`` learned masks (float32, detached) for a checked, finite float batch
@@ -133,15 +162,15 @@ class CognitiveDistillation(Detector):
         # under torch.inference_mode(); enable_grad: the base score() runs under no_grad
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             x = x.detach().float().clone()
-            delta = self.noise(x)
+            colours = self.colours(x)
             with torch.no_grad():
                 target = (forward(model, x) if logits is None else logits).detach().float().clone()
-            param = torch.zeros(n, 1, h, w, device=x.device, requires_grad=True)
+            param = torch.full((n, 1, h, w), MASK_INIT_LOGIT, device=x.device, requires_grad=True)
             opt = torch.optim.Adam([param], lr=self.lr, betas=(0.1, 0.1))
-            for _ in range(int(self.steps)):
+            for t in range(int(self.steps)):
                 mask = (torch.tanh(param) + 1) / 2
-                out = forward(model, x * mask + (1 - mask) * delta)
-                loss = (out - target).abs().mean(dim=1) + self.alpha * mask.abs().flatten(1).mean(dim=1)
+                out = forward(model, x * mask + (1 - mask) * colours[t])
+                loss = (out - target).abs().mean(dim=1) + self.alpha * mask.abs().flatten(1).sum(dim=1)
                 if self.beta:
                     loss = loss + self.beta * total_variation(mask)
                 (grad,) = torch.autograd.grad(loss.sum(), [param])
@@ -169,10 +198,21 @@ class CognitiveDistillation(Detector):
 
     @torch.no_grad()
     def score_details(self, x) -> dict:
-        """``score`` (``-mean(m)``) and ``mask_l1`` (``mean(m)``, the paper's statistic) as numpy arrays."""
+        """``score`` (``-mean(m)``) and ``mask_l1`` (``mean(m)``, the paper's statistic per pixel) as numpy arrays."""
         masks = self.masks(x)
         l1 = masks.flatten(1).mean(dim=1)
         return {"score": (-l1).numpy(), "mask_l1": l1.numpy()}
+
+    # --- persistence ---------------------------------------------------------------------
+    def _state_meta(self) -> dict:
+        return {"procedure": PROCEDURE}
+
+    def _load_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("procedure") != PROCEDURE:
+            raise BadExpertError(
+                "this CD detector file was saved by an earlier version of CD (fixed noise fill, L1 averaged over "
+                "pixels, mask starting at 0.5) whose threshold does not fit the current masks; fit and calibrate it again"
+            )
 
 
 def total_variation(mask: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)  # fraction of values replaced by
 DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))  # disk radius, anti-alias sigma
 GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))  # sigma, max delta, iterations
 MOTION_BLUR = ((6, 1.0), (6, 1.5), (6, 2.0), (8, 2.0), (9, 2.5))  # radius, sigma (angle uniform in +-45 degrees)
-ZOOM_BLUR = (1.06, 1.11, 1.16, 1.21, 1.26)  # zoom factors arange(1, end, 0.01)
+ZOOM_BLUR = ((1.06, 0.01), (1.11, 0.01), (1.16, 0.01), (1.21, 0.01), (1.26, 0.01))  # zoom factors arange(1, end, step)
 #: loc, scale, zoom, threshold, streak radius, streak sigma, blend (streak angle uniform in -135..-45 degrees)
 SNOW = (
     (0.10, 0.2, 1.00, 0.60, 8, 3, 0.95),
@@ -101,6 +101,47 @@ CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)  # factor on the deviation from the chann
 ELASTIC = ((0.0, 0.0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
 PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)  # downscale factor
 JPEG_QUALITY = (80, 65, 58, 50, 40)
+
+#: The CIFAR-10-C constants by corruption (the tables above).
+CIFAR10_C: dict[str, tuple] = {
+    "gaussian_noise": GAUSSIAN_NOISE, "shot_noise": SHOT_NOISE, "impulse_noise": IMPULSE_NOISE,
+    "defocus_blur": DEFOCUS_BLUR, "glass_blur": GLASS_BLUR, "motion_blur": MOTION_BLUR, "zoom_blur": ZOOM_BLUR,
+    "snow": SNOW, "frost": FROST, "fog": FOG, "brightness": BRIGHTNESS,
+    "contrast": CONTRAST, "elastic_transform": ELASTIC, "pixelate": PIXELATE, "jpeg_compression": JPEG_QUALITY,
+}
+
+# --- ImageNet-C constants, one entry per severity 1..5 -------------------------------------------
+#: The ImageNet-C strengths (Hendrycks & Dietterich's ImageNet-C settings, as the ``imagecorruptions``
+#: package applies them to an image of any size; TeCo's authors call that package on 32x32 images):
+#: the same forms as the CIFAR-10-C tables, much stronger. Pixel constants (radii, sigmas) are used
+#: in pixels whatever the image size, as the package does; the elastic transform is the package's
+#: own (no affine part; ``alpha = 250 * a`` times a field uniform in ``+-0.005 * side``, i.e.
+#: ``1.25 * a`` of the side, smoothed by a Gaussian of ``0.01`` of the side).
+IMAGENET_C: dict[str, tuple] = {
+    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
+    "shot_noise": (60, 25, 12, 5, 3),
+    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
+    "defocus_blur": ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
+    "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1.0, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
+    "motion_blur": ((10, 3.0), (15, 5.0), (15, 8.0), (15, 12.0), (20, 15.0)),
+    "zoom_blur": ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03)),
+    "snow": (
+        (0.10, 0.3, 3.0, 0.50, 10, 4, 0.80),
+        (0.20, 0.3, 2.0, 0.50, 12, 4, 0.70),
+        (0.55, 0.3, 4.0, 0.90, 12, 8, 0.70),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+        (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+    ),
+    "frost": ((1.0, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
+    "fog": ((1.5, 2.0), (2.0, 2.0), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+    "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+    "elastic_transform": tuple((1.25 * a, 0.01, 0.0) for a in (0.05, 0.065, 0.085, 0.1, 0.12)),
+    "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
+    "jpeg_compression": (25, 18, 15, 10, 7),
+}
+#: The severity tables by name: ``"cifar10-c"`` (mild, the 32x32 settings) or ``"imagenet-c"``.
+STRENGTHS: dict[str, dict[str, tuple]] = {"cifar10-c": CIFAR10_C, "imagenet-c": IMAGENET_C}
 
 #: JPEG standard quantisation tables (ITU-T T.81, Annex K.1 and K.2), row-major.
 JPEG_LUMA = (
@@ -127,8 +168,9 @@ JPEG_CHROMA = (
 
 # --- the public entry point ---------------------------------------------------------------------
 def corrupt(x: torch.Tensor, name: str, severity: int,
-            generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """Corruption ``name`` at ``severity`` (1..5) applied to each image of ``x``.
+            generators: Sequence[torch.Generator] | None = None, *, strength: str = "cifar10-c") -> torch.Tensor:
+    """Corruption ``name`` at ``severity`` (1..5) applied to each image of ``x``, with the
+    constants of ``strength`` (:data:`STRENGTHS`: ``"cifar10-c"``, the default, or ``"imagenet-c"``).
 
     ``x``: float ``[N, C, H, W]`` in ``[0, 1]`` with 1 or 3 channels and sides of at least 8
     pixels. ``generators``: one CPU ``torch.Generator`` per image, required by the random
@@ -153,46 +195,48 @@ def corrupt(x: torch.Tensor, name: str, severity: int,
             raise BadExpertError(
                 f"corruption '{name}' is random: pass one torch.Generator per image ({n}), got {got}"
             )
+    if strength not in STRENGTHS:
+        raise unknown_name("corruption strength", strength, tuple(STRENGTHS))
     if n == 0:
         return x.clone()
-    out = _FUNCTIONS[name](x, severity - 1, generators)
+    out = _FUNCTIONS[name](x, STRENGTHS[strength][name][severity - 1], generators)
     return out.clamp(0, 1).to(x.dtype)
 
 
 # --- noise --------------------------------------------------------------------------------------
-def gaussian_noise(x, i, gens):
+def gaussian_noise(x, k, gens):
     """Additive white Gaussian noise of std ``c`` on every pixel and channel."""
     z = _draw(gens, x, lambda g: torch.randn(x.shape[1:], generator=g))
-    return x + GAUSSIAN_NOISE[i] * z
+    return x + k * z
 
 
-def shot_noise(x, i, gens):
+def shot_noise(x, k, gens):
     """Poisson (photon) noise: ``Poisson(c * x) / c``; fewer photons = stronger noise. Drawn on
     the CPU by each image's generator (exact Poisson, no normal approximation)."""
-    c = float(SHOT_NOISE[i])
+    c = float(k)
     rates = (x.detach().double().cpu() * c).clamp_min(0)
     counts = torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, gens)])
     return (counts / c).to(device=x.device, dtype=x.dtype)
 
 
-def impulse_noise(x, i, gens):
+def impulse_noise(x, k, gens):
     """Salt-and-pepper noise: each value (pixel and channel) is replaced with probability ``c``,
     by 1 or 0 with equal odds."""
     u = _draw(gens, x, lambda g: torch.rand((2, *x.shape[1:]), generator=g))
-    hit, salt = u[:, 0] < IMPULSE_NOISE[i], u[:, 1] < 0.5
+    hit, salt = u[:, 0] < k, u[:, 1] < 0.5
     return torch.where(hit, salt.to(x.dtype), x)
 
 
 # --- blur ---------------------------------------------------------------------------------------
-def defocus_blur(x, i, gens=None):
+def defocus_blur(x, k, gens=None):
     """Convolution with a disk of radius ``r`` (the lattice points within ``r``), anti-aliased by
     a 3x3 Gaussian of std ``alias``; borders mirrored (OpenCV's default)."""
-    radius, alias = DEFOCUS_BLUR[i]
+    radius, alias = k
     kernel = _disk_kernel(radius, alias)  # CPU: its taps are read as Python numbers
     return _correlate2d(x, kernel, "mirror")
 
 
-def glass_blur(x, i, gens):
+def glass_blur(x, k, gens):
     """Gaussian blur (std ``sigma``), ``iterations`` rounds of local pixel shuffling within
     ``max_delta``, Gaussian blur again.
 
@@ -200,7 +244,7 @@ def glass_blur(x, i, gens):
     every pixel of a round takes the value of a neighbour at a random offset in
     ``[-max_delta, max_delta]`` (borders clamped), all at once.
     """
-    sigma, delta, iterations = GLASS_BLUR[i]
+    sigma, delta, iterations = k
     _, _, h, w = x.shape
     y = _gaussian_blur(x, sigma, "edge")
     for _ in range(iterations):
@@ -209,23 +253,24 @@ def glass_blur(x, i, gens):
     return _gaussian_blur(y, sigma, "edge")
 
 
-def motion_blur(x, i, gens):
+def motion_blur(x, k, gens):
     """Blur along a random direction (uniform in +-45 degrees) with a one-sided Gaussian line
     kernel of the given radius and std: each pixel averages the pixels behind it on that line.
 
     Approximation of ImageMagick's ``-motion-blur radius x sigma + angle``: taps at whole
     pixels (rounded), edges clamped, weights below ``exp(-8)`` of the first dropped.
     """
-    radius, sigma = MOTION_BLUR[i]
+    radius, sigma = k
     angles = _draw(gens, x, lambda g: torch.empty(()).uniform_(-45.0, 45.0, generator=g), dtype=torch.float64)
     return _line_blur(x, radius, sigma, angles)
 
 
-def zoom_blur(x, i, gens=None):
+def zoom_blur(x, k, gens=None):
     """Mean of the image and its centre zooms by ``1, 1.01, ..`` up to the severity's end
     (``numpy.arange(1, end, 0.01)``, as the reference): the blur of a camera zooming in.
     Bilinear zooms about the centre (approximates the reference's scipy crop-and-zoom)."""
-    zooms = torch.arange(1.0, ZOOM_BLUR[i], 0.01, dtype=torch.float64).tolist()
+    end, step = k
+    zooms = torch.arange(1.0, end, step, dtype=torch.float64).tolist()
     acc = x.clone()
     for z in zooms:
         acc = acc + _zoom(x, z)
@@ -233,7 +278,7 @@ def zoom_blur(x, i, gens=None):
 
 
 # --- weather ------------------------------------------------------------------------------------
-def snow(x, i, gens):
+def snow(x, k, gens):
     """Snowflakes: a Gaussian random layer (``loc``, ``scale``), zoomed about the centre,
     thresholded, smeared into streaks by a motion blur (angle uniform in -135..-45 degrees); the
     image is whitened towards ``max(x, 1.5 * gray + 0.5)`` (weight ``1 - blend``) and the layer
@@ -241,7 +286,7 @@ def snow(x, i, gens):
 
     Approximations: the streaks use this module's motion blur (see :func:`motion_blur`).
     """
-    loc, scale, zoom, threshold, radius, sigma, blend = SNOW[i]
+    loc, scale, zoom, threshold, radius, sigma, blend = k
     _, _, h, w = x.shape
     zs, angles = [], []
     for g in gens:
@@ -256,7 +301,7 @@ def snow(x, i, gens):
     return y + layer + layer.flip(-2, -1)
 
 
-def frost(x, i, gens):
+def frost(x, k, gens):
     """``a * x + b * frost``: frost crystals laid over the image.
 
     Approximation: the reference crops a random 32x32 patch from one of six frost photographs
@@ -264,7 +309,7 @@ def frost(x, i, gens):
     texture (:func:`frost_texture`): ridged multi-scale value noise (thin bright crystal veins at
     scales of 2 to 8 pixels) over a faint low-frequency haze, tinted bluish white for RGB.
     """
-    a, b = FROST[i]
+    a, b = k
     tex = frost_texture(gens, x.shape[-2], x.shape[-1], x.device, x.dtype)
     if x.shape[1] == 3:
         tex = tex * torch.tensor(FROST_TINT, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -273,11 +318,11 @@ def frost(x, i, gens):
     return a * x + b * tex
 
 
-def fog(x, i, gens):
+def fog(x, k, gens):
     """``(x + t * plasma) * m / (m + t)``, ``m`` the image's maximum: a plasma-fractal fog (the
     diamond-square algorithm on a torus of the next power-of-two size, cropped; rougher at higher
     severity) that also lowers the contrast. See :func:`plasma_fractal`."""
-    t, decay = FOG[i]
+    t, decay = k
     _, _, h, w = x.shape
     size = 1 << max(1, math.ceil(math.log2(max(h, w))))
     plasma = plasma_fractal(gens, size, decay)[:, None, :h, :w].to(device=x.device, dtype=x.dtype)
@@ -285,11 +330,11 @@ def fog(x, i, gens):
     return (x + t * plasma) * m / (m + t)
 
 
-def brightness(x, i, gens=None):
+def brightness(x, k, gens=None):
     """Add ``c`` to the HSV value channel (clipped at 1), hue and saturation kept: exactly, each
     RGB pixel is scaled by ``min(v + c, 1) / v`` (``v`` its largest channel); a black pixel
     becomes gray ``c``. Gray images: ``x + c``."""
-    c = BRIGHTNESS[i]
+    c = k
     if x.shape[1] == 1:
         return x + c
     v = x.amax(dim=1, keepdim=True)
@@ -298,13 +343,13 @@ def brightness(x, i, gens=None):
 
 
 # --- digital ------------------------------------------------------------------------------------
-def contrast(x, i, gens=None):
+def contrast(x, k, gens=None):
     """``(x - mean) * c + mean`` with each channel's mean over the image."""
     m = x.mean(dim=(2, 3), keepdim=True)
-    return (x - m) * CONTRAST[i] + m
+    return (x - m) * k + m
 
 
-def elastic_transform(x, i, gens):
+def elastic_transform(x, k, gens):
     """A random affine warp (three anchor points around the centre moved by up to ``affine``
     pixels) followed by an elastic displacement field (uniform noise in ``[-1, 1]`` smoothed by a
     Gaussian of std ``sigma``, times ``alpha``); the three constants are the reference's
@@ -313,7 +358,7 @@ def elastic_transform(x, i, gens):
     Approximation: the reference warps (OpenCV) and then displaces (scipy), interpolating twice;
     here the two maps are composed and the image is sampled once.
     """
-    alpha_f, sigma_f, affine_f = ELASTIC[i]
+    alpha_f, sigma_f, affine_f = k
     n, _, h, w = x.shape
     size = min(h, w)
     alpha, sigma, amp = alpha_f * size, sigma_f * size, affine_f * size
@@ -340,23 +385,23 @@ def elastic_transform(x, i, gens):
     return _sample(x, sy.to(x.device), sx.to(x.device), "reflection")
 
 
-def pixelate(x, i, gens=None):
+def pixelate(x, k, gens=None):
     """Downscale by ``c`` and back up (PIL box filter): each side to ``int(side * c)`` pixels as
     the mean of the input pixels whose centres fall in each output pixel, then back to full size
     by nearest neighbour."""
-    c = PIXELATE[i]
+    c = k
     _, _, h, w = x.shape
     mh = _box_resize_matrix(h, max(1, int(h * c))).to(x)
     mw = _box_resize_matrix(w, max(1, int(w * c))).to(x)
     return torch.einsum("ij,ncjk,lk->ncil", mh, x, mw)
 
 
-def jpeg_compression(x, i, gens=None):
+def jpeg_compression(x, k, gens=None):
     """JPEG at the severity's quality: pixels to 8 bits, RGB to JFIF YCbCr with 4:2:0 chroma
     subsampling (3 channels) or luminance only (1 channel), 8x8 block DCT, quantisation by the
     standard tables scaled by quality (IJG rule), then back; sides padded to whole blocks by edge
     replication and cropped after. Floating point throughout (libjpeg rounds in fixed point)."""
-    quality = JPEG_QUALITY[i]
+    quality = k
     n, c, h, w = x.shape
     dt = torch.float64
     v = (x.to(dt) * 255).round()
@@ -534,15 +579,17 @@ def _gaussian_blur(x: torch.Tensor, sigma: float, mode: str, truncate: float = 4
 
 
 def _disk_kernel(radius: float, alias: float) -> torch.Tensor:
-    """Normalised disk (lattice points within ``radius``) smoothed by a 3x3 Gaussian of std ``alias``."""
-    r = int(radius) + 1  # one pixel of margin for the 3x3 smoothing
+    """Normalised disk (lattice points within ``radius``) smoothed by a Gaussian of std ``alias``:
+    3x3 up to radius 8, 5x5 beyond (the reference's kernel sizes)."""
+    half = 1 if radius <= 8 else 2
+    r = int(radius) + half  # margin for the smoothing
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).double()
     disk = disk / disk.sum()
-    g = torch.exp(-0.5 * (torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / alias) ** 2)
+    g = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float64) / alias) ** 2)
     g = g / g.sum()
     smooth = g[:, None] * g[None, :]
-    return F.conv2d(disk[None, None], smooth[None, None], padding=1)[0, 0]
+    return F.conv2d(disk[None, None], smooth[None, None], padding=half)[0, 0]
 
 
 def _gather_shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -643,4 +690,4 @@ _FUNCTIONS = {
 }
 assert tuple(_FUNCTIONS) == CORRUPTIONS
 
-__all__ = ["CORRUPTIONS", "RANDOM", "SEVERITIES", "corrupt", "frost_texture", "plasma_fractal"]
+__all__ = ["CORRUPTIONS", "IMAGENET_C", "RANDOM", "SEVERITIES", "STRENGTHS", "corrupt", "frost_texture", "plasma_fractal"]

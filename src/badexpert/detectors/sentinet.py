@@ -6,8 +6,9 @@ model stays confident on them when that region holds an inert pattern instead. T
 of a clean input, pasted elsewhere, rarely overrides the other image's own content that much. For
 an input x with the model's label ``y = argmax M(x)``:
 
-1. **Region**: Grad-CAM of class ``y`` at a convolutional layer (by default the last
-   ``nn.Conv2d`` of the model): the layer's activations ``A_k`` weighted by the spatial mean of
+1. **Region**: Grad-CAM of class ``y`` at the model's last spatial feature map (by default the
+   output of its last stage, :func:`feature_layer`: for a ResNet the output of the last residual
+   block, after the skip connection, as the reference's ``layer4``): the layer's activations ``A_k`` weighted by the spatial mean of
    ``d logit_y / d A_k``, summed over channels, ReLU, bilinearly upsampled to the input size. The
    region ``m`` is the ``top`` share (0.15) of the input's pixels with the highest heatmap values
    (``round(top * H * W)`` pixels, at least one; ties go to the earlier pixel in row-major order).
@@ -27,6 +28,17 @@ is fitted to those maxima placed at their bin centres.
 
 Cost: ``1 + 2 * n`` forward passes (the Grad-CAM pass, ``n`` pasted images, ``n`` noise-filled
 ones) and 1 backward pass per input.
+
+Reference: Chou et al., "SentiNet: Detecting Localized Universal Attacks Against Deep Learning
+Systems" (IEEE S&P Workshops 2020): its method (Grad-CAM region, the Fooled / AvgConf statistics,
+the boundary fitted on clean images); the behaviour follows the SentiNet baseline of the BaDExpert
+authors' public code (Grad-CAM at ResNet's ``layer4``, ``n = 100``, the top 15% of the heatmap,
+bins of 0.02 and a quadratic boundary). Defaults: ``n=100``, ``top=0.15``, ``holdout=0.2``,
+``layer=None`` (the last feature map).
+
+Scope: SentiNet targets **localised** triggers (:attr:`SentiNet.trigger_scope`); on triggers
+spread over the whole image (an attack's ``trigger_extent == "image"``: SIG, Blend, BPP, Refool,
+WaNet, ISSBA) no region carries the attack, and comparison tables mark such cells out of scope.
 """
 
 from __future__ import annotations
@@ -63,9 +75,12 @@ class SentiNet(Detector):
         (reference: 100).
     top: share of the input's pixels making up the salient region, in (0, 1) (reference: 0.15).
     layer: name (as in ``model.named_modules()``) of the module whose output Grad-CAM uses; it
-        must output ``[N, C, h, w]`` feature maps. ``None`` (default): the last ``nn.Conv2d`` of
-        the model in ``named_modules()`` order (the reference uses ResNet's ``layer4``). Checked
-        against the model at :meth:`fit` and when a saved detector is loaded.
+        must output ``[N, C, h, w]`` feature maps. ``None`` (default): the model's last spatial
+        feature map, found by one forward pass with hooks on every module
+        (:func:`feature_layer`: the last module whose output is a 4-D map with more than one
+        position and not a pooling layer's output; for this package's models ResNet's
+        ``net.layers``, the last conv-BN-ReLU of the CNN, VGG and MobileNetV2, the ViT's patch
+        embedding). Checked against the model at :meth:`fit` and when a saved detector is loaded.
     holdout: share of the clean fit set used to fit the decision boundary, in (0, 1); the rest is
         the pool of clean images pasted onto (both keep at least one image).
     batch_size: inputs per Grad-CAM pass, and pasted images per model forward pass.
@@ -82,6 +97,11 @@ class SentiNet(Detector):
       polynomial degree drops to the number of bins minus one.
     - The reference's own threshold rule is replaced: :meth:`Detector.calibrate` sets the
       threshold by the conformal quantile of clean calibration scores, like every detector here.
+    - The Grad-CAM layer is found from the model's forward pass rather than named per
+      architecture (the reference names ResNet's ``layer4``); on a ResNet it is the same map.
+      (This package's first version read the last ``nn.Conv2d``, inside the last residual
+      branch before its BatchNorm and skip connection: on a CIFAR-10 Trojan model its region held
+      0.6% of the trigger's pixels. Files saved with that default are refused on load.)
     - The region always comes from Grad-CAM; the reference's use of the known trigger location for
       some attacks is not reproduced (the detector never knows the trigger).
     - The clean images of an input are drawn without replacement from the pool (with replacement
@@ -94,6 +114,10 @@ class SentiNet(Detector):
     """
 
     name: ClassVar[str] = "sentinet"
+    #: SentiNet is designed for localised triggers (the paper's "localized universal attacks"):
+    #: an attack whose ``trigger_extent`` is ``"image"`` (SIG, Blend, BPP, Refool, WaNet, ISSBA) is
+    #: outside its scope, and comparison tables mark that cell (:func:`badexpert.comparison.out_of_scope`)
+    trigger_scope: ClassVar[str] = "local"
     scatter_axes: ClassVar[dict] = {
         "x": "avg_conf", "y": "fooled", "limits": (0.0, 1.0),
         "x_label": "AvgConf: mean confidence with the region filled with noise",
@@ -125,9 +149,10 @@ class SentiNet(Detector):
         return {"forward": 1 + 2 * int(self.n), "backward": 1}
 
     # --- the Grad-CAM layer ----------------------------------------------------------------
-    def target_layer(self, model: nn.Module) -> tuple[str, nn.Module]:
+    def target_layer(self, model: nn.Module, example: torch.Tensor | None = None) -> tuple[str, nn.Module]:
         """``(name, module)`` of the layer Grad-CAM reads: ``layer`` if given, else the model's
-        last ``nn.Conv2d``."""
+        last spatial feature map (:func:`feature_layer`, found by one forward pass of ``example``,
+        a float batch; without it, of zeros of the fitted input shape)."""
         modules = dict(model.named_modules())
         if self.layer is not None:
             if self.layer not in modules:
@@ -135,15 +160,15 @@ class SentiNet(Detector):
                 hint = f"; its convolutions: {', '.join(convs[-3:])}" if convs else ""
                 raise BadExpertError(f"SentiNet: the model has no module named '{self.layer}'{hint}")
             return self.layer, modules[self.layer]
-        convs = [(k, m) for k, m in modules.items() if isinstance(m, nn.Conv2d)]
-        if not convs:
-            raise BadExpertError("SentiNet: the model has no nn.Conv2d layer for Grad-CAM; name one with layer=")
-        return convs[-1]
+        if example is None:
+            example = torch.zeros((2, *self.input_shape_), device=self.device_)
+        name = feature_layer(model, example)
+        return name, modules[name]
 
     # --- fitting -------------------------------------------------------------------------
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
         model_outputs(model, images, labels)  # the model takes these images (one-line error otherwise)
-        self.layer_name_ = self.target_layer(model)[0]
+        self.layer_name_ = self.target_layer(model, _as_float(images[:2]).to(self.device_))[0]
         count = len(images)
         n_hold = min(count - 1, max(1, int(round(self.holdout * count))))
         perm = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
@@ -182,7 +207,7 @@ class SentiNet(Detector):
         """``(heatmap [N, H, W], label [N])``: Grad-CAM of the model's predicted class for a float
         batch ``x``, upsampled to the input size (float, on ``x``'s device). Runs with gradients
         enabled whatever the caller's mode; the hook lives only for this call."""
-        _, module = self.target_layer(self.model_)
+        module = dict(self.model_.named_modules())[self.layer_name_]
         captured: list[torch.Tensor] = []
 
         def hook(_mod, _inp, out):
@@ -314,9 +339,14 @@ class SentiNet(Detector):
                 "the SentiNet detector file lacks its clean pool or boundary curve, or they have the wrong shape or "
                 "values; it is damaged"
             )
-        name, _ = self.target_layer(model)  # the named layer exists in this model
+        name, _ = self.target_layer(model)  # the named layer exists in this model (or the default is found again)
         if meta.get("layer") not in (None, name):
-            raise BadExpertError(f"the SentiNet detector file reads layer '{meta.get('layer')}' but this model's is '{name}'")
+            why = ("" if self.layer is not None else
+                   " (files saved before the default became the last feature map read the last nn.Conv2d)")
+            raise BadExpertError(
+                f"the SentiNet detector file reads layer '{meta.get('layer')}' but this model's is '{name}'{why}; "
+                "fit and calibrate it again"
+            )
         self.layer_name_ = name
         self.pool_ = pool.to(self.device_)
         self.curve_ = curve.double().numpy()
@@ -340,9 +370,51 @@ def fit_boundary(avg_conf: np.ndarray, fooled: np.ndarray) -> tuple[np.ndarray, 
     return coef, (float(centres.min()), float(centres.max()))
 
 
+def feature_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """Name of the module whose output is the model's **last spatial feature map**: the last
+    module, in the order their forward calls finish during one eval-mode pass of ``example``,
+    whose output is a 4-D tensor ``[N, C, h, w]`` with more than one spatial position and is not
+    the output of a pooling layer (``torch.nn`` pooling, or a module that returns a pooling
+    layer's output unchanged). The model's root module is never chosen.
+
+    On the package's models: the ResNet's stage stack (``net.layers``, the output of the last
+    residual block, after its skip connection and ReLU, as the reference's ``layer4``); the last
+    conv-BN-ReLU of the small CNN, VGG and MobileNetV2 (before their final pooling); the patch
+    embedding of the ViT (its only spatial map). Models that compute in-place (``ReLU(inplace=True)``)
+    get the module whose call returned the final values. Raises a one-line error when no module
+    outputs a spatial map (name one with ``layer=``)."""
+    pooled: set[int] = set()
+    records: list[tuple[str, torch.Tensor]] = []  # outputs kept alive so their ids stay unique
+
+    def hook_for(name: str, module: nn.Module):
+        is_pool = type(module).__module__ == "torch.nn.modules.pooling"
+
+        def hook(_mod, _inp, out):
+            if isinstance(out, torch.Tensor):
+                records.append((name, out))
+                if is_pool:
+                    pooled.add(id(out))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k, m)) for k, m in model.named_modules() if k]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    maps = [k for k, out in records
+            if out.dim() == 4 and out.shape[2] * out.shape[3] > 1 and id(out) not in pooled]
+    if not maps:
+        raise BadExpertError(
+            "SentiNet: no module of the model outputs a spatial feature map [N, C, h, w] for Grad-CAM; name one with layer="
+        )
+    return maps[-1]
+
+
 def _as_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to float ``[0, 1]``; float images as they are (checked at fit time)."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-__all__ = ["SentiNet", "fit_boundary"]
+__all__ = ["SentiNet", "feature_layer", "fit_boundary"]
