@@ -7,7 +7,6 @@ import copy
 import importlib.util
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -37,7 +36,8 @@ from PIL import Image  # noqa: E402
 from badexpert import BaDExpert, load_bundle, save_bundle  # noqa: E402
 from badexpert.cli import main  # noqa: E402
 from badexpert.detectors.base import ACCEPTED, REJECT_NONFINITE_INPUT  # noqa: E402
-from badexpert.serve import DriftMonitor, MicroBatcher, Settings, configure_logging, create_app  # noqa: E402
+from badexpert.serve import (DriftMonitor, MicroBatcher, Settings, configure_logging, create_app,  # noqa: E402
+                              restore_logging)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")
 
@@ -89,10 +89,7 @@ def json_logs():
     try:
         yield lines
     finally:
-        for name in ("badexpert.serve", "uvicorn", "uvicorn.error"):
-            lg = logging.getLogger(name)
-            lg.removeHandler(handler)
-            lg.propagate, lg.level = True, logging.NOTSET
+        restore_logging(handler)
         lines.extend(json.loads(line) for line in stream.getvalue().splitlines())  # each line one JSON object
 
 
@@ -253,7 +250,7 @@ def _bad_cases(setup):
         ("corrupt image upload", {"files": [("file", ("x.png", b"\x89PNG\r\n\x1a\nthis is not a png", "image/png"))]}, 422),
         ("not an image at all", {"files": [("file", ("x.png", b"GIF89a" + b"\0" * 20, "image/png"))]}, 422),
         ("text field instead of a file", {"files": [("file", (None, "image.png"))]}, 422),
-        ("truncated multipart", {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 422),
+        ("truncated multipart", {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400),
         ("multipart without a boundary", {"content": b"--zz\r\n", "headers": {"content-type": "multipart/form-data"}}, 400),
         ("invalid JSON", {"content": b'{"inputs": [1, 2', "headers": h}, 400),
         ("empty body", {"content": b"", "headers": h}, 400),

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import __version__
 from .errors import BadExpertError
-from .utils import atomic_write_text, check_output_dir, to_jsonable, write_json
+from .utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
 
 #: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
 GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "heatmap.png"})
@@ -447,8 +447,53 @@ def _ray_cell(spec: dict) -> list[dict]:
     return run_cell(spec)
 
 
+#: Seconds :func:`ray_runner` waits for a Ray cluster address to answer (``grid --ray-timeout``).
+RAY_CONNECT_TIMEOUT = 10.0
+
+
+def check_ray_address(address: str, timeout: float | None = None) -> None:
+    """A cluster address (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``) answers a TCP connection
+    within ``timeout`` seconds (default :data:`RAY_CONNECT_TIMEOUT`), or one :class:`BadExpertError`:
+    ``ray.init`` itself retries an unreachable address for many minutes. ``"local"`` (Ray started
+    here) needs no check."""
+    timeout = RAY_CONNECT_TIMEOUT if timeout is None else timeout
+    if address == "local":
+        return
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+        raise BadExpertError(f"the Ray connection timeout must be a positive number of seconds, got {timeout!r}")
+    import socket
+
+    client = address.startswith("ray://")
+    target: str | None = address[len("ray://"):] if client else address
+    if not client:
+        try:  # the address ray.init connects to: 'auto' looked up, localhost mapped to this node's address
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:
+            canonicalize_bootstrap_address = None
+        if canonicalize_bootstrap_address is not None:
+            try:
+                target = canonicalize_bootstrap_address(address)
+            except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
+                why = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+                raise BadExpertError(f"cannot reach Ray at '{address}' ({why}); start the cluster or check the --ray "
+                                     "address") from None
+        if target is None:  # ray.init would start Ray here
+            return
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadExpertError(f"the Ray address '{address}' is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise BadExpertError(f"cannot reach Ray at '{address}' within {timeout:g} s ({why}); start the cluster, check "
+                             "the address, or allow longer with --ray-timeout") from None
+
+
 def ray_runner(address: str = "local", *, cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0,
-               init: dict | None = None) -> Callable[[Callable[[dict], list[dict]], list[dict]], Iterator[list[dict]]]:
+               init: dict | None = None, connect_timeout: float | None = None
+               ) -> Callable[[Callable[[dict], list[dict]], list[dict]], Iterator[list[dict]]]:
     """A runner for :func:`run_grid` that runs every cell as a Ray task requesting
     ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs, and yields each cell's rows as it finishes.
 
@@ -456,13 +501,21 @@ def ray_runner(address: str = "local", *, cpus_per_cell: float = 1.0, gpus_per_c
     else is a cluster address for ``ray.init`` (``"auto"``, ``"ray://head:10001"``). Workers must
     see the same dataset paths and cache directory (shared storage) and have badexpert installed.
     Ray is an optional dependency: ``pip install 'badexpert[grid]'``.
+
+    Checked now, before :func:`run_grid` writes anything: Ray is installed and a cluster address
+    answers within ``connect_timeout`` seconds (default :data:`RAY_CONNECT_TIMEOUT`; :func:`check_ray_address`).
     """
+    try:
+        import ray
+    except ImportError as exc:
+        raise BadExpertError("the grid's Ray runner needs Ray: pip install 'badexpert[grid]' "
+                             "(or run the grid without --ray)") from exc
+    if not ray.is_initialized():  # an instance started by the caller is used as it is
+        check_ray_address(address, connect_timeout)
+
     def runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
-        try:
-            import ray
-        except ImportError as exc:
-            raise BadExpertError("the grid's Ray runner needs Ray: pip install 'badexpert[grid]' "
-                                 "(or run the grid without --ray)") from exc
+        import ray
+
         started = not ray.is_initialized()
         if started:
             # a task uses as many threads as the CPUs it requests (the thread count changes the
@@ -538,14 +591,17 @@ def read_results(path: str | Path, *, log: Callable[[str], Any] = print) -> list
 def append_rows(path: str | Path, rows: list[dict]) -> None:
     """Append rows to ``results.jsonl`` in one write, flushed to disk."""
     data = "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # a partly written last row is repaired by read_results on the next run
+        raise write_error(path, exc, "the rows of earlier cells are kept") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,13 +827,21 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     n_det = len(grid["detectors"])
     log(f"grid: {len(specs)} cell(s) x {n_det} detector(s); {len(specs) - len(todo)} cell(s) already in "
         f"{results}, {len(todo)} to run" + (f"; {other} row(s) there from other grids are left out" if other else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "grid.json", grid)
+    started = False
+
+    def start() -> None:
+        """The output folder is made when the first cell's rows arrive (or at the end): a runner
+        that fails before any cell finished (Ray not starting) leaves nothing behind."""
+        nonlocal started
+        if not started:
+            write_json(out / "grid.json", grid)  # makes the folder (an OSError: one BadExpertError)
+            started = True
 
     def current() -> list[dict]:
         return [done[d["key"]] for spec in specs for d in spec["detectors"] if d["key"] in done]
 
     for rows in (runner or local_runner)(functools.partial(run_cell, log=log), todo):
+        start()
         append_rows(results, rows)
         done.update((r["key"], r) for r in rows)
         write_summary(out, current(), n_boot=n_boot, heatmap=False)
@@ -785,10 +849,11 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     if len(rows) < len(wanted):
         raise BadExpertError(f"the runner returned no rows for {len(wanted) - len(rows)} (cell, detector) pair(s); "
                              "run the grid again to compute them")
+    start()
     write_summary(out, rows, n_boot=n_boot)
     return rows
 
 
-__all__ = ["GRID_OUTPUTS", "append_rows", "format_summary", "load_grid", "local_runner", "mean_interval",
-           "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results", "run_cell", "run_grid", "summarize",
-           "write_summary"]
+__all__ = ["GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "check_ray_address", "format_summary", "load_grid",
+           "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
+           "run_cell", "run_grid", "summarize", "write_summary"]

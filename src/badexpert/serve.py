@@ -380,8 +380,14 @@ def decode_images(files: list[tuple[str, bytes]], input_shape, strict_size: bool
 
 
 async def read_multipart(body: bytes, headers, max_batch: int) -> list[tuple[str, bytes]]:
-    """The files of a ``multipart/form-data`` body, in order; a text field is refused."""
+    """The files of a ``multipart/form-data`` body, in order; a text field is refused. Every
+    temporary file the parser makes is closed before this returns or raises."""
+    from python_multipart.multipart import parse_options_header
     from starlette.formparsers import MultiPartException, MultiPartParser
+
+    boundary = parse_options_header(headers.get("content-type", ""))[1].get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in body:  # a part begun and never ended is never closed
+        raise RequestError("malformed multipart body (no closing boundary: truncated?)", 400)
 
     async def stream():
         yield body
@@ -407,6 +413,8 @@ async def read_multipart(body: bytes, headers, max_batch: int) -> list[tuple[str
             files.append((value.filename or key or f"file{len(files)}", value.file.read()))
     finally:
         await form.close()
+        for f in getattr(parser, "_files_to_close_on_error", ()):  # also parts that never reached the form
+            f.close()
     return files
 
 
@@ -604,10 +612,16 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         event = getattr(record, "event", None)
+        if event is None:  # uvicorn's, other libraries' and Python warnings' lines
+            event = "warning" if record.name == "py.warnings" else "server"
         doc = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname, "event": event or "server"}
-        if event is None:  # uvicorn's own lines
-            doc["message"] = record.getMessage()
+               "level": record.levelname, "event": event}
+        if not hasattr(record, "event"):
+            try:
+                message = record.getMessage()
+            except Exception:  # a library's malformed call (arguments that do not fit): its raw parts
+                message = f"{record.msg} {record.args!r}"
+            doc["message"] = str(message).strip()
             doc["logger"] = record.name
         doc.update(getattr(record, "fields", None) or {})
         if record.exc_info:
@@ -627,22 +641,46 @@ def _strict_json(v):
     return v
 
 
+#: The loggers the service's JSON handler is put on; "" is the root logger, which every other
+#: library's logger (fastapi, starlette, asyncio, python-multipart) and Python's warnings reach.
+LOG_TARGETS = (LOGGER, "uvicorn", "uvicorn.error", "")
+
+
 def configure_logging(level: str = "info", stream=None) -> logging.Handler:
-    """Send the service's and uvicorn's logs to ``stream`` (stderr) as JSON lines."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    """Send every log line of the process to ``stream`` (stderr) as one JSON object per line: the
+    service's and uvicorn's from ``level``, other libraries' and Python warnings (captured through
+    :func:`logging.captureWarnings`) from ``warning`` or ``level`` if higher. Returns the handler;
+    :func:`restore_logging` undoes it all."""
     lvl = getattr(logging, str(level).upper(), None)
     if not isinstance(lvl, int):
         raise BadExpertError(f"unknown log level '{level}'; choose debug, info, warning or error")
-    for name in (LOGGER, "uvicorn", "uvicorn.error"):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.saved = []  # (logger, level, propagate) before, for restore_logging
+    for name in LOG_TARGETS:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             if isinstance(h.formatter, JsonFormatter):
                 lg.removeHandler(h)
+        handler.saved.append((lg, lg.level, lg.propagate))
         lg.addHandler(handler)
-        lg.setLevel(lvl)
-        lg.propagate = False
+        if name:
+            lg.setLevel(lvl)
+            lg.propagate = False
+        else:  # other libraries: their warnings and errors, not their chatter
+            lg.setLevel(max(lvl, logging.WARNING))
+    logging.captureWarnings(True)
     return handler
+
+
+def restore_logging(handler: logging.Handler) -> None:
+    """Undo :func:`configure_logging`: the handler removed, levels and propagation as they were."""
+    handler.flush()
+    logging.captureWarnings(False)
+    for lg, level, propagate in getattr(handler, "saved", ()):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 def _event(level: int, event: str, exc_info=None, **fields) -> None:
@@ -832,6 +870,7 @@ def create_app(model, *, settings: Settings | None = None):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
@@ -1037,6 +1076,21 @@ def create_app(model, *, settings: Settings | None = None):
             detail = f"no endpoint {request.url.path[:100]}; see /v1/classify, /v1/status, /healthz, /readyz, /metrics"
         return answer(exc.status_code, {"error": " ".join(str(detail).split())}, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors() or [{}]
+        where = ".".join(str(v) for v in errors[0].get("loc", ()) or ("request",))
+        if request.url.path == CLASSIFY_ROUTE:
+            metrics.bad(422)
+        message = f"invalid request: {where}: {errors[0].get('msg', 'not valid')}"
+        return answer(422, {"error": " ".join(message.split())[:300]})
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # Starlette re-raises the exception after this answer: uvicorn logs it (a JSON line with its traceback)
+        metrics.errors += 1
+        return answer(500, {"error": f"internal error on {request.url.path[:100]}; see the service log"})
+
     return app
 
 
@@ -1123,11 +1177,9 @@ def serve(bundle: str | None, host: str = "127.0.0.1", port: int = 8000, *, sett
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         _event(logging.INFO, "stopped")
-        handler.flush()
-        for name in (LOGGER, "uvicorn", "uvicorn.error"):
-            logging.getLogger(name).removeHandler(handler)
+        restore_logging(handler)
 
 
 __all__ = ["DriftMonitor", "GuardAdapter", "Metrics", "MicroBatcher", "RequestError", "Settings", "Unavailable",
            "bind_socket", "check_batch", "configure_logging", "create_app", "decode_image", "load_service_model",
-           "parse_json_body", "parse_raw_body", "require_server_deps", "serve"]
+           "parse_json_body", "parse_raw_body", "require_server_deps", "restore_logging", "serve"]

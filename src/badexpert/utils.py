@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -89,18 +90,27 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written.
+
+    A failure to write (disk full, read-only or virtual file system, permissions) is one
+    :class:`BadExpertError`; the temporary file and any parent directory made for it are removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    created: list[Path] = []
+    tmp = None
     try:
+        created = _make_parents(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        _remove_dirs(created)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
         raise
 
 
@@ -110,19 +120,83 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 # --- output locations: checked before any work, written atomically ------------------------------
 def _nearest_existing(p: Path) -> Path:
+    """``p`` or its nearest ancestor that exists (``os.path.exists``: a name that cannot be
+    looked up, too long or unreadable, counts as missing, so the walk never raises)."""
     p = p.absolute()
-    while not p.exists() and p != p.parent:
+    while not os.path.exists(p) and p != p.parent:
         p = p.parent
     return p
 
 
+def _reason(exc: OSError) -> str:
+    """A short, lower-case reason for an OSError met while writing."""
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded", errno.ENAMETOOLONG: "file name too long",
+               errno.ENOENT: "the file system does not allow new files there",
+               errno.ENOTDIR: "a part of the path is a file, not a directory", errno.EXDEV: "another file system"}
+    return reasons.get(exc.errno, (exc.strerror or type(exc).__name__).lower())
+
+
+def write_error(target: str | Path, exc: OSError, note: str = "nothing was written") -> BadExpertError:
+    """The one-line error for an OSError met while writing ``target``."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return BadExpertError(f"cannot write '{target}' ({_reason(exc)}); {note}; "
+                          f"{'free space or ' if full else ''}choose another location")
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing ancestors; return the ones created, outermost first."""
+    missing = []
+    p = directory.absolute()
+    while not os.path.exists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+            created.append(d)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    return created
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove the directories :func:`_make_parents` created (innermost first) where still empty."""
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _check_creatable(target: Path) -> None:
-    """``target`` can be created: its nearest existing ancestor is a writable directory."""
+    """``target`` can be created: its name is valid, and its nearest existing ancestor is a
+    directory in which a file can really be made (a probe file, removed at once: permission bits
+    say nothing for root, and /proc or /sys refuse new files whatever they say)."""
+    target = Path(target)
+    if "\0" in str(target):
+        raise BadExpertError(f"the output path {str(target)!r} holds a NUL character; choose another location")
     anc = _nearest_existing(target.parent)
-    if not anc.is_dir():
+    if not os.path.isdir(anc):
         raise BadExpertError(f"cannot create '{target}': '{anc}' is a file, not a directory; choose another location")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise BadExpertError(f"cannot write to '{anc}' (permission denied); choose another location")
+    try:
+        name_max = os.pathconf(anc, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in target.absolute().relative_to(anc).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise BadExpertError(f"cannot create '{target}': the name '{part[:40]}...' is longer than {name_max} "
+                                 "bytes; choose a shorter one")
+    if len(os.fsencode(str(target.absolute()))) >= 4096:
+        raise BadExpertError(f"cannot create '{str(target)[:60]}...': the path is longer than 4096 bytes; choose a "
+                             "shorter one")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".badexpert-probe.", suffix=".tmp")
+    except OSError as exc:
+        raise BadExpertError(f"cannot write to '{anc}' ({_reason(exc)}); choose another location") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_file(path: str | Path, *, suffix: str | None = None, overwrite: bool = False,
@@ -135,9 +209,11 @@ def check_output_file(path: str | Path, *, suffix: str | None = None, overwrite:
     p = Path(path)
     if suffix and p.suffix.lower() != suffix:
         raise BadExpertError(f"{option} must name a {suffix} file, got '{p}'")
-    if p.is_dir():
+    if os.path.isdir(p):
         raise BadExpertError(f"'{p}' is a directory; {option} must name a file")
-    if p.exists() and not overwrite:
+    if os.path.exists(p) and not os.path.isfile(p):
+        raise BadExpertError(f"'{p}' is not a regular file (a device, pipe or socket); {option} must name a file")
+    if os.path.exists(p) and not overwrite:
         raise BadExpertError(f"'{p}' already exists; pass --overwrite to replace it, or choose another {option}")
     _check_creatable(p)
     return p
@@ -150,10 +226,13 @@ def check_output_dir(path: str | Path, *, owned: frozenset[str], overwrite: bool
     and may hold only such files (nothing of the user's is ever deleted).
     """
     p = Path(path)
-    if p.exists() and not p.is_dir():
+    if os.path.exists(p) and not os.path.isdir(p):
         raise BadExpertError(f"'{p}' is a file; --out must name a directory")
-    if p.is_dir():
-        entries = sorted(p.iterdir())
+    if os.path.isdir(p):
+        try:
+            entries = sorted(p.iterdir())
+        except OSError as exc:
+            raise BadExpertError(f"cannot read the directory '{p}' ({_reason(exc)}); choose another --out") from None
         foreign = [e.name for e in entries if e.name not in owned or not e.is_file()]
         if foreign:
             raise BadExpertError(
@@ -181,12 +260,16 @@ def atomic_directory(path: str | Path, *, owned: frozenset[str], overwrite: bool
     import shutil
 
     p = check_output_dir(path, owned=owned, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=_nearest_existing(p.parent), prefix=f".{p.name}.", suffix=".tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=_nearest_existing(p.parent), prefix=f".{p.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise write_error(p, exc) from exc
+    created: list[Path] = []
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         check_output_dir(p, owned=owned, overwrite=overwrite)  # still safe to replace?
-        p.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(p.parent)
         if p.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.rename(p, old)
@@ -198,8 +281,11 @@ def atomic_directory(path: str | Path, *, owned: frozenset[str], overwrite: bool
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(created)
+        if isinstance(exc, OSError):  # everything in the block writes into the run: a write failure
+            raise write_error(p, exc) from exc
         raise
 
 
