@@ -42,7 +42,9 @@ from PIL import Image
 from badexpert import BaDExpert, Dataset, Recipe, accuracy, evaluate, get_attack, load_dataset, load_model, train
 from badexpert.cli import main
 from badexpert.data.core import IMAGE_TOLERANCE, check_images, to_float
-from badexpert.detectors import load_detector
+from badexpert.data import split
+from badexpert.detectors import get_detector, load_detector
+from badexpert.metrics import conformal_threshold
 from badexpert.errors import BadExpertError, NotFittedError
 from badexpert.experiment import ExperimentConfig
 from badexpert.io import save_model
@@ -280,6 +282,10 @@ CONFIG_CASES = [
     ("json-binary-garbage", b"\xff\xfe\x00\x81garbage\x00", "config file"),
     ("json-deeply-nested", "[" * 100_000 + "]" * 100_000, "config file"),
     ("json-huge-integer", '{"seed": ' + "9" * 5000 + "}", "config file"),
+    # a target FPR the calibration split cannot reach (below 1/(n+1)) would store a threshold that rejects nothing
+    ("fpr-unreachable-1e-6", {"fpr": 1e-6}, "smallest reachable rate is 1/(n+1) = 0.0005"),
+    ("fpr-unreachable-calibration-1", {"calibration": 1}, "cannot be reached with 1 calibration"),
+    ("fpr-unreachable-calibration-50", {"calibration": 50, "fpr": 0.01}, "at least 99 calibration"),
 ]
 
 
@@ -478,6 +484,17 @@ OPTION_CASES = [
     (["demo", "--data-path", "NODATA", "--poison-rate", "-1", "--out", "OUT/run"], "poison_rate", "demo-poison-rate-negative"),
     (["demo", "--data-path", "NODATA", "--attack", "sleeper", "--out", "OUT/run"], "sleeper", "demo-attack-unknown"),
     (["info", "OUT"], "OUT_NAME", "info-on-a-directory"),
+    *[  # a target FPR the calibration split cannot reach: refused with the options, before any training
+        (argv + extra + ["--out", out], message, f"{argv[0]}-unreachable-fpr-{'-'.join(extra).lstrip('-')}")
+        for argv, out in ((["defend", "--model", "MODEL"], "OUT/d.safetensors"),
+                          (["compare", "--model", "MODEL", "--detectors", "badexpert,strip"], "OUT/c"),
+                          (["demo", "--data-path", "NODATA"], "OUT/run"))
+        for extra, message in ((["--fpr", "0.0001"], "smallest reachable rate is 1/(n+1)"),
+                               (["--fpr", "1e-9"], "at least 999999999 calibration inputs"),
+                               (["--calibration", "1"], "cannot be reached with 1 calibration"),
+                               (["--calibration", "98", "--fpr", "0.01"], "at least 99 calibration"))
+        if not (argv[0] == "demo" and extra[0] == "--calibration")  # the demo has no --calibration
+    ],
 ]
 
 
@@ -557,7 +574,7 @@ def artifacts(tmp_path_factory):
     cal = (torch.randint(0, 256, (30, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(30) % 10)
     det = BaDExpert(preset="paper", expert_lr=1e-2, aux_lr=0.1, aux_epochs=1, expert_batch_size=20,
                     aux_batch_size=20, augment=False, seed=0)
-    det.fit(model, fit).calibrate(cal, fpr=0.1)
+    det.fit(model, fit).calibrate(cal, fpr=0.1, population="all")  # an untrained model: few inputs are "correct"
     det.model_name_ = "model.safetensors"
     det_path = det.save(root / "detector.safetensors", extra=record)
     bomb = root / "bomb.png"
@@ -1315,6 +1332,25 @@ API_MISTAKES = [
     ("load_dataset-image_size-huge", lambda c: load_dataset("imagefolder", c["root"], image_size=(5000, 5000)), None),
     ("ExperimentConfig-from_dict-list", lambda c: ExperimentConfig.from_dict([1, 2]), None),
     ("ExperimentConfig-from_dict-none", lambda c: ExperimentConfig.from_dict(None), None),
+    # --- a target FPR the calibration data cannot reach (no threshold that rejects nothing)
+    ("calibrate-fpr-1e-12", lambda c: _calibrate(c, c["cal"], fpr=1e-12), None),
+    ("calibrate-fpr-below-1/(n+1)", lambda c: _calibrate(c, c["cal"], fpr=0.99 / (len(c["cal"]) + 1)), None),
+    ("conformal_threshold-unreachable", lambda c: conformal_threshold([1.0, 2.0, 3.0], 0.1), None),
+    # --- constructors and functions called with what they do not take
+    ("BaDExpert-unknown-parameter", lambda c: BaDExpert(bogus=1), None),
+    ("BaDExpert-positional", lambda c: BaDExpert(0.01), None),
+    ("STRIP-unknown-parameter", lambda c: get_detector("strip", name="x"), None),
+    ("get_attack-name-as-parameter", lambda c: get_attack("badnet", name="blend"), None),
+    ("get_attack-class-constant", lambda c: get_attack("badnet", clean_label=True), None),
+    ("split-reserved-float", lambda c: split(c["test"], c["test"], seed=0, reserved=1.5, calibration=2), None),
+    ("split-train_size-negative", lambda c: split(c["test"], c["test"], seed=0, reserved=2, calibration=2, train_size=-5), None),
+    ("split-missing-test", lambda c: split(c["test"], reserved=2), None),
+    ("evaluate-asr_bar-2", lambda c: evaluate(c["model"], c["det"], c["test"], None, asr_bar=2), None),
+    ("evaluate-n_boot-string", lambda c: evaluate(c["model"], c["det"], c["test"], None, n_boot="10"), None),
+    ("score-sparse-tensor", lambda c: c["det"].score(X(c).float().div(255).to_sparse()), None),
+    ("score-meta-tensor", lambda c: c["det"].score(torch.zeros(2, 1, 12, 12, device="meta")), None),
+    ("apply-sparse-tensor", lambda c: get_attack("badnet").apply(X(c).to_sparse()), None),
+    ("predict-quantized-tensor", lambda c: c["det"].predict(torch.quantize_per_tensor(X(c).float() / 255, 0.01, 0, torch.quint8)), None),
 ]
 
 API_MESSAGES = {  # where the message matters (the same error could be raised for the wrong reason)
@@ -1330,6 +1366,23 @@ API_MESSAGES = {  # where the message matters (the same error could be raised fo
     "apply-trigger-image-12000x12000-bomb": "bomb.png",
     "poison-target-out-of-range": "target class 9",
     "load_dataset-image_size-huge": "4096",
+    "calibrate-fpr-1e-12": "smallest reachable rate",
+    "calibrate-fpr-below-1/(n+1)": "cannot be reached",
+    "conformal_threshold-unreachable": "at least 9 calibration",
+    "BaDExpert-unknown-parameter": "bogus",
+    "BaDExpert-positional": "keyword",
+    "STRIP-unknown-parameter": "'name'",
+    "get_attack-name-as-parameter": "'name'",
+    "get_attack-class-constant": "clean_label",
+    "split-reserved-float": "'reserved'",
+    "split-train_size-negative": "'train_size'",
+    "split-missing-test": "'test'",
+    "evaluate-asr_bar-2": "'asr_bar'",
+    "evaluate-n_boot-string": "'n_boot'",
+    "score-sparse-tensor": "sparse",
+    "score-meta-tensor": "meta",
+    "apply-sparse-tensor": "sparse",
+    "predict-quantized-tensor": "quantized",
 }
 
 

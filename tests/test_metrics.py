@@ -17,6 +17,8 @@ from badexpert.metrics import (
     auroc,
     auroc_rank,
     bootstrap_ci,
+    calibration_needed,
+    check_reachable_fpr,
     conformal_rank,
     conformal_threshold,
     detection_summary,
@@ -32,12 +34,28 @@ def test_conformal_threshold_hand_values():
     assert conformal_threshold(np.arange(1, 10, dtype=float)[::-1], 0.1) == 9.0
     # n=99, alpha=0.05: k = ceil(100 * 0.95) = 95 -> the 95th smallest of 1..99
     assert conformal_threshold(np.random.default_rng(0).permutation(np.arange(1, 100.0)), 0.05) == 95.0
-    # n=5, alpha=0.1: k = ceil(6 * 0.9) = 6 > 5 -> nothing can be guaranteed
-    assert conformal_threshold([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == float("inf")
+    # n=5, alpha=0.1: k = ceil(6 * 0.9) = 6 > 5 -> unreachable: an error, never a threshold rejecting nothing
+    with pytest.raises(BadExpertError, match=r"smallest reachable rate is 1/\(n\+1\) = 0.167; .* at least 9 calibration"):
+        conformal_threshold([1.0, 2.0, 3.0, 4.0, 5.0], 0.1)
+    with pytest.raises(BadExpertError, match="finite"):
+        conformal_threshold([1.0, 2.0, float("inf")] * 10, 0.1)
     # n=1 with a large alpha: k = ceil(2 * 0.5) = 1
     assert conformal_threshold([7.0], 0.5) == 7.0
     # n=10, alpha=0.25: k = ceil(11 * 0.75) = ceil(8.25) = 9
     assert conformal_threshold(np.arange(10.0), 0.25) == 8.0
+
+
+@pytest.mark.parametrize("fpr", [0.5, 0.3, 0.1, 0.05, 0.01, 0.003, 0.001, 1e-4])
+def test_smallest_reachable_fpr_is_exactly_where_the_rank_fits(fpr):
+    # calibration_needed(fpr) is the least n whose conformal rank is <= n; one fewer is refused
+    n = calibration_needed(fpr)
+    assert conformal_rank(n, fpr) <= n and conformal_rank(n - 1, fpr) > n - 1
+    check_reachable_fpr(fpr, n)
+    with pytest.raises(BadExpertError, match=f"at least {n} calibration"):
+        check_reachable_fpr(fpr, n - 1)
+    # and the threshold at that n is the largest calibration score, a value the scores reached
+    scores = np.random.default_rng(0).normal(size=n)
+    assert conformal_threshold(scores, fpr) in scores
 
 
 def test_conformal_rank_is_not_fooled_by_binary_rounding():

@@ -30,10 +30,13 @@ def _kv(items: list[str] | None) -> dict:
         if "=" not in item:
             raise BadExpertError(f"expected key=value, got '{item}'")
         k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if k in out:
+            raise BadExpertError(f"'{k}' is given twice ({k}={out[k]!r} and {item!r}); give each parameter once")
         try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
+            out[k] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
+            out[k] = v
     return out
 
 
@@ -158,11 +161,18 @@ def _add_detector(p: argparse.ArgumentParser, *, method: bool = False) -> None:
 
 
 def _attack_params(args) -> dict:
+    """The attack's parameters from ``--attack-param`` and its own options; names are checked
+    against the attack by ``get_attack`` (the attack's name is not a parameter: ``--attack``)."""
     params = _kv(args.attack_param)
-    if args.target is not None:
-        params["target"] = args.target
-    if args.poison_rate is not None:
-        params["poison_rate"] = args.poison_rate
+    for key in ("target", "poison_rate"):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in params:
+            raise BadExpertError(f"the attack's {key} is given twice (--attack-param {key}={params[key]!r} and "
+                                 f"{flag} {value}); give it once, with {flag}")
+        params[key] = value
     return params
 
 
@@ -182,12 +192,14 @@ def _detector_params(args, method: str = "badexpert") -> dict:
     return params
 
 
-def _check_options(**fields) -> None:
+def _check_options(*, calibrates: bool = True, **fields) -> None:
     """Check a command's option values through the one validation layer (the ExperimentConfig
-    fields they map to) before any file or data is read."""
+    fields they map to) before any file or data is read. ``calibrates=False`` where the
+    calibration split's size is only known from the model file: the target FPR's reachability
+    is then checked by :func:`_splits_for`, after the file is read and before any data is."""
     from .experiment import ExperimentConfig
 
-    ExperimentConfig(**{"attack": None, **fields}).validate()
+    ExperimentConfig(**{"attack": None, **fields}).validate(calibrates=calibrates)
 
 
 def _attack_name(value: str | None) -> str | None:
@@ -249,7 +261,7 @@ def cmd_train(args) -> int:
         calibration=args.calibration, train_size=args.train_size, test_size=args.test_size, seed=args.seed,
         device=args.device, image_size=args.image_size,
     )
-    cfg.validate()  # names, types and ranges, before any data is read
+    cfg.validate(calibrates=False)  # names, types and ranges, before any data is read
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, log=_log)
@@ -303,9 +315,10 @@ def cmd_defend(args) -> int:
     method = DETECTORS.canonical(args.method)
     params = {**_detector_params(args, method), "seed": args.seed}  # the split's seed stays the model's
     _check_options(detector=method, detector_params=params, fpr=args.fpr, device=args.device, seed=args.seed,
-                   **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration)) if v is not None})
+                   calibrates=False, **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration))
+                                        if v is not None})
     model, meta = load_model(args.model, device=args.device)
-    cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration)
+    cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration, fpr=args.fpr)
     cfg.detector, cfg.detector_params, cfg.fpr, cfg.device = method, params, args.fpr, args.device
     cfg.validate()
     _log(f"fitting {method}{' (' + params['preset'] + ')' if 'preset' in params else ''} on "
@@ -349,11 +362,11 @@ def cmd_compare(args) -> int:
         params[name].update(_kv([rest]))
     for name in names:  # every detector's parameters checked before any data is read
         _check_options(detector=name, detector_params={**params[name], "seed": args.seed}, fpr=args.fpr,
-                       device=args.device, seed=args.seed,
+                       device=args.device, seed=args.seed, calibrates=False,
                        **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration),
                                             ("test_size", args.test_size)) if v is not None})
     model, meta = load_model(args.model, device=args.device)
-    _, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration,
+    _, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration, fpr=args.fpr,
                             test_size=args.test_size)
     attack = attack_from_meta(meta, source=f"'{args.model}'")
     dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
@@ -370,11 +383,14 @@ def cmd_grid(args) -> int:
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
     if args.ray is not None:
-        from .grid import ray_runner
+        from .grid import check_grid_dirs, ray_runner
 
         if args.cpus_per_cell <= 0 or args.gpus_per_cell < 0:
             raise BadExpertError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
-        runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
+        check_grid_dirs(args.out, args.cache_dir)  # a bad --out is told at once, not after the Ray wait
+        # Ray installed and the address answering (a bounded wait), before anything is written
+        runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                            connect_timeout=args.ray_timeout)
     run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
@@ -400,7 +416,7 @@ def cmd_evaluate(args) -> int:
         raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
     # the detector's own record of the split it was fitted and calibrated on defines the test split
     record = detector.extra_ if "split" in detector.extra_ else meta
-    cfg, splits = _splits_for(meta, record, args, test_size=args.test_size)
+    cfg, splits = _splits_for(meta, record, args, test_size=args.test_size, fpr=detector.fpr_target_)
     if args.attack is not None:
         attack = get_attack(name, **_attack_params(args)) if name else None
     else:
@@ -513,6 +529,11 @@ def cmd_info(args) -> int:
     from .io import read_meta, read_model_meta
 
     p = Path(args.file)
+    if p.suffix == ".onnx":  # an exported guard: checked whole, as `serve --onnx` checks it
+        from .export import OnnxGuard
+
+        print(json.dumps(OnnxGuard(p, intra_op_threads=1).meta, indent=2))
+        return 0
     kind = read_meta(p, fmt=None, what="model or detector file", hint="see `badexpert train` and `defend`").get("format")
     if kind == DETECTOR_FORMAT:
         _, meta = read_detector_file(p)
@@ -642,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(workers must see the same data and cache paths; needs pip install 'badexpert[grid]')")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task requests (default 1)")
     p.add_argument("--gpus-per-cell", type=float, default=0.0, help="GPUs each Ray task requests (default 0)")
+    p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for a Ray cluster address to answer before giving up (default 10)")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",
@@ -720,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON log lines on stderr from this level (default info: one line per request)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", help="print the metadata of a model, detector or bundle file")
+    p = sub.add_parser("info", help="print the metadata of a model, detector, bundle or ONNX guard file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
     return parser

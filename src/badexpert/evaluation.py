@@ -30,7 +30,7 @@ from .errors import BadExpertError, NotFittedError
 from .metrics import ScoreAccumulator, clean_rejection, detection_summary
 from .training import predict_logits
 from .utils import eval_mode, model_device
-from .validation import expect
+from .validation import Fraction, NonNegativeInt, PositiveInt, checked, expect
 
 
 @dataclass
@@ -257,18 +257,19 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     return defense, arrays
 
 
+@checked()
 def evaluate(
     model: nn.Module,
     detector: Detector | None,
     test: Dataset,
     attack: Attack | None,
     *,
-    asr_bar: float = 0.5,
-    n_boot: int = 1000,
-    seed: int = 0,
-    batch_size: int = 256,
+    asr_bar: Fraction = 0.5,
+    n_boot: NonNegativeInt = 1000,
+    seed: NonNegativeInt = 0,
+    batch_size: PositiveInt = 256,
     throughput: bool = True,
-    examples: int = 8,
+    examples: NonNegativeInt = 8,
     allow_overlap: bool = False,
 ) -> Evaluation:
     """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,7 @@ from .detectors import Detector, get_detector
 from .errors import BadExpertError
 from .evaluation import Evaluation, evaluate
 from .io import load_model, save_model
+from .metrics import check_reachable_fpr
 from .models import build_model
 from .training import Recipe
 from .utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
@@ -85,9 +87,11 @@ class ExperimentConfig:
 
         return cls.from_dict(read_json_file(path, "config file"))
 
-    def validate(self) -> "ExperimentConfig":
+    def validate(self, *, calibrates: bool = True) -> "ExperimentConfig":
         """Check every name, type and range (fields, recipe, attack and detector parameters)
-        before any data is read; one-line errors naming the field."""
+        before any data is read; one-line errors naming the field. ``calibrates``: whether the
+        command calibrates a detector at ``fpr`` on ``calibration`` inputs (``train`` does not),
+        so that the target must be reachable (:func:`~badexpert.metrics.check_reachable_fpr`)."""
         from .data import NUM_CLASSES, canonical_dataset
         from .models import canonical_arch
 
@@ -102,6 +106,9 @@ class ExperimentConfig:
             attack.check(NUM_CLASSES[dataset])
         self.make_recipe()
         get_detector(self.detector, **self.detector_params)
+        if calibrates:  # the target must be reachable on the calibration split, before any model is trained
+            check_reachable_fpr(self.fpr, self.calibration, "calibration inputs (config field 'calibration')",
+                                "the target FPR (config field 'fpr')")
         return self
 
     def make_recipe(self) -> Recipe:
@@ -358,9 +365,10 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
 
 def check_cache_dir(path: str | Path) -> Path:
     """The suspect-model cache must be a directory (or creatable as one)."""
+    from .utils import _check_creatable
+
     p = Path(path)
-    if p.exists() and not p.is_dir():
+    if os.path.isfile(p):
         raise BadExpertError(f"--cache-dir '{p}' is a file; give a directory")
-    if not p.exists():
-        check_output_dir(p, owned=frozenset())
+    _check_creatable(p / "entry")  # a directory that can be made, or an existing one files can be written in
     return p

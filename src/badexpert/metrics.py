@@ -23,6 +23,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from .errors import BadExpertError
 
 __all__ = [
+    "calibration_needed",
+    "check_reachable_fpr",
     "conformal_threshold",
     "auroc",
     "auroc_rank",
@@ -103,6 +105,43 @@ def conformal_rank(n: int, fpr: float) -> int:
     return int(math.ceil(kr))
 
 
+def smallest_reachable_fpr(n: int) -> float:
+    """The smallest false-positive rate ``n`` calibration scores can guarantee: 1 / (n + 1).
+
+    Below it the conformal rank ``ceil((n+1)(1-fpr))`` exceeds ``n``: no calibration score is high
+    enough, and the only "threshold" would be one that rejects nothing.
+    """
+    return 1.0 / (int(n) + 1)
+
+
+def calibration_needed(fpr: float) -> int:
+    """The fewest calibration scores with which target ``fpr`` is reachable: the conformal rank
+    ``ceil((n+1)(1-fpr))`` is at most ``n`` exactly when ``n >= (1-fpr)/fpr`` (a quotient within
+    1e-9 of an integer counts as that integer, as in :func:`conformal_rank`)."""
+    q = (1.0 - fpr) / fpr
+    r = round(q)
+    return max(1, int(r) if abs(q - r) <= 1e-9 * max(1.0, q) else math.ceil(q))
+
+
+def check_reachable_fpr(fpr: float, n: int, what: str = "calibration inputs", option: str = "the target FPR") -> None:
+    """Refuse, in one line, a target ``fpr`` that ``n`` calibration inputs cannot reach.
+
+    With n calibration scores the conformal threshold exists only for ``fpr >= 1/(n+1)`` (up to
+    decimal rounding, :func:`conformal_rank`); below it a detector would reject nothing. The
+    message gives the smallest reachable rate and how many inputs the target needs. ``what``
+    names the inputs ("calibration inputs the model classifies correctly"), ``option`` the knob
+    (``--fpr``).
+    """
+    n = int(n)
+    if n >= calibration_needed(fpr):
+        return
+    raise BadExpertError(
+        f"{option} {fpr:g} cannot be reached with {n} {what}: the smallest reachable rate is "
+        f"1/(n+1) = {smallest_reachable_fpr(n):.3g}; raise it to at least that, or use at least "
+        f"{calibration_needed(fpr)} {what}"
+    )
+
+
 def conformal_threshold(clean_scores: Any, fpr: float) -> float:
     """Split-conformal threshold on clean calibration scores for a target false-positive rate.
 
@@ -111,8 +150,8 @@ def conformal_threshold(clean_scores: Any, fpr: float) -> float:
     of at most alpha in expectation on new clean inputs exchangeable with the calibration ones
     (ties only lower it). The calibration set must be disjoint from the evaluation data.
 
-    Returns ``float('inf')`` when k > n: with fewer than about 1/alpha - 1 calibration samples
-    nothing can be guaranteed and nothing is rejected; the caller should warn.
+    With fewer than about 1/alpha - 1 calibration scores (k > n) no score is high enough: that
+    is a one-line error (:func:`check_reachable_fpr`), never a threshold that rejects nothing.
     """
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float, np.floating, np.integer)):
         raise BadExpertError(f"fpr must be a number strictly between 0 and 1, got {fpr!r}")
@@ -123,10 +162,10 @@ def conformal_threshold(clean_scores: Any, fpr: float) -> float:
     n = len(s)
     if n < 1:
         raise BadExpertError("conformal threshold needs at least one clean calibration score, got none")
-    k = conformal_rank(n, fpr)
-    if k > n:
-        return float("inf")
-    k = max(k, 1)
+    if not np.isfinite(s).all():
+        raise BadExpertError("clean calibration scores must be finite numbers; the detector produced infinite scores")
+    check_reachable_fpr(fpr, n, "calibration scores")
+    k = max(conformal_rank(n, fpr), 1)
     return float(np.partition(s, k - 1)[k - 1])
 
 

@@ -195,7 +195,15 @@ def check_value(value, tp, name: str, where: str = "field"):
     try:
         return _check(value, tp)
     except _Invalid:
-        raise BadExpertError(f"{where} '{name}' must be {_type_name(tp)}, got {value!r}") from None
+        raise BadExpertError(f"{where} '{name}' must be {_type_name(tp)}, got {_short_repr(value)}") from None
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile file's value may be megabytes long)."""
+    if isinstance(value, (list, tuple, dict, str)) and len(value) > limit:
+        return f"{type(value).__name__} of {len(value)} items" if not isinstance(value, str) else repr(value[:limit]) + "..."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def validate_fields(obj, where: str) -> None:
@@ -224,4 +232,50 @@ def validate_params(func, params: dict, where: str) -> dict:
     return {k: check_value(v, hints[k], k, f"{where} parameter") if k in hints else v for k, v in params.items()}
 
 
-__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "expect", "signature_hints", "validate_fields", "validate_params"]
+def _is_value_hint(tp) -> bool:
+    """Whether annotation ``tp`` describes a plain value (numbers, strings, flags, their ranges
+    and unions): the parameters :func:`checked` validates. Objects (datasets, models) are left
+    to the function, which names them better."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return True
+    if origin in (Union, types.UnionType):
+        return all(_is_value_hint(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return True
+    return tp in (int, float, bool, str, type(None))
+
+
+def checked(where: str | None = None):
+    """Decorator: a call with missing, unknown or surplus arguments, or a value argument outside
+    its annotated type or range (``reserved: PositiveInt``), is a one-line error naming the
+    parameter, instead of a raw ``TypeError`` or a silently accepted value.
+
+    ``where`` names the function in messages (default: ``name()``)."""
+    import functools
+
+    def deco(func):
+        sig = inspect.signature(func)
+        label = where or f"{func.__name__}()"
+        hints: dict[str, Any] = {}
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                valid = ", ".join(p for p in sig.parameters if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD)
+                raise BadExpertError(f"{label}: {exc} (parameters: {valid})") from None
+            if not hints:
+                hints.update({k: v for k, v in signature_hints(func).items() if k != "return" and _is_value_hint(v)})
+            for name, value in list(bound.arguments.items()):
+                if name in hints:
+                    bound.arguments[name] = check_value(value, hints[name], name, f"{label} parameter")
+            return func(*bound.args, **bound.kwargs)
+
+        return wrapper
+
+    return deco
+
+
+__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "checked", "expect", "signature_hints", "validate_fields", "validate_params"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..arrays import IMAGE_TOLERANCE  # the one tolerance, shared with the numpy rule
 from ..errors import BadExpertError
+from ..validation import NonNegativeInt, PositiveInt, checked, expect
 
 
 @dataclass
@@ -133,6 +134,11 @@ def check_images(images, *, what: str = "images", nonfinite: str = "error") -> t
             images = torch.from_numpy(np.asarray(images)) if not isinstance(images, (list, tuple)) else torch.as_tensor(images)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise BadExpertError(f"{what} must be a tensor or array of images [N, C, H, W], got {type(images).__name__}") from exc
+    if images.is_nested or images.layout != torch.strided or images.device.type == "meta" or images.is_quantized:
+        kind = ("nested" if images.is_nested else "meta-device" if images.device.type == "meta"
+                else "quantized" if images.is_quantized else str(images.layout).removeprefix("torch.").replace("_", " ").strip())
+        raise BadExpertError(f"{what} must be an ordinary dense tensor holding values, got a {kind} tensor; "
+                             "convert it first (x.to_dense(), x.dequantize(), or load the values onto a real device)")
     if images.dim() != 4:
         raise BadExpertError(f"{what} must have shape [N, C, H, W], got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
@@ -230,15 +236,16 @@ class Splits:
         return {k: len(getattr(self, k)) for k in ("train", "reserved", "calibration", "test")}
 
 
+@checked()
 def split(
     train: Dataset,
     test: Dataset,
     *,
-    seed: int,
-    reserved: int = 2000,
-    calibration: int = 2000,
-    train_size: int | None = None,
-    test_size: int | None = None,
+    seed: NonNegativeInt,
+    reserved: PositiveInt = 2000,
+    calibration: PositiveInt = 2000,
+    train_size: PositiveInt | None = None,
+    test_size: PositiveInt | None = None,
 ) -> Splits:
     """Seeded, disjoint splits: the official training split (optionally subsampled) for training,
     and the official test split shuffled into reserved clean set, calibration set and test set.
@@ -247,8 +254,8 @@ def split(
     """
     from ..utils import derive_generator
 
-    if reserved < 1 or calibration < 1:
-        raise BadExpertError("the reserved clean set and the calibration set need at least one sample each")
+    expect(train, Dataset, "the training set")
+    expect(test, Dataset, "the test set")
     need = reserved + calibration + 1
     if len(test) < need:
         raise BadExpertError(

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -84,6 +83,21 @@ class Detector:
     #: whether fitting and scoring use the suspect model at all; a detector that does not (Frequency)
     #: can be moved to another model on the same data (``load_detector(..., rebind=True)``)
     uses_model: ClassVar[bool] = True
+
+    def __new__(cls, *args, **kwargs):
+        # constructor arguments are checked by name before __init__ runs, so an unknown or
+        # positional parameter is the same one-line error as in get_detector / set_params (types
+        # and ranges are checked by check_params, at get_detector and fit)
+        import inspect
+
+        params = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        if args:
+            raise BadExpertError(f"detector '{cls.name}' takes its parameters by keyword "
+                                 f"(e.g. {cls.__name__}(seed=0)), got {len(args)} positional argument(s)")
+        bad = sorted(set(kwargs) - set(params))
+        if bad:
+            raise BadExpertError(f"detector '{cls.name}' has no parameter(s) {bad}; valid: {sorted(params)}")
+        return super().__new__(cls)
 
     def __init__(
         self, *, batch_size: PositiveInt = 256, seed: NonNegativeInt = 0,
@@ -312,7 +326,7 @@ class Detector:
         an ``(images, labels)`` pair). ``"all"`` takes every calibration input (no labels needed):
         ``fpr`` then bounds the share of all clean inputs rejected.
         """
-        from ..metrics import conformal_threshold
+        from ..metrics import check_reachable_fpr, conformal_threshold
         from ..training import predict_logits
 
         self._check_fitted("calibrate")
@@ -322,6 +336,7 @@ class Detector:
         images, labels = as_tensors(clean)
         if len(images) == 0:
             raise BadExpertError(f"{self.name}: calibrate needs clean samples, got none")
+        check_reachable_fpr(fpr, len(images), "calibration inputs", f"{self.name}: target FPR")
         if population == "correct" and labels is None:
             raise BadExpertError(
                 f"{self.name}: calibrate(population='correct') needs the calibration labels (a Dataset or an "
@@ -349,15 +364,10 @@ class Detector:
         if not bool(torch.isfinite(all_scores).all()):
             raise BadExpertError(f"{self.name}: calibration scores are not finite; the detector's models are broken")
         scores = all_scores[keep]
+        if population == "correct":
+            check_reachable_fpr(fpr, len(scores), "calibration inputs the model classifies correctly",
+                                f"{self.name}: target FPR")
         thr = conformal_threshold(scores.numpy(), fpr)
-        if math.isinf(thr):
-            need = math.ceil(1 / fpr) - 1
-            warnings.warn(
-                f"{len(scores)} calibration samples{' the model classifies correctly' if population == 'correct' else ''}"
-                f" cannot guarantee FPR {fpr}: at least {need} are needed; only inputs that cannot be scored will be "
-                "rejected",
-                stacklevel=2,
-            )
         self.threshold_ = float(thr)
         self.fpr_target_ = float(fpr)
         self.calibration_population_ = population
@@ -505,9 +515,11 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def check_detector_meta(meta: dict, source: str) -> dict:
-    """Type-check a detector's metadata (from a detector file or a bundle); one-line errors."""
-    where = f"{source}: field"
+def check_detector_meta(meta: dict, source: str, fix: str | None = None) -> dict:
+    """Type-check a detector's metadata (from a detector file or a bundle); one-line errors
+    ending with ``fix``."""
+    from ..metadata import check_fields
+
     Dim = Annotated[int, Range(ge=1, le=4096)]
     checks = {
         "detector": str, "params": dict, "input_shape": tuple[Dim, Dim, Dim], "model": dict, "data": dict,
@@ -517,9 +529,11 @@ def check_detector_meta(meta: dict, source: str) -> dict:
         "calibration_population": Literal[CALIBRATION_POPULATIONS] | None,
         "clean_rejection_rate": Annotated[float, Range(ge=0, le=1)] | None,
     }
-    for key, tp in checks.items():
-        meta[key] = check_value(meta.get(key), tp, key, where)
-    check_value(meta["model"].get("fingerprint"), str, "model.fingerprint", where)
+    check_fields(meta, checks, source, fix)
+    check_fields({"model.fingerprint": meta["model"].get("fingerprint")}, {"model.fingerprint": str}, source, fix)
+    # what the guard and the service read from the data record (its classes, its flips)
+    data = {f"data.{k}": meta["data"].get(k) for k in ("classes", "hflip")}
+    check_fields(data, {"data.classes": list[str] | None, "data.hflip": bool | None}, source, fix)
     return meta
 
 
@@ -532,7 +546,7 @@ def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     from ..io import read_meta
 
     meta = read_meta(path, fmt=FORMAT, what="detector file", hint="create one with `badexpert defend`")
-    check_detector_meta(meta, f"detector file '{path}'")
+    check_detector_meta(meta, f"detector file '{path}'", "rebuild it with `badexpert defend`")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -542,12 +556,21 @@ def read_detector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def check_record(tensors: dict[str, torch.Tensor], meta: dict, source: str) -> None:
-    """The data record a fitted (and calibrated) detector must carry."""
+    """The data record a fitted (and calibrated) detector must carry; a calibrated one's scores
+    and threshold are checked by :func:`badexpert.metadata.check_calibration` (present, finite,
+    as many as declared; the threshold one of them)."""
+    from ..metadata import check_calibration
+
     need = ["record.fit_hashes"]
     if meta["threshold"] is not None:
         need += ["record.calibration_hashes", "record.calibration_scores"]
     if any(k not in tensors for k in need):
         raise BadExpertError(f"{source} lacks its data record; it is damaged or was made by another tool")
+    if meta["threshold"] is not None:
+        scores = tensors["record.calibration_scores"]
+        if not scores.is_floating_point():
+            raise BadExpertError(f"{source}: its calibration scores are {scores.dtype}, not floats; the file is damaged")
+        check_calibration(scores.detach().cpu().double().numpy(), meta["threshold"], meta["calibration_size"], source)
 
 
 def load_detector(path: str | Path, model: nn.Module, *, device: str | None = None,
