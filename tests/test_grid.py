@@ -13,7 +13,7 @@ import badexpert.experiment as experiment
 from badexpert.cli import main
 from badexpert.detectors import get_detector
 from badexpert.errors import BadExpertError
-from badexpert.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, plan, read_results, run_grid, summarize
+from badexpert.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, format_matrix, plan, read_results, run_grid, summarize
 
 #: fields a cached model and cached detectors reproduce exactly (timings and throughput do not)
 MEASURED = ("clean_accuracy", "attack_success_rate", "attack_failed", "status", "auroc", "auroc_ci", "auroc_filtered",
@@ -194,6 +194,23 @@ def test_summarize_uses_implanted_seeds_only():
     assert s["auroc_ci_low"] < v.mean() < s["auroc_ci_high"]
     assert s["asr_after_mean"] == pytest.approx(vals.mean() / 10)
     assert s["attack_success_rate_mean"] == pytest.approx((7 * 1.0 + 0.1) / 8)
+
+
+def test_matrix_leaves_out_of_scope_and_failed_cells_out_of_the_means():
+    def row(attack, det, auroc, asr, status="ok", scope=None):
+        return {"dataset": "d", "arch": "a", "attack": attack, "detector": det, "seed": 0, "status": status,
+                "auroc_filtered": auroc, "asr_after": asr, "ca_after": 0.9, "fpr": 0.01, "clean_accuracy": 0.9,
+                "attack_success_rate": 0.99 if status == "ok" else 0.1, "out_of_scope": scope}
+    rows = [row("badnet", "k", 0.90, 0.10), row("badnet", "s", 0.80, 0.20),
+            row("blend", "k", 0.70, 0.30), row("blend", "s", 0.20, 0.90, scope="image-wide trigger"),
+            row("wanet", "k", None, None, status="attack_failed"), row("wanet", "s", None, None, status="attack_failed")]
+    text = format_matrix(summarize(rows, n_boot=0))
+    lines = text.splitlines()
+    assert "| blend | 99.0% | 70.00% / 30.0% | 20.00% / 90.0% † |" in lines
+    assert "| wanet | 10.0% | attack failed | attack failed |" in lines
+    # k: mean of badnet and blend; s: badnet only (blend out of scope), with the count said
+    assert "| **mean** | | 80.00% / 20.0% | 80.00% / 20.0% (1) |" in lines
+    assert any(ln.startswith("† outside s's scope") and "image-wide trigger" in ln for ln in lines)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -51,7 +51,7 @@ from .errors import BadExpertError
 from .utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
 
 #: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
-GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "heatmap.png"})
+GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "matrix.md", "heatmap.png"})
 
 #: ExperimentConfig fields shared by every cell (top level of the grid config).
 SHARED_FIELDS = ("recipe", "reserved", "calibration", "train_size", "test_size", "image_size", "fpr", "asr_bar",
@@ -73,7 +73,7 @@ DETECTOR_NUMBERS = ("auroc", "auroc_ci", "auroc_filtered", "tpr_at_1pct_fpr", "t
 SUMMARY_COLUMNS = ("dataset", "arch", "attack", "detector", "seeds", "implanted", "failed",
                    "auroc_mean", "auroc_std", "auroc_ci_low", "auroc_ci_high",
                    "asr_after_mean", "asr_after_std", "asr_after_ci_low", "asr_after_ci_high",
-                   "ca_after_mean", "fpr_mean", "clean_accuracy_mean", "attack_success_rate_mean")
+                   "ca_after_mean", "fpr_mean", "clean_accuracy_mean", "attack_success_rate_mean", "out_of_scope")
 
 
 def _hash(obj: Any) -> str:
@@ -341,6 +341,8 @@ def _detector_row(d: dict | None) -> dict:
         "forward_passes": cost.get("forward_passes_per_input"),
         "backward_passes": cost.get("backward_passes_per_input"),
         "throughput_ratio": cost.get("throughput_ratio"), "seconds": float(sum(seconds)) if seconds else None,
+        # why the attack's trigger is outside the detector's scope (e.g. SentiNet on an image-wide trigger)
+        "out_of_scope": d.get("out_of_scope"),
     }
 
 
@@ -658,6 +660,7 @@ def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[di
         for key in ("clean_accuracy", "attack_success_rate"):
             v = _values(g, key)
             s[f"{key}_mean"] = float(np.mean(v)) if v else None
+        s["out_of_scope"] = next((r["out_of_scope"] for r in g if r.get("out_of_scope")), None)
         out.append(s)
     return out
 
@@ -699,6 +702,55 @@ def format_summary(summary: list[dict]) -> str:
         note += (f" {failed} (cell, detector) row(s) had a backdoor that did not implant (ASR below the bar): "
                  "no detector numbers for them.")
     return "\n".join(lines) + note + "\n"
+
+
+def format_matrix(summary: list[dict]) -> str:
+    """Per dataset and architecture, a Markdown table with one row per attack and one column per
+    detector: mean AUROC on the paper's population / mean ASR after filtering, and a mean row over
+    the attacks that implanted. A cell whose trigger is outside the detector's scope (the
+    detector's own declaration, recorded in the row) is marked and left out of that detector's
+    mean, with a note saying why; an attack that never implanted is said so, and left out too."""
+    panels = list(dict.fromkeys((s["dataset"], s["arch"]) for s in summary))
+    dets = list(dict.fromkeys(s["detector"] for s in summary))
+    by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}
+    parts = []
+    for ds, arch in panels:
+        attacks = list(dict.fromkeys(s["attack"] for s in summary if (s["dataset"], s["arch"]) == (ds, arch)))
+        lines = [f"### {ds} / {arch}", "",
+                 "| attack | ASR (no defense) | " + " | ".join(f"{d} AUROC / ASR after" for d in dets) + " |",
+                 "|---|---|" + "---|" * len(dets)]
+        totals: dict[str, list[tuple[float, float]]] = {d: [] for d in dets}
+        notes: dict[str, str] = {}
+        for a in attacks:
+            cells, asr = [], None
+            for d in dets:
+                s = by.get((ds, arch, a, d))
+                if s is None:
+                    cells.append("")
+                    continue
+                asr = s["attack_success_rate_mean"] if asr is None else asr
+                if not s["implanted"]:
+                    cells.append("attack failed")
+                elif s["auroc_mean"] is None or s["asr_after_mean"] is None:
+                    cells.append("n/a")
+                else:
+                    text = f"{100 * s['auroc_mean']:.2f}% / {100 * s['asr_after_mean']:.1f}%"
+                    if s.get("out_of_scope"):
+                        text += " †"
+                        notes.setdefault(d, s["out_of_scope"])
+                    else:
+                        totals[d].append((s["auroc_mean"], s["asr_after_mean"]))
+                    cells.append(text)
+            lines.append(f"| {a} | {_f(asr, '.1%')} | " + " | ".join(cells) + " |")
+        mean = [f"{100 * np.mean([t[0] for t in totals[d]]):.2f}% / {100 * np.mean([t[1] for t in totals[d]]):.1f}%"
+                + (f" ({len(totals[d])})" if notes.get(d) else "") if totals[d] else "n/a" for d in dets]
+        lines.append("| **mean** | | " + " | ".join(mean) + " |")
+        if notes:
+            lines.append("")
+            lines += [f"† outside {d}'s scope, left out of its mean (over the number of attacks in brackets): {why}."
+                      for d, why in notes.items()]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def summary_csv(summary: list[dict]) -> str:
@@ -751,7 +803,7 @@ def plot_heatmap(summary: list[dict]):
                 elif s["auroc_mean"] is None:
                     text = "n/a"
                 else:
-                    text = f"{s['auroc_mean']:.3f}"
+                    text = f"{s['auroc_mean']:.3f}" + ("\n(out of scope)" if s.get("out_of_scope") else "")
                     if s["failed"]:
                         text += f"\n({s['implanted']}/{s['seeds']} implanted)"
                 v = mat[i, j]
@@ -768,11 +820,13 @@ def plot_heatmap(summary: list[dict]):
 
 def write_summary(out_dir: str | Path, rows: list[dict], *, n_boot: int = 1000, seed: int = 0,
                   heatmap: bool = True) -> list[dict]:
-    """``summary.md``, ``summary.csv`` and (``heatmap``) ``heatmap.png`` from the rows, each atomically."""
+    """``summary.md``, ``summary.csv``, ``matrix.md`` (:func:`format_matrix`) and (``heatmap``)
+    ``heatmap.png`` from the rows, each atomically."""
     out = Path(out_dir)
     summary = summarize(rows, n_boot=n_boot, seed=seed)
     atomic_write_text(out / "summary.md", "# Benchmark grid\n\n" + format_summary(summary))
     atomic_write_text(out / "summary.csv", summary_csv(summary))
+    atomic_write_text(out / "matrix.md", "# Benchmark grid: attacks x detectors\n\n" + format_matrix(summary))
     if heatmap and summary:
         from .utils import atomic_write_bytes
 
@@ -854,6 +908,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]
