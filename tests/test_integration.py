@@ -154,4 +154,4 @@ def test_cli_defend_evaluate_and_bundle_any_detector(demo_run, tmp_path, capsys)
     pytest.importorskip("onnxruntime")
     assert main(["export", str(bundle), "--onnx", str(tmp_path / "g.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "export supports the badexpert detector only, not 'strip'" in err and not (tmp_path / "g.onnx").exists()
+    assert "detector 'strip' cannot be exported to ONNX" in err and not (tmp_path / "g.onnx").exists()

@@ -410,34 +410,63 @@ def test_micro_batcher_gathers_requests_and_answers_each_its_slice():
 
 
 def test_a_lone_request_does_not_wait_for_company(setup):
-    with client(setup["guard"], batch_wait_ms=3000) as c:
-        t0 = time.perf_counter()
-        assert classify_json(c, setup["clean"][:2]).status_code == 200
-        assert time.perf_counter() - t0 < 1.5  # nothing else was on its way: no 3 s wait
+    """With the queue empty and no other request on its way, the batcher closes the gathering at
+    once ("idle"), whatever batch_wait_ms says: it never waits out the deadline for company."""
+    with client(setup["guard"], batch_wait_ms=60_000) as c:
+        batcher = c.app.state.batcher
+        for n in (2, 1, 3):
+            assert classify_json(c, setup["clean"][:n]).status_code == 200
+        assert batcher.closed == {"full": 0, "idle": 3, "deadline": 0}
+
+
+class Gate(EchoModel):
+    """An echo model that, once armed, holds each forward pass until released."""
+
+    def __init__(self, input_shape):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, x):
+        if self.armed:
+            self.entered.set()
+            assert self.release.wait(60), "never released"
+        return super().__call__(x)
 
 
 def test_overload_is_503_not_a_bad_request(setup):
-    class Slow(EchoModel):
-        input_shape = tuple(setup["guard"].input_shape)
-
-        def __call__(self, x):
-            time.sleep(0.3)
-            return super().__call__(x)
-
-    with client(Slow(), max_batch=4, max_queue=4, batch_wait_ms=0) as c:
+    """Inputs beyond max_queue waiting for the model are refused at once with 503 (Retry-After),
+    counted as unavailable, not as bad requests; the requests already taken are answered."""
+    model = Gate(setup["guard"].input_shape)
+    with client(model, max_batch=4, max_queue=4, batch_wait_ms=0) as c:
+        batcher = c.app.state.batcher
+        model.armed = True
         codes = []
 
         def send():
             codes.append(classify_json(c, setup["clean"][:4]).status_code)
 
-        threads = [threading.Thread(target=send) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        running = threading.Thread(target=send)
+        running.start()
+        assert model.entered.wait(60)  # the first request is in the model: the queue is empty again
+        waiting = threading.Thread(target=send)
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while batcher.queued < 4:  # the second request's 4 inputs fill the queue (max_queue 4)
+            assert time.monotonic() < deadline and waiting.is_alive()
+            time.sleep(0.005)
+        refused = classify_json(c, setup["clean"][:1])  # one more input would exceed the queue limit
+        assert refused.status_code == 503 and "overloaded" in refused.json()["error"]
+        assert refused.headers["retry-after"] == "1"
+        model.release.set()
+        for t in (running, waiting):
+            t.join(60)
         m = metrics(c)
-    assert 200 in codes and 503 in codes, codes
-    assert m["badexpert_unavailable_total"] == codes.count(503) and m["badexpert_bad_requests_total"] == 0
+    assert codes == [200, 200]
+    assert m["badexpert_unavailable_total"] == 1 and m["badexpert_bad_requests_total"] == 0
+    assert m["badexpert_requests_total"] == 2
 
 
 # --- drift alarm -----------------------------------------------------------------------------------
@@ -519,11 +548,17 @@ def test_an_onnx_guard_is_served_like_the_torch_guard(setup, tmp_path):
 
     export_bundle(setup["path"], tmp_path / "guard.onnx")
     x = torch.cat([setup["clean"][:20], setup["trig"][:12]])
+    xf = x[:6].float() / 255
+    xf[1, 0, 2, 2] = float("nan")  # rejected unscored, for the same reason as by the torch guard
     with client(OnnxGuard(tmp_path / "guard.onnx")) as c:
         res = classify_json(c, x).json()["results"]
+        res_f = c.post("/v1/classify", content=json.dumps({"inputs": xf.tolist(), "dtype": "float32"}),
+                       headers={"content-type": "application/json"}).json()["results"]  # Python writes NaN
     out = setup["guard"](x)
     assert [r["label"] for r in res] == out.label.tolist() and [r["reject"] for r in res] == out.reject.tolist()
     np.testing.assert_allclose([r["score"] for r in res], out.score.numpy(), atol=1e-3)
+    assert [r["reason"] for r in res] == out.reason
+    assert [r["reason"] for r in res_f] == setup["guard"](xf).reason and res_f[1]["reason"] == REJECT_NONFINITE_INPUT
 
 
 # --- the command line ------------------------------------------------------------------------------

@@ -73,13 +73,6 @@ def _architectures():
     return ARCHITECTURES
 
 
-def _score_rules():
-    from .detectors import SCORES
-    from .registry import Registry
-
-    return Registry("score rule", [(name, name) for name in SCORES])
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the one seed for every random choice (default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
@@ -139,25 +132,76 @@ def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="any other attack parameter, e.g. alpha=0.1 or trigger_image=patch.png (repeatable)")
 
 
-#: BaDExpert's own options of `defend`: refused for another detector.
-BADEXPERT_OPTIONS = ("preset", "score_rule", "expert_lr", "aux_lr")
-
-
-def _add_detector(p: argparse.ArgumentParser, *, method: bool = False) -> None:
+def _add_detector(p: "Parser") -> None:
+    """``defend``'s detector options: the method, the target FPR, any parameter, and each
+    registered detector's own options (:func:`_add_detector_options`)."""
     g = p.add_argument_group("detector")
-    if method:
-        g.add_argument("--method", default="badexpert",
-                       help=_RegistryHelp("the detector to build: {choices} (default badexpert)", _detectors_registry))
-    g.add_argument("--preset", choices=("auto", "paper"), default=None,
-                   help="BaDExpert: auto chooses finetuning strengths from clean data (default); paper: the research "
-                        "code's settings")
-    g.add_argument("--score-rule", default=None,
-                   help=_RegistryHelp("BaDExpert: {choices} (default: the preset's)", _score_rules))
-    g.add_argument("--expert-lr", type=float, default=None, help="BaDExpert: fix the backdoor expert's learning rate")
-    g.add_argument("--aux-lr", type=float, default=None, help="BaDExpert: fix the auxiliary model's learning rate")
+    g.add_argument("--method", default="badexpert",
+                   help=_RegistryHelp("the detector to build: {choices} (default badexpert)", _detectors_registry))
     g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on clean inputs (default 0.01)")
     g.add_argument("--detector-param", action="append", metavar="KEY=VALUE",
-                   help="any other parameter of the detector, e.g. n=50 for strip (see `badexpert list detectors`)")
+                   help="any parameter of the detector, e.g. n=50 for strip (see `badexpert list detectors`)")
+    p.defer(lambda parser: _add_detector_options(parser, "with --method {name}"))
+
+
+def _option_dest(detector: str, param: str) -> str:
+    return f"detector_option:{detector}:{param}"
+
+
+def _add_detector_options(p: argparse.ArgumentParser, given: str) -> None:
+    """Every registered detector's own options (:attr:`Detector.cli_options`), one group per
+    detector (``given``: how the group's heading says they apply, ``{name}`` the detector). Added
+    only when the command's arguments are parsed or its help printed: the registry imports torch,
+    which a command that needs none (``serve --onnx``) must never load."""
+    from .detectors import DETECTORS
+
+    owner: dict[str, str] = {}
+    for name, cls in DETECTORS.items():
+        if not cls.cli_options:
+            continue
+        g = p.add_argument_group(f"{name} options", f"{cls.__name__}'s own options, {given.format(name=name)}")
+        for opt in cls.cli_options:
+            if opt.flag in owner:
+                raise BadExpertError(f"detectors '{owner[opt.flag]}' and '{name}' both declare the option {opt.flag}; "
+                                     "give one of them another flag")
+            owner[opt.flag] = name
+            extra = {"choices": opt.choices} if opt.choices is not None else {"metavar": opt.param.upper()}
+            if opt.metavar is not None:
+                extra["metavar"] = opt.metavar
+            try:
+                g.add_argument(opt.flag, dest=_option_dest(name, opt.param), type=opt.type, default=None,
+                               help=opt.help.replace("%", "%%"), **extra)
+            except argparse.ArgumentError as exc:
+                raise BadExpertError(f"detector '{name}' declares the option {opt.flag}, which `{p.prog}` already "
+                                     "has; give it another flag") from exc
+
+
+def _given_detector_options(args):
+    """``(detector name, detector class, option, value)`` of each detector option given."""
+    from .detectors import DETECTORS
+
+    for name, cls in DETECTORS.items():
+        for opt in cls.cli_options:
+            value = getattr(args, _option_dest(name, opt.param), None)
+            if value is not None:
+                yield name, cls, opt, value
+
+
+def _with_detector_options(args, params: dict[str, dict], refuse: Callable[[str, type, Any], str]) -> dict[str, dict]:
+    """``params`` (by name, the parameters of each detector being built) with the detector options
+    given on the command line, and the defaults the detectors declare for them; an option of a
+    detector not being built is a one-line error (``refuse(name, cls, option)``: its message)."""
+    from .detectors import DETECTORS
+
+    for name, cls, opt, value in _given_detector_options(args):
+        if name not in params:
+            raise BadExpertError(refuse(name, cls, opt))
+        params[name][opt.param] = value
+    for name, values in params.items():
+        for opt in DETECTORS[name].cli_options:
+            if opt.default is not None:
+                values.setdefault(opt.param, opt.default)
+    return params
 
 
 def _attack_params(args) -> dict:
@@ -176,20 +220,14 @@ def _attack_params(args) -> dict:
     return params
 
 
-def _detector_params(args, method: str = "badexpert") -> dict:
-    """The detector's parameters from ``--detector-param`` and, for BaDExpert, its own options
-    (given to another detector they are a one-line error)."""
-    params = _kv(args.detector_param)
-    given = [k for k in BADEXPERT_OPTIONS if getattr(args, k, None) is not None]
-    if method != "badexpert" and given:
-        flag = "--" + given[0].replace("_", "-")
-        raise BadExpertError(f"{flag} is a BaDExpert option, not one of detector '{method}'; "
-                             f"pass {method}'s parameters with --detector-param KEY=VALUE")
-    for key in given:
-        params[key] = getattr(args, key)
-    if method == "badexpert":
-        params.setdefault("preset", "auto")
-    return params
+def _detector_params(args, method: str) -> dict:
+    """``defend``'s detector parameters from ``--detector-param`` and the detector's own options
+    (another detector's options are a one-line error naming the detector they belong to)."""
+    def refuse(name, cls, opt) -> str:
+        return (f"{opt.flag} is a {cls.__name__} option (--method {name}), not one of detector '{method}'; "
+                f"pass {method}'s parameters with --detector-param KEY=VALUE")
+
+    return _with_detector_options(args, {method: _kv(args.detector_param)}, refuse)[method]
 
 
 def _check_options(*, calibrates: bool = True, **fields) -> None:
@@ -321,8 +359,9 @@ def cmd_defend(args) -> int:
     cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration, fpr=args.fpr)
     cfg.detector, cfg.detector_params, cfg.fpr, cfg.device = method, params, args.fpr, args.device
     cfg.validate()
-    _log(f"fitting {method}{' (' + params['preset'] + ')' if 'preset' in params else ''} on "
-         f"{len(splits.reserved)} reserved clean samples")
+    # the values of the options the detector gives a default (BaDExpert: its preset)
+    chosen = ", ".join(str(params[o.param]) for o in DETECTORS[method].cli_options if o.default is not None)
+    _log(f"fitting {method}{' (' + chosen + ')' if chosen else ''} on {len(splits.reserved)} reserved clean samples")
     det = fit_detector(cfg, model, splits)
     det.model_name_ = str(args.model)
     det.save(args.out, extra=split_meta(cfg))
@@ -360,6 +399,12 @@ def cmd_compare(args) -> int:
         if name not in params:
             raise BadExpertError(f"--detector-param names detector '{name}', which is not in --detectors")
         params[name].update(_kv([rest]))
+
+    def refuse(name, cls, opt) -> str:
+        return (f"{opt.flag} is a {cls.__name__} option, and detector '{name}' is not in --detectors "
+                f"({', '.join(names)})")
+
+    params = _with_detector_options(args, params, refuse)
     for name in names:  # every detector's parameters checked before any data is read
         _check_options(detector=name, detector_params={**params[name], "seed": args.seed}, fpr=args.fpr,
                        device=args.device, seed=args.seed, calibrates=False,
@@ -475,9 +520,7 @@ def cmd_serve(args) -> int:
     if (args.bundle is None) == (args.onnx is None):
         raise BadExpertError("serve needs a bundle file (`badexpert bundle`) or --onnx FILE (`badexpert export`), "
                              "not both")
-    settings = Settings(max_body_mb=args.max_body_mb, max_batch=args.max_batch, max_queue=args.max_queue,
-                        batch_wait_ms=args.batch_wait_ms, strict_size=args.strict_size, on_reject=args.on_reject,
-                        drift_window=args.drift_window, drift_alpha=args.drift_alpha, drift_rate=args.drift_rate)
+    settings = Settings.from_namespace(args)  # the options add_arguments made from its fields
     serve(args.bundle, host=args.host, port=args.port, settings=settings, onnx=args.onnx, threads=args.threads,
           log_level=args.log_level)
     return 0
@@ -551,7 +594,33 @@ class UsageError(BadExpertError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its mistakes reported like every other one: a single line, exit status 2."""
+    """argparse with its mistakes reported like every other one: a single line, exit status 2;
+    and options added only when a command is parsed or its help printed (:meth:`defer`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Call ``add(self)`` before this parser parses or formats anything (options read from a
+        registry that imports torch, which a command that needs none must not load)."""
+        self._deferred.append(add)
+
+    def _complete(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's entry point
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:  # noqa: D102
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:  # noqa: D102
+        self._complete()
+        return super().format_help()
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -623,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "split. evaluate, bundle and serve take any detector it writes.")
     p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
     _add_data(p, command="defend")
-    _add_detector(p, method=True)
+    _add_detector(p)
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
     _add_overwrite(p)
     _add_common(p)
@@ -640,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       _detectors_registry))
     p.add_argument("--detector-param", action="append", metavar="DETECTOR:KEY=VALUE",
                    help="a parameter of one detector, e.g. strip:n=50 (repeatable)")
+    p.defer(lambda parser: _add_detector_options(parser, "for {name} in --detectors"))
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of every detector (default 0.01)")
     _add_data(p, command="defend")
     p.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
@@ -695,12 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(func=cmd_bundle)
 
-    p = sub.add_parser("export", help="export a bundle to one ONNX graph (model, expert, auxiliary model, score, threshold)",
-                       description="Write one ONNX graph holding the bundle's suspect model, backdoor expert and "
-                                   "auxiliary model with the detector's score rule and calibrated threshold (input "
-                                   "'images' float32 [N, C, H, W] in [0, 1]; outputs label, confidence, score, reject), "
-                                   "after checking it against the eager guard with onnxruntime; nothing is written if "
-                                   "they disagree. Needs the export extra: pip install 'badexpert[export]'.")
+    p = sub.add_parser("export", help="export a bundle to one ONNX graph (model, detector networks, score, threshold)",
+                       description="Write one ONNX graph holding the bundle's suspect model and its detector's own "
+                                   "networks (BaDExpert: backdoor expert and auxiliary model) with the detector's "
+                                   "score and calibrated threshold (input 'images' float32 [N, C, H, W] in [0, 1]; "
+                                   "outputs label, confidence, score, reject), after checking it against the eager guard with "
+                                   "onnxruntime; nothing is written if they disagree. Detectors whose score needs more "
+                                   "than the model's outputs and their own networks are refused. Needs the export "
+                                   "extra: pip install 'badexpert[export]'.")
     p.add_argument("bundle", help="bundle written by `badexpert bundle`")
     p.add_argument("--onnx", required=True, help="ONNX file to write (.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
@@ -719,25 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve an ONNX guard written by `badexpert export` (onnxruntime) instead of a bundle")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, logged at start)")
-    g = p.add_argument_group("limits and batching")
-    g.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16; 413 above)")
-    g.add_argument("--max-batch", type=int, default=256,
-                   help="most inputs per request and per forward pass (default 256; 413 above)")
-    g.add_argument("--max-queue", type=int, default=None,
-                   help="most inputs waiting for the model before 503 (default 4 x --max-batch)")
-    g.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long to wait for more requests to fill a batch (default 5)")
-    g.add_argument("--strict-size", action="store_true",
-                   help="refuse uploaded images of another size (default: resize them, bilinear)")
-    g.add_argument("--on-reject", choices=("flag", "abstain"), default="flag",
-                   help="flag: answer label and class for rejected inputs too (default); abstain: null for them")
-    g = p.add_argument_group("drift alarm")
-    g.add_argument("--drift-window", type=int, default=500, help="served inputs in the sliding window (default 500)")
-    g.add_argument("--drift-alpha", type=float, default=1e-3,
-                   help="significance of the one-sided binomial test (default 0.001)")
-    g.add_argument("--drift-rate", type=float, default=None,
-                   help="reference rejection rate (default: the detector's expected share of clean inputs rejected: "
-                        "its FPR target, plus the calibration inputs the model gets wrong that it rejects)")
+    from .serve.settings import add_arguments as add_serve_settings
+
+    add_serve_settings(p)  # one option per Settings field: names, types, defaults and help live there
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's own)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr from this level (default info: one line per request)")
@@ -753,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except UsageError as exc:
+    except BadExpertError as exc:  # a usage mistake, or a detector's options that clash
         print(f"badexpert: error: {exc}", file=sys.stderr)
         return 2
     if not getattr(args, "command", None):

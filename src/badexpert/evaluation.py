@@ -232,7 +232,7 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     )
     defense = {"name": detector.name, "params": detector.get_params(), **summary,
                "calibration_size": detector.calibration_size_, "overlap": overlap}
-    fit_report = getattr(detector, "fit_report_", None)
+    fit_report = detector.fit_report()
     if fit_report:
         defense["fit_report"] = fit_report
     defense["timings"] = {"fit_s": getattr(detector, "fit_seconds_", None),

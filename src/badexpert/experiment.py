@@ -14,7 +14,6 @@ split, attack, architecture, recipe, seed), so a benchmark grid never trains the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -29,6 +28,7 @@ from .attacks import Attack, attack_from_meta, get_attack
 from .attacks.components import Components
 from .data import Splits, load_dataset, split
 from .detectors import Detector, get_detector
+from .digests import file_sha256, json_digest, sha256_hex
 from .errors import BadExpertError
 from .evaluation import Evaluation, evaluate
 from .io import load_model, save_model
@@ -179,15 +179,11 @@ def files_fingerprint(paths: list[str]) -> list:
     for path in paths:
         p = Path(path).expanduser()
         if p.is_file():
-            h = hashlib.sha256()
-            with p.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out.append([str(p.resolve()), h.hexdigest()])
+            out.append([str(p.resolve()), file_sha256(p)])
         elif p.is_dir():
             entries = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
                              for f in p.rglob("*") if f.is_file())
-            out.append([str(p.resolve()), hashlib.sha256(json.dumps(entries).encode()).hexdigest()])
+            out.append([str(p.resolve()), sha256_hex(json.dumps(entries).encode())])
         else:
             out.append([str(p), None])
     return out
@@ -204,7 +200,7 @@ def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
     }
     if attack is not None and attack.source_files():
         payload["attack_files"] = files_fingerprint(attack.source_files())
-    return hashlib.sha256(json.dumps(to_jsonable(payload), sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(payload, length=16)
 
 
 def split_meta(cfg: ExperimentConfig) -> dict:

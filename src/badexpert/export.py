@@ -1,19 +1,23 @@
 """A deployment bundle as one ONNX graph, and :class:`OnnxGuard` to run it without PyTorch.
 
 :func:`export_bundle` (CLI ``badexpert export BUNDLE --onnx FILE``) rebuilds the guard a bundle
-holds and writes one ONNX graph with the suspect model, the backdoor expert and the auxiliary
-model, the detector's score rule and the calibrated threshold:
+holds and writes one ONNX graph with the suspect model, the detector's own networks (BaDExpert:
+the backdoor expert and the auxiliary model), its score and the calibrated threshold. Any detector
+that declares the capability (:attr:`~badexpert.detectors.Detector.exportable`) is exported; the
+others are refused in one line:
 
 - input ``images``: float32 ``[N, C, H, W]`` in ``[0, 1]``, dynamic batch;
 - outputs ``label`` (int64, the model's label), ``confidence`` (float32, its softmax probability),
-  ``score`` (float32, the detector's score, computed from the three models' logits by the very
-  code the eager detector runs, ``BaDExpert._combine(_forward(...))``) and ``reject`` (bool,
+  ``score`` (float32, the detector's score, computed from the model's logits and the detector's
+  networks by the very code the eager detector runs, its ``score_given_logits``, through
+  :meth:`~badexpert.detectors.Detector.export_scorer`) and ``reject`` (bool,
   ``not (score <= threshold)``, so a NaN score is rejected);
 - an image holding a NaN or inf pixel is zeroed before the models see it and comes out with
   ``score = confidence = NaN`` and ``reject = True``, as in the eager :class:`~badexpert.guard.Guard`;
 - the model's metadata (``metadata_props``, key ``"badexpert"``, JSON) holds the class names,
   input shape, threshold, target FPR, the calibration scores (for conformal p-values), the score
-  rule and the suspect model's weights fingerprint.
+  rule (the detector's :attr:`~badexpert.detectors.Detector.score_kind`) and the suspect model's
+  weights fingerprint.
 
 Before anything is written, the graph is run with onnxruntime on a fixed, seeded verification
 batch (float and uint8 images, smooth and noisy, with corner patches, plus non-finite and
@@ -21,51 +25,33 @@ edge-of-range ones) and compared with the eager guard: labels, reject flags and 
 agree and scores lie within ``1e-3 + 1e-4 |score|``; otherwise nothing is written. The file is
 written atomically.
 
-:class:`OnnxGuard` loads such a file with onnxruntime alone: this module imports neither torch
-nor any badexpert module that does (only :mod:`badexpert.errors`) at import time, and the
-PyTorch-side code below imports it inside the functions that need it.
+:class:`OnnxGuard` (in :mod:`badexpert.runtime.onnx`, re-exported here) loads such a file with
+onnxruntime alone: this module imports neither torch nor any badexpert module that does at import
+time (the torch-free :mod:`badexpert.runtime` only), and the PyTorch-side code below imports it
+inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 
-from .arrays import IMAGE_TOLERANCE, check_array  # the conversion rule, torch-free
 from .errors import BadExpertError
-from .limits import DEPLOY_BATCH, check_allocation
-from .validation import Range
+# the torch-free runtime (badexpert.runtime): the file's names, OnnxGuard and its checks, re-exported here
+from .runtime.arrays import IMAGE_TOLERANCE
+from .runtime.onnx import (EXTRA_HINT, INPUT_NAME, META_KEY, ONNX_FIX, ONNX_FORMAT, ONNX_META_TYPES,  # noqa: F401
+                           OUTPUT_NAMES, OnnxGuard, _check_meta, _first_line, _meta_error, _require)
+from .runtime.pvalues import conformal_p_values  # noqa: F401
 
-ONNX_FORMAT = "badexpert-onnx/1"
-META_KEY = "badexpert"
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("label", "confidence", "score", "reject")
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input: what the graph is written for
 #: Verification tolerance on scores: |onnx - eager| <= SCORE_ATOL + SCORE_RTOL * |eager|.
 SCORE_RTOL, SCORE_ATOL = 1e-4, 1e-3
 #: An eager label whose top-two probabilities are closer than this may legitimately differ.
 LABEL_TIE = 1e-5
-EXTRA_HINT = "install the export extra: pip install 'badexpert[export]'"
-
-
-def _require(name: str):
-    """Import ``onnx`` or ``onnxruntime`` on demand; missing: a one-line error naming the extra."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise BadExpertError(f"{name} is not installed; {EXTRA_HINT}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- building the graph (PyTorch side) ------------------------------------------------------------
@@ -144,32 +130,27 @@ def _exportable(model, input_shape: tuple[int, int, int]):
 
 
 def _guard_graph(guard):
-    """The ``nn.Module`` that is traced into the ONNX graph (see the module docstring)."""
-    import copy
-
+    """The ``nn.Module`` that is traced into the ONNX graph (see the module docstring): the
+    detector's own scorer (:meth:`~badexpert.detectors.Detector.export_scorer`: the model's logits
+    and the score, on exportable copies of the model and the detector's networks) between the
+    non-finite screen and the threshold."""
     import torch
     from torch import nn
 
-    det = guard.detector
+    det = _check_exportable(guard.detector)
     shape = tuple(guard.input_shape)
 
     class GuardGraph(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = _exportable(det.model_, shape)
-            self.expert = _exportable(det.expert_, shape)
-            self.auxiliary = _exportable(det.auxiliary_, shape)
-            # the detector's own scoring code, on the exportable copies of its two models
-            self.scorer = copy.copy(det)
-            self.scorer.expert_, self.scorer.auxiliary_ = self.expert, self.auxiliary
+            self.scorer = det.export_scorer(lambda m: _exportable(m, shape))
             self.register_buffer("threshold", torch.tensor(float(det.threshold_), dtype=torch.float32))
 
         def forward(self, images: torch.Tensor):
             bad = ~torch.isfinite(images).flatten(1).all(1)  # IsNaN / IsInf, reduced per image
             x = torch.where(bad[:, None, None, None], torch.zeros_like(images), images).clamp(0, 1)
-            logits = self.model(x).float()
+            logits, score = self.scorer(x)
             confidence, label = torch.softmax(logits, 1).max(1)  # as Guard.forward
-            score = self.scorer._combine(self.scorer._forward(x, logits)).float()
             nan = torch.full_like(score, float("nan"))
             score = torch.where(bad, nan, score)
             confidence = torch.where(bad, nan, confidence)
@@ -264,7 +245,7 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
         "format": ONNX_FORMAT,
         "badexpert_version": __version__,
         "detector": det.name,
-        "score_rule": det.rule,
+        "score_rule": det.score_kind,
         "classes": list(guard.classes) if guard.classes is not None else None,
         "num_classes": guard.meta.get("num_classes"),
         "input_shape": list(guard.input_shape),
@@ -283,20 +264,16 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
 
 
 def _check_exportable(det):
-    """The detector, if its scoring can be written as one ONNX graph (BaDExpert's score rules)."""
-    from .detectors.badexpert import SCORES, BaDExpert
+    """The detector, if it declares the capability to be exported
+    (:attr:`~badexpert.detectors.Detector.exportable`); otherwise a one-line error."""
+    from .detectors.base import check_exportable
 
-    if not isinstance(det, BaDExpert):
-        raise BadExpertError(f"export supports the badexpert detector only, not '{det.name}'; serve its bundle with "
-                             "`badexpert serve BUNDLE` instead")
-    if det.rule not in SCORES:  # pragma: no cover - the detector validates its rule
-        raise BadExpertError(f"score rule '{det.rule}' cannot be exported; use one of: {', '.join(SCORES)}")
-    return det
+    return check_exportable(det)
 
 
 def build_onnx(guard, *, opset: int = DEFAULT_OPSET, source: str | None = None, checksum: str | None = None) -> bytes:
-    """The serialized ONNX graph of a BaDExpert :class:`~badexpert.guard.Guard` (module docstring),
-    with its metadata; nothing is written."""
+    """The serialized ONNX graph of a :class:`~badexpert.guard.Guard` whose detector is exportable
+    (module docstring), with its metadata; nothing is written."""
     opset = _check_opset(opset)
     onnx = _require("onnx")
     det = _check_exportable(guard.detector)
@@ -310,8 +287,8 @@ def build_onnx(guard, *, opset: int = DEFAULT_OPSET, source: str | None = None, 
     entry = proto.metadata_props.add()
     entry.key = META_KEY
     entry.value = json.dumps(onnx_metadata(guard, source=source, checksum=checksum))
-    proto.doc_string = ("badexpert guard: suspect model, backdoor expert and auxiliary model with the "
-                        f"'{det.rule}' score and threshold {det.threshold_:.6g}")
+    proto.doc_string = (f"badexpert guard: suspect model and its {det.name} detector with the '{det.score_kind}' "
+                        f"score and threshold {det.threshold_:.6g}")
     proto.producer_name = "badexpert"
     return proto.SerializeToString()
 
@@ -469,199 +446,14 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
     _check_exportable(guard.detector)
     checksum = meta["checksum"]
     if log:
-        log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.rule} score) from '{bundle}' at opset {opset}")
+        log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.score_kind} score) from '{bundle}' at opset "
+            f"{opset}")
     data = build_onnx(guard, opset=opset, source=Path(bundle).name, checksum=checksum)
     report = verify_onnx(data, guard)
     check_onnx_output(out, overwrite=overwrite)  # still safe to write?
     atomic_write_bytes(out, data)
-    return {"onnx": str(out), "bytes": len(data), "opset": opset, "score_rule": guard.detector.rule,
+    return {"onnx": str(out), "bytes": len(data), "opset": opset, "score_rule": guard.detector.score_kind,
             "threshold": float(guard.detector.threshold_), "verification": report}
-
-
-# --- running the graph without PyTorch ----------------------------------------------------------
-def conformal_p_values(scores: np.ndarray, calibration_sorted: np.ndarray) -> np.ndarray:
-    """``(1 + #{calibration >= s}) / (n + 1)`` per score, 0 for a NaN score
-    (:func:`badexpert.guard.conformal_p_values` in numpy; ``calibration_sorted`` ascending float64)."""
-    s = np.asarray(scores, dtype=np.float64)
-    n = len(calibration_sorted)
-    ge = n - np.searchsorted(calibration_sorted, np.nan_to_num(s, nan=0.0), side="left")
-    p = (1 + ge).astype(np.float64) / (n + 1)
-    return np.where(np.isnan(s), 0.0, p).astype(np.float32)
-
-
-def _meta_error(source: str, what: str) -> BadExpertError:
-    return BadExpertError(f"{source} is not a badexpert ONNX guard ({what}); create one with `badexpert export`")
-
-
-#: Fields of an ONNX guard's metadata (absent ones are ``None``; files exported before
-#: ``clean_rejection_rate`` and ``calibration_size`` were recorded lack them).
-ONNX_META_TYPES = {
-    "input_shape": tuple[Annotated[int, Range(ge=1, le=64)], Annotated[int, Range(ge=1, le=4096)],
-                         Annotated[int, Range(ge=1, le=4096)]],
-    "classes": list[str] | None,
-    "num_classes": Annotated[int, Range(ge=1, le=100_000)] | None,
-    "threshold": float,
-    "fpr_target": Annotated[float, Range(gt=0, lt=1)],
-    "clean_rejection_rate": Annotated[float, Range(ge=0, le=1)] | None,
-    "calibration_size": Annotated[int, Range(ge=1)] | None,
-    "calibration_scores": list,
-    "model_fingerprint": str,
-    "score_rule": str | None,
-}
-ONNX_FIX = "re-export it with `badexpert export`"
-
-
-def _check_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
-    """An ONNX guard's metadata (already read by :func:`badexpert.metadata.parse_metadata`), checked
-    whole: format, field types, class names against the number of classes, the calibration record
-    (scores finite and as many as declared, the threshold one of them)."""
-    from .metadata import check_calibration, check_classes, check_fields
-
-    if meta.get("format") != ONNX_FORMAT:
-        raise _meta_error(source, f"format {str(meta.get('format'))[:40]!r}, expected {ONNX_FORMAT!r}")
-    check_fields(meta, ONNX_META_TYPES, source, ONNX_FIX)
-    meta["input_shape"] = list(meta["input_shape"])
-    if meta["num_classes"] is not None:
-        check_classes(meta["classes"], meta["num_classes"], source, ONNX_FIX)
-    cal = meta["calibration_scores"]
-    if not all(type(v) in (int, float) for v in cal):
-        raise _meta_error(source, "calibration_scores holds values that are not numbers")
-    check_calibration(cal, meta["threshold"], meta["calibration_size"], source, ONNX_FIX)
-    return meta
-
-
-class OnnxGuard:
-    """A guard exported by :func:`export_bundle`, run with onnxruntime (PyTorch never imported).
-
-    ``OnnxGuard(path)(x)`` takes a batch ``[N, C, H, W]`` of uint8 images in ``[0, 255]`` or float
-    images in ``[0, 1]`` (the package's one conversion rule: floats beyond a 0.001 tolerance and
-    other dtypes are refused with a one-line :class:`BadExpertError`; a numpy array, or anything
-    ``numpy.asarray`` accepts) and returns a dict of numpy arrays, one entry per input:
-    ``label`` (int64), ``confidence`` (float32), ``score`` (float32, NaN where the input held a
-    NaN or inf pixel), ``p_value`` (float32, conformal against the calibration scores, 0 for a
-    NaN score) and ``reject`` (bool).
-
-    ``path`` may also be the serialized model (bytes). ``providers``: onnxruntime execution
-    providers (default: CUDA when this onnxruntime has it, else the CPU). ``intra_op_threads``:
-    onnxruntime's intra-op thread count (default: its own). ``batch_size``: inputs per run.
-
-    The file is checked whole, once, before it is used (``serve --onnx`` and ``info`` load it
-    through here): its metadata is found in the protocol buffer without reading the graph and
-    read by the bounded reader (:mod:`badexpert.metadata`); field types, class names against
-    ``num_classes``, the calibration record (scores finite and as many as declared, the
-    threshold one of them), a batch of ``max(batch_size, 256)`` inputs of the declared shape
-    against the memory budget, and then the declared shape against the graph's input.
-    """
-
-    def __init__(self, path: str | Path | bytes, *, providers: list | None = None, intra_op_threads: int | None = None,
-                 batch_size: int = DEPLOY_BATCH) -> None:
-        from os import PathLike
-
-        from .metadata import onnx_metadata_entry, parse_metadata
-        from .validation import expect
-
-        expect(path, (str, PathLike, bytes, bytearray), "the ONNX guard (a path or the serialized model)")
-        ort = _require("onnxruntime")
-        if isinstance(path, (bytes, bytearray)):
-            source, model = "the ONNX model", bytes(path)
-            self.path = None
-        else:
-            p = Path(path)
-            source, model = f"'{p}'", str(p)
-            if not p.is_file():
-                raise BadExpertError(f"ONNX file '{p}' does not exist; create one with `badexpert export`")
-            self.path = p
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise BadExpertError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
-        # the metadata first, from the file's bytes: bounded and checked whole before onnxruntime
-        # loads the graph or anything is allocated for the input shape it declares
-        raw = onnx_metadata_entry(model if self.path is not None else path, META_KEY, source, ONNX_FIX)
-        if raw is None:
-            raise _meta_error(source, "no badexpert metadata")
-        meta = _check_meta(parse_metadata(raw, source, ONNX_FIX), source)
-        shape = tuple(meta["input_shape"])
-        check_allocation(max(batch_size, DEPLOY_BATCH) * math.prod(shape) * 4,
-                         f"{source}: a batch of {max(batch_size, DEPLOY_BATCH)} inputs of shape {list(shape)}",
-                         f"the file declares an absurd input size; {ONNX_FIX}")
-        opts = ort.SessionOptions()
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = int(intra_op_threads)
-            opts.inter_op_num_threads = 1
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
-        try:
-            self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BadExpertError(f"{source} cannot be loaded by onnxruntime: {_first_line(exc)}") from exc
-        self.meta = meta
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
-            raise _meta_error(source, f"inputs {inputs}, outputs {outputs}")
-        graph = self.session.get_inputs()[0]
-        dims = list(graph.shape)[1:] if graph.shape else []
-        fixed = [(d, s) for d, s in zip(dims, shape) if isinstance(d, int)]  # symbolic dims take any size
-        if graph.type != "tensor(float)" or len(dims) != 3 or any(d != s for d, s in fixed):
-            raise BadExpertError(f"{source}: its metadata declares inputs of shape {list(shape)} but its graph takes "
-                                 f"{graph.type} {list(graph.shape or [])}; the file was edited; {ONNX_FIX}")
-        self.classes: list[str] | None = meta.get("classes")
-        self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
-        self.threshold: float = float(meta["threshold"])
-        self.fpr_target: float = float(meta["fpr_target"])
-        rate = meta.get("clean_rejection_rate")
-        self.clean_rejection_rate: float = float(rate) if rate is not None else self.fpr_target
-        self.score_rule: str | None = meta.get("score_rule")
-        self.model_fingerprint: str = meta["model_fingerprint"]
-        self.calibration_scores = np.sort(np.asarray(meta["calibration_scores"], dtype=np.float64))
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def p_values(self, scores) -> np.ndarray:
-        return conformal_p_values(scores, self.calibration_scores)
-
-    def to_float(self, x) -> np.ndarray:
-        """Check a batch by the conversion rule and return it as float32 ``[N, C, H, W]`` (uint8 / 255;
-        non-finite pixels are kept: the graph rejects those images)."""
-        try:
-            a = np.asarray(x)
-        except Exception as exc:  # noqa: BLE001
-            raise BadExpertError(f"images must be an array of images [N, C, H, W], got {type(x).__name__}") from exc
-        if a.ndim != 4:
-            raise BadExpertError(f"images must have shape [N, C, H, W], got {tuple(a.shape)}")
-        if tuple(a.shape[1:]) != self.input_shape:
-            raise BadExpertError(f"inputs of shape {tuple(a.shape[1:])} but the guard takes {self.input_shape}")
-        check_array(a, nonfinite="allow")
-        if a.dtype == np.uint8:
-            return np.ascontiguousarray(a, dtype=np.float32) / np.float32(255.0)
-        return np.ascontiguousarray(a, dtype=np.float32)
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's raw outputs for float32 images (no checks), batch by batch."""
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
-        for start in range(0, len(images), self.batch_size):
-            res = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + self.batch_size]})
-            for k, v in zip(OUTPUT_NAMES, res):
-                parts[k].append(v)
-        return {k: np.concatenate(v) for k, v in parts.items()}
-
-    def __call__(self, x) -> dict[str, np.ndarray]:
-        images = self.to_float(x)
-        if len(images) == 0:
-            out = {"label": np.empty(0, np.int64), "confidence": np.empty(0, np.float32),
-                   "score": np.empty(0, np.float32), "reject": np.empty(0, bool)}
-        else:
-            out = self.run(images)
-        out["p_value"] = self.p_values(out["score"])
-        return {k: out[k] for k in ("label", "confidence", "score", "p_value", "reject")}
-
-    def __repr__(self) -> str:
-        where = str(self.path) if self.path is not None else "<bytes>"
-        return (f"OnnxGuard({where}, input_shape={self.input_shape}, rule={self.score_rule}, "
-                f"threshold={self.threshold:.6g}, fpr_target={self.fpr_target:g})")
 
 
 __all__ = ["DEFAULT_OPSET", "ONNX_FORMAT", "OnnxGuard", "build_onnx", "check_onnx_output", "conformal_p_values",

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import math
@@ -47,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from . import __version__
+from .digests import json_digest
 from .errors import BadExpertError
 from .utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
 
@@ -77,7 +77,7 @@ SUMMARY_COLUMNS = ("dataset", "arch", "attack", "detector", "seeds", "implanted"
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(obj, length=16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,15 +611,19 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 def mean_interval(values: Iterable[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
                   ) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement,
-    ``numpy.random.default_rng(seed)``), through :func:`badexpert.metrics.bootstrap_ci`."""
-    from .metrics import bootstrap_ci
+    """Percentile bootstrap interval of the mean of ``values``: :func:`scipy.stats.bootstrap`
+    (``n_boot`` resamples with replacement drawn by ``numpy.random.default_rng(seed)``, percentile
+    method); one value is its own interval."""
+    from scipy.stats import bootstrap
 
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0 or not n_boot:
         return None
-    # bootstrap_ci resamples two samples; the statistic reads only the first
-    return bootstrap_ci(v, np.zeros(1), lambda a, _b: float(a.mean()), n_boot=n_boot, level=level, seed=seed)
+    if v.size == 1:  # every resample is the value itself (scipy refuses a sample of one)
+        return float(v[0]), float(v[0])
+    ci = bootstrap((v,), np.mean, n_resamples=int(n_boot), confidence_level=level, method="percentile",
+                   vectorized=True, axis=-1, random_state=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def _stats(values: list[float], n_boot: int, seed: int) -> dict:

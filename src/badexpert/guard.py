@@ -33,9 +33,12 @@ import torch
 from torch import nn
 
 from .data.core import to_float
-from .detectors.base import (ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE, Detector,
-                             check_detector_meta, detector_from_state)
+from .detectors.base import Detector, check_detector_meta, detector_from_state
+from .digests import BUNDLE_FRAME, canonical_json, update_tensors
 from .errors import BadExpertError, NotFittedError
+from .runtime.pvalues import conformal_p_values as runtime_p_values
+from .runtime.pvalues import sorted_calibration
+from .runtime.reasons import ACCEPTED, reject_reasons
 from .utils import atomic_write_bytes, eval_mode, to_jsonable
 from .validation import check_value, expect
 
@@ -63,12 +66,10 @@ class GuardOutput(NamedTuple):
 
 
 def conformal_p_values(scores: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
-    """``(1 + #{calibration >= s}) / (n + 1)`` per score; 0 for a NaN score (never clean)."""
-    cal = torch.sort(calibration.double().flatten()).values
-    s = scores.double()
-    ge = len(cal) - torch.searchsorted(cal, torch.nan_to_num(s, nan=0.0), side="left")
-    p = (1 + ge).double() / (len(cal) + 1)
-    return torch.where(torch.isnan(s), torch.zeros_like(p), p).float()
+    """``(1 + #{calibration >= s}) / (n + 1)`` per score; 0 for a NaN score (never clean): the
+    runtime's :func:`badexpert.runtime.pvalues.conformal_p_values` on tensors."""
+    cal = sorted_calibration(calibration.detach().double().cpu().numpy())
+    return torch.from_numpy(runtime_p_values(scores.detach().double().cpu().numpy(), cal))
 
 
 class Guard(nn.Module):
@@ -94,7 +95,7 @@ class Guard(nn.Module):
         self.policy = policy
         self.abstain_label = abstain_label
         self.meta = dict(meta or {})
-        self._calibration = torch.sort(detector.calibration_scores_.double().flatten()).values
+        self._calibration = sorted_calibration(detector.calibration_scores_.detach().double().cpu().numpy())
 
     @property
     def classes(self) -> list[str] | None:
@@ -110,7 +111,7 @@ class Guard(nn.Module):
         return d.cost["forward"] + (0 if d.shares_model_pass else 1)
 
     def p_values(self, scores: torch.Tensor) -> torch.Tensor:
-        return conformal_p_values(scores, self._calibration)
+        return torch.from_numpy(runtime_p_values(scores.detach().double().cpu().numpy(), self._calibration))
 
     @torch.no_grad()
     def forward(self, x) -> GuardOutput:
@@ -135,8 +136,7 @@ class Guard(nn.Module):
         score[bad] = float("nan")
         conf[bad] = float("nan")
         reject = det.decide(score)
-        reason = [REJECT_NONFINITE_INPUT if b else REJECT_NONFINITE_SCORE if s != s else REJECT_SCORE if r else ACCEPTED
-                  for b, s, r in zip(bad.tolist(), score.tolist(), reject.tolist())]
+        reason = reject_reasons(reject, score, bad)
         if self.policy == "abstain":
             label = torch.where(reject, torch.full_like(label, self.abstain_label), label)
         out = GuardOutput(label, conf, score, self.p_values(score), reject, reason)
@@ -149,12 +149,9 @@ class Guard(nn.Module):
 
 # --- bundles ---------------------------------------------------------------------------------------
 def _checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"|{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    """``sha256:`` over the metadata (less its checksum) as canonical JSON, then the tensors."""
+    h = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "checksum"}, jsonable=False).encode())
+    update_tensors(h, tensors, BUNDLE_FRAME)
     return "sha256:" + h.hexdigest()
 
 

@@ -1,7 +1,6 @@
-"""Why a guard accepted or rejected an input (strings shared by detectors, the guard, the
-service and the ONNX runtime; torch-free)."""
+"""Why a guard accepted or rejected an input: :mod:`badexpert.runtime.reasons` (torch-free),
+re-exported here."""
 
-ACCEPTED = "accepted"
-REJECT_SCORE = "score above threshold"
-REJECT_NONFINITE_INPUT = "non-finite input (NaN or inf pixel)"
-REJECT_NONFINITE_SCORE = "score is not a number (the models produced NaN)"
+from .runtime.reasons import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE, reject_reasons
+
+__all__ = ["ACCEPTED", "REJECT_NONFINITE_INPUT", "REJECT_NONFINITE_SCORE", "REJECT_SCORE", "reject_reasons"]

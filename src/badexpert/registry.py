@@ -44,6 +44,13 @@ class Registry(dict):
         self._keys[key] = name
         return factory
 
+    def remove(self, name: str) -> Any:
+        """Take an entry (and its aliases) out again, e.g. one a test added; returns its factory."""
+        canonical = self.canonical(name)
+        for key in [k for k, v in self._keys.items() if v == canonical]:
+            del self._keys[key]
+        return self.pop(canonical)
+
     def register(self, name: str | None = None) -> Callable[[Any], Any]:
         """Decorator: ``@REGISTRY.register()`` (the class's ``name``) or ``.register("name")``."""
         return lambda factory: self.add(name or factory.name, factory)

@@ -8,10 +8,8 @@ registered globally), and released after saving.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +21,7 @@ from sklearn.metrics import roc_curve
 
 from .errors import BadExpertError
 from .metrics import _sklearn_inputs, realized_fpr
-from .utils import write_json
+from .utils import atomic_write_bytes, write_json
 
 __all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
 
@@ -273,21 +271,16 @@ def _subsample(a: np.ndarray, k: int, seed: int) -> np.ndarray:
     return a[np.sort(idx)]
 
 
-#: Labels of the decision-space scatter when the detector gives none (BaDExpert's, for callers
-#: that pass its confidences directly).
-DEFAULT_SCATTER_AXES = {
-    "limits": (0.0, 1.0),
-    "x_label": "x: backdoor expert B's confidence in M's label",
-    "y_label": "y: auxiliary model M\u2032's confidence in M's label",
-    "title": "Clean inputs: x low, y high (top left)\nbackdoor inputs: x high, y low (bottom right)",
-    "caption": "Decision space: backdoor expert vs auxiliary model confidence",
-}
+#: Labels of the decision-space scatter when the caller gives none: plain ones, since the labels
+#: belong to the detector (its :attr:`~badexpert.detectors.Detector.scatter_axes`, which the
+#: evaluation record carries as ``scatter_axes``).
+DEFAULT_SCATTER_AXES = {"x_label": "x", "y_label": "y", "caption": "Decision space of the detector"}
 
 
 def plot_scatter(clean_xy: Any = None, trig_xy: Any = None, *, axes: dict | None = None,
                  max_points: int = 20000) -> Figure:
-    """A detector's 2-D decision space (``axes``: its :attr:`Detector.scatter_axes`; default
-    BaDExpert's: the backdoor expert's vs the auxiliary model's confidence in M's label)."""
+    """A detector's 2-D decision space (``axes``: its :attr:`Detector.scatter_axes`, from the
+    evaluation record; default: plain ``x`` and ``y`` labels)."""
     axes = dict(axes) if axes else dict(DEFAULT_SCATTER_AXES)
     fig = _new_figure(6.4, 6.0)
     ax = fig.subplots()
@@ -581,20 +574,13 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def _tmp_in(out_dir: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _save_figure(fig: Figure, tmp: Path) -> None:
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png")
+        fig.savefig(buf, format="png")
     finally:
         fig.clear()  # drop artists now; the Figure is not registered anywhere else
-
-
-FILE_MODE = 0o644  # mkstemp creates 0600 files; reports are meant to be read by others
+    return buf.getvalue()
 
 
 def write_report(
@@ -619,12 +605,12 @@ def write_report(
     ``roc.png`` needs ``clean_scores`` and ``trig_scores`` (plus ``clean_correct`` and
     ``trig_success`` masks for the filtered curve); ``scatter.png`` needs ``clean_xy`` and/or
     ``trig_xy`` ([n, 2]: two per-input quantities of the detector, labelled by ``scatter_axes``,
-    its :attr:`~badexpert.detectors.Detector.scatter_axes`; default BaDExpert's confidences);
+    its :attr:`~badexpert.detectors.Detector.scatter_axes` as the evaluation record carries them);
     ``examples.png`` needs ``clean_examples`` and/or ``trig_examples`` ([n, C, H, W] in [0, 1]).
     For a failed attack (``metrics['attack_failed']``) no ROC or scatter plot is drawn.
 
-    All files are rendered under temporary names first and renamed at the end: if anything raises,
-    the temporary files are removed and ``out_dir`` holds nothing new.
+    Every file is rendered in memory first, then written by the package's one atomic writer
+    (:func:`badexpert.utils.atomic_write_bytes`): if rendering raises, ``out_dir`` holds nothing new.
     """
     if not isinstance(metrics, dict):
         raise BadExpertError(f"metrics must be a dict, got {type(metrics).__name__}")
@@ -632,43 +618,29 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     d = _defense(metrics)
     failed = _attack_failed(metrics)
-    pending: list[tuple[Path, Path]] = []  # (temporary, final)
-    try:
-        figures: list[tuple[str, Any]] = []
-        if not failed and clean_scores is not None and trig_scores is not None:
-            figures.append(("roc.png", lambda: plot_roc(
-                clean_scores, trig_scores, clean_correct=clean_correct, trig_success=trig_success,
-                threshold=d.get("threshold"), fpr_target=d.get("fpr_target"),
-                auroc=d.get("auroc"), auroc_filtered=d.get("auroc_filtered"))))
-        if not failed and (clean_xy is not None or trig_xy is not None):
-            figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy, axes=scatter_axes)))
-        if clean_examples is not None or trig_examples is not None:
-            figures.append(("examples.png", lambda: plot_examples(
-                clean_examples, trig_examples, class_names=class_names,
-                example_labels=example_labels, trig_example_preds=trig_example_preds)))
-        for name, make in figures:
-            tmp = _tmp_in(out, name)
-            pending.append((tmp, out / name))
-            _save_figure(make(), tmp)
+    rendered: list[tuple[str, bytes]] = []  # (name, content): written once everything is rendered
+    figures: list[tuple[str, Any]] = []
+    if not failed and clean_scores is not None and trig_scores is not None:
+        figures.append(("roc.png", lambda: plot_roc(
+            clean_scores, trig_scores, clean_correct=clean_correct, trig_success=trig_success,
+            threshold=d.get("threshold"), fpr_target=d.get("fpr_target"),
+            auroc=d.get("auroc"), auroc_filtered=d.get("auroc_filtered"))))
+    if not failed and (clean_xy is not None or trig_xy is not None):
+        figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy, axes=scatter_axes)))
+    if clean_examples is not None or trig_examples is not None:
+        figures.append(("examples.png", lambda: plot_examples(
+            clean_examples, trig_examples, class_names=class_names,
+            example_labels=example_labels, trig_example_preds=trig_example_preds)))
+    for name, make in figures:
+        rendered.append((name, _png(make())))
 
-        caption = (scatter_axes or DEFAULT_SCATTER_AXES).get("caption", "Decision space of the detector")
-        md = _markdown(metrics, [name for name, _ in figures], class_names, scatter_caption=caption)
-        tmp = _tmp_in(out, "report.md")
-        pending.append((tmp, out / "report.md"))
-        tmp.write_text(md, encoding="utf-8")
+    caption = (scatter_axes or DEFAULT_SCATTER_AXES).get("caption", DEFAULT_SCATTER_AXES["caption"])
+    md = _markdown(metrics, [name for name, _ in figures], class_names, scatter_caption=caption)
+    rendered.append(("report.md", md.encode("utf-8")))
 
-        for tmp, _ in pending:
-            os.chmod(tmp, FILE_MODE)
-        write_json(out / "metrics.json", metrics)
-        with contextlib.suppress(OSError):
-            os.chmod(out / "metrics.json", FILE_MODE)
-        written = [out / "metrics.json"]
-        for tmp, final in pending:
-            os.replace(tmp, final)
-            written.append(final)
-        pending.clear()
-        return written
-    finally:
-        for tmp, _ in pending:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    write_json(out / "metrics.json", metrics)
+    written = [out / "metrics.json"]
+    for name, data in rendered:
+        atomic_write_bytes(out / name, data)
+        written.append(out / name)
+    return written

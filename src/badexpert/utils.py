@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import BadExpertError
+from .jsonable import to_jsonable  # noqa: F401 - the one JSON policy, re-exported
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -287,29 +288,6 @@ def atomic_directory(path: str | Path, *, owned: frozenset[str], overwrite: bool
         if isinstance(exc, OSError):  # everything in the block writes into the run: a write failure
             raise write_error(p, exc) from exc
         raise
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, paths and tuples to plain JSON types."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating,)):
-        obj = float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, float):
-        if obj != obj or obj in (float("inf"), float("-inf")):
-            return None if obj != obj else (1e308 if obj > 0 else -1e308)
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_json(path: str | Path, obj: Any) -> None:

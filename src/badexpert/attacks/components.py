@@ -25,7 +25,6 @@ per component, its key and whether it came from the cache.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..digests import sha256_hex
 from ..errors import BadExpertError
 
 #: Bumped when the meaning of a cached component changes (keys include it).
@@ -42,14 +42,9 @@ COMPONENT_FORMAT = 1
 
 def tensor_digest(tensors: dict[str, torch.Tensor] | torch.Tensor) -> str:
     """SHA-256 of tensors' names, dtypes, shapes and bytes (a dict is hashed in key order)."""
-    h = hashlib.sha256()
-    items = sorted(tensors.items()) if isinstance(tensors, dict) else [("", tensors)]
-    for name, t in items:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    from ..digests import COMPONENT_FRAME, tensors_sha256
+
+    return tensors_sha256(tensors if isinstance(tensors, dict) else {"": tensors}, COMPONENT_FRAME)
 
 
 def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,7 +114,7 @@ class Components:
             text = json.dumps(payload, sort_keys=True)
         except (TypeError, ValueError) as exc:  # a programming error in an attack, not user input
             raise BadExpertError(f"component '{kind}': its spec cannot be written as JSON ({exc})") from exc
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        return sha256_hex(text.encode(), length=20)
 
     # --- building and caching ------------------------------------------------------------
     def fetch(self, kind: str, spec: dict, build: Callable[[], dict[str, torch.Tensor]], *, data=None) -> dict[str, torch.Tensor]:

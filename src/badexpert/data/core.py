@@ -204,16 +204,12 @@ def image_hashes(images: torch.Tensor) -> torch.Tensor:
     Used to record which images a detector was fitted and calibrated on, so that evaluation can
     refuse a test set that overlaps them, whatever split settings or file paths were used.
     """
-    import hashlib
+    from ..digests import row_hashes
 
     x = to_uint8(images).contiguous()
-    out = torch.empty(len(x), dtype=torch.int64)
     if len(x) == 0:
-        return out
-    flat = x.reshape(len(x), -1).numpy()
-    for i in range(len(flat)):
-        out[i] = int.from_bytes(hashlib.blake2b(flat[i].tobytes(), digest_size=8).digest(), "little") >> 1
-    return out
+        return torch.empty(0, dtype=torch.int64)
+    return torch.from_numpy(row_hashes(x.reshape(len(x), -1).numpy()))
 
 
 # --- splits -----------------------------------------------------------------------------------

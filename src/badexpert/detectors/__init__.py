@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..registry import Registry
 from ..validation import validate_params
 from .badexpert import SCORES, BaDExpert, combine
-from .base import Detector, load_detector, read_detector_file
+from .base import Detector, Option, load_detector, read_detector_file
 from .cd import CognitiveDistillation
 from .frequency import Frequency
 from .ibd_psc import IBDPSC
@@ -29,6 +29,6 @@ def get_detector(name: str, /, **params) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "IBDPSC", "STRIP", "ScaleUp",
-    "SentiNet", "TED", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
+    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "IBDPSC", "Option", "STRIP",
+    "ScaleUp", "SentiNet", "TED", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
 ]

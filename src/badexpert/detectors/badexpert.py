@@ -56,7 +56,7 @@ from ..errors import BadExpertError, unknown_name
 from ..training import Recipe, accuracy, model_outputs, predict_logits, train
 from ..utils import derive_generator, eval_mode
 from ..validation import Fraction, NonNegativeInt, OneOf, PositiveFloat, PositiveInt, Range
-from .base import Detector
+from .base import Detector, Option
 
 EPS = 1e-8
 
@@ -142,6 +142,15 @@ class BaDExpert(Detector):
         "caption": "Decision space: backdoor expert vs auxiliary model confidence",
     }
     shares_model_pass: ClassVar[bool] = True
+    cli_options: ClassVar[tuple[Option, ...]] = (
+        Option("--preset", "preset", choices=("auto", "paper"), default="auto",
+               help="auto chooses finetuning strengths from clean data (default); paper: the research code's settings"),
+        Option("--score-rule", "score_rule", help=f"{', '.join(SCORES)} (default: the preset's)"),
+        Option("--expert-lr", "expert_lr", type=float, help="fix the backdoor expert's learning rate"),
+        Option("--aux-lr", "aux_lr", type=float, help="fix the auxiliary model's learning rate"),
+    )
+    exportable: ClassVar[bool] = True
+    submodels: ClassVar[tuple[str, ...]] = ("expert_", "auxiliary_")
 
     def __init__(
         self,
@@ -194,6 +203,10 @@ class BaDExpert(Detector):
         if self.score_rule is not None:
             return self.score_rule
         return "triangle" if self.preset == "paper" else "logodds"
+
+    @property
+    def score_kind(self) -> str:
+        return self.rule
 
     def expert_recipe(self, lr: float) -> Recipe:
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""

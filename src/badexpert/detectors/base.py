@@ -28,6 +28,19 @@ What every detector guarantees, whatever its method (the checks live here, once)
   data it is fitted on (:class:`badexpert.data.Dataset`); a bare ``(images, labels)`` pair
   declares none, so no flips.
 
+What is specific to a method comes from the method, declared on its class, never from a
+command or a report that knows its name:
+
+- its command-line options (:attr:`Detector.cli_options`: :class:`Option` specs that ``defend`` and
+  ``compare`` offer, grouped under the detector; every parameter is also ``--detector-param``);
+- what fitting found and chose (:meth:`Detector.fit_report`, ``fit_report_`` where the method
+  records one), findings on evaluated inputs (:meth:`Detector.diagnostics`) and a 2-D view of its
+  decision space for reports (:attr:`Detector.scatter_axes`);
+- the capability to be exported (:attr:`Detector.exportable`): its score is then a pure torch
+  function of the inputs, the suspect model's logits and its own networks
+  (:meth:`Detector.score_given_logits` on the attributes named in :attr:`Detector.submodels`),
+  which :meth:`Detector.export_scorer` packs into one ``nn.Module`` for ONNX export.
+
 Cost (:attr:`Detector.cost`) is a property of the instance: model forward and backward passes
 per input (STRIP's ``n`` superimpositions, TeCo's corruptions), reported next to the measured
 throughput. Randomised detectors draw from :meth:`Detector.input_generators`, seeded from the
@@ -38,11 +51,13 @@ a readable ``repr``.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -65,10 +80,38 @@ CALIBRATION_POPULATIONS = ("correct", "all")
 DEFAULT_POPULATION = "correct"
 
 
-class Detector:
-    """Base class. Subclasses implement :meth:`_fit` and :meth:`_score_batch`."""
+@dataclass(frozen=True)
+class Option:
+    """A command-line option a detector declares (:attr:`Detector.cli_options`): ``defend`` and
+    ``compare`` offer ``flag`` in a group of the detector's own and pass its value as the
+    constructor parameter ``param`` (which ``--detector-param param=VALUE`` sets as well); given
+    with another detector it is a one-line error naming the detector it belongs to. ``type`` parses
+    the text, ``choices`` limits it (checked by the parser), and ``default`` (when not ``None``) is
+    the value the CLI passes when the option is not given (named in the CLI's "fitting" line)."""
+
+    flag: str
+    param: str
+    type: Callable[[str], Any] = str
+    help: str = ""
+    choices: tuple | None = None
+    default: Any = None
+    metavar: str | None = None
+
+
+class Detector(abc.ABC):
+    """The abstract contract. Subclasses implement :meth:`_fit` and :meth:`_score_batch`; the rest
+    (options, reports, export) they declare (see the module docstring)."""
 
     name: ClassVar[str] = "detector"
+    #: the detector's own command-line options (``defend``, ``compare``); any parameter without one
+    #: is still given with ``--detector-param KEY=VALUE``
+    cli_options: ClassVar[tuple[Option, ...]] = ()
+    #: capability: the score is a pure torch function of a finite float batch, the suspect model's
+    #: logits on it and the detector's own networks (:meth:`score_given_logits`, no randomness, no
+    #: data-dependent Python control flow), so :meth:`export_scorer` can be traced into ONNX
+    exportable: ClassVar[bool] = False
+    #: the fitted attributes holding the detector's own networks (``nn.Module``), exported with it
+    submodels: ClassVar[tuple[str, ...]] = ()
     #: model forward / backward passes per scored input; instances whose cost depends on their
     #: parameters override :attr:`cost`
     forward_passes_per_input: ClassVar[int] = 1
@@ -97,7 +140,22 @@ class Detector:
         bad = sorted(set(kwargs) - set(params))
         if bad:
             raise BadExpertError(f"detector '{cls.name}' has no parameter(s) {bad}; valid: {sorted(params)}")
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise BadExpertError(f"detector class {cls.__name__} does not implement {', '.join(missing)} "
+                                 "(the contract of badexpert.detectors.base.Detector)")
         return super().__new__(cls)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # a declared option must name a constructor parameter: checked once, where it is declared
+        import inspect
+
+        super().__init_subclass__(**kwargs)
+        params = {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        for opt in cls.cli_options:
+            if not isinstance(opt, Option) or not opt.flag.startswith("--") or opt.param not in params:
+                raise TypeError(f"{cls.__name__}.cli_options: {opt!r} must be an Option whose flag starts with "
+                                f"'--' and whose param is a constructor parameter of {cls.__name__}")
 
     def __init__(
         self, *, batch_size: PositiveInt = 256, seed: NonNegativeInt = 0,
@@ -232,8 +290,10 @@ class Detector:
         self._drop_calibration()
         return self
 
+    @abc.abstractmethod
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Build the method's state from the suspect model (on the detector's device) and checked,
+        finite clean images and labels; set fitted attributes (ending with ``_``)."""
 
     def _drop_calibration(self) -> None:
         for attr in ("threshold_", "fpr_target_", "calibration_population_", "clean_rejection_rate_",
@@ -288,8 +348,9 @@ class Detector:
         for xb, _ in batches(images, None, batch_size=self.batch_size, device=self.device_):
             yield xb
 
+    @abc.abstractmethod
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Scores (higher = more suspicious) of a checked, finite float batch on the detector's device."""
 
     def score_given_logits(self, xb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Scores for a checked, finite float batch on the detector's device, given the suspect
@@ -305,6 +366,29 @@ class Detector:
     def fit_summary(self) -> str:
         """What fitting chose, in a few words for the CLI (BaDExpert: its learning rates); default: none."""
         return ""
+
+    def fit_report(self) -> dict[str, Any]:
+        """What fitting found and chose, as JSON-ready data, for evaluation records
+        (``defense.fit_report``): the ``fit_report_`` a method records while fitting (and saves with
+        its state); default: none."""
+        return getattr(self, "fit_report_", None) or {}
+
+    @property
+    def score_kind(self) -> str:
+        """What the score is, in a word, for exported files and messages (BaDExpert: its score
+        rule); default: the detector's name."""
+        return self.name
+
+    def export_scorer(self, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """The fitted detector's scoring as one ``nn.Module`` (capability :attr:`exportable`):
+        ``forward(x) -> (logits, score)`` for a finite float batch ``x`` in ``[0, 1]``, the suspect
+        model's logits and :meth:`score_given_logits` on them, run on copies of the model and of
+        the networks named in :attr:`submodels`, each passed through ``prepare`` (export makes
+        them traceable; default: an eval-mode copy). A detector without the capability is a
+        one-line error."""
+        check_exportable(self)
+        self._check_fitted("export_scorer")
+        return _ExportScorer(self, prepare)
 
     def diagnostics(self, clean: dict, triggered: dict) -> dict[str, Any]:
         """Detector-specific findings for the evaluation record (``defense.diagnostics``), from the
@@ -494,6 +578,40 @@ class Detector:
         path = Path(path)
         atomic_write_bytes(path, save(tensors, metadata={"badexpert": json.dumps(meta)}))
         return path
+
+
+def check_exportable(detector: Detector) -> Detector:
+    """``detector`` if it has the capability to be exported (:attr:`Detector.exportable`), else
+    the one-line refusal, whatever its class."""
+    if not detector.exportable:
+        raise BadExpertError(f"detector '{detector.name}' cannot be exported to ONNX: its score is not a pure function "
+                             "of the model's outputs and its own networks; serve its bundle with "
+                             "`badexpert serve BUNDLE` instead")
+    return detector
+
+
+class _ExportScorer(nn.Module):
+    """:meth:`Detector.export_scorer`: the model and the detector's networks registered as
+    submodules (so tracing sees their weights), and a shallow copy of the detector pointing at them
+    whose :meth:`~Detector.score_given_logits` is the very code the eager detector runs."""
+
+    def __init__(self, detector: Detector, prepare: Callable[[nn.Module], nn.Module] | None) -> None:
+        import copy
+
+        super().__init__()
+        prepare = prepare or (lambda m: copy.deepcopy(m).cpu().eval())
+        self.model = prepare(detector.model_)
+        self.nets = nn.ModuleDict({attr.strip("_"): prepare(getattr(detector, attr)) for attr in detector.submodels})
+        scorer = copy.copy(detector)
+        scorer.model_ = self.model
+        for attr in detector.submodels:
+            setattr(scorer, attr, self.nets[attr.strip("_")])
+        scorer.device_ = torch.device("cpu")
+        self.scorer = scorer  # a plain attribute (not a module): its networks are the ones above
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x).float()
+        return logits, self.scorer.score_given_logits(x, logits).float()
 
 
 def clone(detector: Detector) -> Detector:
