@@ -134,3 +134,90 @@ def test_the_sanity_gate_stops_a_miswired_model_and_passes_a_right_one(tmp_path)
 def test_the_default_bar_catches_chance_and_passes_weak_models():
     assert min_accuracy(10) == pytest.approx(0.2) and min_accuracy(2) == pytest.approx(0.6)
     assert min_accuracy(1000) == pytest.approx(0.101)
+
+
+# --- the command line: defend --clean on a model trained elsewhere -----------------------------------
+@pytest.fixture(scope="module")
+def blobs_model(tmp_path_factory):
+    """A BadNet-backdoored CNN on a tiny ImageFolder of bars (classes c0..c3), and a clean folder of
+    the same kind of images that the model never saw (its test/ split)."""
+    from badexpert.cli import main
+
+    from .test_contract_toy import _blobs
+
+    root = tmp_path_factory.mktemp("clean-cli")
+    data = _blobs(root / "data")
+    model = root / "model.safetensors"
+    assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
+                 "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",
+                 "--batch-size", "32", "--reserved", "80", "--calibration", "80", "--device", "cpu",
+                 "--out", str(model)]) == 0
+    return root, model, data / "test"
+
+
+def test_defend_on_your_own_clean_folder_detects_the_backdoor(blobs_model, tmp_path, capsys):
+    from badexpert.attacks import attack_from_meta
+    from badexpert.cli import main
+    from badexpert.detectors import load_detector
+    from badexpert.io import load_model
+
+    root, model_path, clean = blobs_model
+    det_path = tmp_path / "det.safetensors"
+    capsys.readouterr()
+    assert main(["defend", "--model", str(model_path), "--clean", str(clean), "--holdout", "60", "--fpr", "0.05",
+                 "--device", "cpu", "--out", str(det_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "clean images correctly" in err and "on the 60 held-out images it rejects" in out
+    model, meta = load_model(model_path)
+    det = load_detector(det_path, model)
+    rec = det.extra_["clean"]
+    assert (rec["reserved"], rec["calibration"], rec["holdout"]) == (130, 130, 60)
+    assert rec["model_accuracy"] > 0.9
+    # the detector really separates: the model's own trigger on clean images is mostly rejected
+    ds = read_clean_set(clean, num_classes=4, image_size=(12, 12), in_channels=1, classes=meta["classes"])
+    attack = attack_from_meta(meta, source="model")
+    keep = ds.labels != attack.target
+    triggered = attack.apply(ds.images[keep][:100])
+    fooled = model(triggered.float() / 255).argmax(1) == attack.target
+    assert fooled.float().mean() > 0.8
+    assert det.predict(triggered[fooled]).float().mean() > 0.8
+    assert det.predict(ds.images[keep][:100]).float().mean() < 0.2
+    # the bundle takes the detector like any other
+    assert main(["bundle", "--model", str(model_path), "--detector", str(det_path),
+                 "--out", str(tmp_path / "guard.safetensors")]) == 0
+
+
+def _shifted_csv(clean: Path, tmp: Path) -> Path:
+    rows = ["path,label"]
+    for f in sorted(clean.rglob("*.png")):
+        rows.append(f"{f.relative_to(clean.parent).as_posix()},c{(int(f.parent.name[1:]) + 1) % 4}")
+    p = clean.parent / f"shifted-{tmp.name}.csv"
+    p.write_text("\n".join(rows) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("shifted-labels", [], "wired to the data the wrong way"),
+    ("unknown-class", [], "are not classes of the model"),
+    ("holdout-without-clean", ["--holdout", "5"], "--holdout goes with --clean"),
+    ("clean-and-data-path", ["--data-path", "x"], "give one"),
+    ("too-few-for-fpr", ["--fpr", "0.001"], "cannot be reached with 160 calibration"),
+])
+def test_defend_clean_mistakes_are_one_line_and_write_nothing(case, extra, message, blobs_model, tmp_path, capsys):
+    from badexpert.cli import main
+
+    root, model_path, clean = blobs_model
+    argv = ["defend", "--model", str(model_path), "--device", "cpu", "--out", str(tmp_path / "d.safetensors"), *extra]
+    if case == "shifted-labels":
+        argv += ["--clean", str(_shifted_csv(clean, tmp_path))]
+    elif case == "unknown-class":
+        bad = tmp_path / "bad"
+        _write(bad, {"c0": 2, "c1": 2, "c2": 2, "c3": 2, "zebra": 2}, size=(12, 12), mode="L")
+        argv += ["--clean", str(bad)]
+    elif case != "holdout-without-clean":
+        argv += ["--clean", str(clean)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "d.safetensors").exists()

@@ -97,9 +97,21 @@ def _add_data(p: argparse.ArgumentParser, *, command: str) -> None:
         g.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
     if command == "defend":
         g.add_argument("--reserved", type=int, default=None,
-                       help="size of the reserved clean set the detector is fitted on (default: the model's record)")
+                       help="size of the reserved clean set the detector is fitted on (default: the model's record; "
+                            "with --clean, half of the clean images)")
         g.add_argument("--calibration", type=int, default=None,
-                       help="size of the clean calibration split (default: the model's record)")
+                       help="size of the clean calibration split (default: the model's record; with --clean, the rest)")
+        g.add_argument("--clean", default=None, metavar="PATH",
+                       help="your own clean, labelled images instead of the model's recorded dataset: a <class>/<image> "
+                            "folder or zip, or a CSV with a path,label header (class names or indices of the model)")
+        g.add_argument("--holdout", type=int, default=0, metavar="N",
+                       help="with --clean: set N clean images aside and report the detector's false-positive rate on "
+                            "them (default 0)")
+        g.add_argument("--min-accuracy", type=float, default=None, metavar="F",
+                       help="with --clean: stop unless the model classifies at least this share of the clean images "
+                            "correctly (default: chance + 0.1, at least twice chance; 0 disables)")
+        g.add_argument("--allow-missing-classes", action="store_true",
+                       help="with --clean: accept a clean set without images of some of the model's classes")
     if command in ("train", "evaluate"):
         g.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
 
@@ -355,6 +367,13 @@ def cmd_defend(args) -> int:
     _check_options(detector=method, detector_params=params, fpr=args.fpr, device=args.device, seed=args.seed,
                    calibrates=False, **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration))
                                         if v is not None})
+    if args.clean is not None:
+        return _defend_on_clean(args, method, params)
+    for flag, given in (("--holdout", args.holdout), ("--min-accuracy", args.min_accuracy is not None),
+                        ("--allow-missing-classes", args.allow_missing_classes)):
+        if given:
+            raise BadExpertError(f"{flag} goes with --clean (your own clean images); without --clean the detector "
+                                 "uses the model's recorded dataset")
     model, meta = load_model(args.model, device=args.device)
     cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration, fpr=args.fpr)
     cfg.detector, cfg.detector_params, cfg.fpr, cfg.device = method, params, args.fpr, args.device
@@ -369,6 +388,56 @@ def cmd_defend(args) -> int:
     print(f"fitted {method} in {det.fit_seconds_:.1f}s{' (' + chose + ')' if chose else ''}; "
           f"threshold {det.threshold_:.4g} at target FPR {args.fpr:g} from the {det.calibration_size_} of "
           f"{len(splits.calibration)} calibration samples the model classifies correctly")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _defend_on_clean(args, method: str, params: dict) -> int:
+    """``defend --clean``: fit and calibrate on the user's own clean images (split seeded), after
+    the sanity gate on the model's accuracy; the held-out part's false-positive rate is reported."""
+    from .data.clean import check_accuracy, clean_splits, read_clean_set
+    from .detectors import DETECTORS, get_detector
+    from .io import load_model
+    from .metrics import check_reachable_fpr
+    from .utils import seed_everything
+
+    for flag, value in (("--dataset", args.dataset), ("--data-path", args.data_path)):
+        if value is not None:
+            raise BadExpertError(f"{flag} and --clean both say where the clean images are; give one")
+    model, meta = load_model(args.model, device=args.device)
+    data = read_clean_set(args.clean, num_classes=meta["num_classes"], image_size=meta["image_size"],
+                          in_channels=meta["in_channels"], classes=meta.get("classes"),
+                          allow_missing=args.allow_missing_classes)
+    splits = clean_splits(data, seed=args.seed, reserved=args.reserved, calibration=args.calibration,
+                          holdout=args.holdout)
+    check_reachable_fpr(args.fpr, len(splits.calibration), "calibration images", "--fpr")  # before anything is fitted
+    acc = check_accuracy(model, data, bar=args.min_accuracy)
+    _log(f"the model classifies {acc:.1%} of the {len(data)} clean images correctly")
+    chosen = ", ".join(str(params[o.param]) for o in DETECTORS[method].cli_options if o.default is not None)
+    _log(f"fitting {method}{' (' + chosen + ')' if chosen else ''} on {len(splits.reserved)} of your clean images")
+    det = get_detector(method, **{"device": args.device, **params})
+    seed_everything(args.seed)
+    det.fit(model, splits.reserved).calibrate(splits.calibration, args.fpr)
+    det.model_name_ = str(args.model)
+    record = {"clean": {"path": str(args.clean), "seed": args.seed, "reserved": len(splits.reserved),
+                        "calibration": len(splits.calibration), "holdout": len(splits.test),
+                        "model_accuracy": acc}}
+    line = (f"fitted {method} in {det.fit_seconds_:.1f}s; threshold {det.threshold_:.4g} at target FPR {args.fpr:g} "
+            f"from the {det.calibration_size_} of {len(splits.calibration)} calibration images the model classifies "
+            "correctly")
+    if len(splits.test):
+        from .metrics import clean_rejection
+        from .training import predict_logits
+
+        rejected = det.predict(splits.test.images).numpy()
+        correct = (predict_logits(model, splits.test.images).argmax(1) == splits.test.labels).numpy()
+        held = clean_rejection(rejected, correct, det.calibration_population_)
+        record["clean"]["holdout_rejection"] = held
+        pct = lambda v: "n/a" if v is None or v != v else f"{v:.2%}"  # noqa: E731 - no image right: no rate
+        line += (f"; on the {len(splits.test)} held-out images it rejects {pct(held['realized_fpr'])} of those the "
+                 f"model gets right ({pct(held['fpr'])} of all)")
+    det.save(args.out, extra=record)
+    print(line)
     print(f"wrote {args.out}")
     return 0
 

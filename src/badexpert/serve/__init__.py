@@ -11,7 +11,10 @@ socket and runs uvicorn.
 
 Endpoints: ``POST /v1/classify`` (JSON nested arrays, multipart image uploads, a single image
 body or raw tensor bytes), ``GET /v1/status``, ``/healthz``, ``/readyz`` and ``/metrics``
-(Prometheus text format, through ``prometheus_client``).
+(Prometheus text format, through ``prometheus_client``); beside them, the Open Inference Protocol
+v2 of KServe and Triton (:mod:`.oip`: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``,
+``/v2/models/NAME``, ``/v2/models/NAME/ready`` and ``POST /v2/models/NAME/infer``, JSON or binary
+tensor data, the guard's answers as named output tensors), on the same batcher, metrics and refusals.
 
 How a request is served: the body is read under ``max_body_mb``; it is parsed into one numpy
 batch by small functions that raise :class:`RequestError` (a :class:`BadExpertError` with an HTTP
@@ -31,14 +34,14 @@ bundle is served (``serve --onnx`` runs on :mod:`badexpert.runtime`).
 
 The modules: :mod:`.settings` (the :class:`Settings` dataclass, also the CLI's options),
 :mod:`.codecs` (request bodies to batches, answers to bytes), :mod:`.batching` (the micro-batcher),
-:mod:`.monitoring` (drift alarm and metrics), :mod:`.logs` (JSON log lines), :mod:`.app`
-(:func:`create_app`) and :mod:`.runner` (:func:`serve`).
+:mod:`.monitoring` (drift alarm and metrics), :mod:`.logs` (JSON log lines), :mod:`.oip` (the Open
+Inference Protocol's routes), :mod:`.app` (:func:`create_app`) and :mod:`.runner` (:func:`serve`).
 """
 
 from .app import CLASSIFY_ROUTE, STATUS_ROUTE, GuardAdapter, create_app
 from .batching import MicroBatcher, check_output
 from .codecs import (CONTENT_TYPES, RequestError, Unavailable, check_batch, conversion_rule, decode_image,
-                     decode_images, parse_json_body, parse_raw_body, parse_shape_header, read_multipart)
+                     decode_images, number_batch, parse_json_body, parse_raw_body, parse_shape_header, read_multipart)
 from .logs import LOG_TARGETS, LOGGER, JsonFormatter, configure_logging, restore_logging
 from .monitoring import LATENCY_BUCKETS, DriftMonitor, Metrics
 from .runner import bind_socket, load_service_model, serve
@@ -47,6 +50,6 @@ from .settings import ON_REJECT, SERVE_EXTRA, Settings, add_arguments, require_s
 __all__ = ["CLASSIFY_ROUTE", "CONTENT_TYPES", "DriftMonitor", "GuardAdapter", "JsonFormatter", "LATENCY_BUCKETS",
            "LOGGER", "LOG_TARGETS", "Metrics", "MicroBatcher", "ON_REJECT", "RequestError", "SERVE_EXTRA",
            "STATUS_ROUTE", "Settings", "Unavailable", "add_arguments", "bind_socket", "check_batch", "check_output",
-           "configure_logging", "conversion_rule", "create_app", "decode_image", "decode_images",
+           "configure_logging", "conversion_rule", "create_app", "decode_image", "decode_images", "number_batch",
            "load_service_model", "parse_json_body", "parse_raw_body", "parse_shape_header", "read_multipart",
            "require_server_deps", "restore_logging", "serve"]

@@ -321,8 +321,8 @@ def create_app(model, *, settings: Settings | None = None):
         if exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
         elif exc.status_code == 404:
-            detail = (f"no endpoint {request.url.path[:100]}; see /v1/classify, /v1/status, /healthz, /readyz, /metrics, "
-                      f"/v2/models/{model_name}/infer")
+            detail = (f"no endpoint {request.url.path[:100]}; see /v1/classify, /v1/status, /healthz, /readyz, "
+                      f"/metrics, /v2/models/{model_name}/infer")
         return answer(exc.status_code, {"error": " ".join(str(detail).split())}, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -278,6 +278,6 @@ def json_bytes(doc: dict) -> bytes:
     return json.dumps(to_jsonable(doc), separators=(",", ":"), allow_nan=False).encode()
 
 
-__all__ = ["CONTENT_TYPES", "JSON_DTYPES", "JSON_FLOAT_HINT", "RAW_DTYPES", "RequestError", "Unavailable", "check_batch",
-           "conversion_rule", "decode_image", "decode_images", "json_bytes", "number_batch", "parse_json_body",
-           "parse_raw_body", "parse_shape_header", "read_body", "read_multipart"]
+__all__ = ["CONTENT_TYPES", "JSON_DTYPES", "JSON_FLOAT_HINT", "RAW_DTYPES", "RequestError", "Unavailable",
+           "check_batch", "conversion_rule", "decode_image", "decode_images", "json_bytes", "number_batch",
+           "parse_json_body", "parse_raw_body", "parse_shape_header", "read_body", "read_multipart"]
