@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything badexpert needs on a fresh machine: PyTorch (pinned CPU build unless one is
 # already installed), the Fashion-MNIST files (Debian package, when apt-get is usable) and the
-# package itself with its test, serve (FastAPI, uvicorn) and export (onnx, onnxruntime) extras.
+# package itself with its test, serve (FastAPI, uvicorn), export (onnx, onnxruntime; also the ONNX
+# model source), grid and hf (transformers: Hugging Face model sources) extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -22,5 +23,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-"$PY" -m pip install --quiet -e ".[test,serve,export,grid]"
+"$PY" -m pip install --quiet -e ".[test,serve,export,grid,hf]"
 echo "setup.sh: done. Try: badexpert demo --out runs/demo"

@@ -221,3 +221,37 @@ def test_defend_clean_mistakes_are_one_line_and_write_nothing(case, extra, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_defend_an_onnx_model_from_elsewhere_with_your_own_clean_folder(blobs_model, tmp_path, capsys):
+    """The model arrives as an ONNX file (exported by another team): defend converts it, checks the
+    conversion, gates on its accuracy, fits BaDExpert on copies, and the detector rejects the
+    backdoor's inputs."""
+    pytest.importorskip("onnxruntime")
+    from badexpert.attacks import attack_from_meta
+    from badexpert.cli import main
+    from badexpert.detectors import load_detector
+    from badexpert.io import load_model
+
+    root, model_path, clean = blobs_model
+    model, meta = load_model(model_path)
+    onnx_path = tmp_path / "theirs.onnx"
+    torch.onnx.export(model, torch.rand(2, 1, 12, 12), str(onnx_path), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False)
+    det_path = tmp_path / "det.safetensors"
+    argv = ["defend", "--model", str(onnx_path), "--clean", str(clean), "--mean", "0", "--std", "1",
+            "--classes", ",".join(meta["classes"]), "--fpr", "0.05", "--device", "cpu", "--out", str(det_path)]
+    without = [a for i, a in enumerate(argv) if a != "--classes" and (i == 0 or argv[i - 1] != "--classes")]
+    capsys.readouterr()
+    assert main(without) == 2  # the ONNX file carries no class names: folders c0..c3 match nothing
+    assert "are not classes of the model" in capsys.readouterr().err and not det_path.exists()
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    theirs, their_meta = load_model(onnx_path, mean=0, std=1, classes=meta["classes"])
+    det = load_detector(det_path, theirs)
+    ds = read_clean_set(clean, num_classes=4, image_size=(12, 12), in_channels=1, classes=meta["classes"])
+    attack = attack_from_meta(meta, source="model")
+    keep = ds.labels != attack.target
+    triggered = attack.apply(ds.images[keep][:100])
+    assert det.predict(triggered).float().mean() > 0.8
+    assert det.predict(ds.images[keep][:100]).float().mean() < 0.2

@@ -88,7 +88,8 @@ def _add_data(p: argparse.ArgumentParser, *, command: str) -> None:
                    help="local dataset files (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
     if command in ("train", "defend"):
         g.add_argument("--image-size", type=_image_size, default=None, metavar="N or HxW",
-                       help="resize ImageFolder images to this size (default: the most common size in the data)")
+                       help="resize ImageFolder images to this size (default: the most common size in the data); "
+                            "with defend --clean: the model's input size, where its source does not declare it")
     if command == "train":
         g.add_argument("--reserved", type=int, default=2000,
                        help="size of the defender's reserved clean set, recorded for `defend` (default 2000)")
@@ -252,6 +253,45 @@ def _check_options(*, calibrates: bool = True, **fields) -> None:
     ExperimentConfig(**{"attack": None, **fields}).validate(calibrates=calibrates)
 
 
+def _add_source(p: argparse.ArgumentParser) -> None:
+    """Options of a model that did not come from `badexpert train` (see `badexpert.io.load_model`):
+    what the source does not carry is declared here; what contradicts it is an error."""
+    g = p.add_argument_group("model source (a model from elsewhere: Hugging Face folder, ONNX file, "
+                             "package.module:factory)")
+    g.add_argument("--source", default=None, metavar="KIND",
+                   help="badexpert, huggingface, onnx or factory (default: told from --model)")
+    g.add_argument("--mean", default=None, metavar="M[,M,M]", help="per-channel mean of the model's normalisation, "
+                   "for [0, 1] inputs (when the source does not carry it)")
+    g.add_argument("--std", default=None, metavar="S[,S,S]", help="per-channel standard deviation, likewise")
+    g.add_argument("--classes", default=None, metavar="FILE or A,B,...",
+                   help="class names in label order: a comma list, or a text file with one name per line")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="weights of a package.module:factory model (safetensors, or a state dict .pt)")
+    g.add_argument("--factory-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of a package.module:factory model, as a JSON object")
+
+
+def _classes_option(text: str | None):
+    if text is None:
+        return None
+    p = Path(text)
+    if p.is_file():
+        names = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="strict").splitlines() if ln.strip()]
+        if not names:
+            raise BadExpertError(f"--classes file '{p}' names no class; write one class name per line")
+        return names
+    return text
+
+
+def _load_source(args, *, image_size=None):
+    """``--model`` with the source options, through the one loader of every model source."""
+    from .io import load_model
+
+    return load_model(args.model, device=args.device, kind=args.source, mean=args.mean, std=args.std,
+                      image_size=image_size, classes=_classes_option(args.classes), weights=args.weights,
+                      kwargs=args.factory_kwargs)
+
+
 def _attack_name(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("none", "clean", "") else value
 
@@ -334,8 +374,9 @@ def _splits_for(meta: dict, record: dict, args, **overrides):
     ds = record.get("dataset")
     sp = record.get("split")
     if not isinstance(ds, dict) or not isinstance(sp, dict) or not isinstance(ds.get("name"), str):
-        raise BadExpertError("the file does not record the dataset and split it was made with; pass --dataset and "
-                             "--data-path, or make it with `badexpert train` / `badexpert defend`")
+        raise BadExpertError("the model does not record the dataset and split it was made with; give your own clean "
+                             "images with --clean FOLDER (or --dataset and --data-path), or make it with `badexpert "
+                             "train` / `badexpert defend`")
     image_size = getattr(args, "image_size", None) or ds.get("image_size")
     values = dict(
         dataset=args.dataset or ds["name"], data_path=args.data_path or ds.get("path"), arch=meta["arch"],
@@ -358,7 +399,6 @@ def _splits_for(meta: dict, record: dict, args, **overrides):
 def cmd_defend(args) -> int:
     from .detectors import DETECTORS
     from .experiment import fit_detector, split_meta
-    from .io import load_model
     from .utils import check_output_file
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
@@ -374,7 +414,7 @@ def cmd_defend(args) -> int:
         if given:
             raise BadExpertError(f"{flag} goes with --clean (your own clean images); without --clean the detector "
                                  "uses the model's recorded dataset")
-    model, meta = load_model(args.model, device=args.device)
+    model, meta = _load_source(args)
     cfg, splits = _splits_for(meta, meta, args, reserved=args.reserved, calibration=args.calibration, fpr=args.fpr)
     cfg.detector, cfg.detector_params, cfg.fpr, cfg.device = method, params, args.fpr, args.device
     cfg.validate()
@@ -397,14 +437,13 @@ def _defend_on_clean(args, method: str, params: dict) -> int:
     the sanity gate on the model's accuracy; the held-out part's false-positive rate is reported."""
     from .data.clean import check_accuracy, clean_splits, read_clean_set
     from .detectors import DETECTORS, get_detector
-    from .io import load_model
     from .metrics import check_reachable_fpr
     from .utils import seed_everything
 
     for flag, value in (("--dataset", args.dataset), ("--data-path", args.data_path)):
         if value is not None:
             raise BadExpertError(f"{flag} and --clean both say where the clean images are; give one")
-    model, meta = load_model(args.model, device=args.device)
+    model, meta = _load_source(args, image_size=args.image_size)
     data = read_clean_set(args.clean, num_classes=meta["num_classes"], image_size=meta["image_size"],
                           in_channels=meta["in_channels"], classes=meta.get("classes"),
                           allow_missing=args.allow_missing_classes)
@@ -759,8 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit a detector (--method; BaDExpert by default) on the reserved clean split of "
                                    "the model's dataset and calibrate its threshold on the disjoint calibration "
                                    "split. evaluate, bundle and serve take any detector it writes.")
-    p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
+    p.add_argument("--model", required=True, help="suspect model: a file written by `badexpert train`, a Hugging Face "
+                   "save_pretrained folder, an .onnx file, or package.module:factory (see the model source options)")
     _add_data(p, command="defend")
+    _add_source(p)
     _add_detector(p)
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
     _add_overwrite(p)
