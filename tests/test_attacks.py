@@ -212,3 +212,24 @@ def test_a_rate_that_poisons_nothing_fails_before_any_training(name):
         get_attack(name, poison_rate=0.001).implant(random_dataset(100, c=1, size=12), build_model,
                                                     Recipe(epochs=1, batch_size=16), seed=0, log=lambda _: None)
     assert "\n" not in str(err.value)
+
+
+# --- the contract, for every registered attack (badexpert.testing.check_attack) --------------------
+# Attacks whose poison() needs implant() first (a surrogate model, crafted perturbations) or that
+# poison nothing (SRA grafts weights) say so in one line; the kit reports their poisoning checks as
+# skipped, and this table pins which ones that is, so a newly registered attack is fully checked.
+POISONS_ONLY_THROUGH_IMPLANT = {"cl", "sleeper_agent", "sra"}
+
+
+@pytest.mark.filterwarnings("ignore:refool reflections")
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 14, 14)], ids=["rgb16", "gray14"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_keeps_the_contract(name, shape, tmp_path):
+    """Parameters (one-line errors, to_dict round trip), apply (shape, dtype, range, input untouched,
+    seeded), seeded poisoning and its counts, and the trigger state round trip through a model file."""
+    from badexpert.testing import check_attack
+
+    report = check_attack(ATTACKS[name], shape=shape, params=attack_files(tmp_path, ATTACKS[name]))
+    skipped = {k for k, v in report.items() if v != "ok"}
+    assert skipped == ({"seeded poison", "poison count"} if name in POISONS_ONLY_THROUGH_IMPLANT else set()), report
+    assert set(report) == {"parameters", "apply", "seeded poison", "poison count", "trigger state round trip"}

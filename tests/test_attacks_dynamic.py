@@ -52,16 +52,6 @@ def test_registry_and_reference_defaults():
     assert (a.generator_channels, a.generator_blocks, a.mask_epochs, a.mask_lr, a.generator_lr) == (8, 3, 2, 0.01, 0.01)
 
 
-@pytest.mark.parametrize("param,value", [
-    ("cross_rate", 1.5), ("mask_density", 0), ("mask_density", 1), ("generator_channels", 0),
-    ("generator_blocks", 6), ("mask_epochs", 0), ("lambda_div", -1), ("generator_lr", 0.0), ("mask_lr", "0.01"),
-])
-def test_a_wrong_value_names_the_parameter(param, value):
-    with pytest.raises(BadExpertError, match=f"attack 'dynamic' parameter '{param}' must be") as err:
-        get_attack("dynamic", **{param: value})
-    assert "\n" not in str(err.value)
-
-
 def test_the_rates_must_fit_in_a_batch():
     with pytest.raises(BadExpertError, match="'poison_rate' .0.6. and 'cross_rate' .0.5. add up to more than 1"):
         get_attack("dynamic", poison_rate=0.6, cross_rate=0.5)
@@ -82,6 +72,7 @@ def test_the_generators_take_any_image_size(shape, blocks):
     c, h, w = shape
     x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(0))
     for out in (c, 1):
+        torch.manual_seed(out)  # the generator's initial weights, whatever ran before
         with torch.no_grad():
             y = EncoderDecoder(c, out, 4, blocks).eval()(x)
         assert y.shape == (3, out, h, w) and float(y.min()) > 0 and float(y.max()) < 1

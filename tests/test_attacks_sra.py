@@ -37,16 +37,6 @@ def test_registry_and_defaults():
     assert SUPPORTED_ARCHS == ("cnn", "resnet18", "vgg16bn")
 
 
-@pytest.mark.parametrize("param,value", [
-    ("factor", 0), ("factor", -2.0), ("other_factor", 0.5), ("subnet_channels", 0), ("subnet_channels", 1.5),
-    ("subnet_epochs", 0), ("subnet_lr", 0), ("subnet_tries", 0), ("compensate", 1), ("opacity", 1.5),
-])
-def test_a_wrong_value_names_the_parameter(param, value):
-    with pytest.raises(BadExpertError, match=f"attack 'sra' parameter '{param}' must be") as err:
-        get_attack("sra", **{param: value})
-    _one_line(err)
-
-
 @pytest.mark.parametrize("param", ["poison_rate", "cover_rate"])
 def test_sra_poisons_no_training_data(param):
     with pytest.raises(BadExpertError, match=f"parameter '{param}' must be 0: SRA poisons no training data") as err:

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from badexpert.attacks import ATTACKS, BPP, WaNet, attack_from_dict, attack_from_meta, get_attack
+from badexpert.attacks import ATTACKS, BPP, WaNet, attack_from_meta, get_attack
 from badexpert.attacks.bpp import floyd_steinberg, palette, quantize
 from badexpert.attacks.wanet import identity_grid
 from badexpert.errors import BadExpertError
 from badexpert.evaluation import evaluate
-from badexpert.io import load_model, save_model
+from badexpert.io import save_model
 from badexpert.models import build_model
 from badexpert.utils import derive_generator
 
@@ -35,16 +35,6 @@ def test_registry_and_reference_defaults():
     b = get_attack("BPP")
     assert (b.squeeze_num, b.dither, b.poison_rate, b.negative_rate, b.cover_rate) == (8, True, 0.2, 0.2, 0.0)
     assert not w.clean_label and not b.clean_label
-
-
-@pytest.mark.parametrize("name,param,value", [
-    ("wanet", "k", 1), ("wanet", "k", 2.5), ("wanet", "strength", -0.1), ("wanet", "strength", "0.5"),
-    ("wanet", "grid_rescale", 0.0), ("wanet", "cover_rate", 1.5),
-    ("bpp", "squeeze_num", 1), ("bpp", "squeeze_num", 257), ("bpp", "negative_rate", -0.2), ("bpp", "dither", 1),
-])
-def test_a_wrong_value_names_the_parameter(name, param, value):
-    with pytest.raises(BadExpertError, match=f"attack '{name}' parameter '{param}' must be"):
-        get_attack(name, **{param: value})
 
 
 def test_wanet_refuses_a_control_grid_larger_than_the_image():
@@ -141,19 +131,6 @@ def _save(path, attack, shape):
     meta = {"arch": "cnn", "width": 4, "in_channels": c, "num_classes": 10, "image_size": [h, w], "mean": [0.5] * c,
             "std": [0.25] * c, "attack": attack.to_dict(), "attack_state": attack.trigger_state(shape)}
     return save_model(path, model, meta)
-
-
-@pytest.mark.parametrize("name", ["wanet", "bpp"])
-def test_saved_state_restores_the_exact_trigger(name, tmp_path):
-    shape = (1, 28, 28)
-    a = get_attack(name, trigger_seed=7)
-    x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(3))
-    expected = a.apply(x)
-    _, meta = load_model(_save(tmp_path / "m.safetensors", a, shape))
-    assert set(meta["attack_state"]) == ({"grid"} if name == "wanet" else {"levels"})
-    restored = attack_from_meta(meta)
-    assert type(restored) is type(a) and torch.equal(restored.apply(x), expected)
-    assert torch.equal(attack_from_dict(meta["attack"]).apply(x), expected)  # rebuilt from the record alone
 
 
 def test_wanet_restored_grid_is_what_warps(tmp_path):

@@ -135,17 +135,11 @@ def test_strip_scores_do_not_depend_on_batch_size_order_or_dtype(backdoored):
     reserved, x = te.subset(range(0, 300)), te.images[2000:2040]
     a = STRIP(n=12, batch_size=7, device="cpu").fit(model, reserved)
     b = STRIP(n=12, batch_size=64, device="cpu").fit(model, reserved)
-    sa, sb = a.score(x), b.score(x)
-    # the same overlays whatever the batch; the scores agree to float precision (exactly, on CPU here;
-    # the tolerance only allows a BLAS kernel that rounds differently for another batch shape)
-    assert torch.allclose(sa, sb, rtol=0, atol=1e-6)
+    # the same overlays whatever the batch (the scores' independence of batch size, order and dtype,
+    # and same seed same scores: the contract kit, tests/test_detectors.py)
     assert torch.equal(a.overlay_indices(to_float(x)), b.overlay_indices(to_float(x)))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(b.score(x[perm]), sb[perm], rtol=0, atol=1e-6)
-    assert torch.equal(torch.cat([b.score(x[:13]), b.score(x[13:])]), sb)
-    assert torch.equal(b.score(to_float(x)), sb)  # uint8 and float inputs: same overlays, same score
-    # the seed drives the draws; the same seed gives the same scores
-    assert torch.equal(STRIP(n=12, device="cpu").fit(model, reserved).score(x), sb)
+    assert torch.equal(a.overlay_indices(to_float(x)), a.overlay_indices(x.flip(0).float().div(255)).flip(0))
+    # the seed drives the draws
     assert not torch.equal(STRIP(n=12, seed=1, device="cpu").fit(model, reserved).overlay_indices(to_float(x)),
                            b.overlay_indices(to_float(x)))
 

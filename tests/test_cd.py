@@ -37,18 +37,11 @@ def test_registered_and_cost():
     assert det.get_params()["alpha"] == 0.01 and det.get_params()["beta"] == 1.0 and det.get_params()["lr"] == 0.1
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"steps": 0}, "steps"), ({"steps": "10"}, "steps"), ({"lr": 0.0}, "lr"), ({"lr": -1.0}, "lr"),
-    ({"alpha": -0.1}, "alpha"), ({"beta": -1.0}, "beta"), ({"alpha": float("nan")}, "alpha"),
-])
-def test_bad_parameters_are_refused(params, field):
-    with pytest.raises(BadExpertError, match=f"'{field}'"):
-        get_detector("cd", **params)
+@pytest.mark.parametrize("params, field", [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"alpha": float("nan")}, "alpha")])
+def test_the_constructor_refuses_bad_parameters(params, field):
+    """CD checks its values in the constructor too (get_detector and set_params: the contract kit)."""
     with pytest.raises(BadExpertError, match=f"'{field}'"):
         CognitiveDistillation(**params)
-    det = CognitiveDistillation()
-    with pytest.raises(BadExpertError, match=f"'{field}'"):
-        det.set_params(**params)
 
 
 def test_total_variation_by_hand():
@@ -130,23 +123,19 @@ def test_the_model_is_left_untouched(setup):
     assert [m.training for m in model.modules()] == modes
 
 
-def test_scores_do_not_depend_on_batch_size_or_order(setup):
+def test_the_seed_draws_the_colours(setup):
+    # (batch size and order independence: the contract kit, tests/test_detectors.py)
     model, det, clean, _ = setup
     x = clean.images[:24]
     a = det.score(x)
-    small = CognitiveDistillation(steps=STEPS, seed=0, batch_size=5).fit(model, clean.subset(range(100, 120)))
-    b = small.score(x.flip(0)).flip(0)
-    c = torch.cat([det.score(x[:3]), det.score(x[3:])])
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
     other = CognitiveDistillation(steps=STEPS, seed=1).fit(model, clean.subset(range(100, 120)))
     assert not torch.allclose(a, other.score(x), atol=1e-5)  # the seed draws the colours
 
 
-def test_uint8_and_float_agree_and_no_grad_contexts(setup):
+def test_scores_under_no_grad_contexts(setup):
     _, det, clean, _ = setup
     x = clean.images[:12]
     a = det.score(x)
-    assert torch.allclose(a, det.score(to_float(x)), atol=1e-6)
     with torch.no_grad():
         assert torch.equal(det.score(x), a)
     with torch.inference_mode():
@@ -162,22 +151,11 @@ def test_guard_shares_the_model_pass(setup):
     assert torch.allclose(det.score_given_logits(xb, logits), det.score(clean.images[:8]), atol=1e-6)
 
 
-def test_nonfinite_input_gets_nan(setup):
-    _, det, clean, _ = setup
-    x = to_float(clean.images[:3]).clone()
-    x[1, 0, 0, 0] = float("nan")
-    s = det.score(x)
-    assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()
-
-
 def test_save_load_round_trip(setup, tmp_path):
     model, det, clean, triggered = setup
     det = copy.deepcopy(det).calibrate(clean.subset(range(100, 200)), fpr=0.1)
     loaded = load_detector(det.save(tmp_path / "cd.safetensors"), model)
-    assert isinstance(loaded, CognitiveDistillation) and loaded.get_params() == det.get_params()
-    assert loaded.threshold_ == det.threshold_
-    x = torch.cat([to_float(clean.images[:10]), to_float(triggered[:10])])
-    assert torch.equal(loaded.score(x), det.score(x))
+    assert isinstance(loaded, CognitiveDistillation)  # same params, threshold and scores: the contract kit
     # a file of the first version (no procedure recorded) holds a threshold for other masks: refused
     import json
 

@@ -131,13 +131,7 @@ def test_score_is_the_logit_difference_and_independent_of_batch_size_and_order(s
         logits = det.cnn_(to_float(x))
     ref = det.score(x)
     assert torch.allclose(ref, logits[:, 1] - logits[:, 0], atol=1e-5)
-    for bs in (1, 7, 300):
-        det.set_params(batch_size=bs)
-        assert torch.allclose(det.score(x), ref, atol=1e-5), bs
-    det.set_params(batch_size=256)
-    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(det.score(x[perm]), ref[perm], atol=1e-5)
-    assert torch.allclose(det.score(to_float(x)), ref, atol=1e-6)
+    # (independent of batch size, order and dtype: the contract kit, tests/test_detectors.py)
 
 
 def test_fit_is_deterministic_under_the_seed():
@@ -162,10 +156,7 @@ def test_save_load_round_trip(setup, tmp_path):
     det.calibrate(calib, fpr=0.05, population="all")  # the Refuses model cannot classify the calibration set
     path = det.save(tmp_path / "freq.safetensors")
     loaded = load_detector(path, model)
-    assert isinstance(loaded, Frequency) and loaded.get_params() == det.get_params()
-    assert loaded.threshold_ == det.threshold_ and loaded.fit_report_ == det.fit_report_
-    assert torch.equal(loaded.score(test), det.score(test))
-    assert torch.equal(loaded.predict(triggered), det.predict(triggered))
+    assert loaded.fit_report_ == det.fit_report_  # (params, threshold, scores, decisions: the contract kit)
     # the CNN weights (and the standardisation) are the state; none of them may be missing
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()

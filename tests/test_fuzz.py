@@ -28,6 +28,7 @@ import io
 import json
 import math
 import struct
+import typing
 import zipfile
 import zlib
 from pathlib import Path
@@ -1509,18 +1510,68 @@ _json = st.recursive(
 _RECIPE_KEYS = ["optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay", "schedule",
                 "milestones", "gamma", "warmup_epochs", "augment", "hflip", "pad", "label_smoothing", "amp",
                 "max_steps", "bogus"]
-_ATTACK_KEYS = ["target", "poison_rate", "cover_rate", "source_classes", "trigger_seed", "opacity", "trigger_image",
-                "size", "alpha", "bogus"]
-_DETECTOR_KEYS = ["preset", "score_rule", "expert_lr", "expert_epochs", "aux_lr", "aux_epochs", "aux_milestones",
-                  "holdout", "expert_agreement", "aux_dip", "augment", "hflip", "batch_size", "seed", "device", "bogus"]
+
+
+def _registry_strategies():
+    """Names and parameters drawn from the registries (datasets, architectures, attacks, detectors):
+    a new registry entry, and each of its parameters, is fuzzed without editing this file. Parameter
+    values are a parameter's default, a value its annotation refuses (badexpert.testing.bad_values)
+    or any JSON."""
+    import dataclasses
+    import inspect
+
+    from badexpert.attacks import ATTACKS
+    from badexpert.data import DATASETS
+    from badexpert.detectors import DETECTORS
+    from badexpert.models import ARCHITECTURES
+    from badexpert.testing import bad_values
+    from badexpert.validation import signature_hints
+
+    def params_of(fields: dict[str, tuple]) -> st.SearchStrategy:
+        """A dict of some of ``fields`` ({name: (default, annotation)}) plus an unknown one."""
+        def value(name):
+            default, hint = fields[name]
+            known = [default, *bad_values(hint)] if name != "bogus" else [1]
+            return st.sampled_from(known) | _json
+
+        keys = sorted(fields) + ["bogus"]
+        fields = {**fields, "bogus": (None, None)}
+        return st.lists(st.sampled_from(keys), max_size=3, unique=True).flatmap(
+            lambda ks: st.fixed_dictionaries({k: value(k) for k in ks}))
+
+    def attack_fields(cls):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None, hints.get(f.name))
+                for f in dataclasses.fields(cls) if f.init}
+
+    def detector_fields(cls):
+        hints = signature_hints(cls.__init__)
+        return {p.name: (p.default, hints.get(p.name)) for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is p.KEYWORD_ONLY}
+
+    names = lambda reg: st.sampled_from(sorted(reg))  # noqa: E731
+    # an attack (detector) name with parameters of that attack (detector), or of any, or any JSON
+    attack = names(ATTACKS).flatmap(lambda n: st.tuples(st.just(n), params_of(attack_fields(ATTACKS[n]))))
+    detector = names(DETECTORS).flatmap(lambda n: st.tuples(st.just(n), params_of(detector_fields(DETECTORS[n]))))
+    return {
+        "dataset": names(DATASETS) | _json,
+        "arch": names(ARCHITECTURES) | _json,
+        "attack": names(ATTACKS) | st.none() | _json,
+        "detector": names(DETECTORS) | _json,
+        "attack+params": attack,
+        "detector+params": detector,
+    }
+
+
+_REGISTRY = _registry_strategies()
 _CONFIG_VALUES = {
-    "dataset": st.sampled_from(["fashion-mnist", "imagefolder", "cifar10"]) | _json,
-    "arch": st.sampled_from(["cnn", "resnet18", "vit"]) | _json,
-    "attack": st.sampled_from(["badnet", "blend", "trojan", None]) | _json,
-    "detector": st.sampled_from(["badexpert"]) | _json,
+    "dataset": _REGISTRY["dataset"],
+    "arch": _REGISTRY["arch"],
+    "attack": _REGISTRY["attack"],
+    "detector": _REGISTRY["detector"],
     "recipe": st.dictionaries(st.sampled_from(_RECIPE_KEYS), _json, max_size=3) | _json,
-    "attack_params": st.dictionaries(st.sampled_from(_ATTACK_KEYS), _json, max_size=3) | _json,
-    "detector_params": st.dictionaries(st.sampled_from(_DETECTOR_KEYS), _json, max_size=3) | _json,
+    "attack_params": _REGISTRY["attack+params"].map(lambda t: t[1]) | _json,
+    "detector_params": _REGISTRY["detector+params"].map(lambda t: t[1]) | _json,
 }
 _CONFIG_FIELDS = ["dataset", "data_path", "image_size", "arch", "width", "attack", "attack_params", "recipe",
                   "reserved", "calibration", "train_size", "test_size", "detector", "detector_params", "fpr",
@@ -1530,7 +1581,12 @@ _CONFIG_FIELDS = ["dataset", "data_path", "image_size", "arch", "width", "attack
 @st.composite
 def config_dicts(draw):
     keys = draw(st.lists(st.sampled_from(_CONFIG_FIELDS), max_size=4, unique=True))
-    return {k: draw(_CONFIG_VALUES.get(k, _json)) for k in keys}
+    out = {k: draw(_CONFIG_VALUES.get(k, _json)) for k in keys}
+    # often a registered attack / detector with its own parameters, so every entry's fields are fuzzed
+    for field, key in (("attack", "attack+params"), ("detector", "detector+params")):
+        if draw(st.booleans()):
+            out[field], out[f"{field}_params"] = draw(_REGISTRY[key])
+    return out
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -1542,3 +1598,25 @@ def test_property_config_validation_raises_only_badexpert_errors(d):
         ExperimentConfig.from_dict(d).validate()
     except BadExpertError:
         pass
+
+
+
+def test_the_config_strategies_reach_every_registry_entry():
+    """The property test above draws from the registries: every registered attack and detector is
+    drawn, with parameters of its own (a new entry needs no edit here)."""
+    from badexpert.attacks import ATTACKS
+    from badexpert.detectors import DETECTORS
+
+    seen: dict[str, set] = {"attack+params": set(), "detector+params": set()}
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_REGISTRY["attack+params"], _REGISTRY["detector+params"])
+    def draw(attack, detector):
+        for key, (name, params) in (("attack+params", attack), ("detector+params", detector)):
+            if set(params) - {"bogus"}:
+                seen[key].add(name)
+
+    draw()
+    assert seen["attack+params"] == set(ATTACKS), set(ATTACKS) - seen["attack+params"]
+    assert seen["detector+params"] == set(DETECTORS), set(DETECTORS) - seen["detector+params"]

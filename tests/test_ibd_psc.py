@@ -190,14 +190,12 @@ def test_the_users_model_is_left_bit_identical(backdoored, tmp_path):
 def test_scores_do_not_depend_on_batch_size_order_or_dtype(backdoored, fitted):
     model, attack, _, te = backdoored
     x = torch.cat([te.images[500:520], (attack.apply(te.images[520:540]) * 255).round().to(torch.uint8)])
-    a = fitted.score(x)
-    assert torch.allclose(fitted.score(to_float(x)), a, atol=1e-6)
+    # (scores independent of batch size, order and dtype: the contract kit, tests/test_detectors.py)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small = IBDPSC(batch_size=7).fit(model, te.subset(range(0, 400)))
-    assert small.k_ == fitted.k_
-    assert torch.allclose(small.score(x.flip(0)).flip(0), a, atol=1e-6)
-    assert torch.allclose(torch.cat([fitted.score(x[:9]), fitted.score(x[9:])]), a, atol=1e-6)
+    assert small.k_ == fitted.k_  # the batch size of the fit does not change the start index
+    assert torch.equal(small.psc(x), fitted.psc(x))
 
 
 def test_score_keeps_the_order_psc_loses_to_float32(backdoored, fitted):
@@ -232,10 +230,7 @@ def test_save_load_round_trip(backdoored, fitted, tmp_path):
     det = copy.copy(fitted).calibrate(te.subset(range(800, 900)), fpr=0.1)
     path = det.save(tmp_path / "ibd.safetensors")
     loaded = load_detector(path, model)
-    assert isinstance(loaded, IBDPSC) and loaded.get_params() == det.get_params()
-    assert (loaded.k_, loaded.bn_layers_, loaded.threshold_) == (det.k_, det.bn_layers_, det.threshold_)
-    x = te.images[900:960]
-    assert torch.equal(loaded.score(x), det.score(x)) and torch.equal(loaded.predict(x), det.predict(x))
+    assert (loaded.k_, loaded.bn_layers_) == (det.k_, det.bn_layers_)  # (scores etc.: the contract kit)
     # a damaged or mismatched state is a one-line error
     tensors, meta = det.to_state()
     for state, message in [({"k": 0, "bn_layers": 3}, "lacks a valid start index k"),

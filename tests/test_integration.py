@@ -37,7 +37,9 @@ def test_backdoor_is_implanted_and_detected(demo_run):
     assert d["attack_success_rate"] < 0.5 * m["attack_success_rate"]
     assert d["fpr"] <= 0.04  # calibrated at 1% on 1,000 disjoint clean images; 3,000 test images
     assert d["clean_accuracy"] >= m["clean_accuracy"] - 0.05
-    assert d["cost"]["forward_passes_per_input"] == 3 and d["cost"]["throughput_ratio"] > 0
+    cost = d["cost"]
+    assert cost["forward_passes_per_input"] == 3
+    assert cost["throughput_ratio"] == pytest.approx(cost["detector_images_per_s"] / cost["model_images_per_s"])
     assert d["fit_report"]["expert"]["reached_target"]
 
 

@@ -94,14 +94,10 @@ def test_model_unchanged_no_hooks_and_frozen_models_work(parts, det):
 
 def test_scores_do_not_depend_on_batch_size_order_or_dtype(parts, det):
     model, reserved, _, test, _, _ = parts
+    # (scores independent of batch size, order and dtype: the contract kit, tests/test_detectors.py)
     x = test.images[:30]
     s = det.score(x)
     small = SentiNet(n=12, layer=LAYER, batch_size=7, device="cpu").fit(model, reserved)
-    assert torch.allclose(small.score(x), s, rtol=0, atol=1e-6)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(det.score(x[perm]), s[perm], rtol=0, atol=1e-6)
-    assert torch.allclose(torch.cat([det.score(x[:11]), det.score(x[11:])]), s, rtol=0, atol=1e-6)
-    assert torch.equal(det.score(to_float(x)), s)  # uint8 and float inputs agree
     assert torch.equal(det.pool_indices(to_float(x)), small.pool_indices(to_float(x)))
     with torch.no_grad():  # the Grad-CAM pass enables gradients itself
         assert torch.equal(det.score(x), s)
@@ -194,12 +190,10 @@ def test_save_load_round_trip(det, parts, tmp_path):
     model, _, _, test, trig, _ = parts
     path = det.save(tmp_path / "sentinet.safetensors")
     loaded = load_detector(path, model)
-    assert isinstance(loaded, SentiNet) and loaded.get_params() == det.get_params()
-    assert loaded.threshold_ == det.threshold_ and loaded.layer_name_ == det.layer_name_
+    # (same params, threshold, scores and decisions: the contract kit) its own state comes back
+    assert isinstance(loaded, SentiNet) and loaded.layer_name_ == det.layer_name_
     assert torch.equal(loaded.pool_, det.pool_) and np.array_equal(loaded.curve_, det.curve_)
     assert loaded.conf_range_ == det.conf_range_
-    assert torch.equal(loaded.score(test.images[:20]), det.score(test.images[:20]))
-    assert torch.equal(loaded.predict(trig[:20]), det.predict(trig[:20]))
     # a damaged file (no pool) is refused in one line
     from safetensors.torch import load_file, save_file
     import json

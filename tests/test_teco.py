@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from badexpert.data import to_float
 from badexpert.detectors import DETECTORS, TeCo, get_detector, load_detector
 from badexpert.detectors.corruptions import CORRUPTIONS, IMAGENET_C, RANDOM, corrupt, frost_texture, plasma_fractal
 from badexpert.errors import BadExpertError
@@ -398,11 +397,7 @@ def test_scores_do_not_depend_on_batch_size_order_or_dtype(backdoored):
     det = TeCo(corruptions=("gaussian_noise", "glass_blur", "snow", "frost", "fog", "elastic_transform", "contrast"),
                seed=3).fit(model, clean)
     x = torch.cat([te.images[100:112], attack.apply(te.images[112:124]).mul(255).round().to(torch.uint8)])
-    a = det.score(x)
-    small = TeCo(**{**det.get_params(), "batch_size": 5}).fit(model, clean)
-    assert torch.equal(small.score(x.flip(0)).flip(0), a)
-    assert torch.equal(det.score(to_float(x)), a)
-    assert torch.equal(torch.cat([det.score(x[:7]), det.score(x[7:])]), a)
+    a = det.score(x)  # (batch size, order and dtype independence: the contract kit, tests/test_detectors.py)
     # the backdoor shows on this model: triggered inputs spread their flip severities more
     assert a[12:].mean() > a[:12].mean()
 
@@ -464,11 +459,9 @@ def test_save_load_round_trip(tmp_path):
     x = torch.cat([halves(0.3, 0.8), halves(0.45, 0.75), halves(0.1, 0.3)])
     path = det.save(tmp_path / "teco.safetensors")
     loaded = load_detector(path, model)
-    assert isinstance(loaded, TeCo) and loaded.get_params() == det.get_params()
+    # (same params, threshold, scores and decisions: the contract kit) its corruptions come back
     assert loaded.corruptions == ("brightness", "contrast", "gaussian_noise") and loaded.severities == (1, 2, 4)
-    assert loaded.threshold_ == det.threshold_
-    assert torch.equal(loaded.score(x), det.score(x))
-    assert torch.equal(loaded.predict(x), det.predict(x))
+    assert torch.equal(loaded.flip_severities(x), det.flip_severities(x))
 
 
 def test_fidelity_teco_robustness_gap_between_clean_and_triggered(backdoored):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from badexpert.data import to_float
 from badexpert.detectors import DETECTORS, TED, get_detector, load_detector
 from badexpert.detectors.base import detector_from_state
 from badexpert.detectors.ted import LOGITS, default_layers
@@ -89,16 +88,9 @@ def test_references_are_seeded_correct_and_per_class(setup, backdoored):
 def test_scores_do_not_depend_on_batch_size_order_or_dtype(setup):
     det, _, _, test, triggered = setup
     x = torch.cat([test.images[:20], (triggered[:20] * 255).round().to(torch.uint8)])
-    ref = det.score(x)
-    assert torch.allclose(det.score(to_float(x)), ref, atol=1e-5)
-    small = copy.copy(det).set_params(batch_size=7)
-    assert torch.allclose(small.score(x.flip(0)).flip(0), ref, atol=1e-5)
+    ref = det.score(x)  # (batch, order, dtype, NaN: the contract kit, tests/test_detectors.py)
     d = det.score_details(x)
     assert d["ranks"].shape == (40, 4) and torch.allclose(torch.from_numpy(d["score"]), ref, atol=1e-5)
-    bad = to_float(x[:3]).clone()
-    bad[1, 0, 0, 0] = float("nan")
-    s = det.score(bad)
-    assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()
 
 
 def test_save_load_round_trip(setup, tmp_path):
@@ -106,10 +98,7 @@ def test_save_load_round_trip(setup, tmp_path):
     det = copy.copy(det).calibrate(test.subset(range(0, 300)), fpr=0.1)
     path = det.save(tmp_path / "ted.safetensors")
     loaded = load_detector(path, model)
-    assert isinstance(loaded, TED) and loaded.get_params() == det.get_params() and loaded.layers_ == det.layers_
-    assert loaded.threshold_ == det.threshold_ and loaded.fit_report_ == det.fit_report_
-    x = torch.cat([test.images[300:340], (triggered[:20] * 255).round().to(torch.uint8)])
-    assert torch.equal(loaded.score(x), det.score(x)) and torch.equal(loaded.predict(x), det.predict(x))
+    assert loaded.layers_ == det.layers_ and loaded.fit_report_ == det.fit_report_  # (scores: the contract kit)
     tensors, meta = det.to_state()
     for drop in ("reference.0", "pca_variance"):
         damaged = {k: v for k, v in tensors.items() if k != drop}
