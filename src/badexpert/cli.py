@@ -271,6 +271,12 @@ def _add_source(p: argparse.ArgumentParser) -> None:
                    help="keyword arguments of a package.module:factory model, as a JSON object")
 
 
+def _add_allow_factory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-factory", action="append", default=[], metavar="package.module:factory",
+                   help="import this factory to rebuild a bundle's model of your own (repeatable); a bundle never "
+                        "imports code you did not name")
+
+
 def _classes_option(text: str | None):
     if text is None:
         return None
@@ -593,24 +599,27 @@ def cmd_evaluate(args) -> int:
 def cmd_bundle(args) -> int:
     from .detectors import load_detector
     from .guard import save_bundle
-    from .io import load_model
     from .utils import check_output_file
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
-    model, meta = load_model(args.model)
+    model, meta = _load_source(args, image_size=args.image_size)
     detector = load_detector(args.detector, model, model_name=str(args.model))
     if not hasattr(detector, "threshold_"):
         raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
     save_bundle(args.out, model, detector, meta)
     print(f"wrote {args.out}: {meta['arch']} model, {detector.name} detector, threshold {detector.threshold_:.4g} "
           f"at target FPR {detector.fpr_target_:g}")
+    if meta["arch"] == "factory":
+        print(f"loading it imports {meta['source']['factory']}: serve and export it with --allow-factory "
+              f"{meta['source']['factory']}")
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export_bundle
 
-    r = export_bundle(args.bundle, args.onnx, opset=args.opset, overwrite=args.overwrite, log=_log)
+    r = export_bundle(args.bundle, args.onnx, opset=args.opset, overwrite=args.overwrite, log=_log,
+                      allow_factories=args.allow_factory)
     v = r["verification"]
     ties = v["borderline_label_flips"] + v["borderline_reject_flips"]
     same = "identical" if not ties else f"identical except {ties} tie(s) within tolerance"
@@ -629,8 +638,10 @@ def cmd_serve(args) -> int:
         raise BadExpertError("serve needs a bundle file (`badexpert bundle`) or --onnx FILE (`badexpert export`), "
                              "not both")
     settings = Settings.from_namespace(args)  # the options add_arguments made from its fields
+    if args.onnx is not None and args.allow_factory:
+        raise BadExpertError("--allow-factory goes with a bundle; an ONNX guard (--onnx) runs no Python code")
     serve(args.bundle, host=args.host, port=args.port, settings=settings, onnx=args.onnx, threads=args.threads,
-          log_level=args.log_level)
+          log_level=args.log_level, allow_factories=args.allow_factory)
     return 0
 
 
@@ -676,7 +687,7 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
-    from .guard import BUNDLE_FORMAT, read_bundle
+    from .guard import BUNDLE_FORMATS, read_bundle
     from .io import read_meta, read_model_meta
 
     p = Path(args.file)
@@ -688,7 +699,7 @@ def cmd_info(args) -> int:
     kind = read_meta(p, fmt=None, what="model or detector file", hint="see `badexpert train` and `defend`").get("format")
     if kind == DETECTOR_FORMAT:
         _, meta = read_detector_file(p)
-    elif kind == BUNDLE_FORMAT:
+    elif kind in BUNDLE_FORMATS or (isinstance(kind, str) and kind.startswith("badexpert-bundle/")):
         meta, _ = read_bundle(p)
     else:
         meta = read_model_meta(p)
@@ -869,9 +880,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write one checksummed safetensors file holding the suspect model, the detector, "
                                    "its calibration scores and threshold, and the preprocessing (input size, channels, "
                                    "normalisation, class names): what `badexpert serve` and `export` take.")
-    p.add_argument("--model", required=True, help="suspect model written by `badexpert train`")
+    p.add_argument("--model", required=True, help="suspect model: a checkpoint written by `badexpert train`, a Hugging "
+                   "Face save_pretrained folder, an .onnx file, or package.module:factory (see the model source options)")
     p.add_argument("--detector", required=True, help="calibrated detector written by `badexpert defend`")
     p.add_argument("--out", required=True, help="bundle file to write (.safetensors)")
+    p.add_argument("--image-size", type=_image_size, default=None, metavar="N or HxW",
+                   help="input size of a model whose source does not carry it (as given to defend)")
+    p.add_argument("--device", default="cpu", help="device the model is loaded on to check it (default cpu)")
+    _add_source(p)
     _add_overwrite(p)
     p.set_defaults(func=cmd_bundle)
 
@@ -886,6 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle written by `badexpert bundle`")
     p.add_argument("--onnx", required=True, help="ONNX file to write (.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    _add_allow_factory(p)
     _add_overwrite(p)
     p.set_defaults(func=cmd_export)
 
@@ -904,6 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.settings import add_arguments as add_serve_settings
 
     add_serve_settings(p)  # one option per Settings field: names, types, defaults and help live there
+    _add_allow_factory(p)
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's own)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="JSON log lines on stderr from this level (default info: one line per request)")

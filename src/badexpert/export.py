@@ -430,9 +430,12 @@ def check_onnx_output(path: str | Path, *, overwrite: bool = False) -> Path:
 
 
 def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                  log=None) -> dict[str, Any]:
+                  log=None, allow_factories=()) -> dict[str, Any]:
     """``badexpert export``: bundle -> verified ONNX file, written atomically. Returns a report
-    (the verification's numbers, the file, its size, opset and score rule)."""
+    (the verification's numbers, the file, its size, opset and score rule). A bundle of a
+    model from another source exports when torch can trace its guard and onnxruntime agrees
+    with the eager guard; otherwise it is one line and nothing is written (serve the bundle).
+    ``allow_factories`` as in :func:`badexpert.guard.load_bundle`."""
     from .guard import guard_from_bundle, read_bundle
     from .utils import atomic_write_bytes
 
@@ -441,15 +444,24 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
     _require("onnxruntime")
     opset = _check_opset(opset)
     meta, tensors = read_bundle(bundle)  # the whole file checked, once: bounds, checksum, sizes, calibration
-    guard = guard_from_bundle(meta, tensors, bundle, device="cpu")  # and the model's fingerprint
+    guard = guard_from_bundle(meta, tensors, bundle, device="cpu",  # and the model's fingerprint
+                              allow_factories=allow_factories)
     del tensors
     _check_exportable(guard.detector)
     checksum = meta["checksum"]
+    kind = (guard.meta.get("source") or {}).get("kind")
     if log:
         log(f"exporting {guard.meta.get('arch')} guard ({guard.detector.score_kind} score) from '{bundle}' at opset "
             f"{opset}")
-    data = build_onnx(guard, opset=opset, source=Path(bundle).name, checksum=checksum)
-    report = verify_onnx(data, guard)
+    try:
+        data = build_onnx(guard, opset=opset, source=Path(bundle).name, checksum=checksum)
+        report = verify_onnx(data, guard)
+    except Exception as exc:  # noqa: BLE001 - a converted graph may also fail inside onnxruntime
+        if kind is None:
+            raise
+        why = str(exc) if isinstance(exc, BadExpertError) else f"onnxruntime cannot run it: {_first_line(exc)}"
+        raise BadExpertError(f"the guard of this {kind} model does not export to one verified ONNX graph ({why}); "
+                             "nothing was written: serve the bundle with `badexpert serve` instead") from exc
     check_onnx_output(out, overwrite=overwrite)  # still safe to write?
     atomic_write_bytes(out, data)
     return {"onnx": str(out), "bytes": len(data), "opset": opset, "score_rule": guard.detector.score_kind,

@@ -19,7 +19,11 @@ A **bundle** (:func:`save_bundle` / :func:`load_bundle`) is one safetensors file
 a deployment needs: the suspect model's weights and architecture, the detector's state, the
 calibration scores and threshold, the preprocessing (input size, channels, normalisation, class
 names), the model's weights fingerprint, and a SHA-256 checksum over all of it, verified before
-anything is built. Nothing is pickled.
+anything is built. Nothing is pickled. A model of badexpert's own architectures is rebuilt from
+its architecture fields (format ``badexpert-bundle/1``); a model from another source (format
+``badexpert-bundle/2``) from its source record (:func:`badexpert.io.rebuild_model`): a Hugging
+Face config, the ONNX file's bytes (tensor ``source.onnx``, SHA-256 recorded) or a factory
+reference with its keyword arguments, which is imported only when the caller allows it by name.
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ from .runtime.reasons import ACCEPTED, reject_reasons
 from .utils import atomic_write_bytes, eval_mode, to_jsonable
 from .validation import check_value, expect
 
+#: Bundles of badexpert's own architectures (rebuilt from the architecture fields).
 BUNDLE_FORMAT = "badexpert-bundle/1"
+#: Bundles of a model from another source (Hugging Face, ONNX, a user's factory): the model
+#: section carries the source record that :func:`badexpert.io.rebuild_model` takes.
+SOURCE_BUNDLE_FORMAT = "badexpert-bundle/2"
+BUNDLE_FORMATS = (BUNDLE_FORMAT, SOURCE_BUNDLE_FORMAT)
+#: The tensor of a bundle that holds an ONNX-sourced model's file (uint8 bytes).
+ONNX_TENSOR = "source.onnx"
+#: Model sources a bundle of format 2 may record.
+FOREIGN_SOURCES = ("huggingface", "onnx", "factory")
 POLICIES = ("flag", "abstain", "raise")
 
 
@@ -155,12 +168,17 @@ def _checksum(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_meta: dict) -> Path:
+def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_meta: dict, *,
+                onnx_bytes: bytes | None = None) -> Path:
     """Write model, detector, calibration record and preprocessing to one checksummed file.
 
-    ``model_meta`` is the model's checkpoint metadata (:func:`badexpert.io.load_model` returns
-    it): the architecture is rebuilt from it, so the model must be one of badexpert's
-    architectures (export a model of your own with ONNX instead).
+    ``model_meta`` is the metadata :func:`badexpert.io.load_model` returns with the model. A
+    badexpert checkpoint's model is rebuilt from its architecture fields (format
+    ``badexpert-bundle/1``); a model from another source (format ``badexpert-bundle/2``) from its
+    ``source`` record: a Hugging Face config (JSON), an ONNX file (its bytes are stored as the
+    uint8 tensor ``source.onnx``, read from the recorded path unless ``onnx_bytes`` is given, and
+    must match the recorded SHA-256) or a factory reference with its keyword arguments; in every
+    case with the loaded module's weights.
     """
     from safetensors.torch import save
 
@@ -175,19 +193,65 @@ def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_me
     mm = check_model_meta(dict(to_jsonable({k: v for k, v in model_meta.items() if k != "attack_state"})),
                           "the model metadata")
     det_tensors, det_meta = detector.to_state()
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = _model_tensors(model)
     tensors.update({f"detector.{k}": v for k, v in det_tensors.items()})
     keep = ("arch", "width", "in_channels", "num_classes", "image_size", "mean", "std", "classes", "hflip",
             "dataset", "attack", "seed", "badexpert_version")
+    kind = (mm.get("source") or {}).get("kind", "badexpert") if isinstance(mm.get("source"), dict) else "badexpert"
+    fmt = BUNDLE_FORMAT
+    model_section = {**{k: mm[k] for k in keep if k in mm}, "fingerprint": model_fingerprint(model)}
+    if kind != "badexpert":
+        if kind not in FOREIGN_SOURCES:
+            raise BadExpertError(f"cannot bundle a model of source '{kind}'; bundles take "
+                                 f"badexpert, {', '.join(FOREIGN_SOURCES)} models")
+        fmt = SOURCE_BUNDLE_FORMAT
+        record = dict(mm["source"])
+        model_section["source"] = record
+        if kind == "onnx":
+            tensors[ONNX_TENSOR] = _onnx_payload(record, onnx_bytes)
+        elif onnx_bytes is not None:
+            raise BadExpertError(f"onnx_bytes goes with an ONNX-sourced model, not a {kind} one")
+    elif onnx_bytes is not None:
+        raise BadExpertError("onnx_bytes goes with an ONNX-sourced model, not a badexpert checkpoint")
     meta = {
-        "format": BUNDLE_FORMAT,
-        "model": {**{k: mm[k] for k in keep if k in mm}, "fingerprint": model_fingerprint(model)},
+        "format": fmt,
+        "model": model_section,
         "detector": det_meta,
     }
     meta["checksum"] = _checksum(meta, tensors)
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata={"badexpert": json.dumps(meta)}))
     return path
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.``-prefixed weights, each its own storage (safetensors refuses shared tensors,
+    which tied weights of a foreign model would be)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[f"model.{k}"] = t
+    return out
+
+
+def _onnx_payload(record: dict, onnx_bytes: bytes | None) -> torch.Tensor:
+    """The ONNX file of an ONNX-sourced model as a uint8 tensor, checked against its digest."""
+    if onnx_bytes is None:
+        where = record.get("path")
+        if not isinstance(where, str) or not Path(where).is_file():
+            raise BadExpertError(f"the ONNX file of this model ({where!r}) is gone; pass its bytes as onnx_bytes=")
+        onnx_bytes = Path(where).read_bytes()
+    if not isinstance(onnx_bytes, (bytes, bytearray)):
+        raise BadExpertError(f"onnx_bytes must be bytes, got {type(onnx_bytes).__name__}")
+    if hashlib.sha256(onnx_bytes).hexdigest() != record.get("sha256"):
+        raise BadExpertError(f"the ONNX file {record.get('path')!r} changed since the model was loaded (its sha256 "
+                             "differs from the model's record); load the model again")
+    return torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8).clone()
 
 
 #: The remedy every refusal of a bundle's contents names.
@@ -214,7 +278,10 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     from .metadata import check_classes, check_fields
 
     source = f"bundle '{path}'"
-    meta = read_meta(path, fmt=BUNDLE_FORMAT, what="bundle", hint="create one with `badexpert bundle`")
+    hint = "create one with `badexpert bundle`"
+    meta = read_meta(path, fmt=None, what="bundle", hint=hint)
+    if meta.get("format") not in BUNDLE_FORMATS:
+        read_meta(path, fmt=BUNDLE_FORMAT, what="bundle", hint=hint)  # its one-line refusal
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -224,8 +291,15 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("detector"), dict):
         raise BadExpertError(f"bundle '{path}' lacks its model or detector section; {BUNDLE_FIX}")
     model, det = meta["model"], meta["detector"]
+    foreign = meta["format"] == SOURCE_BUNDLE_FORMAT
     check_model_meta(model, f"{source} (model)", BUNDLE_FIX)
-    check_fields(model, BUNDLE_MODEL_TYPES, f"{source} (model)", BUNDLE_FIX)
+    check_fields(model, {**BUNDLE_MODEL_TYPES, **({"source": dict} if foreign else {})}, f"{source} (model)",
+                 BUNDLE_FIX)
+    if foreign:
+        _check_source_record(model, tensors, source)
+    elif ONNX_TENSOR in tensors or "source" in model:
+        raise BadExpertError(f"{source}: a bundle of format {BUNDLE_FORMAT!r} holds a source record; the file is "
+                             f"damaged or was edited; {BUNDLE_FIX}")
     check_detector_meta(det, f"{source} (detector)", BUNDLE_FIX)
     if det["threshold"] is None:
         raise BadExpertError(f"bundle '{path}' holds an uncalibrated detector; rebuild it from a calibrated one")
@@ -236,31 +310,118 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise BadExpertError(f"{source}: its detector takes inputs of shape {list(det['input_shape'])} but its model "
                              f"takes {list(expected)}; the file is damaged or was edited; {BUNDLE_FIX}")
     shapes = {k[len("model."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("model.")}
-    check_architecture(model, shapes, source, batch=DEPLOY_BATCH)  # the weights, and a batch of the input size
+    if foreign:  # no architecture to build on the meta device without its source: count the bytes
+        _check_source_memory(model, tensors, source, DEPLOY_BATCH)
+    else:
+        check_architecture(model, shapes, source, batch=DEPLOY_BATCH)  # the weights, and a batch of the input size
     det_state = {k[len("detector."):]: v for k, v in tensors.items() if k.startswith("detector.")}
     check_record(det_state, det, f"{source} (detector)")
     return meta, tensors
 
 
+def _check_source_record(model: dict, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """The source record of a format-2 bundle: a known kind that is the model's ``arch``, and
+    what rebuilds it (a Hugging Face config without remote code, an ONNX payload matching its
+    digest, a well-formed factory reference and keyword arguments)."""
+    from .io.sources import FACTORY_RE
+
+    rec = model["source"]
+    kind = rec.get("kind")
+    bad = lambda what: BadExpertError(f"{source}: {what}; the file is damaged or was edited; {BUNDLE_FIX}")  # noqa: E731
+    if kind not in FOREIGN_SOURCES or model["arch"] != kind or model.get("width") is not None:
+        raise bad(f"its model source {kind!r} (architecture {model['arch']!r}) is not one a bundle rebuilds")
+    if kind != "onnx" and ONNX_TENSOR in tensors:
+        raise bad(f"it holds ONNX bytes for a {kind} model")
+    if kind == "huggingface":
+        cfg = rec.get("config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+            raise bad("its Hugging Face config is missing or has no model_type")
+        if "auto_map" in cfg:
+            raise BadExpertError(f"{source}: its Hugging Face model needs remote code (auto_map in its config); "
+                                 "badexpert never runs code shipped with a model")
+    elif kind == "onnx":
+        data = tensors.get(ONNX_TENSOR)
+        if data is None or data.dtype != torch.uint8 or data.dim() != 1:
+            raise bad(f"its ONNX model (tensor '{ONNX_TENSOR}', uint8 bytes) is missing or malformed")
+        if not isinstance(rec.get("sha256"), str) or hashlib.sha256(data.numpy().tobytes()).hexdigest() != rec["sha256"]:
+            raise BadExpertError(f"{source}: its ONNX model does not match the sha256 recorded with it (digest "
+                                 f"mismatch); the file was modified; {BUNDLE_FIX}")
+        tol = rec.get("tolerance")
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
+            raise bad("its ONNX conversion tolerance is not a positive number")
+    else:
+        ref, kw = rec.get("factory"), rec.get("kwargs")
+        if not isinstance(ref, str) or not FACTORY_RE.match(ref):
+            raise bad(f"its factory reference {ref!r:.80} is not package.module:function")
+        if kw is not None and not isinstance(kw, dict):
+            raise bad("its factory keyword arguments are not a JSON object")
+
+
+def _check_source_memory(model: dict, tensors: dict[str, torch.Tensor], source: str, batch: int) -> None:
+    """Before a foreign model is rebuilt: a second copy of its weights (and, for ONNX, of the
+    converted graph's), and a batch of inputs of the declared size, within the memory budget."""
+    import math
+
+    from .limits import check_allocation
+
+    weights = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("model."))
+    onnx = tensors[ONNX_TENSOR].numel() if ONNX_TENSOR in tensors else 0
+    shape = (model["in_channels"], *model["image_size"])
+    nbytes = 2 * weights + 2 * onnx + batch * math.prod(shape) * 4 * 2
+    check_allocation(nbytes, f"{source}: rebuilding its {model['arch']} model and a batch of {batch} inputs of "
+                             f"shape {list(shape)}", "the file declares an absurd size: rebuild it")
+
+
 def load_bundle(path: str | Path, *, device: str | None = "cpu", policy: str = "flag",
-                abstain_label: int = -1) -> Guard:
+                abstain_label: int = -1, allow_factories: Any = ()) -> Guard:
     """Rebuild the guard a bundle holds: the whole file is checked (:func:`read_bundle`) and the
-    model's weights fingerprint verified before it is returned."""
+    model's weights fingerprint verified before it is returned.
+
+    A bundle of a user's factory model imports that factory only when it is listed in
+    ``allow_factories`` (``"package.module:function"`` strings); otherwise it is refused in one
+    line that names it. Nothing else a bundle names is ever imported."""
     meta, tensors = read_bundle(path)
-    return guard_from_bundle(meta, tensors, path, device=device, policy=policy, abstain_label=abstain_label)
+    return guard_from_bundle(meta, tensors, path, device=device, policy=policy, abstain_label=abstain_label,
+                             allow_factories=allow_factories)
+
+
+def _allowed(allow_factories: Any) -> tuple[str, ...]:
+    if allow_factories is None:
+        return ()
+    if isinstance(allow_factories, str):
+        allow_factories = [allow_factories]
+    out = tuple(allow_factories)
+    if not all(isinstance(a, str) for a in out):
+        raise BadExpertError("allow_factories must be 'package.module:function' strings")
+    return out
 
 
 def guard_from_bundle(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: str | Path, *,
-                      device: str | None = "cpu", policy: str = "flag", abstain_label: int = -1) -> Guard:
+                      device: str | None = "cpu", policy: str = "flag", abstain_label: int = -1,
+                      allow_factories: Any = ()) -> Guard:
     """The guard of a bundle already read (and so checked) by :func:`read_bundle`."""
-    from .io import build_checked, load_weights, model_fingerprint
+    from .io import build_checked, load_weights, model_fingerprint, rebuild_model
     from .utils import resolve_device
 
     source = f"bundle '{path}'"
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     det_state = {k[len("detector."):]: v for k, v in tensors.items() if k.startswith("detector.")}
-    model = build_checked(meta["model"])
-    load_weights(model, model_state, source=str(path), arch=meta["model"]["arch"])
+    if meta.get("format") == SOURCE_BUNDLE_FORMAT:
+        allowed = _allowed(allow_factories)
+        rec = meta["model"]["source"]
+        if rec["kind"] == "factory" and rec["factory"] not in allowed:
+            ref = rec["factory"]
+            raise BadExpertError(f"{source} rebuilds its model with the factory '{ref}', and badexpert imports a "
+                                 f"user's code only when you name it: pass --allow-factory {ref} (Python: "
+                                 f"load_bundle(..., allow_factories=['{ref}']))")
+        onnx = tensors[ONNX_TENSOR].numpy().tobytes() if rec["kind"] == "onnx" else None
+        try:
+            model = rebuild_model(meta["model"], model_state, onnx_bytes=onnx, allow_factories=allowed)
+        except BadExpertError as exc:
+            raise BadExpertError(f"{source}: {exc}") from exc
+    else:
+        model = build_checked(meta["model"])
+        load_weights(model, model_state, source=str(path), arch=meta["model"]["arch"])
     if model_fingerprint(model) != meta["model"]["fingerprint"]:
         raise BadExpertError(f"{source}: the model weights do not match the fingerprint recorded with them")
     model = model.to(resolve_device(device)).eval()
@@ -268,5 +429,5 @@ def guard_from_bundle(meta: dict[str, Any], tensors: dict[str, torch.Tensor], pa
     return Guard(model, detector, policy=policy, abstain_label=abstain_label, meta=meta["model"])
 
 
-__all__ = ["BUNDLE_FORMAT", "Guard", "GuardOutput", "POLICIES", "RejectedInputError", "conformal_p_values",
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_FORMATS", "SOURCE_BUNDLE_FORMAT", "Guard", "GuardOutput", "POLICIES", "RejectedInputError", "conformal_p_values",
            "guard_from_bundle", "load_bundle", "read_bundle", "save_bundle"]

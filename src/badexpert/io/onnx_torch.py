@@ -246,7 +246,10 @@ def _flatten(a, opset):
 
     def run(x):
         ax = axis % x.dim() if x.dim() else 0
-        return x.reshape(int(np.prod(x.shape[:ax], dtype=np.int64)), -1)
+        if ax == 0 or ax >= x.dim():  # [1, all] or [all, 1]
+            return x.reshape(1, -1) if ax == 0 else x.reshape(-1, 1)
+        # torch's own flatten keeps the leading (batch) size symbolic when the module is traced
+        return x.flatten(ax).flatten(0, ax - 1)
     return run
 
 

@@ -18,9 +18,11 @@ def _package():
     return sys.modules[__package__]
 
 
-def load_service_model(bundle: str | None = None, *, onnx: str | None = None, bare: bool = False):
+def load_service_model(bundle: str | None = None, *, onnx: str | None = None, bare: bool = False,
+                       allow_factories=()):
     """The service model from a bundle (torch) or an exported ONNX guard; a damaged file is one
-    BadExpertError."""
+    BadExpertError. A bundle of a user's factory model imports it only when ``allow_factories``
+    names it."""
     if (bundle is None) == (onnx is None):
         raise BadExpertError("serve needs exactly one of a bundle file or an ONNX file")
     if onnx is not None:
@@ -33,7 +35,7 @@ def load_service_model(bundle: str | None = None, *, onnx: str | None = None, ba
         return OnnxGuard(onnx)
     from ..guard import load_bundle
 
-    return GuardAdapter(load_bundle(bundle), bare=bare)
+    return GuardAdapter(load_bundle(bundle, allow_factories=allow_factories), bare=bare)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -60,7 +62,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: str | None, host: str = "127.0.0.1", port: int = 8000, *, settings: Settings | None = None,
-          onnx: str | None = None, bare: bool = False, threads: int | None = None, log_level: str = "info") -> None:
+          onnx: str | None = None, bare: bool = False, threads: int | None = None, log_level: str = "info",
+          allow_factories=()) -> None:
     """Load ``bundle`` (or ``onnx``), bind ``host:port`` and serve until SIGTERM or SIGINT
     (graceful: requests in flight are answered; after SIGTERM this returns normally, after SIGINT
     KeyboardInterrupt follows). Everything that can be checked is checked before the socket is
@@ -83,7 +86,7 @@ def serve(bundle: str | None, host: str = "127.0.0.1", port: int = 8000, *, sett
             import torch
 
             torch.set_num_threads(threads)
-    model = load_service_model(bundle, onnx=onnx, bare=bare)
+    model = load_service_model(bundle, onnx=onnx, bare=bare, allow_factories=allow_factories)
     app = _package().create_app(model, settings=settings)  # looked up at call time: tests may replace it
     sock = bind_socket(host, port)
     handler = configure_logging(log_level)
