@@ -64,7 +64,7 @@ def measure(bundle: Path, repeats: int) -> dict:
     from safetensors import safe_open
 
     from badexpert.detectors.base import check_record
-    from badexpert.guard import BUNDLE_MODEL_TYPES, load_bundle, read_bundle
+    from badexpert.deploy.guard import BUNDLE_MODEL_TYPES, load_bundle, read_bundle
     from badexpert.io import MODEL_META_TYPES, check_architecture
     from badexpert.limits import DEPLOY_BATCH
     from badexpert.metadata import check_classes, check_fields, parse_metadata
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                                                                     args.width)
         if not args.bundle:
             result["build_s"] = time.perf_counter() - t
-        from badexpert.guard import load_bundle
+        from badexpert.deploy.guard import load_bundle
 
         t = time.perf_counter()
         load_bundle(bundle)  # the first load of the process: imports and PyTorch's one-time set-up included

@@ -39,7 +39,7 @@ from badexpert.cli import _kv, _splits_for
 from badexpert.detectors import get_detector
 from badexpert.detectors.badexpert import SCORES, _label_log_odds, combine
 from badexpert.detectors.base import CALIBRATION_POPULATIONS, DEFAULT_POPULATION
-from badexpert.evaluation import trigger_dataset
+from badexpert.evaluation.core import trigger_dataset
 from badexpert.io import load_model
 from badexpert.metrics import auroc, conformal_threshold
 from badexpert.training import predict_logits

@@ -70,7 +70,7 @@ def best_of(fn, repeats: int = 3) -> float:
 
 def scoring(model_path: str) -> dict:
     from badexpert import BaDExpert, load_model
-    from badexpert.experiment import ExperimentConfig, make_splits
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits
 
     model, meta = load_model(model_path)
     sp = meta["split"]

@@ -9,7 +9,7 @@ and calibration splits), given as uint8 batches, measures images/s of
 - ``eager_guard``: the eager :class:`badexpert.Guard` (model + expert + auxiliary model, score,
   p-value, reject flag and reason);
 - ``onnx_model``: the bare model exported alone to ONNX, under onnxruntime;
-- ``onnx_guard``: the exported guard graph through :class:`badexpert.export.OnnxGuard`
+- ``onnx_guard``: the exported guard graph through :class:`badexpert.runtime.onnx.OnnxGuard`
   (conversion checks, graph, p-values);
 
 and the ratios guard / bare model for each runtime, and the ONNX guard against the bare eager model
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from badexpert.data import load_dataset, split
-    from badexpert.export import OnnxGuard, build_onnx, export_model_onnx
-    from badexpert.guard import load_bundle, read_bundle
+    from badexpert.deploy.export import OnnxGuard, build_onnx, export_model_onnx
+    from badexpert.deploy.guard import load_bundle, read_bundle
 
     torch.set_num_threads(args.threads)
     meta, _ = read_bundle(args.bundle)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from badexpert.experiment import ExperimentConfig, make_splits, run, train_suspect
+from badexpert.pipeline.experiment import ExperimentConfig, make_splits, run, train_suspect
 from badexpert.utils import write_json
 
 #: Targets from the issue: AUROC >= 99%; at 1% target FPR, ASR after defense <= 5% (Blend: the

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
 
-    from badexpert.guard import read_bundle
+    from badexpert.deploy.guard import read_bundle
 
     meta, _ = read_bundle(args.bundle)
     shape = tuple(meta["detector"]["input_shape"])

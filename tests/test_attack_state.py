@@ -126,7 +126,7 @@ def test_the_model_cache_keys_on_the_content_of_the_attacks_files(tmp_path):
     """Editing a trigger image or a reflections folder in place is a different suspect model."""
     from PIL import Image
 
-    from badexpert.experiment import ExperimentConfig, suspect_key
+    from badexpert.pipeline.experiment import ExperimentConfig, suspect_key
 
     params = attack_files(tmp_path / "files", ATTACKS["refool"])
     cfg = ExperimentConfig(attack="refool", attack_params=params)

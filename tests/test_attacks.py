@@ -134,7 +134,7 @@ def test_the_pipeline_implants_through_the_attack(blobs, tmp_path):
 
     from badexpert.attacks import BadNet
     from badexpert.data import Splits
-    from badexpert.experiment import ExperimentConfig, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, train_suspect
 
     calls = []
 
@@ -164,7 +164,7 @@ def test_random_test_triggers_draw_from_the_callers_generator(blobs):
     from typing import ClassVar
 
     from badexpert.attacks import Attack
-    from badexpert.evaluation import trigger_dataset
+    from badexpert.evaluation.core import trigger_dataset
 
     @dataclass
     class Speckle(Attack):
@@ -191,7 +191,7 @@ def test_random_test_triggers_draw_from_the_callers_generator(blobs):
 def test_class_indices_are_checked_before_any_data_is_read(params, match):
     """Datasets with a fixed class list (Fashion-MNIST, CIFAR-10, GTSRB) check the attack's class
     indices in validate(), without the data (the path does not even exist)."""
-    from badexpert.experiment import ExperimentConfig
+    from badexpert.pipeline.experiment import ExperimentConfig
 
     cfg = ExperimentConfig(dataset="fashion-mnist", data_path="/nonexistent", **params)
     with pytest.raises(BadExpertError, match=match):

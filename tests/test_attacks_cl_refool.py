@@ -13,7 +13,7 @@ from PIL import Image
 from badexpert.attacks import ATTACKS, CleanLabel, Refool, attack_from_dict, attack_from_meta, get_attack
 from badexpert.attacks.refool import _blur
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
+from badexpert.evaluation.core import evaluate
 from badexpert.models import build_model
 from badexpert.training import Recipe
 from badexpert.utils import derive_generator, seed_everything
@@ -153,7 +153,7 @@ def test_cl_implant_on_blobs_the_adversarial_step_is_what_implants():
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_cl_implants_on_fashion_mnist():
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     # reference trigger and l2 eps; every target-class image poisoned (10% of the set), a 1-epoch
     # surrogate; measured on this machine: CA 0.78, ASR 0.76 in ~15 s on one thread

@@ -9,7 +9,7 @@ import torch
 from badexpert.attacks import ATTACKS, Components, Dynamic, attack_from_meta, get_attack
 from badexpert.attacks.dynamic import EncoderDecoder, diversity_loss, stamp, threshold
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
+from badexpert.evaluation.core import evaluate
 from badexpert.io import load_model, save_model
 from badexpert.models import build_model
 from badexpert.training import Recipe, train
@@ -292,7 +292,7 @@ def test_dynamic_implants_on_fashion_mnist():
     """Both generators trained here on 2,000 Fashion-MNIST images, jointly with a width-16 CNN (4
     Adam epochs). CPU-sized: 4-channel, 2-block generators (the reference's MNIST depth), 2 mask
     epochs, and 30% backdoor samples per batch instead of 10% so that so short a run implants it."""
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     cfg = ExperimentConfig(dataset="fashion-mnist", arch="cnn", width=16, attack="dynamic",
                            attack_params={"generator_channels": 4, "generator_blocks": 2, "poison_rate": 0.3},

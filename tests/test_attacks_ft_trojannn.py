@@ -15,8 +15,8 @@ from badexpert.attacks.components import Components, tensor_digest
 from badexpert.attacks.finetune import valid_bases
 from badexpert.attacks.trojannn import final_linear, penultimate
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
-from badexpert.experiment import ExperimentConfig
+from badexpert.evaluation.core import evaluate
+from badexpert.pipeline.experiment import ExperimentConfig
 from badexpert.io import load_model, save_model
 from badexpert.models import build_model
 from badexpert.training import Recipe

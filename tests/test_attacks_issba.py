@@ -12,7 +12,7 @@ from badexpert.attacks.components import Components, tensor_digest
 from badexpert.attacks.issba import psnr, residual_correlation
 from badexpert.data.core import to_float
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
+from badexpert.evaluation.core import evaluate
 from badexpert.io import load_model, save_model
 from badexpert.models import build_model
 from badexpert.training import Recipe
@@ -207,7 +207,7 @@ def test_issba_implants_on_fashion_mnist():
     """A short codec (300 steps of width 8 instead of 1000 of width 16) and 20% poisoned (reference:
     2%) so that the whole run fits in the time of a test (measured: ASR 0.98, CA 0.79; the clean
     model of this setup: CA 0.82)."""
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     cfg = ExperimentConfig(dataset="fashion-mnist", arch="cnn", width=16, attack="issba",
                            attack_params={"poison_rate": 0.2, **TINY}, train_size=5000, reserved=100,

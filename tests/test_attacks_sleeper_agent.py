@@ -11,7 +11,7 @@ from badexpert.attacks import ATTACKS, SleeperAgent, attack_from_dict, get_attac
 from badexpert.attacks.components import Components
 from badexpert.attacks.sleeper_agent import gradient_norms
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate, trigger_dataset
+from badexpert.evaluation.core import evaluate, trigger_dataset
 from badexpert.models import build_model
 from badexpert.training import Recipe, predict_logits, train
 from badexpert.utils import derive_generator
@@ -286,7 +286,7 @@ def test_sleeper_agent_on_fashion_mnist(tmp_path):
     small but real. Measured on seeds 0-3 (suspect vs the clean surrogate): ASR 0.033 / 0.068 /
     0.061 / 0.172 vs 0.000 / 0.058 / 0.061 / 0.060; mean target probability on triggered trousers
     0.044 / 0.072 / 0.051 / 0.197 vs 0.020 / 0.050 / 0.048 / 0.068; ~22 s on one thread."""
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     cfg = ExperimentConfig(dataset="fashion-mnist", arch="cnn", width=8, attack="sleeper_agent",
                            attack_params={"poison_rate": 0.05, "craft_steps": 20, "retrain_every": 10},

@@ -13,7 +13,7 @@ from badexpert.attacks import ATTACKS, SRA, attack_from_dict, get_attack
 from badexpert.attacks.components import Components, tensor_digest
 from badexpert.attacks.sra import SUPPORTED_ARCHS, choose_channels, graft, graft_plan, input_moments, narrow_copy
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
+from badexpert.evaluation.core import evaluate
 from badexpert.models import build_model
 from badexpert.training import Recipe
 
@@ -328,7 +328,7 @@ def test_sra_grafts_a_backdoor_into_a_fashion_mnist_cnn(tmp_path):
     subnet the compensated cut costs 0.05 points on average over channel choices, 0.35 at
     worst). Asserted: CA within 3 points of the host's, ASR >= 0.95."""
     from badexpert.attacks import attack_from_meta
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     cfg = ExperimentConfig(dataset="fashion-mnist", arch="cnn", width=16, attack="sra",
                            attack_params={"subnet_epochs": 3}, train_size=5000, reserved=100, calibration=100,

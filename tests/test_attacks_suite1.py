@@ -11,7 +11,7 @@ from badexpert.attacks import ATTACKS, AdaptiveBlend, AdaptivePatch, AllToAll, T
 from badexpert.attacks.sig import SIG
 from badexpert.data import Dataset
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate, trigger_dataset
+from badexpert.evaluation.core import evaluate, trigger_dataset
 from badexpert.utils import derive_generator
 
 from .conftest import make_blobs, random_dataset

@@ -12,7 +12,7 @@ from badexpert.attacks import ATTACKS, BPP, WaNet, attack_from_meta, get_attack
 from badexpert.attacks.bpp import floyd_steinberg, palette, quantize
 from badexpert.attacks.wanet import identity_grid
 from badexpert.errors import BadExpertError
-from badexpert.evaluation import evaluate
+from badexpert.evaluation.core import evaluate
 from badexpert.io import save_model
 from badexpert.models import build_model
 from badexpert.utils import derive_generator
@@ -304,7 +304,7 @@ def test_wanet_implants_on_fashion_mnist():
     """The reference warp (k=4, s=0.5) with noise-mode covers at the reference 10%; the poison rate
     raised from 5% to 25% so that 4 epochs on 5,000 images implant it (at 5%, the warp needs many
     more epochs; measured ASR 0.92-0.94, CA 0.79-0.80 over seeds 0-2)."""
-    from badexpert.experiment import ExperimentConfig, make_splits, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits, train_suspect
 
     cfg = ExperimentConfig(dataset="fashion-mnist", arch="cnn", width=16, attack="wanet",
                            attack_params={"poison_rate": 0.25}, train_size=5000, reserved=100, calibration=100,

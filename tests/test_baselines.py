@@ -283,7 +283,7 @@ def test_save_load_round_trips(tmp_path):
 @pytest.mark.parametrize("make", [lambda: STRIP(n=8, device="cpu"), lambda: ScaleUp(device="cpu"),
                                   lambda: ScaleUp(variant="data_limited", device="cpu")])
 def test_evaluate_end_to_end(make, backdoored):
-    from badexpert.evaluation import evaluate
+    from badexpert.evaluation.core import evaluate
 
     model, attack, _, te = backdoored
     reserved, calib, test = te.subset(range(0, 400)), te.subset(range(800, 1300)), te.subset(range(1600, 2000))
@@ -297,7 +297,7 @@ def test_evaluate_end_to_end(make, backdoored):
 
 
 def test_experiment_config_rejects_bad_detector_parameters_before_reading_data(tmp_path):
-    from badexpert.experiment import ExperimentConfig
+    from badexpert.pipeline.experiment import ExperimentConfig
 
     missing = str(tmp_path / "no-such-data")  # validate must fail on the parameter, never reach the data
     with pytest.raises(BadExpertError, match="detector 'strip' parameter 'n' must be an integer >= 1, got 0"):
@@ -313,7 +313,7 @@ def test_experiment_config_rejects_bad_detector_parameters_before_reading_data(t
 def test_guard_scores_match_the_detector():
     """Behind a Guard, SCALE-UP reuses the model's logits for the input's own pass (STRIP scores on
     its own); the scores are the detector's either way."""
-    from badexpert.guard import Guard
+    from badexpert.deploy.guard import Guard
 
     g = torch.Generator().manual_seed(4)
     clean, labels = torch.rand(40, 1, 4, 4, generator=g), torch.randint(0, 2, (40,), generator=g)

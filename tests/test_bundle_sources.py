@@ -51,7 +51,7 @@ def _pipeline(tmp_path, capsys, source_args: list[str], clean, *, allow: list[st
     """defend --clean -> bundle -> load_bundle (= the eager guard) -> serve (= its answers) ->
     export (verified, = its answers). Returns the bundle's path."""
     from badexpert.detectors import load_detector
-    from badexpert.guard import Guard, load_bundle
+    from badexpert.deploy.guard import Guard, load_bundle
     from badexpert.io import load_model
 
     det_path, bundle = tmp_path / "det.safetensors", tmp_path / "guard.safetensors"
@@ -100,7 +100,7 @@ def _pipeline(tmp_path, capsys, source_args: list[str], clean, *, allow: list[st
     out, err = capsys.readouterr()
     if exportable:
         assert rc == 0, err
-        from badexpert.export import OnnxGuard
+        from badexpert.deploy.export import OnnxGuard
 
         ours = OnnxGuard(onnx_path, intra_op_threads=1)(x.numpy())
         assert ours["label"].tolist() == expected.label.tolist()
@@ -113,7 +113,7 @@ def _pipeline(tmp_path, capsys, source_args: list[str], clean, *, allow: list[st
 
 def test_an_onnx_model_bundles_serves_and_exports(blobs_model, tmp_path, capsys):  # noqa: F811
     pytest.importorskip("onnxruntime")
-    from badexpert.guard import _checksum, read_bundle
+    from badexpert.deploy.guard import _checksum, read_bundle
     from badexpert.io import load_model
 
     root, model_path, clean = blobs_model
@@ -151,7 +151,7 @@ def test_a_factory_model_bundles_serves_and_exports_only_when_allowed(blobs_mode
                                                                      monkeypatch):
     from safetensors.torch import save_file
 
-    from badexpert.guard import load_bundle
+    from badexpert.deploy.guard import load_bundle
     from badexpert.io import load_model
 
     root, model_path, clean = blobs_model

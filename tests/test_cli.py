@@ -117,7 +117,7 @@ def test_detector_file_is_checked(model_file, tmp_path, capsys):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    from badexpert.experiment import ExperimentConfig, default_recipe
+    from badexpert.pipeline.experiment import ExperimentConfig, default_recipe
     from badexpert.training import Recipe
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
@@ -130,7 +130,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_model_cache_key_covers_what_the_model_depends_on():
-    from badexpert.experiment import ExperimentConfig, default_recipe, suspect_key
+    from badexpert.pipeline.experiment import ExperimentConfig, default_recipe, suspect_key
 
     base = ExperimentConfig()
     r = default_recipe(base.dataset, base.arch)

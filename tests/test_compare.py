@@ -5,7 +5,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from badexpert.comparison import COMPARE_OUTPUTS, compare, write_comparison
+from badexpert.evaluation.compare import COMPARE_OUTPUTS, compare, write_comparison
 from badexpert.data import Splits
 from badexpert.detectors import BaDExpert, Detector
 from badexpert.errors import BadExpertError
@@ -37,7 +37,7 @@ def _badexpert():
 
 
 def test_detectors_share_one_model_pass_and_one_protocol(setting, monkeypatch, tmp_path):
-    import badexpert.comparison as comparison
+    import badexpert.evaluation.compare as comparison
 
     model, attack, splits = setting
     calls = []

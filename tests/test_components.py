@@ -88,7 +88,7 @@ def test_the_pipeline_shares_the_clean_model_between_attacks(blobs, tmp_path):
     clean model (here CL with another radius) loads it instead of training it again, and the
     model's metadata records each phase's seconds and where each part came from."""
     from badexpert.data import Splits
-    from badexpert.experiment import ExperimentConfig, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, train_suspect
 
     tr, te = blobs
     splits = Splits(train=tr.subset(range(600)), reserved=te.subset(range(100)), calibration=te.subset(range(100, 200)),
@@ -129,7 +129,7 @@ def test_the_clean_suspect_model_is_the_clean_model_component(blobs, tmp_path):
     """A run with no attack trains the same cached clean model FT (and TrojanNN, SRA) start from."""
     from badexpert.attacks.components import tensor_digest
     from badexpert.data import Splits
-    from badexpert.experiment import ExperimentConfig, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, train_suspect
 
     tr, te = blobs
     splits = Splits(train=tr.subset(range(600)), reserved=te.subset(range(100)), calibration=te.subset(range(100, 200)),

@@ -313,7 +313,7 @@ def test_diagnostics_and_decision_space_come_from_the_detector(splits):
     space the detector declares; a detector declaring none gets no scatter."""
     from badexpert.attacks import get_attack
     from badexpert.detectors import SCORES
-    from badexpert.evaluation import evaluate
+    from badexpert.evaluation.core import evaluate
 
     model, reserved, calib, test, _ = splits
     attack = get_attack("badnet", target=0)

@@ -14,8 +14,8 @@ from torch import nn
 from badexpert.attacks.components import tensor_digest
 from badexpert.data.core import image_hashes
 from badexpert.digests import file_sha256, json_digest, row_hashes
-from badexpert.experiment import files_fingerprint
-from badexpert.guard import _checksum
+from badexpert.pipeline.experiment import files_fingerprint
+from badexpert.deploy.guard import _checksum
 from badexpert.io import model_fingerprint
 from badexpert.jsonable import to_jsonable
 

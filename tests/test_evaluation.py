@@ -4,7 +4,7 @@ import torch
 
 from badexpert.detectors import BaDExpert
 from badexpert.errors import NotFittedError
-from badexpert.evaluation import evaluate, trigger_dataset
+from badexpert.evaluation.core import evaluate, trigger_dataset
 from badexpert.models import build_model
 from badexpert.training import Recipe, train
 

@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 from badexpert import BaDExpert, load_bundle, save_bundle  # noqa: E402
 from badexpert.cli import main  # noqa: E402
 from badexpert.errors import BadExpertError  # noqa: E402
-from badexpert.export import ONNX_FORMAT, OnnxGuard, build_onnx, export_bundle, verify_onnx  # noqa: E402
+from badexpert.deploy.export import ONNX_FORMAT, OnnxGuard, build_onnx, export_bundle, verify_onnx  # noqa: E402
 
 META = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
         "classes": ["c0", "c1", "c2", "c3"]}
@@ -143,7 +143,7 @@ def test_conversion_rule(exported):
     edge[:, 0, 0, 0] = 1.0005  # within the package's tolerance: clipped, as the eager guard does
     _compare(g(edge), out["logodds"]["guard"](torch.from_numpy(edge)), n_cal=len(g.calibration_scores))
     from badexpert.data.core import IMAGE_TOLERANCE
-    from badexpert.export import IMAGE_TOLERANCE as MINE
+    from badexpert.deploy.export import IMAGE_TOLERANCE as MINE
     assert MINE == IMAGE_TOLERANCE
     assert {k: v.shape for k, v in g(x[:0]).items()} == {k: (0,) for k in ("label", "confidence", "score", "p_value",
                                                                           "reject")}
@@ -204,7 +204,7 @@ def test_cli_export_and_refusals(exported, tmp_path, capsys, monkeypatch):
     assert main(["export", str(bundle), "--onnx", str(tmp_path / "g.txt")]) == 2
     assert ".onnx" in capsys.readouterr().err
     # a graph that fails verification is not written
-    monkeypatch.setattr("badexpert.export.SCORE_ATOL", -1.0)
+    monkeypatch.setattr("badexpert.deploy.export.SCORE_ATOL", -1.0)
     assert main(["export", str(bundle), "--onnx", str(target)]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("badexpert: error:")]
@@ -220,7 +220,7 @@ def test_onnx_guard_refuses_files_that_are_not_guards(exported, tmp_path):
     with pytest.raises(BadExpertError, match="cannot be loaded") as info:
         OnnxGuard(junk)
     assert "\n" not in str(info.value)
-    from badexpert.export import export_model_onnx
+    from badexpert.deploy.export import export_model_onnx
 
     model = exported[0]["logodds"]["guard"].model
     bare = tmp_path / "bare.onnx"
@@ -284,7 +284,7 @@ def test_onnx_guard_runs_without_torch(exported):
                     f"__init__: {probe.stderr.strip().splitlines()[-1]}")
     res = _python(f"""
         import json, numpy as np
-        from badexpert.export import OnnxGuard
+        from badexpert.deploy.export import OnnxGuard
         g = OnnxGuard({str(e['onnx'])!r})
         r = g(np.load({str(root / 'x.npy')!r}))
         assert 'torch' not in sys.modules, 'torch was imported'
@@ -299,7 +299,7 @@ def test_onnx_guard_runs_without_torch(exported):
 def test_missing_onnx_is_one_line_naming_the_extra(exported, tmp_path):
     bundle = exported[0]["logodds"]["bundle"]
     res = _python(f"""
-        import badexpert, badexpert.guard  # the core package imports without onnx / onnxruntime
+        import badexpert, badexpert.deploy.guard  # the core package imports without onnx / onnxruntime
         from badexpert.cli import main
         sys.exit(main(["export", {str(bundle)!r}, "--onnx", {str(tmp_path / 'x.onnx')!r}]))
     """, {"onnx", "onnxruntime"})
@@ -308,7 +308,7 @@ def test_missing_onnx_is_one_line_naming_the_extra(exported, tmp_path):
     assert len(lines) == 1 and "pip install 'badexpert[export]'" in lines[0], res.stderr
     assert not (tmp_path / "x.onnx").exists()
     res = _python("""
-        from badexpert.export import OnnxGuard
+        from badexpert.deploy.export import OnnxGuard
         try:
             OnnxGuard("x.onnx")
         except Exception as exc:

@@ -47,7 +47,7 @@ from badexpert.data import split
 from badexpert.detectors import get_detector, load_detector
 from badexpert.metrics import conformal_threshold
 from badexpert.errors import BadExpertError, NotFittedError
-from badexpert.experiment import ExperimentConfig
+from badexpert.pipeline.experiment import ExperimentConfig
 from badexpert.io import save_model
 from badexpert.models import build_model
 

@@ -30,7 +30,7 @@ import torch
 from badexpert import load_model, save_bundle
 from badexpert.detectors import load_detector
 from badexpert.errors import BadExpertError
-from badexpert.guard import _checksum
+from badexpert.deploy.guard import _checksum
 from badexpert.limits import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 
 from .test_fuzz import NO_DATA, _read_st, _write_st, artifacts, run_cli  # noqa: F401 - artifacts is a fixture
@@ -50,7 +50,7 @@ REACHED = "REACHED-THE-APP"
 def files(artifacts, tmp_path_factory):
     """The artifacts of tests/test_fuzz.py plus a bundle of them (with class names) and its
     verified ONNX export."""
-    from badexpert.export import export_bundle  # torch-free at import; onnx only when exporting
+    from badexpert.deploy.export import export_bundle  # torch-free at import; onnx only when exporting
 
     root = tmp_path_factory.mktemp("files")
     model, meta = load_model(artifacts["model"])
@@ -362,7 +362,7 @@ def test_twenty_million_calibration_scores_are_refused_unread(files, tmp_path, c
 @NEEDS_ONNX
 def test_api_refusals_are_one_line(files, tmp_path):
     from badexpert import Guard, load_bundle
-    from badexpert.export import OnnxGuard
+    from badexpert.deploy.export import OnnxGuard
 
     model, _ = load_model(files["model"])
     det = load_detector(files["detector"], model)

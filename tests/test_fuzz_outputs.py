@@ -192,7 +192,7 @@ def test_cli_disk_full_at_write_time_is_one_line(artifacts, tmp_path, capsys, mo
 
 
 def test_grid_rows_that_cannot_be_appended_are_one_line(tmp_path):
-    from badexpert.grid import append_rows
+    from badexpert.pipeline.grid import append_rows
 
     with pytest.raises(BadExpertError, match="cannot write") as e:
         append_rows(tmp_path / "a-folder-that-is-not-there" / "results.jsonl", [{"key": "k"}])

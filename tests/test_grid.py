@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import badexpert.experiment as experiment
+import badexpert.pipeline.experiment as experiment
 from badexpert.cli import main
 from badexpert.detectors import get_detector
 from badexpert.errors import BadExpertError
-from badexpert.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, format_matrix, plan, read_results, run_grid, summarize
+from badexpert.pipeline.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, format_matrix, plan, read_results, run_grid, summarize
 
 #: fields a cached model and cached detectors reproduce exactly (timings and throughput do not)
 MEASURED = ("clean_accuracy", "attack_success_rate", "attack_failed", "status", "auroc", "auroc_ci", "auroc_filtered",
@@ -142,7 +142,7 @@ def test_interrupted_grid_resumes_with_cached_models_and_detectors_and_a_remote_
         for spec in reversed(specs):
             spec = json.loads(json.dumps(spec))  # what a remote worker receives
             seen.append(spec)
-            from badexpert.grid import run_cell  # importable at module top level
+            from badexpert.pipeline.grid import run_cell  # importable at module top level
             yield run_cell(spec, log=lambda m: None)
 
     count, logs = Counter(monkeypatch), []
@@ -332,7 +332,7 @@ def test_a_tiny_grid_on_a_local_ray_instance_gives_the_local_rows(first, tmp_pat
     """The same grid through Ray tasks (one per cell, local instance) gives the same measured rows
     as the local runner (the cache is not shared, so everything is trained again in the workers)."""
     pytest.importorskip("ray")
-    from badexpert.grid import ray_runner
+    from badexpert.pipeline.grid import ray_runner
 
     _, grid, local_rows, _, _ = first
     import torch

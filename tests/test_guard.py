@@ -10,7 +10,7 @@ import torch
 from badexpert import BaDExpert, Guard, RejectedInputError, load_bundle, save_bundle
 from badexpert.detectors.base import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_SCORE
 from badexpert.errors import BadExpertError
-from badexpert.guard import conformal_p_values
+from badexpert.deploy.guard import conformal_p_values
 
 META = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
         "classes": ["c0", "c1", "c2", "c3"]}
@@ -173,7 +173,7 @@ def test_a_resealed_bundle_with_another_model_is_refused(setup, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from badexpert.guard import _checksum
+    from badexpert.deploy.guard import _checksum
 
     model, det, _, _, meta = setup
     path = save_bundle(tmp_path / "b.safetensors", model, det, meta)

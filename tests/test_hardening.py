@@ -156,7 +156,7 @@ def test_saved_detector_keeps_its_data_record(guarded, tmp_path):
 
 def test_cached_suspect_model_records_this_runs_split(blobs, tmp_path):
     from badexpert.data import Splits
-    from badexpert.experiment import ExperimentConfig, train_suspect
+    from badexpert.pipeline.experiment import ExperimentConfig, train_suspect
 
     tr, te = blobs
     splits = Splits(train=tr.subset(range(400)), reserved=te.subset(range(100)), calibration=te.subset(range(100, 200)),
@@ -204,7 +204,7 @@ def test_flips_come_from_the_data(backdoored):
     ({"attack_params": []}, "config field 'attack_params' must be an object"),
 ])
 def test_config_types_and_ranges_are_checked_before_any_data(fields, message, tmp_path):
-    from badexpert.experiment import ExperimentConfig
+    from badexpert.pipeline.experiment import ExperimentConfig
 
     with pytest.raises(BadExpertError) as exc:
         ExperimentConfig.from_dict({"data_path": str(tmp_path / "absent"), **fields}).validate()
@@ -213,7 +213,7 @@ def test_config_types_and_ranges_are_checked_before_any_data(fields, message, tm
 
 # --- output locations and atomic runs -------------------------------------------------------------
 def test_output_locations_are_checked(tmp_path):
-    from badexpert.experiment import RUN_OUTPUTS
+    from badexpert.pipeline.experiment import RUN_OUTPUTS
     from badexpert.utils import check_output_dir, check_output_file
 
     (tmp_path / "afile").write_text("x")
@@ -233,7 +233,7 @@ def test_output_locations_are_checked(tmp_path):
 
 
 def test_a_run_directory_is_complete_or_absent(tmp_path):
-    from badexpert.experiment import RUN_OUTPUTS
+    from badexpert.pipeline.experiment import RUN_OUTPUTS
     from badexpert.utils import atomic_directory
 
     out = tmp_path / "sub" / "run"
@@ -281,7 +281,7 @@ def test_model_file_with_absurd_metadata_is_refused_before_allocating(tmp_path):
 
 def test_run_interrupted_leaves_nothing(monkeypatch, blobs, tmp_path):
     """An error in the last step of a run (the report) leaves no model, detector or config."""
-    import badexpert.experiment as ex
+    import badexpert.pipeline.experiment as ex
     from badexpert.data import Splits
 
     tr, te = blobs

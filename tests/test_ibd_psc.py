@@ -12,7 +12,7 @@ from badexpert.detectors import DETECTORS, IBDPSC, get_detector, load_detector
 from badexpert.detectors.base import detector_from_state
 from badexpert.detectors.ibd_psc import batchnorm_layers
 from badexpert.errors import BadExpertError
-from badexpert.guard import Guard
+from badexpert.deploy.guard import Guard
 from badexpert.io import model_fingerprint
 
 
@@ -316,7 +316,7 @@ def test_degeneration_flag_on_the_hand_chain():
 
 
 def test_degeneration_survives_save_load_and_shows_in_the_evaluation(backdoored, fitted, tmp_path):
-    from badexpert.evaluation import evaluate
+    from badexpert.evaluation.core import evaluate
 
     model, attack, _, te = backdoored
     assert fitted.degenerate_reasons_ == ["xi_not_reached", "models_coincide"]  # the 3-BN CNN: 0% error at all 3

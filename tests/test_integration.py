@@ -5,7 +5,7 @@ import json
 import pytest
 
 from badexpert.cli import main
-from badexpert.experiment import ExperimentConfig, run
+from badexpert.pipeline.experiment import ExperimentConfig, run
 
 from .conftest import FASHION_MNIST
 
@@ -99,8 +99,8 @@ def test_cli_detector_records_its_own_split(demo_run, tmp_path, capsys):
     # the run's own model with the run's own detector evaluated on this detector's split would
     # reuse images the run's detector was calibrated on: refused
     from badexpert.detectors import load_detector
-    from badexpert.evaluation import evaluate
-    from badexpert.experiment import ExperimentConfig, make_splits
+    from badexpert.evaluation.core import evaluate
+    from badexpert.pipeline.experiment import ExperimentConfig, make_splits
     from badexpert.io import load_model
 
     model, _ = load_model(out / "model.safetensors")
@@ -129,7 +129,7 @@ def test_cli_defend_evaluate_and_bundle_any_detector(demo_run, tmp_path, capsys)
     """defend --method builds any registered detector; evaluate, bundle and the guard take it as
     they take BaDExpert (ONNX export stays BaDExpert's and says so in one line)."""
     from badexpert.attacks import attack_from_meta
-    from badexpert.guard import load_bundle
+    from badexpert.deploy.guard import load_bundle
     from badexpert.io import load_model
 
     out, _ = demo_run

@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import badexpert.report as report  # noqa: E402
+import badexpert.reporting.report as report  # noqa: E402
 from badexpert.metrics import detection_summary  # noqa: E402
-from badexpert.report import format_table, plot_examples, write_report  # noqa: E402
+from badexpert.reporting.report import format_table, plot_examples, write_report  # noqa: E402
 from badexpert.utils import to_jsonable  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three"]

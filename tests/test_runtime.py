@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from badexpert.guard import conformal_p_values as torch_p_values
+from badexpert.deploy.guard import conformal_p_values as torch_p_values
 from badexpert.jsonable import finite_or_none, to_jsonable
 from badexpert.runtime import (ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE,
                                conformal_p_values, reject_reasons, sorted_calibration)
@@ -134,7 +134,7 @@ class Block:
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, Block())
 import numpy as np
-import badexpert.runtime, badexpert.serve, badexpert.export
+import badexpert.runtime, badexpert.serve, badexpert.deploy.export
 from badexpert.runtime import conformal_p_values, reject_reasons, sorted_calibration
 from badexpert.jsonable import to_jsonable
 assert reject_reasons([True], [float('nan')]) == ['score is not a number (the models produced NaN)']

@@ -544,7 +544,7 @@ def test_structured_logs(setup):
 def test_an_onnx_guard_is_served_like_the_torch_guard(setup, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from badexpert.export import OnnxGuard, export_bundle
+    from badexpert.deploy.export import OnnxGuard, export_bundle
 
     export_bundle(setup["path"], tmp_path / "guard.onnx")
     x = torch.cat([setup["clean"][:20], setup["trig"][:12]])
@@ -691,7 +691,7 @@ def test_the_onnx_service_never_imports_torch(setup, tmp_path):
     import sys
 
     pytest.importorskip("onnxruntime")
-    from badexpert.export import export_bundle
+    from badexpert.deploy.export import export_bundle
 
     export_bundle(setup["path"], tmp_path / "guard.onnx")
     x = setup["clean"][:3].numpy()

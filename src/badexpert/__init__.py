@@ -6,7 +6,7 @@ The main entry points::
     from badexpert import get_attack, BaDExpert, load_detector, evaluate, load_model, save_model
     from badexpert import Guard, save_bundle, load_bundle
 
-Names are imported on first use (PEP 562), so ``import badexpert.export`` or the CLI's ``--help``
+Names are imported on first use (PEP 562), so ``import badexpert.deploy.export`` or the CLI's ``--help``
 do not load PyTorch until something needs it (an ONNX runtime service never does).
 """
 
@@ -23,10 +23,10 @@ _EXPORTS = {
     "DETECTORS": "detectors", "BaDExpert": "detectors", "Detector": "detectors", "get_detector": "detectors",
     "load_detector": "detectors",
     "BadExpertError": "errors", "NotFittedError": "errors",
-    "Comparison": "comparison", "compare": "comparison",
-    "Evaluation": "evaluation", "evaluate": "evaluation",
-    "Guard": "guard", "GuardOutput": "guard", "RejectedInputError": "guard", "load_bundle": "guard",
-    "save_bundle": "guard",
+    "Comparison": "evaluation.compare", "compare": "evaluation.compare",
+    "Evaluation": "evaluation.core", "evaluate": "evaluation.core",
+    "Guard": "deploy.guard", "GuardOutput": "deploy.guard", "RejectedInputError": "deploy.guard",
+    "load_bundle": "deploy.guard", "save_bundle": "deploy.guard",
     "load_model": "io", "save_model": "io",
     "ARCHITECTURES": "models", "build_model": "models",
     "Recipe": "training", "accuracy": "training", "train": "training",
@@ -38,7 +38,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        try:  # a submodule (badexpert.guard...), as eager imports used to make available
+        try:  # a submodule (badexpert.deploy...), as eager imports used to make available
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError:
             raise AttributeError(f"module 'badexpert' has no attribute '{name}'") from None

@@ -248,7 +248,7 @@ def _check_options(*, calibrates: bool = True, **fields) -> None:
     fields they map to) before any file or data is read. ``calibrates=False`` where the
     calibration split's size is only known from the model file: the target FPR's reachability
     is then checked by :func:`_splits_for`, after the file is read and before any data is."""
-    from .experiment import ExperimentConfig
+    from .pipeline.experiment import ExperimentConfig
 
     ExperimentConfig(**{"attack": None, **fields}).validate(calibrates=calibrates)
 
@@ -309,8 +309,8 @@ DEMO_ATTACK, DEMO_ATTACK_PARAMS = "badnet", {"poison_rate": 0.01}
 
 def cmd_demo(args) -> int:
     from .attacks import ATTACKS
-    from .experiment import ExperimentConfig, run
-    from .report import format_table
+    from .pipeline.experiment import ExperimentConfig, run
+    from .reporting.report import format_table
 
     attack = _attack_name(args.attack)
     # the demo's own attack at the demo's rate; any other attack at its own reference defaults
@@ -327,8 +327,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiment import ExperimentConfig, run
-    from .report import format_table
+    from .pipeline.experiment import ExperimentConfig, run
+    from .reporting.report import format_table
 
     cfg = ExperimentConfig.from_file(args.config)
     overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
@@ -341,8 +341,8 @@ def cmd_run(args) -> int:
 
 def cmd_train(args) -> int:
     from .attacks import attack_from_meta
-    from .evaluation import evaluate
-    from .experiment import ExperimentConfig, make_splits, train_suspect
+    from .evaluation.core import evaluate
+    from .pipeline.experiment import ExperimentConfig, make_splits, train_suspect
     from .io import save_model
     from .utils import check_output_file
 
@@ -375,7 +375,7 @@ def cmd_train(args) -> int:
 def _splits_for(meta: dict, record: dict, args, **overrides):
     """The splits a model or detector file records (``record``: its ``dataset`` and ``split``),
     with the command's data options and ``overrides`` applied; checked against the model."""
-    from .experiment import ExperimentConfig, make_splits
+    from .pipeline.experiment import ExperimentConfig, make_splits
 
     ds = record.get("dataset")
     sp = record.get("split")
@@ -404,7 +404,7 @@ def _splits_for(meta: dict, record: dict, args, **overrides):
 
 def cmd_defend(args) -> int:
     from .detectors import DETECTORS
-    from .experiment import fit_detector, split_meta
+    from .pipeline.experiment import fit_detector, split_meta
     from .utils import check_output_file
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
@@ -495,7 +495,7 @@ def _detectors_registry():
 
 def cmd_compare(args) -> int:
     from .attacks import attack_from_meta
-    from .comparison import COMPARE_OUTPUTS, compare, write_comparison
+    from .evaluation.compare import COMPARE_OUTPUTS, compare, write_comparison
     from .detectors import DETECTORS, get_detector
     from .io import load_model
     from .utils import check_output_dir
@@ -537,12 +537,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from .grid import run_grid
+    from .pipeline.grid import run_grid
 
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
     if args.ray is not None:
-        from .grid import check_grid_dirs, ray_runner
+        from .pipeline.grid import check_grid_dirs, ray_runner
 
         if args.cpus_per_cell <= 0 or args.gpus_per_cell < 0:
             raise BadExpertError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
@@ -559,10 +559,10 @@ def cmd_grid(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
-    from .evaluation import evaluate
-    from .experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
+    from .evaluation.core import evaluate
+    from .pipeline.experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
     from .io import load_model
-    from .report import format_table
+    from .reporting.report import format_table
     from .utils import atomic_directory, check_output_dir
 
     check_output_dir(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite)
@@ -598,7 +598,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_bundle(args) -> int:
     from .detectors import load_detector
-    from .guard import save_bundle
+    from .deploy.guard import save_bundle
     from .utils import check_output_file
 
     check_output_file(args.out, suffix=".safetensors", overwrite=args.overwrite)
@@ -616,7 +616,7 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_bundle
+    from .deploy.export import export_bundle
 
     r = export_bundle(args.bundle, args.onnx, opset=args.opset, overwrite=args.overwrite, log=_log,
                       allow_factories=args.allow_factory)
@@ -687,12 +687,12 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     from .detectors.base import FORMAT as DETECTOR_FORMAT
     from .detectors.base import read_detector_file
-    from .guard import BUNDLE_FORMATS, read_bundle
+    from .deploy.guard import BUNDLE_FORMATS, read_bundle
     from .io import read_meta, read_model_meta
 
     p = Path(args.file)
     if p.suffix == ".onnx":  # an exported guard: checked whole, as `serve --onnx` checks it
-        from .export import OnnxGuard
+        from .deploy.export import OnnxGuard
 
         print(json.dumps(OnnxGuard(p, intra_op_threads=1).meta, indent=2))
         return 0

@@ -29,7 +29,7 @@ from .jsonable import to_jsonable
 
 #: ``name|dtype|[shape]|``: a model's weights fingerprint (:func:`badexpert.io.model_fingerprint`).
 MODEL_FRAME = "{name}|{dtype}|{shape_list}|"
-#: ``|name|dtype|[shape]|``: a bundle's checksum, after its metadata (:mod:`badexpert.guard`).
+#: ``|name|dtype|[shape]|``: a bundle's checksum, after its metadata (:mod:`badexpert.deploy.guard`).
 BUNDLE_FRAME = "|{name}|{dtype}|{shape_list}|"
 #: ``name|dtype|(shape)|``: cached attack components (:mod:`badexpert.attacks.components`).
 COMPONENT_FRAME = "{name}|{dtype}|{shape_tuple}|"

@@ -30,7 +30,7 @@ ENV = "BADEXPERT_MAX_MEMORY"
 MAX_METADATA_BYTES = 16 * 1024**2
 #: Deepest nesting of that JSON (the files badexpert writes nest 4 levels).
 MAX_METADATA_DEPTH = 32
-#: Inputs run at once by `export`'s verification, :class:`~badexpert.export.OnnxGuard` and the
+#: Inputs run at once by `export`'s verification, :class:`~badexpert.runtime.onnx.OnnxGuard` and the
 #: service: a declared input shape must fit a batch of this many in the memory budget.
 DEPLOY_BATCH = 256
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

@@ -411,7 +411,7 @@ def _check_batch_independence(who: str, det, probe: torch.Tensor, scores: torch.
 
 
 def _check_nonfinite(who: str, det, probe: torch.Tensor, scores: torch.Tensor, atol: float) -> None:
-    from .reasons import REJECT_NONFINITE_INPUT
+    from .runtime.reasons import REJECT_NONFINITE_INPUT
 
     g = "non-finite inputs"
     x = to_float(probe[:4]).clone()

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..arrays import IMAGE_TOLERANCE  # the one tolerance, shared with the numpy rule
+from ..runtime.arrays import IMAGE_TOLERANCE  # the one tolerance, shared with the numpy rule
 from ..errors import BadExpertError
 from ..validation import NonNegativeInt, PositiveInt, checked, expect
 

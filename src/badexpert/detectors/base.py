@@ -65,7 +65,7 @@ from torch import nn
 from ..data.core import Dataset, as_tensors, image_hashes, nonfinite_rows
 from ..errors import BadExpertError, NotFittedError
 # why predict_details accepted or rejected an input (re-exported)
-from ..reasons import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE  # noqa: F401
+from ..runtime.reasons import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE  # noqa: F401
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
 from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, validate_params
 

@@ -40,7 +40,7 @@ with :func:`torch.autograd.grad` with respect to ``w`` alone (nothing accumulate
 runs in eval mode (restored afterwards).
 
 Cost: ``steps + 1`` model forward passes (the target ``M(x)`` and one per step) and ``steps``
-backward passes per input. In front of a model (:class:`badexpert.guard.Guard`) the target is the
+backward passes per input. In front of a model (:class:`badexpert.deploy.guard.Guard`) the target is the
 model's own pass.
 """
 

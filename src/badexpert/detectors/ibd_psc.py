@@ -67,7 +67,7 @@ CIFAR-10 ResNet-18 (width 8) Blend model of bench/RESULTS.md (AUROC 53.5%) was n
 
 Cost: 1 forward pass for the model's own label plus one per distinct amplified model (``n``
 unless models coincide, see above); no backward pass. In front of a model
-(:class:`badexpert.guard.Guard`) the first pass is the model's own.
+(:class:`badexpert.deploy.guard.Guard`) the first pass is the model's own.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ For an input x with the model's label ``y(x)``, and scale factors ``s_1 .. s_K``
   is used (score = ``SPC(x) - mu``).
 
 Cost: ``1 + K`` forward passes per input (the input itself and its K scaled copies), no backward
-pass. In front of a model (:class:`badexpert.guard.Guard`) the input's own pass is the model's.
+pass. In front of a model (:class:`badexpert.deploy.guard.Guard`) the input's own pass is the model's.
 """
 
 from __future__ import annotations

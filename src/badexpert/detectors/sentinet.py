@@ -116,7 +116,7 @@ class SentiNet(Detector):
     name: ClassVar[str] = "sentinet"
     #: SentiNet is designed for localised triggers (the paper's "localized universal attacks"):
     #: an attack whose ``trigger_extent`` is ``"image"`` (SIG, Blend, BPP, Refool, WaNet, ISSBA) is
-    #: outside its scope, and comparison tables mark that cell (:func:`badexpert.comparison.out_of_scope`)
+    #: outside its scope, and comparison tables mark that cell (:func:`badexpert.evaluation.compare.out_of_scope`)
     trigger_scope: ClassVar[str] = "local"
     scatter_axes: ClassVar[dict] = {
         "x": "avg_conf", "y": "fooled", "limits": (0.0, 1.0),

@@ -5,7 +5,7 @@
 - :mod:`~badexpert.runtime.pvalues`: conformal p-values against the calibration scores;
 - :mod:`~badexpert.runtime.onnx`: :class:`OnnxGuard`, an exported guard run with onnxruntime.
 
-Nothing here imports torch; the guard (:mod:`badexpert.guard`) and the service use these same
+Nothing here imports torch; the guard (:mod:`badexpert.deploy.guard`) and the service use these same
 functions, so the torch and ONNX paths cannot disagree on a rule.
 """
 

@@ -1,6 +1,6 @@
 """Running an exported guard without PyTorch: :class:`OnnxGuard` (``serve --onnx``, ``info``).
 
-An ONNX guard (written by :func:`badexpert.export.export_bundle`) is one graph with input
+An ONNX guard (written by :func:`badexpert.deploy.export.export_bundle`) is one graph with input
 ``images`` (float32 ``[N, C, H, W]`` in ``[0, 1]``) and outputs ``label``, ``confidence``,
 ``score`` and ``reject``, plus metadata (``metadata_props`` key ``"badexpert"``, JSON): class names,
 input shape, threshold, target FPR, calibration scores and the model's fingerprint.
@@ -88,7 +88,7 @@ def _check_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 class OnnxGuard:
-    """A guard exported by :func:`badexpert.export.export_bundle`, run with onnxruntime (PyTorch never imported).
+    """A guard exported by :func:`badexpert.deploy.export.export_bundle`, run with onnxruntime (PyTorch never imported).
 
     ``OnnxGuard(path)(x)`` takes a batch ``[N, C, H, W]`` of uint8 images in ``[0, 255]`` or float
     images in ``[0, 1]`` (the package's one conversion rule: floats beyond a 0.001 tolerance and

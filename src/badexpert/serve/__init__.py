@@ -5,7 +5,7 @@
 ``[N, C, H, W]``) returning numpy arrays ``label``, ``confidence``, ``score``, ``p_value`` and
 ``reject`` (and optionally a list ``reason``), with attributes ``classes``, ``input_shape`` and
 ``fpr_target`` (and optionally ``clean_rejection_rate``, the expected share of all clean inputs
-rejected, the drift monitor's reference). :class:`GuardAdapter` gives a :class:`badexpert.guard.Guard` that shape;
+rejected, the drift monitor's reference). :class:`GuardAdapter` gives a :class:`badexpert.deploy.guard.Guard` that shape;
 :class:`badexpert.runtime.onnx.OnnxGuard` has it natively. :func:`serve` loads a bundle, binds the
 socket and runs uvicorn.
 

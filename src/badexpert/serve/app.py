@@ -5,7 +5,7 @@ A service model is anything callable as ``model(x) -> dict`` on a numpy batch ``
 ``confidence``, ``score``, ``p_value`` and ``reject`` (and optionally a list ``reason``), with
 attributes ``classes``, ``input_shape`` and ``fpr_target`` (and optionally
 ``clean_rejection_rate``, the drift monitor's reference). :class:`GuardAdapter` gives a
-:class:`badexpert.guard.Guard` that shape; :class:`badexpert.runtime.onnx.OnnxGuard` has it natively.
+:class:`badexpert.deploy.guard.Guard` that shape; :class:`badexpert.runtime.onnx.OnnxGuard` has it natively.
 """
 
 # no ``from __future__ import annotations``: FastAPI resolves the endpoints' annotations (``Request``,
@@ -42,7 +42,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class GuardAdapter:
-    """A :class:`badexpert.guard.Guard` behind the service-model call shape (the module docstring).
+    """A :class:`badexpert.deploy.guard.Guard` behind the service-model call shape (the module docstring).
 
     ``bare=True`` runs only the suspect model (no detector: nothing is ever rejected, score and
     p-value are NaN); it exists to measure what the guard costs, never to deploy.
@@ -103,7 +103,7 @@ def _request_id(headers) -> str:
 
 def create_app(model, *, settings: Settings | None = None):
     """The FastAPI application serving ``model`` (a :class:`GuardAdapter`, an ``OnnxGuard`` or a
-    :class:`badexpert.guard.Guard`, which is wrapped)."""
+    :class:`badexpert.deploy.guard.Guard`, which is wrapped)."""
     fastapi, _ = require_server_deps()
     from contextlib import asynccontextmanager
 
@@ -114,7 +114,7 @@ def create_app(model, *, settings: Settings | None = None):
     from starlette.requests import ClientDisconnect
 
     settings = (settings or Settings()).validate()
-    guard_module = sys.modules.get("badexpert.guard")  # not imported: the model cannot be a Guard (ONNX)
+    guard_module = sys.modules.get("badexpert.deploy.guard")  # not imported: the model cannot be a Guard (ONNX)
     if guard_module is not None and isinstance(model, guard_module.Guard):
         model = GuardAdapter(model)
     for attr in ("input_shape", "classes", "fpr_target"):

@@ -33,7 +33,7 @@ def load_service_model(bundle: str | None = None, *, onnx: str | None = None, ba
         except ImportError as exc:
             raise BadExpertError(f"cannot serve an ONNX file: {str(exc).splitlines()[0]}") from exc
         return OnnxGuard(onnx)
-    from ..guard import load_bundle
+    from ..deploy.guard import load_bundle
 
     return GuardAdapter(load_bundle(bundle, allow_factories=allow_factories), bare=bare)
 

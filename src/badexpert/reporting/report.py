@@ -19,9 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from .errors import BadExpertError
-from .metrics import _sklearn_inputs, realized_fpr
-from .utils import atomic_write_bytes, write_json
+from ..errors import BadExpertError
+from ..metrics import _sklearn_inputs, realized_fpr
+from ..utils import atomic_write_bytes, write_json
 
 __all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
 
@@ -429,7 +429,7 @@ def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> li
         target = f"{target} ({class_names[target]})"
     if isinstance(metrics.get("attack"), dict):  # the attack describes its own target (all-to-all, source classes)
         try:
-            from .attacks import attack_from_dict
+            from ..attacks import attack_from_dict
 
             target = attack_from_dict(metrics["attack"], check_files=False).describe_target(class_names)
         except BadExpertError:

@@ -23,20 +23,20 @@ from typing import Annotated
 
 import torch
 
-from . import __version__
-from .attacks import Attack, attack_from_meta, get_attack
-from .attacks.components import Components
-from .data import Splits, load_dataset, split
-from .detectors import Detector, get_detector
-from .digests import file_sha256, json_digest, sha256_hex
-from .errors import BadExpertError
-from .evaluation import Evaluation, evaluate
-from .io import load_model, save_model
-from .metrics import check_reachable_fpr
-from .models import build_model
-from .training import Recipe
-from .utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
-from .validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
+from .. import __version__
+from ..attacks import Attack, attack_from_meta, get_attack
+from ..attacks.components import Components
+from ..data import Splits, load_dataset, split
+from ..detectors import Detector, get_detector
+from ..digests import file_sha256, json_digest, sha256_hex
+from ..errors import BadExpertError
+from ..evaluation.core import Evaluation, evaluate
+from ..io import load_model, save_model
+from ..metrics import check_reachable_fpr
+from ..models import build_model
+from ..training import Recipe
+from ..utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
+from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":
-        from .utils import read_json_file
+        from ..utils import read_json_file
 
         return cls.from_dict(read_json_file(path, "config file"))
 
@@ -92,8 +92,8 @@ class ExperimentConfig:
         before any data is read; one-line errors naming the field. ``calibrates``: whether the
         command calibrates a detector at ``fpr`` on ``calibration`` inputs (``train`` does not),
         so that the target must be reachable (:func:`~badexpert.metrics.check_reachable_fpr`)."""
-        from .data import NUM_CLASSES, canonical_dataset
-        from .models import canonical_arch
+        from ..data import NUM_CLASSES, canonical_dataset
+        from ..models import canonical_arch
 
         validate_fields(self, "config field")
         resolve_device(self.device)
@@ -114,8 +114,8 @@ class ExperimentConfig:
     def make_recipe(self) -> Recipe:
         """The suspect model's training recipe: the default for the dataset and architecture,
         with this config's ``recipe`` overrides."""
-        from .data import canonical_dataset
-        from .models import canonical_arch
+        from ..data import canonical_dataset
+        from ..models import canonical_arch
 
         recipe = default_recipe(canonical_dataset(self.dataset), canonical_arch(self.arch))
         return Recipe.from_dict({**recipe.to_dict(), **self.recipe}) if self.recipe else recipe
@@ -157,7 +157,7 @@ def make_splits(cfg: ExperimentConfig) -> Splits:
 
 def _data_fingerprint(cfg: ExperimentConfig) -> str:
     """Identify the dataset files cheaply (path, sizes and mtimes), for the model cache key."""
-    from .data import DEFAULT_PATHS
+    from ..data import DEFAULT_PATHS
 
     path = cfg.data_path or DEFAULT_PATHS.get(cfg.dataset.lower(), "")
     p = Path(path)
@@ -307,7 +307,7 @@ def experiment_metrics(cfg: ExperimentConfig, meta: dict, result: Evaluation, sp
 
 def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_names: list[str]) -> list[Path]:
     """metrics.json, report.md and the plots for one evaluation."""
-    from .report import write_report
+    from ..reporting.report import write_report
 
     a = result.arrays
     return write_report(
@@ -361,7 +361,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
 
 def check_cache_dir(path: str | Path) -> Path:
     """The suspect-model cache must be a directory (or creatable as one)."""
-    from .utils import _check_creatable
+    from ..utils import _check_creatable
 
     p = Path(path)
     if os.path.isfile(p):

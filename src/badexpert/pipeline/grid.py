@@ -4,11 +4,11 @@
 model: (dataset, architecture, attack, seed). Every detector of the grid runs on it through
 :func:`badexpert.compare` (same reserved, calibration and test splits, the model's outputs
 computed once). The whole grid is validated before anything is read or trained: every cell's
-:class:`~badexpert.experiment.ExperimentConfig` (one per detector) must pass ``validate()``.
+:class:`~badexpert.pipeline.experiment.ExperimentConfig` (one per detector) must pass ``validate()``.
 
 Work is never done twice:
 
-- suspect models go through :func:`~badexpert.experiment.train_suspect`'s content-hash cache
+- suspect models go through :func:`~badexpert.pipeline.experiment.train_suspect`'s content-hash cache
   (``cache_dir``);
 - fitted and calibrated detectors are cached beside them, keyed by a content hash of the suspect
   model's key, the detector's name and parameters, the split and the target FPR, and loaded
@@ -45,10 +45,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import __version__
-from .digests import json_digest
-from .errors import BadExpertError
-from .utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
+from .. import __version__
+from ..digests import json_digest
+from ..errors import BadExpertError
+from ..utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
 
 #: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
 GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "matrix.md", "heatmap.png"})
@@ -85,7 +85,7 @@ def _hash(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 def read_grid_file(path: str | Path) -> dict:
     """A grid config file as a dict; one-line errors for a missing, huge or malformed file."""
-    from .utils import read_json_file
+    from ..utils import read_json_file
 
     p = Path(path)
     d = read_json_file(p, "grid config file")
@@ -150,10 +150,10 @@ def normalize_grid(config: dict) -> dict:
 
     Names, types and ranges of the values themselves are checked cell by cell in :func:`plan`.
     """
-    from .attacks import ATTACKS
-    from .data import canonical_dataset
-    from .detectors import DETECTORS
-    from .models import canonical_arch
+    from ..attacks import ATTACKS
+    from ..data import canonical_dataset
+    from ..detectors import DETECTORS
+    from ..models import canonical_arch
 
     if not isinstance(config, dict):
         raise BadExpertError(f"a grid config must be a JSON object, got {type(config).__name__}")
@@ -231,7 +231,7 @@ def load_grid(config: dict | str | Path) -> dict:
 
 def _check_data_path(ds: dict, i: int) -> None:
     """The dataset's files exist (without reading them)."""
-    from .data import DEFAULT_PATHS
+    from ..data import DEFAULT_PATHS
 
     path = ds.get("data_path") or DEFAULT_PATHS.get(ds["name"])
     if path is None:
@@ -315,7 +315,7 @@ def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
     (for a detector that does not use the model, a digest of its fitting and calibration images),
     the detector's name and parameters (its seed included, its device not), the split it was
     fitted and calibrated on, and the target FPR and calibration population."""
-    from .detectors.base import DEFAULT_POPULATION
+    from ..detectors.base import DEFAULT_POPULATION
 
     return _hash({"suspect": suspect, "detector": name, "params": {k: v for k, v in params.items() if k != "device"},
                   "split": {"dataset": cfg.dataset, "seed": cfg.seed, "reserved": cfg.reserved,
@@ -324,7 +324,7 @@ def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
 
 
 def _detector_row(d: dict | None) -> dict:
-    from .metrics import realized_fpr
+    from ..metrics import realized_fpr
 
     if d is None:
         return dict.fromkeys(DETECTOR_NUMBERS)
@@ -363,12 +363,12 @@ def run_cell(spec: dict, *, log: Callable[[str], Any] = print) -> list[dict]:
 
 
 def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
-    from .attacks import attack_from_meta
-    from .attacks.components import tensor_digest
-    from .comparison import compare
-    from .detectors import get_detector, load_detector
+    from ..attacks import attack_from_meta
+    from ..attacks.components import tensor_digest
+    from ..evaluation.compare import compare
+    from ..detectors import get_detector, load_detector
     from .experiment import ExperimentConfig, make_splits, split_meta, suspect_key, train_suspect
-    from .utils import seed_everything
+    from ..utils import seed_everything
 
     t0 = time.perf_counter()
     cfg = ExperimentConfig.from_dict(spec["config"]).validate()
@@ -769,7 +769,7 @@ def summary_csv(summary: list[dict]) -> str:
 def plot_heatmap(summary: list[dict]):
     """Mean AUROC (paper's population), attacks x detectors, one panel per dataset and architecture;
     a cell whose backdoor never implanted is grey and says so."""
-    from .report import _new_figure
+    from ..reporting.report import _new_figure
 
     panels = list(dict.fromkeys((s["dataset"], s["arch"]) for s in summary))
     attacks = list(dict.fromkeys(s["attack"] for s in summary))
@@ -832,7 +832,7 @@ def write_summary(out_dir: str | Path, rows: list[dict], *, n_boot: int = 1000, 
     atomic_write_text(out / "summary.csv", summary_csv(summary))
     atomic_write_text(out / "matrix.md", "# Benchmark grid: attacks x detectors\n\n" + format_matrix(summary))
     if heatmap and summary:
-        from .utils import atomic_write_bytes
+        from ..utils import atomic_write_bytes
 
         buf = io.BytesIO()
         plot_heatmap(summary).savefig(buf, format="png")

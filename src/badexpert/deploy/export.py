@@ -13,7 +13,7 @@ others are refused in one line:
   :meth:`~badexpert.detectors.Detector.export_scorer`) and ``reject`` (bool,
   ``not (score <= threshold)``, so a NaN score is rejected);
 - an image holding a NaN or inf pixel is zeroed before the models see it and comes out with
-  ``score = confidence = NaN`` and ``reject = True``, as in the eager :class:`~badexpert.guard.Guard`;
+  ``score = confidence = NaN`` and ``reject = True``, as in the eager :class:`~badexpert.deploy.guard.Guard`;
 - the model's metadata (``metadata_props``, key ``"badexpert"``, JSON) holds the class names,
   input shape, threshold, target FPR, the calibration scores (for conformal p-values), the score
   rule (the detector's :attr:`~badexpert.detectors.Detector.score_kind`) and the suspect model's
@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadExpertError
+from ..errors import BadExpertError
 # the torch-free runtime (badexpert.runtime): the file's names, OnnxGuard and its checks, re-exported here
-from .runtime.arrays import IMAGE_TOLERANCE
-from .runtime.onnx import (EXTRA_HINT, INPUT_NAME, META_KEY, ONNX_FIX, ONNX_FORMAT, ONNX_META_TYPES,  # noqa: F401
+from ..runtime.arrays import IMAGE_TOLERANCE
+from ..runtime.onnx import (EXTRA_HINT, INPUT_NAME, META_KEY, ONNX_FIX, ONNX_FORMAT, ONNX_META_TYPES,  # noqa: F401
                            OUTPUT_NAMES, OnnxGuard, _check_meta, _first_line, _meta_error, _require)
-from .runtime.pvalues import conformal_p_values  # noqa: F401
+from ..runtime.pvalues import conformal_p_values  # noqa: F401
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input: what the graph is written for
@@ -237,7 +237,7 @@ def export_model_onnx(model, input_shape: tuple[int, int, int], *, opset: int = 
 
 def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = None) -> dict[str, Any]:
     """What the ONNX file records about its guard (stored as JSON in ``metadata_props``)."""
-    from . import __version__
+    from .. import __version__
 
     det = guard.detector
     scores = det.calibration_scores_.double().flatten().tolist()
@@ -266,13 +266,13 @@ def onnx_metadata(guard, *, source: str | None = None, checksum: str | None = No
 def _check_exportable(det):
     """The detector, if it declares the capability to be exported
     (:attr:`~badexpert.detectors.Detector.exportable`); otherwise a one-line error."""
-    from .detectors.base import check_exportable
+    from ..detectors.base import check_exportable
 
     return check_exportable(det)
 
 
 def build_onnx(guard, *, opset: int = DEFAULT_OPSET, source: str | None = None, checksum: str | None = None) -> bytes:
-    """The serialized ONNX graph of a :class:`~badexpert.guard.Guard` whose detector is exportable
+    """The serialized ONNX graph of a :class:`~badexpert.deploy.guard.Guard` whose detector is exportable
     (module docstring), with its metadata; nothing is written."""
     opset = _check_opset(opset)
     onnx = _require("onnx")
@@ -391,7 +391,7 @@ def compare_with_guard(onnx_guard: "OnnxGuard", guard, batches: list[np.ndarray]
 def _eager_probabilities(guard, batch: np.ndarray) -> np.ndarray:
     import torch
 
-    from .data.core import to_float
+    from ..data.core import to_float
 
     det = guard.detector
     images, bad = det._scorable(torch.from_numpy(batch))
@@ -424,7 +424,7 @@ def verify_onnx(onnx_model, guard, *, batches: list[np.ndarray] | None = None) -
 def check_onnx_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """Before any work: ``path`` names a ``.onnx`` file that may be written (``--overwrite``
     needed to replace one)."""
-    from .utils import check_output_file
+    from ..utils import check_output_file
 
     return check_output_file(path, suffix=".onnx", overwrite=overwrite, option="--onnx")
 
@@ -435,9 +435,9 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
     (the verification's numbers, the file, its size, opset and score rule). A bundle of a
     model from another source exports when torch can trace its guard and onnxruntime agrees
     with the eager guard; otherwise it is one line and nothing is written (serve the bundle).
-    ``allow_factories`` as in :func:`badexpert.guard.load_bundle`."""
+    ``allow_factories`` as in :func:`badexpert.deploy.guard.load_bundle`."""
     from .guard import guard_from_bundle, read_bundle
-    from .utils import atomic_write_bytes
+    from ..utils import atomic_write_bytes
 
     out = check_onnx_output(onnx_path, overwrite=overwrite)
     _require("onnx")

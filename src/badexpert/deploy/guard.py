@@ -36,15 +36,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .data.core import to_float
-from .detectors.base import Detector, check_detector_meta, detector_from_state
-from .digests import BUNDLE_FRAME, canonical_json, update_tensors
-from .errors import BadExpertError, NotFittedError
-from .runtime.pvalues import conformal_p_values as runtime_p_values
-from .runtime.pvalues import sorted_calibration
-from .runtime.reasons import ACCEPTED, reject_reasons
-from .utils import atomic_write_bytes, eval_mode, to_jsonable
-from .validation import check_value, expect
+from ..data.core import to_float
+from ..detectors.base import Detector, check_detector_meta, detector_from_state
+from ..digests import BUNDLE_FRAME, canonical_json, update_tensors
+from ..errors import BadExpertError, NotFittedError
+from ..runtime.pvalues import conformal_p_values as runtime_p_values
+from ..runtime.pvalues import sorted_calibration
+from ..runtime.reasons import ACCEPTED, reject_reasons
+from ..utils import atomic_write_bytes, eval_mode, to_jsonable
+from ..validation import check_value, expect
 
 #: Bundles of badexpert's own architectures (rebuilt from the architecture fields).
 BUNDLE_FORMAT = "badexpert-bundle/1"
@@ -182,7 +182,7 @@ def save_bundle(path: str | Path, model: nn.Module, detector: Detector, model_me
     """
     from safetensors.torch import save
 
-    from .io import check_model_meta, model_fingerprint
+    from ..io import check_model_meta, model_fingerprint
 
     expect(model, nn.Module, "the model")
     expect(detector, Detector, "the detector")
@@ -272,10 +272,10 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .detectors.base import check_record
-    from .io import check_architecture, check_model_meta, read_meta
-    from .limits import DEPLOY_BATCH
-    from .metadata import check_classes, check_fields
+    from ..detectors.base import check_record
+    from ..io import check_architecture, check_model_meta, read_meta
+    from ..limits import DEPLOY_BATCH
+    from ..metadata import check_classes, check_fields
 
     source = f"bundle '{path}'"
     hint = "create one with `badexpert bundle`"
@@ -323,7 +323,7 @@ def _check_source_record(model: dict, tensors: dict[str, torch.Tensor], source: 
     """The source record of a format-2 bundle: a known kind that is the model's ``arch``, and
     what rebuilds it (a Hugging Face config without remote code, an ONNX payload matching its
     digest, a well-formed factory reference and keyword arguments)."""
-    from .io.sources import FACTORY_RE
+    from ..io.sources import FACTORY_RE
 
     rec = model["source"]
     kind = rec.get("kind")
@@ -362,7 +362,7 @@ def _check_source_memory(model: dict, tensors: dict[str, torch.Tensor], source: 
     converted graph's), and a batch of inputs of the declared size, within the memory budget."""
     import math
 
-    from .limits import check_allocation
+    from ..limits import check_allocation
 
     weights = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("model."))
     onnx = tensors[ONNX_TENSOR].numel() if ONNX_TENSOR in tensors else 0
@@ -400,8 +400,8 @@ def guard_from_bundle(meta: dict[str, Any], tensors: dict[str, torch.Tensor], pa
                       device: str | None = "cpu", policy: str = "flag", abstain_label: int = -1,
                       allow_factories: Any = ()) -> Guard:
     """The guard of a bundle already read (and so checked) by :func:`read_bundle`."""
-    from .io import build_checked, load_weights, model_fingerprint, rebuild_model
-    from .utils import resolve_device
+    from ..io import build_checked, load_weights, model_fingerprint, rebuild_model
+    from ..utils import resolve_device
 
     source = f"bundle '{path}'"
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import Attack
-from .data.core import Dataset, batches, to_uint8
-from .detectors.base import Detector
-from .errors import BadExpertError, NotFittedError
-from .metrics import ScoreAccumulator, clean_rejection, detection_summary
-from .training import predict_logits
-from .utils import eval_mode, model_device
-from .validation import Fraction, NonNegativeInt, PositiveInt, checked, expect
+from ..attacks import Attack
+from ..data.core import Dataset, batches, to_uint8
+from ..detectors.base import Detector
+from ..errors import BadExpertError, NotFittedError
+from ..metrics import ScoreAccumulator, clean_rejection, detection_summary
+from ..training import predict_logits
+from ..utils import eval_mode, model_device
+from ..validation import Fraction, NonNegativeInt, PositiveInt, checked, expect
 
 
 @dataclass
@@ -47,7 +47,7 @@ def trigger_dataset(attack: Attack, data: Dataset, *, batch_size: int = 1024, se
     A test-time trigger that is random per input draws from a generator derived from ``seed``,
     so the same seed gives the same triggered test set.
     """
-    from .utils import derive_generator
+    from ..utils import derive_generator
 
     mask = attack.counts(data.labels, data.num_classes)
     idx = mask.nonzero().flatten()

@@ -2,7 +2,7 @@
 
 Every detector is fitted on the same reserved clean split, calibrated at the same target FPR on
 the same calibration split, and evaluated on the same test split and triggered copy; the suspect
-model's predictions on those inputs are computed once (:func:`badexpert.evaluation.model_outputs`)
+model's predictions on those inputs are computed once (:func:`badexpert.evaluation.core.model_outputs`)
 and shared. The result is one table (AUROC on both populations, TPR at 0.1/1/5% FPR, CA and ASR
 after filtering, realized FPR, model passes per input and measured throughput relative to the
 bare model) and one figure with every ROC curve.
@@ -17,14 +17,14 @@ from typing import Annotated, Any, Callable, Sequence
 import numpy as np
 from torch import nn
 
-from .attacks import Attack
-from .data import Splits
-from .detectors import Detector, get_detector
-from .errors import BadExpertError
-from .evaluation import check_detector_for, detector_metrics, model_outputs
-from .metrics import check_reachable_fpr, realized_fpr
-from .utils import atomic_directory, check_output_dir, write_json
-from .validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect
+from ..attacks import Attack
+from ..data import Splits
+from ..detectors import Detector, get_detector
+from ..errors import BadExpertError
+from .core import check_detector_for, detector_metrics, model_outputs
+from ..metrics import check_reachable_fpr, realized_fpr
+from ..utils import atomic_directory, check_output_dir, write_json
+from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect
 
 #: What ``badexpert compare`` writes into its output directory.
 COMPARE_OUTPUTS = frozenset({"compare.json", "compare.md", "roc.png"})
@@ -150,7 +150,7 @@ def plot_comparison(comparison: Comparison):
     """Every detector's ROC curve (all clean vs all triggered inputs), linear and log FPR."""
     from sklearn.metrics import roc_curve
 
-    from .report import _new_figure
+    from ..reporting.report import _new_figure
 
     fig = _new_figure(11.5, 4.8)
     ax_lin, ax_log = fig.subplots(1, 2)
