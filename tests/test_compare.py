@@ -5,7 +5,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from badexpert.evaluation.compare import COMPARE_OUTPUTS, compare, write_comparison
+from badexpert.evaluation.compare import compare
+from badexpert.reporting.compare import COMPARE_OUTPUTS, format_comparison, write_comparison
 from badexpert.data import Splits
 from badexpert.detectors import BaDExpert, Detector
 from badexpert.errors import BadExpertError
@@ -56,7 +57,7 @@ def test_detectors_share_one_model_pass_and_one_protocol(setting, monkeypatch, t
     assert rows["badexpert"]["cost"]["forward_passes_per_input"] == 3
     assert rows["max_softmax"]["cost"]["forward_passes_per_input"] == 1
     assert result.metrics["model"]["attack_success_rate"] > 0.9
-    table = result.table()
+    table = format_comparison(result.metrics)
     assert "| badexpert |" in table and "| max_softmax |" in table and "TPR at 0.1% / 1% / 5% FPR" in table
     paths = write_comparison(tmp_path / "cmp", result)
     assert {p.name for p in paths} == COMPARE_OUTPUTS and (tmp_path / "cmp" / "roc.png").stat().st_size > 1000
@@ -72,7 +73,7 @@ def test_a_failed_implant_fits_no_detector(setting):
     det = _badexpert()
     result = compare(model, [det], splits, weak, log=lambda m: None)
     assert result.metrics["model"]["attack_failed"] and result.metrics["detectors"] == []
-    assert not det.is_fitted and "did not implant" in result.table()
+    assert not det.is_fitted and "did not implant" in format_comparison(result.metrics)
 
 
 def test_compare_argument_errors(setting):
@@ -107,4 +108,4 @@ def test_compare_without_an_attack_measures_false_positives(setting):
     result = compare(model, [MaxSoftmax()], splits, None, fpr=0.05, log=lambda m: None)
     d = result.metrics["detectors"][0]
     assert d["name"] == "max_softmax" and 0.0 <= d["fpr"] <= 0.05 + 0.04
-    assert d["cost"]["forward_passes_per_input"] == 1 and "| max_softmax |" in result.table()
+    assert d["cost"]["forward_passes_per_input"] == 1 and "| max_softmax |" in format_comparison(result.metrics)

@@ -275,7 +275,8 @@ def test_a_file_saved_with_the_old_default_layer_is_refused(backdoored, tmp_path
 
 def test_image_wide_triggers_are_out_of_scope():
     from badexpert.attacks import get_attack
-    from badexpert.evaluation.compare import format_comparison, out_of_scope
+    from badexpert.evaluation.compare import out_of_scope
+    from badexpert.reporting.compare import format_comparison
     from badexpert.detectors import STRIP
 
     assert SentiNet.trigger_scope == "local"

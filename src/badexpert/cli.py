@@ -495,7 +495,8 @@ def _detectors_registry():
 
 def cmd_compare(args) -> int:
     from .attacks import attack_from_meta
-    from .evaluation.compare import COMPARE_OUTPUTS, compare, write_comparison
+    from .evaluation.compare import compare
+    from .reporting.compare import COMPARE_OUTPUTS, format_comparison, write_comparison
     from .detectors import DETECTORS, get_detector
     from .io import load_model
     from .utils import check_output_dir
@@ -531,7 +532,7 @@ def cmd_compare(args) -> int:
     dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
     result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device, log=_log)
     write_comparison(args.out, result, overwrite=args.overwrite)
-    print(result.table())
+    print(format_comparison(result.metrics))
     print(f"wrote {args.out}")
     return 0
 

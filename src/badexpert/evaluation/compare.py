@@ -3,18 +3,17 @@
 Every detector is fitted on the same reserved clean split, calibrated at the same target FPR on
 the same calibration split, and evaluated on the same test split and triggered copy; the suspect
 model's predictions on those inputs are computed once (:func:`badexpert.evaluation.core.model_outputs`)
-and shared. The result is one table (AUROC on both populations, TPR at 0.1/1/5% FPR, CA and ASR
-after filtering, realized FPR, model passes per input and measured throughput relative to the
-bare model) and one figure with every ROC curve.
+and shared. The result is a :class:`Comparison` record, which :mod:`badexpert.reporting.compare`
+renders (one table: AUROC on both populations, TPR at 0.1/1/5% FPR, CA and ASR after filtering,
+realized FPR, model passes per input and measured throughput relative to the bare model; one
+figure with every ROC curve).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable, Sequence
 
-import numpy as np
 from torch import nn
 
 from ..attacks import Attack
@@ -22,13 +21,8 @@ from ..data import Splits
 from ..detectors import Detector, get_detector
 from ..errors import BadExpertError
 from .core import check_detector_for, detector_metrics, model_outputs
-from ..metrics import check_reachable_fpr, realized_fpr
-from ..utils import atomic_directory, check_output_dir, write_json
+from ..metrics import check_reachable_fpr
 from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect
-
-#: What ``badexpert compare`` writes into its output directory.
-COMPARE_OUTPUTS = frozenset({"compare.json", "compare.md", "roc.png"})
-
 
 @dataclass
 class Comparison:
@@ -38,9 +32,6 @@ class Comparison:
 
     metrics: dict
     arrays: dict = field(default_factory=dict)
-
-    def table(self) -> str:
-        return format_comparison(self.metrics)
 
 
 def _detectors(detectors: Sequence[Detector | str], seed: int, device: str | None) -> list[Detector]:
@@ -116,78 +107,4 @@ def out_of_scope(detector: Detector, attack: Attack | None) -> str | None:
     return f"{detector.name} targets {scope} triggers; {attack.name}'s trigger is {'image-wide' if extent == 'image' else extent}"
 
 
-def _pct(v: Any, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.{digits}f}%"
-
-
-def format_comparison(metrics: dict) -> str:
-    """The comparison as a Markdown table (one row per detector)."""
-    m = metrics["model"]
-    head = (f"Suspect model: clean accuracy {_pct(m['clean_accuracy'])}"
-            + (f", attack success rate {_pct(m['attack_success_rate'])}" if m.get("attack_success_rate") is not None else "")
-            + f"; every detector calibrated at {100 * metrics['fpr_target']:g}% target FPR on the same clean split.")
-    if m.get("attack_failed"):
-        return head + "\n\n" + m["message"] + "\n"
-    rows = ["| detector | AUROC | AUROC (paper's population) | TPR at 0.1% / 1% / 5% FPR | CA after | ASR after | "
-            "realized FPR | passes per input (fwd / bwd) | throughput vs model |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for d in metrics["detectors"]:
-        t = d.get("tpr_at_fpr", {})
-        cost = d.get("cost", {})
-        ratio = cost.get("throughput_ratio")
-        rows.append(
-            f"| {d['name']}{' (out of scope)' if d.get('out_of_scope') else ''} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
-            f"{_pct(t.get('0.1%'))} / {_pct(t.get('1%'))} / {_pct(t.get('5%'))} | {_pct(d.get('clean_accuracy'))} | "
-            f"{_pct(d.get('attack_success_rate'))} | {_pct(realized_fpr(d), 2)} | "
-            f"{cost.get('forward_passes_per_input')} / {cost.get('backward_passes_per_input')} | "
-            f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
-        )
-    notes = [f"Out of scope: {d['out_of_scope']}." for d in metrics["detectors"] if d.get("out_of_scope")]
-    return head + "\n\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
-
-
-def plot_comparison(comparison: Comparison):
-    """Every detector's ROC curve (all clean vs all triggered inputs), linear and log FPR."""
-    from sklearn.metrics import roc_curve
-
-    from ..reporting.report import _new_figure
-
-    fig = _new_figure(11.5, 4.8)
-    ax_lin, ax_log = fig.subplots(1, 2)
-    by_name = {d["name"]: d for d in comparison.metrics["detectors"]}
-    for name, a in comparison.arrays.items():
-        c, t = np.asarray(a["clean_scores"], float), np.asarray(a["trig_scores"], float)
-        scores = np.nan_to_num(np.concatenate([c, t]), nan=np.inf)  # an unscorable input is always flagged
-        fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(c)), np.ones(len(t))], scores)
-        label = f"{name} (AUROC {_pct(by_name[name].get('auroc'), 2)})"
-        for ax in (ax_lin, ax_log):
-            ax.plot(np.maximum(fpr, 1e-4) if ax is ax_log else fpr, tpr, label=label)
-    for ax, log in ((ax_lin, False), (ax_log, True)):
-        ax.set_xlabel("false-positive rate (clean inputs rejected)" + (", log scale" if log else ""))
-        ax.set_ylabel("true-positive rate (triggered inputs rejected)")
-        if log:
-            ax.set_xscale("log")
-            ax.set_xlim(1e-4, 1)
-        ax.grid(alpha=0.3)
-    ax_lin.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax_lin.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Detectors on the same model, test inputs and triggered copies", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def write_comparison(out_dir: str | Path, comparison: Comparison, *, overwrite: bool = False) -> list[Path]:
-    """``compare.json``, ``compare.md`` and ``roc.png`` (when any detector was evaluated), all or nothing."""
-    check_output_dir(out_dir, owned=COMPARE_OUTPUTS, overwrite=overwrite)
-    with atomic_directory(out_dir, owned=COMPARE_OUTPUTS, overwrite=overwrite) as out:
-        write_json(out / "compare.json", comparison.metrics)
-        (out / "compare.md").write_text("# Detector comparison\n\n" + comparison.table())
-        written = [out / "compare.json", out / "compare.md"]
-        if comparison.arrays:
-            fig = plot_comparison(comparison)
-            fig.savefig(out / "roc.png", format="png")
-            written.append(out / "roc.png")
-    return [Path(out_dir) / p.name for p in written]
-
-
-__all__ = ["COMPARE_OUTPUTS", "Comparison", "compare", "format_comparison", "plot_comparison", "write_comparison"]
+__all__ = ["Comparison", "compare", "out_of_scope"]
