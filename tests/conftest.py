@@ -6,8 +6,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from badexpert.data import Dataset
 
@@ -123,3 +125,19 @@ def random_dataset(n: int = 400, c: int = 3, size: int = 32, classes: int = 10, 
     g = torch.Generator().manual_seed(seed)
     return Dataset(images=torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8),
                    labels=torch.arange(n) % classes, classes=[str(i) for i in range(classes)], name="rand")
+
+
+def write_blobs(root: Path, n_train: int = 100, n_test: int = 80, size: int = 12, classes: int = 4) -> Path:
+    """An ImageFolder (``train/<class>/*.png``, ``test/<class>/*.png``): class k is a bright bar at
+    row band k on noise, learnable by a tiny CNN in a second."""
+    r = np.random.default_rng(0)
+    band = size // classes
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(classes):
+            d = root / split / f"c{k}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                x = r.random((size, size)) * 0.35
+                x[k * band:(k + 1) * band, 1:-4] += 0.55
+                Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(d / f"{i:03d}.png")
+    return root

@@ -143,10 +143,10 @@ def blobs_model(tmp_path_factory):
     the same kind of images that the model never saw (its test/ split)."""
     from badexpert.cli import main
 
-    from .test_contract_toy import _blobs
+    from .conftest import write_blobs
 
     root = tmp_path_factory.mktemp("clean-cli")
-    data = _blobs(root / "data")
+    data = write_blobs(root / "data")
     model = root / "model.safetensors"
     assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
                  "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",

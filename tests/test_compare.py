@@ -3,7 +3,6 @@
 from typing import ClassVar
 
 import pytest
-import torch
 
 from badexpert.evaluation.compare import compare
 from badexpert.reporting.compare import COMPARE_OUTPUTS, format_comparison, write_comparison

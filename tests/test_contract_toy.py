@@ -6,7 +6,6 @@ without any core module knowing its name."""
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -19,6 +18,8 @@ from badexpert.cli import main
 from badexpert.detectors import DETECTORS, Detector, Option
 from badexpert.utils import eval_mode
 from badexpert.validation import NonNegativeInt, PositiveFloat, PositiveInt
+
+from .conftest import write_blobs
 
 
 class ToyConfidence(Detector):
@@ -76,21 +77,6 @@ def toy():
     DETECTORS.remove(ToyConfidence.name)
 
 
-def _blobs(root: Path, size: int = 12, classes: int = 4) -> Path:
-    """An ImageFolder: class k is a bright bar at row band k on noise."""
-    r = np.random.default_rng(0)
-    band = size // classes
-    for split, n in (("train", 100), ("test", 80)):
-        for k in range(classes):
-            d = root / split / f"c{k}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                x = r.random((size, size)) * 0.35
-                x[k * band:(k + 1) * band, 1:-4] += 0.55
-                Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(d / f"{i:03d}.png")
-    return root
-
-
 RECIPE = {"optimizer": "adam", "lr": 0.003, "epochs": 8, "batch_size": 32, "weight_decay": 0, "augment": False}
 
 
@@ -98,7 +84,7 @@ RECIPE = {"optimizer": "adam", "lr": 0.003, "epochs": 8, "batch_size": 32, "weig
 def made(toy, tmp_path_factory):
     """A backdoored model file on the tiny ImageFolder, and the toy detector defended on it."""
     root = tmp_path_factory.mktemp("toy")
-    data = _blobs(root / "data")
+    data = write_blobs(root / "data")
     model = root / "model.safetensors"
     assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
                  "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",

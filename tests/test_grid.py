@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import badexpert.pipeline.experiment as experiment
 from badexpert.cli import main
@@ -16,25 +15,11 @@ from badexpert.detectors import get_detector
 from badexpert.errors import BadExpertError
 from badexpert.pipeline.grid import DETECTOR_NUMBERS, GRID_OUTPUTS, format_matrix, plan, read_results, run_grid, summarize
 
+from .conftest import write_blobs
+
 #: fields a cached model and cached detectors reproduce exactly (timings and throughput do not)
 MEASURED = ("clean_accuracy", "attack_success_rate", "attack_failed", "status", "auroc", "auroc_ci", "auroc_filtered",
             "tpr_at_1pct_fpr", "tpr", "fpr", "threshold", "ca_after", "asr_after", "forward_passes", "n_triggered")
-
-
-def write_blobs(root: Path, n_train: int = 100, n_test: int = 80, size: int = 12, classes: int = 4) -> Path:
-    """An ImageFolder (``train/<class>/*.png``, ``test/<class>/*.png``): class k is a bright bar at
-    row band k on noise, learnable by a tiny CNN in a second."""
-    r = np.random.default_rng(0)
-    band = size // classes
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(classes):
-            d = root / split / f"c{k}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                x = r.random((size, size)) * 0.35
-                x[k * band:(k + 1) * band, 1:-4] += 0.55
-                Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(d / f"{i:03d}.png")
-    return root
 
 
 def make_grid(data: Path) -> dict:

@@ -723,18 +723,9 @@ def load_model(source: str | Path, *, device: str | torch.device | None = "cpu",
     expect(source, (str, PathLike), "the model source")
     decl = declared(mean, std, image_size, classes, in_channels)
     name = SOURCES.canonical(kind) if kind is not None else detect_source(source)
-    options = {"weights": weights, "kwargs": kwargs, "tolerance": tolerance}
-    cls = SOURCES[name]
-    if name == "factory":
-        options.pop("tolerance")
-        if tolerance is not None:
-            _no_options({"tolerance": tolerance}, name)
-    elif name == "onnx":
-        _no_options({"weights": weights, "kwargs": kwargs}, name)
-        options = {"tolerance": tolerance}
-    else:
-        options = {k: v for k, v in options.items() if v is not None}
-    return cls().load(str(source), decl, device=device, **options)
+    # each source takes the options it names and refuses the others in one line (_no_options)
+    options = {k: v for k, v in (("weights", weights), ("kwargs", kwargs), ("tolerance", tolerance)) if v is not None}
+    return SOURCES[name]().load(str(source), decl, device=device, **options)
 
 
 def rebuild_model(meta: dict[str, Any], state: dict[str, torch.Tensor], *, onnx_bytes: bytes | None = None,
