@@ -141,3 +141,43 @@ def write_blobs(root: Path, n_train: int = 100, n_test: int = 80, size: int = 12
                 x[k * band:(k + 1) * band, 1:-4] += 0.55
                 Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(d / f"{i:03d}.png")
     return root
+
+
+def served_bundle(backdoored, directory: Path, name: str = "guard") -> dict:
+    """A real bundle ``<directory>/<name>.safetensors`` for the service tests: the tiny backdoored
+    CNN of ``backdoored`` with BaDExpert calibrated at 5% FPR, the guard loaded from it, clean test
+    images and their triggered copies (uint8)."""
+    from badexpert import BaDExpert, load_bundle, save_bundle
+
+    model, attack, tr, te = backdoored
+    reserved, calib, test = te.subset(range(0, 800)), te.subset(range(800, 1600)), te.subset(range(1600, 2400))
+    det = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, seed=0).fit(model, reserved).calibrate(calib, fpr=0.05)
+    meta = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
+            "mean": list(tr.mean), "std": list(tr.std), "classes": list(tr.classes)}
+    path = save_bundle(directory / f"{name}.safetensors", model, det, meta)
+    guard = load_bundle(path)
+    mask = attack.counts(test.labels)
+    trig = (attack.apply(test.images[mask]) * 255).round().to(torch.uint8)
+    return {"path": path, "guard": guard, "clean": test.images, "trig": trig, "classes": list(tr.classes)}
+
+
+@contextmanager
+def service_client(guard, ready: str, **settings):
+    """A FastAPI TestClient on the service of ``guard`` (``Settings(**settings)``), once ``ready``
+    (a readiness route) answers 200, within 20 s."""
+    import time
+    import warnings
+
+    from badexpert.serve import Settings, create_app
+
+    with warnings.catch_warnings():  # starlette 1.x: "install httpx2" (TestClient still uses httpx)
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    with TestClient(create_app(guard, settings=Settings(**settings))) as c:
+        deadline = time.monotonic() + 20
+        while c.get(ready).status_code != 200:
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.01)
+        yield c
+

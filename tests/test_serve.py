@@ -33,11 +33,12 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2" (TestClient s
     from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from badexpert import BaDExpert, load_bundle, save_bundle  # noqa: E402
 from badexpert.cli import main  # noqa: E402
 from badexpert.detectors.base import ACCEPTED, REJECT_NONFINITE_INPUT  # noqa: E402
 from badexpert.serve import (DriftMonitor, MicroBatcher, Settings, configure_logging, create_app,  # noqa: E402
                               restore_logging)
+
+from .conftest import served_bundle, service_client  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")
 
@@ -49,29 +50,11 @@ METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_
 
 @pytest.fixture(scope="module")
 def setup(backdoored, tmp_path_factory):
-    """A real bundle (tiny CNN with a BadNet backdoor, calibrated BaDExpert at 5% FPR), the guard
-    loaded from it, clean test images and triggered ones."""
-    model, attack, tr, te = backdoored
-    reserved, calib, test = te.subset(range(0, 800)), te.subset(range(800, 1600)), te.subset(range(1600, 2400))
-    det = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, seed=0).fit(model, reserved).calibrate(calib, fpr=0.05)
-    meta = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
-            "mean": list(tr.mean), "std": list(tr.std), "classes": list(tr.classes)}
-    path = save_bundle(tmp_path_factory.mktemp("bundle") / "guard.safetensors", model, det, meta)
-    guard = load_bundle(path)
-    mask = attack.counts(test.labels)
-    trig = (attack.apply(test.images[mask]) * 255).round().to(torch.uint8)
-    return {"path": path, "guard": guard, "clean": test.images, "trig": trig, "classes": list(tr.classes)}
+    return served_bundle(backdoored, tmp_path_factory.mktemp("bundle"), "guard")
 
 
-@contextmanager
 def client(guard, **settings):
-    app = create_app(guard, settings=Settings(**settings))
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 20
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.01)
-        yield c
+    return service_client(guard, "/readyz", **{**settings})
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.request
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -29,12 +28,13 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2" (TestClient s
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
 
-from badexpert import BaDExpert, load_bundle, save_bundle  # noqa: E402
 from badexpert.cli import main  # noqa: E402
 from badexpert.detectors.base import ACCEPTED, REJECT_NONFINITE_INPUT  # noqa: E402
 from badexpert.errors import BadExpertError  # noqa: E402
 from badexpert.serve import Settings, create_app  # noqa: E402
 from badexpert.serve.oip import is_infer_path  # noqa: E402
+
+from .conftest import served_bundle, service_client  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")
 
@@ -47,29 +47,11 @@ OUTPUTS = ["label", "class", "confidence", "score", "p_value", "reject", "reason
 
 @pytest.fixture(scope="module")
 def setup(backdoored, tmp_path_factory):
-    """A real bundle named fmnist-guard.safetensors (tiny CNN with a BadNet backdoor, BaDExpert at
-    5% FPR), the guard loaded from it, clean and triggered uint8 images."""
-    model, attack, tr, te = backdoored
-    reserved, calib, test = te.subset(range(0, 800)), te.subset(range(800, 1600)), te.subset(range(1600, 2400))
-    det = BaDExpert(expert_lr=1e-2, aux_lr=0.1, aux_epochs=4, seed=0).fit(model, reserved).calibrate(calib, fpr=0.05)
-    meta = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
-            "mean": list(tr.mean), "std": list(tr.std), "classes": list(tr.classes)}
-    path = save_bundle(tmp_path_factory.mktemp("bundle") / f"{NAME}.safetensors", model, det, meta)
-    guard = load_bundle(path)
-    mask = attack.counts(test.labels)
-    trig = (attack.apply(test.images[mask]) * 255).round().to(torch.uint8)
-    return {"path": path, "guard": guard, "clean": test.images, "trig": trig, "classes": list(tr.classes)}
+    return served_bundle(backdoored, tmp_path_factory.mktemp("bundle"), NAME)
 
 
-@contextmanager
 def client(guard, **settings):
-    app = create_app(guard, settings=Settings(**{"name": NAME, **settings}))
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 20
-        while c.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.01)
-        yield c
+    return service_client(guard, "/v2/health/ready", **{"name": NAME, **settings})
 
 
 @pytest.fixture(scope="module")
