@@ -198,7 +198,7 @@ def test_matrix_leaves_out_of_scope_and_failed_cells_out_of_the_means():
     assert "| wanet | 10.0% | attack failed | attack failed |" in lines
     # k: mean of badnet and blend; s: badnet only (blend out of scope), with the count said
     assert "| **mean** | | 80.00% / 20.0% | 80.00% / 20.0% (1) |" in lines
-    assert any(ln.startswith("† outside s's scope") and "image-wide trigger" in ln for ln in lines)
+    assert any(ln.startswith("† outside s's scope (blend)") and "image-wide trigger" in ln for ln in lines)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -725,6 +725,7 @@ def format_matrix(summary: list[dict]) -> str:
                  "|---|---|" + "---|" * len(dets)]
         totals: dict[str, list[tuple[float, float]]] = {d: [] for d in dets}
         notes: dict[str, str] = {}
+        outside: dict[str, list[str]] = {}
         for a in attacks:
             cells, asr = [], None
             for d in dets:
@@ -742,6 +743,7 @@ def format_matrix(summary: list[dict]) -> str:
                     if s.get("out_of_scope"):
                         text += " †"
                         notes.setdefault(d, s["out_of_scope"])
+                        outside.setdefault(d, []).append(a)
                     else:
                         totals[d].append((s["auroc_mean"], s["asr_after_mean"]))
                     cells.append(text)
@@ -751,7 +753,8 @@ def format_matrix(summary: list[dict]) -> str:
         lines.append("| **mean** | | " + " | ".join(mean) + " |")
         if notes:
             lines.append("")
-            lines += [f"† outside {d}'s scope, left out of its mean (over the number of attacks in brackets): {why}."
+            lines += [f"† outside {d}'s scope ({', '.join(outside[d])}), left out of its mean (over the number of "
+                      f"attacks in brackets); for example: {why}."
                       for d, why in notes.items()]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
