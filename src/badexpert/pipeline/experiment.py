@@ -107,8 +107,7 @@ class ExperimentConfig:
         self.make_recipe()
         get_detector(self.detector, **self.detector_params)
         if calibrates:  # the target must be reachable on the calibration split, before any model is trained
-            check_reachable_fpr(self.fpr, self.calibration, "calibration inputs (config field 'calibration')",
-                                "the target FPR (config field 'fpr')")
+            check_reachable_fpr(self.fpr, self.calibration, "calibration inputs", "the target FPR")
         return self
 
     def make_recipe(self) -> Recipe:
