@@ -33,14 +33,8 @@ from pathlib import Path
 import torch
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hardening import best_of  # noqa: E402  (bench/hardening.py: best of N runs after a warm-up)
 
 
 def build_bundle(path: Path, arch: str, width: int | None) -> Path:

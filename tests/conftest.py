@@ -181,3 +181,45 @@ def service_client(guard, ready: str, **settings):
             time.sleep(0.01)
         yield c
 
+
+class _Served:
+    port: int | None = None
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+
+@contextmanager
+def serve_process(bundle, *args: str):
+    """``badexpert serve BUNDLE --port 0 ARGS`` in a subprocess on 127.0.0.1 (one PyTorch thread):
+    yields once it logged its port (``.port``; its JSON log lines in ``.lines``, read as they come
+    so the pipe never fills); then SIGTERM, and the service must exit with status 0."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "badexpert.cli", "serve", str(bundle), "--port", "0", *args],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    served, found = _Served(), threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            served.lines.append(line)
+            if served.port is None and '"listening"' in line:
+                served.port = json.loads(line)["port"]
+                found.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        assert found.wait(60), "".join(served.lines)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        reader.join(5)
+    assert rc == 0, "".join(served.lines)
+

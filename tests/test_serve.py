@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from badexpert.detectors.base import ACCEPTED, REJECT_NONFINITE_INPUT  # noqa: E
 from badexpert.serve import (DriftMonitor, MicroBatcher, Settings, configure_logging, create_app,  # noqa: E402
                               restore_logging)
 
-from .conftest import served_bundle, service_client  # noqa: E402
+from .conftest import serve_process, served_bundle, service_client  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")
 
@@ -598,24 +597,8 @@ def test_serve_without_the_extra_is_one_line(tmp_path):
 
 def test_real_socket_concurrent_clients_and_clean_shutdown(setup):
     """`badexpert serve` on 127.0.0.1 (a free port), 8 concurrent clients, SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "badexpert.cli", "serve", str(setup["path"]), "--port", "0",
-                             "--batch-wait-ms", "20"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines, port = [], None
-    found = threading.Event()
-
-    def pump():  # read the JSON log lines as they come (the pipe must never fill)
-        nonlocal port
-        for line in proc.stderr:
-            lines.append(line)
-            if port is None and '"listening"' in line:
-                port = json.loads(line)["port"]
-                found.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        assert found.wait(60), "".join(lines)
+    with serve_process(setup["path"], "--batch-wait-ms", "20") as srv:
+        port, lines = srv.port, srv.lines
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
@@ -658,11 +641,6 @@ def test_real_socket_concurrent_clients_and_clean_shutdown(setup):
         values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
         assert values["badexpert_requests_total"] == 48 and values["badexpert_inputs_total"] == 48
         assert values["badexpert_batches_total"] < 48  # concurrent requests shared forward passes
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-        reader.join(5)
-    assert rc == 0, "".join(lines)
     events = [json.loads(ln)["event"] for ln in lines if ln.startswith("{")]
     assert events[-1] == "stopped" and events.count("classify") == 48
 

@@ -4,15 +4,10 @@ served-traffic counters alone, and the real `tritonclient[http]` client against 
 on a loopback socket."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 import warnings
@@ -34,7 +29,7 @@ from badexpert.errors import BadExpertError  # noqa: E402
 from badexpert.serve import Settings, create_app  # noqa: E402
 from badexpert.serve.oip import is_infer_path  # noqa: E402
 
-from .conftest import served_bundle, service_client  # noqa: E402
+from .conftest import serve_process, served_bundle, service_client  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")
 
@@ -403,24 +398,8 @@ def test_tritonclient_against_a_real_server(setup):
     tritonclient[http] client: health, metadata, and a batch of clean, triggered and NaN images,
     in binary and in JSON, equal to /v1/classify's answers."""
     httpclient = pytest.importorskip("tritonclient.http")
-    proc = subprocess.Popen([sys.executable, "-m", "badexpert.cli", "serve", str(setup["path"]), "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines, port = [], None
-    found = threading.Event()
-
-    def pump():  # the JSON log lines as they come (the pipe must never fill)
-        nonlocal port
-        for line in proc.stderr:
-            lines.append(line)
-            if port is None and '"listening"' in line:
-                port = json.loads(line)["port"]
-                found.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        assert found.wait(60), "".join(lines)
+    with serve_process(setup["path"]) as srv:
+        port, lines = srv.port, srv.lines
         url = f"127.0.0.1:{port}"
         tc = httpclient.InferenceServerClient(url, connection_timeout=10, network_timeout=30)
         deadline = time.monotonic() + 30
@@ -468,11 +447,6 @@ def test_tritonclient_against_a_real_server(setup):
         with pytest.raises(InferenceServerException, match="unknown model"):
             tc.infer("other", [inp])
         tc.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
-        reader.join(5)
-    assert rc == 0, "".join(lines)
     assert re.search(r'"event": "classify".*"path": "/v2/models/' + NAME, "".join(lines))
 
 
