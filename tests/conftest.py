@@ -223,3 +223,17 @@ def serve_process(bundle, *args: str):
         reader.join(5)
     assert rc == 0, "".join(served.lines)
 
+
+def train_blobs_model(root: Path) -> tuple[Path, Path]:
+    """``badexpert train`` of a BadNet-backdoored CNN (width 8, 10% poisoning) on the tiny ImageFolder
+    of :func:`write_blobs` under ``root``: returns (the ImageFolder, the model file)."""
+    from badexpert.cli import main
+
+    data = write_blobs(root / "data")
+    model = root / "model.safetensors"
+    assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
+                 "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",
+                 "--batch-size", "32", "--reserved", "80", "--calibration", "80", "--device", "cpu",
+                 "--out", str(model)]) == 0
+    return data, model
+

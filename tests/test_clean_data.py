@@ -141,17 +141,10 @@ def test_the_default_bar_catches_chance_and_passes_weak_models():
 def blobs_model(tmp_path_factory):
     """A BadNet-backdoored CNN on a tiny ImageFolder of bars (classes c0..c3), and a clean folder of
     the same kind of images that the model never saw (its test/ split)."""
-    from badexpert.cli import main
-
-    from .conftest import write_blobs
+    from .conftest import train_blobs_model
 
     root = tmp_path_factory.mktemp("clean-cli")
-    data = write_blobs(root / "data")
-    model = root / "model.safetensors"
-    assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
-                 "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",
-                 "--batch-size", "32", "--reserved", "80", "--calibration", "80", "--device", "cpu",
-                 "--out", str(model)]) == 0
+    data, model = train_blobs_model(root)
     return root, model, data / "test"
 
 

@@ -19,7 +19,7 @@ from badexpert.detectors import DETECTORS, Detector, Option
 from badexpert.utils import eval_mode
 from badexpert.validation import NonNegativeInt, PositiveFloat, PositiveInt
 
-from .conftest import write_blobs
+from .conftest import train_blobs_model
 
 
 class ToyConfidence(Detector):
@@ -84,12 +84,7 @@ RECIPE = {"optimizer": "adam", "lr": 0.003, "epochs": 8, "batch_size": 32, "weig
 def made(toy, tmp_path_factory):
     """A backdoored model file on the tiny ImageFolder, and the toy detector defended on it."""
     root = tmp_path_factory.mktemp("toy")
-    data = write_blobs(root / "data")
-    model = root / "model.safetensors"
-    assert main(["train", "--dataset", "imagefolder", "--data-path", str(data), "--arch", "cnn", "--width", "8",
-                 "--attack", "badnet", "--poison-rate", "0.1", "--epochs", "8", "--lr", "0.003", "--optimizer", "adam",
-                 "--batch-size", "32", "--reserved", "80", "--calibration", "80", "--device", "cpu",
-                 "--out", str(model)]) == 0
+    data, model = train_blobs_model(root)
     det = root / "toy.safetensors"
     assert main(["defend", "--model", str(model), "--method", toy, "--toy-temperature", "2", "--fpr", "0.05",
                  "--device", "cpu", "--out", str(det)]) == 0
