@@ -365,3 +365,51 @@ def test_a_detector_that_does_not_use_the_model_is_fitted_once_per_split(first, 
     # one detector, one calibration: the same threshold; and since it never looks at the model, the
     # same scores on the same (BadNet-triggered) test inputs, whichever model they were poisoned for
     assert cached[0]["threshold"] == cached[1]["threshold"] and cached[0]["auroc"] == cached[1]["auroc"]
+
+
+def test_a_time_budget_stops_between_epochs_and_the_rerun_resumes_to_the_same_rows(first, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """``grid --time-budget``: a training that would overrun stops at an epoch boundary with its
+    state in the cache (exit status 3, nothing half-written); the same command resumes it, and the
+    rows equal those of a run never interrupted."""
+    from badexpert.training import TimeBudget
+
+    root, grid, rows, _, _ = first
+    small = {**grid, "attacks": grid["attacks"][:1], "seeds": [0]}
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(small))
+    argv = ["grid", "--config", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    with monkeypatch.context() as mp:
+        mp.setattr(TimeBudget, "left", lambda self: -1.0)  # every epoch overruns: stop after the first
+        capsys.readouterr()
+        assert main([*argv, "--time-budget", "3600"]) == 3
+    out, err = capsys.readouterr()
+    assert "stopped at its time budget after epoch 1 of 8" in err and "run the same command again" in out
+    assert len(list((tmp_path / "cache" / "train-checkpoints").glob("train-*.safetensors"))) == 1
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+    # no cell starts once the budget is spent
+    assert main([*argv, "--time-budget", "1e-9"]) == 3 and "stopping with 1 cell(s) to run" in capsys.readouterr().err
+    assert main([*argv, "--time-budget", "3600"]) == 0
+    resumed = read_results(tmp_path / "out" / "results.jsonl")
+    want = [r for r in rows if r["attack"] == resumed[0]["attack"] and r["seed"] == 0]
+    assert [r["key"] for r in resumed] == [r["key"] for r in want]
+    assert [{k: r[k] for k in MEASURED} for r in resumed] == [{k: r[k] for k in MEASURED} for r in want]
+    assert not list((tmp_path / "cache" / "train-checkpoints").glob("*"))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--time-budget", "0"], "positive number of seconds"),
+    (["--time-budget", "nan"], "positive number of seconds"),
+    (["--time-budget", "60"], "needs --cache-dir"),
+    (["--time-budget", "60", "--cache-dir", "C", "--ray", "local"], "leave out --ray"),
+])
+def test_time_budget_mistakes_are_one_line(extra, match, first, tmp_path, capsys):
+    root, grid, _, _, _ = first
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(grid))
+    extra = [str(tmp_path / "cache") if x == "C" else x for x in extra]
+    capsys.readouterr()
+    assert main(["grid", "--config", str(config), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "out").exists()

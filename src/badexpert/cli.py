@@ -538,12 +538,24 @@ def cmd_compare(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from .pipeline.grid import run_grid
+    from .pipeline.grid import check_grid_dirs, run_grid
 
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
+    if args.time_budget is not None:
+        if not args.time_budget > 0:
+            raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
+        if args.ray is not None:
+            raise BadExpertError("--time-budget runs the cells here, one after another; leave out --ray")
+        if args.cache_dir is None:
+            raise BadExpertError("--time-budget needs --cache-dir: a training stopped at the budget keeps its state "
+                                 "there for the next run")
+        from .pipeline.grid import budget_runner
+
+        check_grid_dirs(args.out, args.cache_dir)
+        runner = budget_runner(args.time_budget, args.cache_dir, log=_log)
     if args.ray is not None:
-        from .pipeline.grid import check_grid_dirs, ray_runner
+        from .pipeline.grid import ray_runner
 
         if args.cpus_per_cell <= 0 or args.gpus_per_cell < 0:
             raise BadExpertError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
@@ -553,6 +565,9 @@ def cmd_grid(args) -> int:
                             connect_timeout=args.ray_timeout)
     run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    if getattr(runner, "stopped", False):
+        print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
+        return 3
     print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
     return 0
 
@@ -855,6 +870,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(workers must see the same data and cache paths; needs pip install 'badexpert[grid]')")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task requests (default 1)")
     p.add_argument("--gpus-per-cell", type=float, default=0.0, help="GPUs each Ray task requests (default 0)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="end within this many seconds (needs --cache-dir): no cell starts that the longest cell so "
+                        "far says would not fit, and a training stops at an epoch boundary with its state kept; "
+                        "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a Ray cluster address to answer before giving up (default 10)")
     p.set_defaults(func=cmd_grid)

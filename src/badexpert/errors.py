@@ -16,6 +16,11 @@ class NotFittedError(BadExpertError):
     """A detector was used before ``fit`` (or ``calibrate``) was called."""
 
 
+class TimeBudgetReached(Exception):
+    """A run stopped at its time budget (``badexpert grid --time-budget``) with its progress saved:
+    not a mistake; running the same command again resumes where it stopped."""
+
+
 def unknown_name(kind: str, name: str, known) -> BadExpertError:
     """The error for a name missing from a registry, listing the valid choices."""
     return BadExpertError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(known))}")

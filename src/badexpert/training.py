@@ -9,16 +9,20 @@ derived from the seed.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
-from typing import Annotated, Callable
+from pathlib import Path
+from typing import Annotated, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data.core import Dataset, as_tensors, augment, batches, default_pad, to_float
-from .errors import BadExpertError
+from .errors import BadExpertError, TimeBudgetReached
 from .utils import derive_generator, eval_mode, model_device, progress
 from .validation import OneOf, PositiveInt, Range, expect, validate_fields
 
@@ -119,6 +123,91 @@ StepCallback = Callable[[int, nn.Module], bool]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """A deadline for :func:`train` (``time.monotonic()`` seconds), the time to leave free after
+    training (``reserve``: what follows it, such as fitting detectors) and where an interrupted
+    training keeps its state (``checkpoint_dir``; ``None``: nothing is kept, the budget only stops)."""
+
+    deadline: float
+    reserve: float = 0.0
+    checkpoint_dir: Path | None = None
+
+    def left(self) -> float:
+        return self.deadline - self.reserve - time.monotonic()
+
+
+_BUDGET: ContextVar[TimeBudget | None] = ContextVar("badexpert_time_budget", default=None)
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None, *, reserve: float = 0.0,
+                checkpoint_dir: str | Path | None = None) -> Iterator[TimeBudget | None]:
+    """Within this block, :func:`train` stops at the end of an epoch when the next epoch would not
+    end ``reserve`` seconds before the deadline (``seconds`` from now): it saves its state (model,
+    optimiser, step, random generator) under ``checkpoint_dir`` and raises
+    :class:`~badexpert.errors.TimeBudgetReached`. The same training started again with the same
+    ``checkpoint_dir`` resumes from that state and ends with the very weights an uninterrupted run
+    gives. ``seconds=None``: no deadline, but checkpoints are still resumed."""
+    budget = TimeBudget(deadline=math.inf if seconds is None else time.monotonic() + seconds, reserve=reserve,
+                        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir))
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+class _Checkpoint:
+    """One training's saved state under the budget's checkpoint folder, keyed by everything the
+    run depends on (the recipe, seed, purpose, data, labels and the initial weights)."""
+
+    def __init__(self, folder: Path, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: "Recipe",
+                 seed: int, desc: str) -> None:
+        from .digests import json_digest, tensors_sha256
+
+        key = json_digest({"recipe": recipe.to_dict(), "seed": seed, "desc": desc,
+                           "data": tensors_sha256({"images": images, "labels": labels}),
+                           "init": tensors_sha256(model.state_dict())}, length=24)
+        self.path = folder / f"train-{key}.safetensors"
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator, step: int, epoch: int,
+             losses: list[torch.Tensor]) -> None:
+        from safetensors.torch import save
+
+        from .utils import atomic_write_bytes
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = opt.state_dict()
+        for idx, entries in state["state"].items():
+            for name, v in entries.items():
+                tensors[f"opt.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        tensors["rng"] = g.get_state()
+        tensors["losses"] = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+        meta = {"step": str(step), "epoch": str(epoch), "param_groups": json.dumps(state["param_groups"])}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, save(tensors, metadata=meta))
+
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> tuple[int, int, list]:
+        """Load the saved state into ``model``, ``opt`` and ``g``; returns (step, epoch, losses)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        device = model_device(model)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state["state"].setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
+        opt.load_state_dict(state)
+        g.set_state(tensors["rng"])
+        losses = [t for t in tensors["losses"].to(device)]
+        return int(meta["step"]), int(meta["epoch"]), losses
+
+
 @dataclass
 class TrainLog:
     steps: int = 0
@@ -174,6 +263,13 @@ def train(
     bar = progress(total=total, desc=desc)
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_check = -1
+    budget = _BUDGET.get()
+    saved = None if budget is None or budget.checkpoint_dir is None else _Checkpoint(
+        budget.checkpoint_dir, model, images, y, recipe, seed, desc)
+    step, first_epoch = 0, 0
+    if saved is not None and saved.path.is_file():
+        step, first_epoch, losses = saved.restore(model, opt, g)
+        bar.update(step)
 
     def check(step: int) -> bool:
         nonlocal last_check
@@ -183,8 +279,8 @@ def train(
         return bool(callback(step, model))
 
     try:
-        step = 0
-        for epoch in range(recipe.epochs):
+        epoch_started = time.monotonic()
+        for epoch in range(first_epoch, recipe.epochs):
             for xb, yb in batches(images, y, batch_size=bs, device=device, shuffle=True, generator=g, drop_last=True):
                 if step >= total:
                     break
@@ -207,9 +303,19 @@ def train(
                     return log
             if check(step):  # after every epoch (unless it just ran at this step)
                 log.stopped_early = step < total
-                return log
+                break
             if step >= total:
                 break
+            now = time.monotonic()
+            if budget is not None and budget.left() < now - epoch_started:  # the next epoch would not fit
+                if saved is not None:
+                    saved.save(model, opt, g, step, epoch + 1, losses)
+                raise TimeBudgetReached(f"{desc}: stopped at its time budget after epoch {epoch + 1} of "
+                                        f"{recipe.epochs}" + (f"; its state is kept in {saved.path}"
+                                                              if saved is not None else ""))
+            epoch_started = now
+        if saved is not None:
+            saved.path.unlink(missing_ok=True)
         return log
     finally:
         log.losses = torch.stack(losses).float().tolist() if losses else []

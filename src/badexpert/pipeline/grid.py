@@ -444,6 +444,46 @@ def local_runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterato
         yield fn(spec)
 
 
+def budget_runner(seconds: float, cache_dir: str | Path, *, log: Callable[[str], Any] = print
+                  ) -> Callable[[Callable[[dict], list[dict]], list[dict]], Iterator[list[dict]]]:
+    """A :func:`local_runner` that ends within ``seconds``: a cell starts only when the longest
+    cell so far would still fit, and a suspect model's training stops at an epoch boundary when
+    the next epoch (and the cell's detectors, estimated from the cells before) would not, keeping
+    its state under ``cache_dir/train-checkpoints`` (see :func:`badexpert.training.time_budget`).
+    The grid's rerun resumes both: finished cells from ``results.jsonl``, the training from its
+    checkpoint. The runner's ``stopped`` attribute tells whether it stopped early."""
+    from ..errors import TimeBudgetReached
+    from ..training import time_budget
+
+    deadline = time.monotonic() + seconds
+    checkpoints = Path(cache_dir) / "train-checkpoints"
+
+    def runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
+        longest = detectors = 0.0
+        for i, spec in enumerate(specs):
+            left = deadline - time.monotonic()
+            if left < longest:
+                log(f"time budget: {left:.0f}s left, less than the longest cell so far ({longest:.0f}s); "
+                    f"stopping with {len(specs) - i} cell(s) to run")
+                runner.stopped = True
+                return
+            t0 = time.monotonic()
+            try:
+                with time_budget(left, reserve=detectors, checkpoint_dir=checkpoints):
+                    rows = fn(spec)
+            except TimeBudgetReached as exc:
+                log(f"time budget: {exc}; stopping with {len(specs) - i} cell(s) to run")
+                runner.stopped = True
+                return
+            took = time.monotonic() - t0
+            trained = 0.0 if not rows or rows[0].get("model_cached") else float(rows[0].get("train_seconds") or 0.0)
+            longest, detectors = max(longest, took), max(detectors, took - trained)
+            yield rows
+
+    runner.stopped = False
+    return runner
+
+
 def _ray_cell(spec: dict) -> list[dict]:
     """:func:`run_cell` in a Ray worker (its log goes to the worker's output, which Ray forwards)."""
     return run_cell(spec)
@@ -907,6 +947,10 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
         done.update((r["key"], r) for r in rows)
         write_summary(out, current(), n_boot=n_boot, heatmap=False)
     rows = current()
+    if getattr(runner, "stopped", False):  # a time budget ran out: what is done is kept and summarised
+        start()
+        write_summary(out, rows, n_boot=n_boot)
+        return rows
     if len(rows) < len(wanted):
         raise BadExpertError(f"the runner returned no rows for {len(wanted) - len(rows)} (cell, detector) pair(s); "
                              "run the grid again to compute them")
@@ -915,6 +959,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]

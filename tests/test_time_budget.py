@@ -1,0 +1,71 @@
+"""The time budget of long runs (``badexpert grid --time-budget``): training stops at an epoch
+boundary with its state kept, and the same training started again ends with exactly the weights of
+an uninterrupted run; the grid stops between cells and resumes on the next call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from badexpert.errors import TimeBudgetReached
+from badexpert.models import build_model
+from badexpert.training import Recipe, time_budget, train
+
+from .conftest import make_blobs
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("cnn", in_channels=1, num_classes=4, image_size=12, width=4)
+
+
+RECIPE = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32, schedule="cosine", augment=True, hflip=False)
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    data = make_blobs(256, seed=1)
+    straight = _model()
+    train(straight, data, RECIPE, seed=3)
+
+    m = _model()
+    with pytest.raises(TimeBudgetReached, match="after epoch 1 of 3"):
+        with time_budget(0, checkpoint_dir=tmp_path):  # the deadline has passed: stop after the first epoch
+            train(m, data, RECIPE, seed=3)
+    kept = list(tmp_path.glob("train-*.safetensors"))
+    assert len(kept) == 1
+    assert not all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), straight.state_dict().values()))
+
+    resumed = _model()  # a fresh process: the same initial weights, then the checkpoint
+    with time_budget(None, checkpoint_dir=tmp_path):
+        log = train(resumed, data, RECIPE, seed=3)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert log.steps == 3 * (256 // 32)
+    assert not list(tmp_path.glob("train-*.safetensors"))  # a finished training leaves no checkpoint
+
+
+def test_a_checkpoint_serves_only_the_same_training(tmp_path):
+    data = make_blobs(256, seed=1)
+    with pytest.raises(TimeBudgetReached):
+        with time_budget(0, checkpoint_dir=tmp_path):
+            train(_model(), data, RECIPE, seed=3)
+    # another seed, other data or another recipe train from scratch (and leave the kept state alone)
+    for kwargs, d in (({"seed": 4}, data), ({"seed": 3}, make_blobs(256, seed=2))):
+        ref, m = _model(), _model()
+        train(ref, d, RECIPE, **kwargs)
+        with time_budget(None, checkpoint_dir=tmp_path):
+            train(m, d, RECIPE, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert len(list(tmp_path.glob("train-*.safetensors"))) == 1
+
+
+def test_without_a_budget_nothing_changes(tmp_path):
+    data = make_blobs(128, seed=1)
+    a, b = _model(), _model()
+    train(a, data, RECIPE, seed=0)
+    with time_budget(3600, checkpoint_dir=tmp_path):
+        train(b, data, RECIPE, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not list(tmp_path.iterdir())
