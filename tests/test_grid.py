@@ -103,6 +103,23 @@ def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
     assert cached == ["detector"] * 4 + ["suspect"] * 4  # failed implants fit no detector
 
 
+def test_rows_are_grid_records_and_rows_written_before_the_noisy_protocol_still_read(first):
+    from badexpert.evaluation.records import GridRow
+
+    _, _, rows, _, _ = first
+    for r in rows:
+        row = GridRow.from_dict(r)
+        assert row.to_dict() == r and list(row.to_dict()) == list(r)
+        assert row.auroc_noisy is None and row.n_noisy is None  # the grid ran without noisy_clean
+    # a row of an earlier build (no noisy fields): the same dict back, the noisy numbers None
+    old = {k: v for k, v in rows[0].items() if "noisy" not in k}
+    row = GridRow.from_dict(old)
+    assert row.to_dict() == old and row.auroc_noisy_filtered is None and row.auroc == rows[0]["auroc"]
+    assert set(GridRow.required()) < set(old) and set(DETECTOR_NUMBERS) < set(rows[0])
+    with pytest.raises(BadExpertError, match="a grid row lacks 'auroc'"):
+        GridRow.from_dict({k: v for k, v in rows[0].items() if k != "auroc"})
+
+
 def test_resume_in_the_same_directory_runs_nothing(first, monkeypatch):
     root, grid, rows, _, _ = first
     count, logs = Counter(monkeypatch), []
@@ -289,6 +306,23 @@ def test_example_config_is_a_valid_grid():
         pytest.skip("the example grid uses the Fashion-MNIST files")
     specs = plan(example)
     assert len(specs) == 2 * 3 * 3 and len(specs[0]["detectors"]) == 5
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "grids").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_committed_grid_config_names_known_attacks_detectors_and_fields(config):
+    from badexpert.pipeline.grid import load_grid
+
+    grid = load_grid(config)  # names, fields and parameters checked; the data files need not be here
+    assert grid["attacks"] and grid["detectors"]
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "badexpert", "grid", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--time-budget" in r.stdout
 
 
 def test_results_file_damage_is_one_line(tmp_path):
