@@ -1,0 +1,186 @@
+"""A grid's results as the Markdown block bench/RESULTS.md shows: where they came from, then the tables.
+
+    CMD="badexpert grid --config configs/grids/baselines-fmnist.json --out runs/grid-baselines-fmnist --cache-dir .cache/grid"
+    python bench/results_table.py runs/grid-baselines-fmnist --cost --command "$CMD"
+
+Reads ``DIR/results.jsonl`` (and ``DIR/grid.json``, the grid as ``badexpert grid`` normalised it)
+and prints, between two HTML-comment markers that name the block (paste it over the block of the
+same name in bench/RESULTS.md):
+
+- one line of provenance: the command that regenerates the rows (``--command``; default
+  ``badexpert grid --config DIR/grid.json --out DIR``), the commit the renderer runs at
+  (``git rev-parse --short HEAD``, and whether ``src/`` or ``configs/`` differ from it), the
+  machine (``--machine``, default this one: platform, CPU count, torch version, ``OMP_NUM_THREADS``),
+  the date, when ``results.jsonl`` was last written, and how many of the grid's cells have rows;
+- the attacks x detectors matrix (:func:`badexpert.pipeline.grid.format_matrix`);
+- with ``--cost``: forward and backward passes per input and the median throughput against the
+  bare model, per detector; with ``--summary``: the per-seed statistics table
+  (:func:`~badexpert.pipeline.grid.format_summary`).
+
+Only the rows of the grid in ``grid.json`` are shown (its plan's row keys, as ``badexpert grid``
+itself summarises): rows an earlier version of the grid left in ``results.jsonl`` are not averaged
+in. Where the grid cannot be planned (its data is not on this machine) every row is shown, and two
+rows for the same dataset, architecture, attack, seed and detector are refused. Nothing is written:
+a grid still running may be appending to the file (a torn last line is skipped, not repaired).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from badexpert.errors import BadExpertError
+from badexpert.pipeline.grid import format_matrix, format_summary, plan, read_grid_file, read_results, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def commit() -> str:
+    """``git rev-parse --short HEAD`` of this repository, noting uncommitted changes to the code or configs."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return "unknown (not a git checkout)"
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "configs")
+    return f"`{head}`" + (" (src/ or configs/ modified)" if dirty else "")
+
+
+def machine() -> str:
+    """This machine: platform, CPU count, torch version and the thread setting."""
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch}"
+            + (f", OMP_NUM_THREADS={threads}" if threads else ""))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of ``results.jsonl`` through :func:`read_results`, read from a private copy so that
+    the file a running grid appends to is never repaired or rewritten here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "results.jsonl"
+        copy.write_bytes(path.read_bytes())
+        return read_results(copy, log=lambda s: print(f"results_table: {s.replace(str(copy), str(path))}",
+                                                      file=sys.stderr))
+
+
+def planned_rows(out: Path, rows: list[dict]) -> tuple[list[dict], str]:
+    """The rows of the grid in ``out/grid.json`` (by row key), and a note of how many of its cells
+    have every detector's row. Without a plannable grid.json: every row, refusing duplicates."""
+    grid_file = out / "grid.json"
+    specs = None
+    if grid_file.is_file():
+        try:
+            specs = plan(read_grid_file(grid_file))
+        except BadExpertError as exc:
+            print(f"results_table: the grid in '{grid_file}' cannot be planned here ({exc}); showing every row "
+                  "of results.jsonl", file=sys.stderr)
+    if specs is not None:
+        wanted = {d["key"] for s in specs for d in s["detectors"]}
+        have = {r["key"] for r in rows}
+        kept = [r for r in rows if r["key"] in wanted]
+        done = sum(all(d["key"] in have for d in s["detectors"]) for s in specs)
+        left = len(rows) - len(kept)
+        return kept, (f"{done} of {len(specs)} cells" + (f"; {left} row(s) of other grids left out" if left else ""))
+    seen: dict[tuple, str] = {}
+    for r in rows:
+        k = (r.get("dataset"), r.get("arch"), r.get("attack"), r.get("seed"), r.get("detector"))
+        if seen.setdefault(k, r["key"]) != r["key"]:
+            raise BadExpertError(
+                f"'{out / 'results.jsonl'}' holds two rows for dataset={k[0]} arch={k[1]} attack={k[2]} seed={k[3]} "
+                f"detector={k[4]} (an earlier version of the grid); render it where its grid.json can be planned "
+                "(its data present), so that only the grid's own rows are shown")
+    return rows, f"{len({r.get('cell') for r in rows})} cells"
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Per detector, over the rows with detector numbers: passes per input (the most common value)
+    and the median throughput against the bare model."""
+    lines = ["| detector | forward passes per input | backward passes per input | "
+             "throughput vs bare model (median over cells) |", "|---|---|---|---|"]
+    for det in dict.fromkeys(r["detector"] for r in rows):
+        mine = [r for r in rows if r["detector"] == det and r.get("forward_passes") is not None]
+        if not mine:
+            continue
+        fwd = [r["forward_passes"] for r in mine]
+        bwd = [r.get("backward_passes") or 0 for r in mine]
+        ratios = sorted(r["throughput_ratio"] for r in mine if r.get("throughput_ratio") is not None)
+        med = None
+        if ratios:
+            n = len(ratios)
+            med = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+        lines.append(f"| {det} | {max(set(fwd), key=fwd.count)} | {max(set(bwd), key=bwd.count)} | "
+                     + ("n/a" if med is None else f"{med:.3f}x") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(out_dir: str | Path, *, command: str | None = None, machine_text: str | None = None,
+           cost: bool = False, with_summary: bool = False, today: dt.date | None = None) -> str:
+    """The Markdown block for the grid output directory ``out_dir`` (see the module docs)."""
+    out = Path(out_dir)
+    results = out / "results.jsonl"
+    if not out.is_dir():
+        raise BadExpertError(f"'{out}' is not a directory; give a grid's --out directory")
+    if not results.is_file():
+        raise BadExpertError(f"'{out}' has no results.jsonl; run `badexpert grid --config CONFIG --out {out}` first")
+    rows, cells = planned_rows(out, read_rows(results))
+    if not rows:
+        raise BadExpertError(f"'{results}' holds no rows of this grid yet; nothing to render")
+    n_boot = 1000
+    if (out / "grid.json").is_file():
+        n_boot = int(read_grid_file(out / "grid.json").get("n_boot", 1000))
+    summary = summarize(rows, n_boot=n_boot, seed=0)  # as `badexpert grid` summarises
+    command = command or f"badexpert grid --config {shlex.quote(str(out / 'grid.json'))} --out {shlex.quote(str(out))}"
+    written = dt.datetime.fromtimestamp(results.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    today = today or dt.date.today()
+    name = out.name
+    parts = [f"<!-- results_table {name}: begin (python bench/results_table.py; paste over this block) -->", "",
+             f"Command: `{command}` · commit {commit()} · machine: {machine_text or machine()} · "
+             f"rendered {today.isoformat()}, rows written up to {written} · {cells} ({len(rows)} rows)", "",
+             format_matrix(summary).rstrip("\n")]
+    if cost:
+        parts += ["", "Cost per detector, from the same rows (throughput measured on each cell's test inputs):", "",
+                  cost_table(rows).rstrip("\n")]
+    if with_summary:
+        parts += ["", format_summary(summary).rstrip("\n")]
+    parts += ["", f"<!-- results_table {name}: end -->"]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="a grid's --out directory (holds results.jsonl and grid.json)")
+    p.add_argument("--command", help="the command that regenerates the rows (default: badexpert grid on DIR/grid.json)")
+    p.add_argument("--machine", help="the machine the grid ran on, when not this one (e.g. '1x H100 80GB')")
+    p.add_argument("--cost", action="store_true", help="add the passes per input and median throughput per detector")
+    p.add_argument("--summary", action="store_true", help="add the per-seed statistics table (mean, std, 95%% CI)")
+    args = p.parse_args(argv)
+    try:
+        text = render(args.out, command=args.command, machine_text=args.machine, cost=args.cost,
+                      with_summary=args.summary)
+    except BadExpertError as exc:
+        print(f"results_table: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

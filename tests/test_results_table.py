@@ -1,0 +1,150 @@
+"""bench/results_table.py: a grid's results.jsonl rendered as the block bench/RESULTS.md shows."""
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from badexpert.errors import BadExpertError
+from badexpert.pipeline.grid import load_grid, plan
+
+from .conftest import write_blobs
+from .test_grid import make_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "bench" / "results_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rt = _script()
+
+#: per (attack, seed, detector): AUROC on the paper's population, ASR after, throughput ratio
+NUMBERS = {("badnet", 0, "badexpert"): (0.99, 0.02, 0.30), ("badnet", 1, "badexpert"): (0.97, 0.04, 0.36),
+           ("badnet", 0, "scale_up"): (0.60, 0.90, 0.10), ("badnet", 1, "scale_up"): (0.70, 0.80, 0.20)}
+
+
+def _row(spec: dict, det: dict) -> dict:
+    failed = spec["attack"] == "blend"  # the blend cells' backdoor did not implant
+    auroc, asr_after, ratio = NUMBERS.get((spec["attack"], spec["seed"], det["name"]), (None, None, None))
+    return {"key": det["key"], "cell": spec["cell"], "dataset": spec["dataset"], "arch": spec["arch"],
+            "attack": spec["attack"], "seed": spec["seed"], "detector": det["name"], "detector_params": det["params"],
+            "status": "attack_failed" if failed else "ok", "attack_failed": failed,
+            "clean_accuracy": 0.9, "attack_success_rate": 0.1 if failed else (0.99, 1.0)[spec["seed"]],
+            "auroc_filtered": auroc, "asr_after": asr_after, "ca_after": None if failed else 0.88,
+            "fpr": None if failed else 0.01, "out_of_scope": None,
+            "forward_passes": None if failed else {"badexpert": 3, "scale_up": 6}[det["name"]],
+            "backward_passes": None if failed else 0, "throughput_ratio": ratio}
+
+
+@pytest.fixture
+def grid_dir(tmp_path):
+    """A grid output directory as `badexpert grid` leaves it part-way: grid.json, and rows for three
+    of its four cells (the blend cell of seed 1 not run yet) plus one row of an earlier grid."""
+    grid = load_grid(make_grid(write_blobs(tmp_path / "blobs")))
+    specs = plan(grid)
+    assert len(specs) == 4
+    out = tmp_path / "runs" / "grid-tiny"
+    out.mkdir(parents=True)
+    (out / "grid.json").write_text(json.dumps(grid))
+    rows = [_row(s, d) for s in specs if (s["attack"], s["seed"]) != ("blend", 1) for d in s["detectors"]]
+    stale = {**rows[0], "key": "0123456789abcdef", "auroc_filtered": 0.10}  # same labels, another config
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [stale]))
+    return out
+
+
+def _git_head() -> str | None:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def test_renders_the_grid_rows_with_their_provenance(grid_dir):
+    text = rt.render(grid_dir, cost=True, today=dt.date(2026, 12, 6))
+    lines = text.splitlines()
+    assert lines[0].startswith("<!-- results_table grid-tiny: begin")
+    assert lines[-1] == "<!-- results_table grid-tiny: end -->"
+    head = lines[2]
+    assert head.startswith(f"Command: `badexpert grid --config {grid_dir / 'grid.json'} --out {grid_dir}`")
+    if _git_head():
+        assert f"commit `{_git_head()}`" in head
+    assert f"{os.cpu_count()} CPUs, torch {torch.__version__}" in head and "rendered 2026-12-06" in head
+    # three of four cells have every detector's row; the earlier grid's row is named and left out
+    assert "3 of 4 cells; 1 row(s) of other grids left out (6 rows)" in head
+    # means over the two seeds (the stale row's AUROC of 10% is not averaged in), a failed attack said so
+    assert "| badnet | 99.5% | 98.00% / 3.0% | 65.00% / 85.0% |" in lines
+    assert "| blend | 10.0% | attack failed | attack failed |" in lines
+    assert "| **mean** | | 98.00% / 3.0% | 65.00% / 85.0% |" in lines
+    # cost: passes of the rows with detector numbers, median throughput over the implanted cells
+    assert "| badexpert | 3 | 0 | 0.330x |" in lines and "| scale_up | 6 | 0 | 0.150x |" in lines
+    assert "seeds implanted" not in text  # the per-seed table only on request
+    assert "| blobs | cnn-w8 | badnet | badexpert | 2/2 |" in rt.render(grid_dir, with_summary=True)
+
+
+def test_command_and_machine_are_what_the_caller_says(grid_dir):
+    text = rt.render(grid_dir, command="badexpert grid --config configs/grids/x.json --out runs/x",
+                     machine_text="1x H100 80GB")
+    assert "Command: `badexpert grid --config configs/grids/x.json --out runs/x` ·" in text
+    assert "machine: 1x H100 80GB ·" in text and "CPUs" not in text
+
+
+def test_a_file_being_appended_is_read_not_repaired(grid_dir):
+    results = grid_dir / "results.jsonl"
+    with results.open("a") as f:
+        f.write('{"key": "torn-by-a-running-gr')  # a grid's append cut in the middle
+    before = results.read_bytes()
+    text = rt.render(grid_dir)
+    assert results.read_bytes() == before and sorted(p.name for p in grid_dir.iterdir()) == ["grid.json",
+                                                                                            "results.jsonl"]
+    assert "| badnet | 99.5% | 98.00% / 3.0% | 65.00% / 85.0% |" in text
+
+
+def test_without_a_plannable_grid_every_row_shows_and_duplicates_are_refused(grid_dir):
+    grid = json.loads((grid_dir / "grid.json").read_text())
+    grid["datasets"][0]["data_path"] = str(grid_dir / "moved-away")  # results fetched from another machine
+    (grid_dir / "grid.json").write_text(json.dumps(grid))
+    with pytest.raises(BadExpertError, match=r"holds two rows for dataset=blobs arch=cnn-w8 attack=badnet seed=0 "
+                                             r"detector=badexpert"):
+        rt.render(grid_dir)
+    rows = (grid_dir / "results.jsonl").read_text().splitlines()[:-1]  # without the earlier grid's row
+    (grid_dir / "results.jsonl").write_text("\n".join(rows) + "\n")
+    assert "· 3 cells (6 rows)" in rt.render(grid_dir)
+
+
+def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    assert rt.main([str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert rt.main([str(tmp_path / "empty")]) == 2
+    (tmp_path / "empty" / "results.jsonl").write_text("")
+    assert rt.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("results_table: error: ") for e in err), err
+    assert "not a directory" in err[0] and "has no results.jsonl" in err[1] and "no rows" in err[2]
+
+
+def test_the_comparison_grid_renders_as_the_grid_summarised_it(monkeypatch):
+    """On the comparison grid's own output (read only), when this machine has it: the matrix is the
+    one `badexpert grid` wrote. Its data need not be planned here (the plan re-reads Refool's
+    reflection zip once per detector), so the render runs on every row of results.jsonl."""
+    out = ROOT / "runs" / "grid-baselines-fmnist"
+    if not (out / "results.jsonl").is_file():
+        pytest.skip("runs/grid-baselines-fmnist is not on this machine")
+
+    def no_plan(grid):
+        raise BadExpertError("not planned in this test")
+
+    monkeypatch.setattr(rt, "plan", no_plan)
+    size = (out / "results.jsonl").stat().st_size
+    text = rt.render(out, cost=True)
+    matrix = (out / "matrix.md").read_text().split("\n", 2)[2].strip()  # after the grid's title line
+    if (out / "results.jsonl").stat().st_size != size:
+        pytest.skip("the grid appended rows during the test")
+    assert matrix in text and "| badexpert | 3 | 0 |" in text
