@@ -2,7 +2,8 @@
 # Install everything badexpert needs on a fresh machine: PyTorch (pinned CPU build unless one is
 # already installed), the Fashion-MNIST files (Debian package, when apt-get is usable) and the
 # package itself with its test, serve (FastAPI, uvicorn), export (onnx, onnxruntime; also the ONNX
-# model source), grid and hf (transformers: Hugging Face model sources) extras.
+# model source), grid, hf (transformers: Hugging Face model sources) and docs (Sphinx, MyST, furo:
+# the documentation site) extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -23,5 +24,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-"$PY" -m pip install --quiet -e ".[test,serve,export,grid,hf]"
+"$PY" -m pip install --quiet -e ".[test,serve,export,grid,hf,docs]"
 echo "setup.sh: done. Try: badexpert demo --out runs/demo"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+#: The package version, in this one place (pyproject.toml reads it; CHANGELOG.md lists the changes).
 __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it

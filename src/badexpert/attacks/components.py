@@ -3,7 +3,7 @@
 Attacks that do more than poison and train (a clean host model first, a trigger generator or an
 encoder trained beside the classifier, a narrow backdoor subnet, a trigger optimised against a
 model) build those parts through one :class:`Components` object that :meth:`Attack.implant
-<badexpert.attacks.base.Attack.implant>` receives:
+<badexpert.attacks.base.Attack.implant>` receives::
 
     host = components.clean_model(build_model, train_set, recipe, seed)      # trained once
     state = components.fetch("encoder", spec, build, data=train_set)         # any named tensors

@@ -48,7 +48,7 @@ from ..runtime.pvalues import conformal_p_values  # noqa: F401
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input: what the graph is written for
-#: Verification tolerance on scores: |onnx - eager| <= SCORE_ATOL + SCORE_RTOL * |eager|.
+#: Verification tolerance on scores: ``|onnx - eager| <= SCORE_ATOL + SCORE_RTOL * |eager|``.
 SCORE_RTOL, SCORE_ATOL = 1e-4, 1e-3
 #: An eager label whose top-two probabilities are closer than this may legitimately differ.
 LABEL_TIE = 1e-5

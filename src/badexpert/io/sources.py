@@ -7,15 +7,15 @@ float images in ``[0, 1]`` of shape ``[N, C, H, W]`` and returns logits ``[N, nu
 every source but badexpert's own checkpoints, ``source``: what the model was and what rebuilds
 it (see :func:`rebuild_model`).
 
-=============== ============================================= =====================================
-source          what ``SOURCE`` is                             preprocessing from
-=============== ============================================= =====================================
+=============== =============================================== =====================================
+source          what ``SOURCE`` is                              preprocessing from
+=============== =============================================== =====================================
 ``badexpert``   a checkpoint written by ``badexpert train``     the checkpoint
 ``huggingface`` a ``save_pretrained`` directory (config.json,   preprocessor_config.json, config
                 model.safetensors[, preprocessor_config.json])  (``id2label`` for the class names)
 ``onnx``        an ``.onnx`` file with one image input          arguments (input shape: sizes)
 ``factory``     ``package.module:function`` (+ ``weights=``)    arguments
-=============== ============================================= =====================================
+=============== =============================================== =====================================
 
 Preprocessing is declared, never guessed: a source that does not carry ``mean``/``std``/
 ``image_size`` takes them as arguments, and an argument that contradicts what the source declares
