@@ -2,7 +2,9 @@
 
 :func:`export_bundle` (CLI ``badexpert export BUNDLE --onnx FILE``) rebuilds the guard a bundle
 holds and writes one ONNX graph with the suspect model, the detector's own networks (BaDExpert:
-the backdoor expert and the auxiliary model), its score and the calibrated threshold. Any detector
+the backdoor expert and the auxiliary model; with a shared trunk, the layers before the cut appear
+once in the graph and feed the model's head and the two finetuned heads), its score and the
+calibrated threshold. Any detector
 that declares the capability (:attr:`~badexpert.detectors.Detector.exportable`) is exported; the
 others are refused in one line:
 

@@ -4,7 +4,9 @@
 float ``[0, 1]``, by the package's one conversion rule) and returns, per input, the model's label
 and confidence, the detector's score, a conformal p-value against the calibration scores and the
 reject flag, with the reason. The suspect model runs once per input and its logits are handed to
-the detector (BaDExpert needs the model's label anyway), so a BaDExpert guard costs three passes.
+the detector (BaDExpert needs the model's label anyway), so a BaDExpert guard costs three passes;
+with a shared trunk (``BaDExpert(shared_trunk=...)``) the layers before the cut run once and feed
+the model's head, the expert's and the auxiliary model's (:meth:`Detector.logits_and_score`).
 
 The p-value of a score ``s`` is ``(1 + #{calibration scores >= s}) / (n + 1)``: for a clean input
 exchangeable with the calibration split it is (super-)uniform, so ``p <= alpha`` happens with
@@ -136,12 +138,12 @@ class Guard(nn.Module):
         with eval_mode(model):
             for start in range(0, len(images), det.batch_size):
                 xb = to_float(images[start : start + det.batch_size]).to(device)
-                logits = model(xb).float()
-                prob = torch.softmax(logits, 1)
+                logits, score = det.logits_and_score(xb)  # one model pass, shared with the detector
+                prob = torch.softmax(logits.float(), 1)
                 conf, label = prob.max(1)
                 labels.append(label.cpu())
                 confs.append(conf.cpu())
-                scores.append(det.score_given_logits(xb, logits).float().cpu())
+                scores.append(score.float().cpu())
         if labels:
             label, conf, score = torch.cat(labels), torch.cat(confs), torch.cat(scores)
         else:

@@ -39,6 +39,15 @@ architectures the expert may not unlearn at all, or the auxiliary model keep the
 SGD 0.1 for ten epochs with decay at 2/4/6/8, the ``triangle`` score, no held-out slice, crops
 and flips).
 Explicit ``expert_lr`` / ``aux_lr`` / ``score_rule`` values override either preset.
+
+Shared trunk (``shared_trunk``, default off). Both finetuned copies may be finetuned only after a
+cut point the model's architecture declares (:func:`badexpert.models.cut_points`: a conv block of
+the CNN, a stage of the ResNet or VGG, a block of MobileNetV2 or the ViT): everything before it is
+frozen (no gradients, and held in eval mode, so its batch-norm statistics never move) and stays
+bit-identical to the model's own. The detector then holds, and its file stores, only the two
+heads; scoring (and the guard, and its ONNX graph) computes the trunk once per input and runs the
+model's head, the expert's and the auxiliary model's on it. A model that declares no cut points
+(one from Hugging Face, an ONNX file or a factory) is refused in one line.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from torch import nn
 
 from ..data.core import Dataset, augment, default_pad, holdout, to_float, to_uint8
 from ..errors import BadExpertError, unknown_name
+from ..models import cut_points, split_model
 from ..training import Recipe, accuracy, model_outputs, predict_logits, train
 from ..utils import derive_generator, eval_mode
 from ..validation import Fraction, NonNegativeInt, OneOf, PositiveFloat, PositiveInt, Range
@@ -99,6 +109,27 @@ def combine(x: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
     raise unknown_name("score rule", rule, SCORES)
 
 
+def expert_recipe(lr: float, *, epochs: int = 1, batch_size: int = 128, augment: bool = False, pad: int | None = 0,
+                  hflip: bool = False, max_steps: int | None = None) -> Recipe:
+    """The backdoor expert's finetuning recipe: Adam at a constant ``lr``, no weight decay (the paper's
+    schedule never acts within its one epoch), with the given crops / flips and step budget."""
+    return Recipe(optimizer="adam", lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=0.0,
+                  schedule="constant", augment=augment, pad=pad, hflip=hflip, max_steps=max_steps)
+
+
+def finetune_expert(source: nn.Module, data: Dataset, recipe: Recipe, *, num_classes: int, seed: int,
+                    callback=None, callback_every: int = 0, desc: str = "expert") -> nn.Module:
+    """A backdoor expert: a copy of ``source`` (left untouched) finetuned with ``recipe`` on ``data``
+    relabelled ``(y + 1) mod num_classes``. The detector builds its expert with it, and the
+    BaDExpert-aware attack (:mod:`badexpert.attacks.expert_aware`) its simulated one.
+    ``callback(step, expert)`` / ``callback_every``: as in :func:`~badexpert.training.train` (a
+    stopping rule). The copy is returned in train mode, as the training loop leaves it."""
+    expert = copy.deepcopy(source)
+    train(expert, data, recipe, seed=seed, labels=(data.labels + 1) % num_classes, callback=callback,
+          callback_every=callback_every, desc=desc)
+    return expert
+
+
 class BaDExpert(Detector):
     """BaDExpert (Xie et al., ICLR 2024): a backdoor expert and an auxiliary finetuned model, 3 passes per input.
 
@@ -130,6 +161,10 @@ class BaDExpert(Detector):
         inputs for ``auto`` to finetune with crops (flips).
     hflip: whether horizontal flips preserve labels for this data; ``None`` (default) takes the
         fitting data's own flag (:attr:`Dataset.hflip`; a bare ``(images, labels)`` pair: no flips).
+    shared_trunk: ``None`` (default): the expert and the auxiliary model are whole finetuned copies
+        of M. A cut point of M's architecture (``block2`` of the CNN, ``stage3`` of the ResNet; see
+        :func:`badexpert.models.cut_points`): both are finetuned only after it, the part before it
+        stays M's own and is computed once per input (module docstring).
     """
 
     name: ClassVar[str] = "badexpert"
@@ -148,6 +183,10 @@ class BaDExpert(Detector):
         Option("--score-rule", "score_rule", help=f"{', '.join(SCORES)} (default: the preset's)"),
         Option("--expert-lr", "expert_lr", type=float, help="fix the backdoor expert's learning rate"),
         Option("--aux-lr", "aux_lr", type=float, help="fix the auxiliary model's learning rate"),
+        Option("--shared-trunk", "shared_trunk", metavar="CUT",
+               help="finetune the expert and the auxiliary model only after this cut point of the model (cnn: "
+                    "block1-3; resnet18: stem, stage1-4; vgg16bn: stage1-5; mobilenetv2: stem, stage1-7, last_conv; "
+                    "vit: embed, block1-N); the layers before it are shared and computed once (default: off)"),
     )
     exportable: ClassVar[bool] = True
     submodels: ClassVar[tuple[str, ...]] = ("expert_", "auxiliary_")
@@ -173,6 +212,7 @@ class BaDExpert(Detector):
         augment: bool | None = None,
         augment_accuracy: Fraction = 0.9,
         hflip: bool | None = None,
+        shared_trunk: str | None = None,
         batch_size: PositiveInt = 256,
         seed: NonNegativeInt = 0,
         device: str | None = None,
@@ -196,6 +236,7 @@ class BaDExpert(Detector):
         self.augment = augment
         self.augment_accuracy = augment_accuracy
         self.hflip = hflip
+        self.shared_trunk = shared_trunk
 
     # --- configuration -------------------------------------------------------------------
     @property
@@ -210,10 +251,8 @@ class BaDExpert(Detector):
 
     def expert_recipe(self, lr: float) -> Recipe:
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""
-        return Recipe(
-            optimizer="adam", lr=lr, epochs=self.expert_epochs, batch_size=self.expert_batch_size,
-            weight_decay=0.0, schedule="constant", **self._augmentation_fields(),
-        )
+        return expert_recipe(lr, epochs=self.expert_epochs, batch_size=self.expert_batch_size,
+                             **self._augmentation_fields())
 
     def aux_recipe(self, lr: float) -> Recipe:
         """Nesterov SGD (momentum 0.9, weight decay 1e-4) with step decay, true labels."""
@@ -250,6 +289,8 @@ class BaDExpert(Detector):
 
     # --- fitting -------------------------------------------------------------------------
     def _fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.shared_trunk is not None:  # a model without that cut point: refused before any work
+            _check_cut(model, self.shared_trunk)
         # flips only where the data says they preserve labels (or the user says so)
         self.hflip_ = self.hflip if self.hflip is not None else self.data_info_["hflip"]
         num_classes = model_outputs(model, images, labels)
@@ -263,8 +304,14 @@ class BaDExpert(Detector):
                             "holdout_size": len(hold_part) if hold_part is not None else 0}
         self.augmentation_ = self._choose_augmentation(source, hold_part)
         self.fit_report_["augmentation"] = self.augmentation_
-        self.expert_ = self._fit_expert(source, fit_part, hold_part, num_classes)
-        self.auxiliary_ = self._fit_auxiliary(source, fit_part, hold_part)
+        # what the copies start from: M itself, or M with its trunk frozen (same outputs, head trainable)
+        start = source if self.shared_trunk is None else _with_frozen_trunk(source, self.shared_trunk, images)
+        self.expert_ = self._fit_expert(start, fit_part, hold_part, num_classes)
+        self.auxiliary_ = self._fit_auxiliary(start, fit_part, hold_part)
+        if self.shared_trunk is not None:  # the heads on M's own trunk (checked bit-identical)
+            self.expert_, self.auxiliary_ = (_bind_head(source, self.shared_trunk, net) for net in
+                                             (self.expert_, self.auxiliary_))
+            self.fit_report_["shared_trunk"] = _trunk_record(source, self.shared_trunk)
         self.expert_.eval()
         self.auxiliary_.eval()
 
@@ -277,11 +324,10 @@ class BaDExpert(Detector):
         every few steps), within ``expert_max_steps``; if the budget runs out first, restart from
         M at a 3x larger lr (``EXPERT_LR_LADDER``).
         """
-        wrong = (fit_part.labels + 1) % num_classes
         if hold is None:
             lr = self.expert_lr if self.expert_lr is not None else 1e-4
-            expert = copy.deepcopy(source)
-            train(expert, fit_part, self.expert_recipe(lr), seed=self.seed, labels=wrong, desc=f"expert lr={lr:g}")
+            expert = finetune_expert(source, fit_part, self.expert_recipe(lr), num_classes=num_classes, seed=self.seed,
+                                     desc=f"expert lr={lr:g}")
             self.expert_lr_ = lr
             self.fit_report_["expert"] = {"lr": lr, "steps": None, "rule": "fixed"}
             return expert.eval()
@@ -294,7 +340,6 @@ class BaDExpert(Detector):
         trace: list[dict] = []
         best = None
         for lr in ladder:
-            expert = copy.deepcopy(source)
             state = {"agreement": 1.0, "steps": 0}
 
             def check(step: int, m: nn.Module) -> bool:
@@ -305,8 +350,8 @@ class BaDExpert(Detector):
 
             epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))
             recipe = self.expert_recipe(lr).replace(epochs=epochs, max_steps=self.expert_max_steps)
-            train(expert, fit_part, recipe, seed=self.seed, labels=wrong, callback=check, callback_every=check_every,
-                  desc=f"expert lr={lr:g}")
+            expert = finetune_expert(source, fit_part, recipe, num_classes=num_classes, seed=self.seed, callback=check,
+                                     callback_every=check_every, desc=f"expert lr={lr:g}")
             entry = {"lr": lr, "steps": state["steps"], "agreement": state["agreement"]}
             trace.append(entry)
             if best is None or state["agreement"] < best[1]["agreement"]:
@@ -411,7 +456,8 @@ class BaDExpert(Detector):
         if aug is None:  # a detector file from before the augmentation was recorded
             return out
         what = " and ".join(name for key, name in (("crop", "crops"), ("flip", "flips")) if aug.get(key))
-        return f"{out}, finetuned with {what or 'no augmentation'}"
+        out = f"{out}, finetuned with {what or 'no augmentation'}"
+        return out + (f", trunk up to {self.shared_trunk} shared with the model" if self.shared_trunk else "")
 
     def diagnostics(self, clean: dict, triggered: dict) -> dict:
         """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
@@ -426,16 +472,29 @@ class BaDExpert(Detector):
         return {"auroc_by_score_rule": out}
 
     def _forward(self, xb: torch.Tensor, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if logits is None:
-            with eval_mode(self.model_):
+        return self._outputs(xb, logits)[1]
+
+    def _outputs(self, xb: torch.Tensor, logits: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """M's logits (``logits`` when given) and the confidences of :meth:`confidences`. With a
+        shared trunk, the trunk runs once and feeds M's head (unless ``logits`` are given), the
+        expert's and the auxiliary model's."""
+        features, nets = xb, (self.expert_, self.auxiliary_)
+        with eval_mode(self.model_):
+            if self.shared_trunk is not None:
+                trunk, head = split_model(self.model_, self.shared_trunk)
+                features, nets = trunk(xb), (self.expert_.head, self.auxiliary_.head)
+                if logits is None:
+                    logits = head(features)
+            elif logits is None:
                 logits = self.model_(xb)
         pred = logits.argmax(1)
         out = {"pred": pred}
-        for key, net in (("x", self.expert_), ("y", self.auxiliary_)):
-            logp, logodds = _label_log_odds(net(xb).float(), pred)
+        for key, net in zip(("x", "y"), nets):
+            logp, logodds = _label_log_odds(net(features).float(), pred)
             out[key] = logp.exp()
             out[f"logit_{key}"] = logodds
-        return out
+        return logits, out
 
     def _combine(self, conf: dict[str, torch.Tensor], rule: str | None = None) -> torch.Tensor:
         rule = rule or self.rule
@@ -449,19 +508,30 @@ class BaDExpert(Detector):
     def score_given_logits(self, xb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self._combine(self._forward(xb, logits)).cpu()
 
+    def logits_and_score(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, conf = self._outputs(xb)  # with a shared trunk: the trunk once for the three heads
+        return logits, self._combine(conf).cpu()
+
     # --- persistence ---------------------------------------------------------------------
     def _state_tensors(self):
-        out = {f"expert.{k}": v for k, v in self.expert_.state_dict().items()}
-        out.update({f"auxiliary.{k}": v for k, v in self.auxiliary_.state_dict().items()})
-        return out
+        # with a shared trunk, the heads only: the trunk is the model's own, checked on load
+        nets = {"expert": self.expert_, "auxiliary": self.auxiliary_}
+        if self.shared_trunk is not None:
+            nets = {k: v.head for k, v in nets.items()}
+        return {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
 
     def _state_meta(self):
         return {"expert_lr": self.expert_lr_, "aux_lr": self.aux_lr_, "hflip": self.hflip_, "fit_report": self.fit_report_}
 
     def _load_state(self, model, tensors, meta):
         device = self.device_
-        self.expert_ = _load_copy(model, tensors, "expert.", device)
-        self.auxiliary_ = _load_copy(model, tensors, "auxiliary.", device)
+        if self.shared_trunk is not None:
+            _check_trunk(model, self.shared_trunk, (meta.get("fit_report") or {}).get("shared_trunk"))
+            self.expert_, self.auxiliary_ = (_load_head(model, self.shared_trunk, tensors, f"{name}.", device)
+                                             for name in ("expert", "auxiliary"))
+        else:
+            self.expert_ = _load_copy(model, tensors, "expert.", device)
+            self.auxiliary_ = _load_copy(model, tensors, "auxiliary.", device)
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
         self.hflip_ = meta.get("hflip")
@@ -489,6 +559,105 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# --- the shared trunk --------------------------------------------------------------------------------
+class _Frozen(nn.Module):
+    """A module held in eval mode whatever ``train()`` asks (batch norm uses, and never updates, its
+    running statistics; dropout is off): the frozen trunk of a finetuned copy."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> "_Frozen":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class _TrunkHead(nn.Module):
+    """``head(trunk(x))``: a finetuned copy of M whose part before the cut is M's (frozen)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk if isinstance(trunk, _Frozen) else _Frozen(trunk)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def _check_cut(model: nn.Module, cut: str) -> None:
+    """One line for a model that declares no cut points, or not this one."""
+    points = cut_points(model)
+    if not points:
+        raise BadExpertError(
+            f"BaDExpert: a shared trunk needs a model that declares cut points, and this {type(model).__name__} "
+            "declares none (badexpert's own architectures do; a model from Hugging Face, an ONNX file or a factory "
+            "does not); fit it without a shared trunk"
+        )
+    if cut not in points:
+        raise BadExpertError(f"BaDExpert: shared trunk '{cut}' is not a cut point of this model; choose one of: "
+                             f"{', '.join(points)}")
+
+
+def _with_frozen_trunk(model: nn.Module, cut: str, images: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` split at ``cut``, its trunk frozen (no gradients, eval mode): what both
+    finetuned copies start from. Checked to compute ``model``'s own outputs on a few clean images
+    (a model's ``split`` must; badexpert's architectures match operation for operation)."""
+    from ..utils import model_device
+
+    trunk, head = split_model(copy.deepcopy(model), cut)
+    trunk.requires_grad_(False)
+    net = _TrunkHead(trunk, head).eval()
+    x = to_float(images[:32]).to(model_device(model))
+    with torch.no_grad(), eval_mode(model):
+        ours, theirs = net(x), model(x)
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+        raise BadExpertError(f"BaDExpert: this model split at '{cut}' does not compute the model's own outputs; "
+                             "its split() is wrong: fit it without a shared trunk")
+    return net
+
+
+def _bind_head(model: nn.Module, cut: str, net: _TrunkHead) -> _TrunkHead:
+    """``net``'s finetuned head on ``model``'s own trunk, once the trunk ``net`` was finetuned
+    with is checked bit-identical to it (weights and batch-norm statistics)."""
+    trunk, _ = split_model(model, cut)
+    mine, theirs = trunk.state_dict(), net.trunk.module.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine):
+        raise BadExpertError(f"BaDExpert: the frozen trunk (up to '{cut}') changed while finetuning; "
+                             "the model's split() shares modules it should not")
+    return _TrunkHead(trunk, net.head).eval()
+
+
+def _trunk_record(model: nn.Module, cut: str) -> dict:
+    """What the fit report (and so the detector file) records of the shared trunk: the cut, the
+    trunk's weights fingerprint (checked on load) and how the parameters divide."""
+    from ..io import model_fingerprint
+
+    trunk, head = split_model(model, cut)
+    return {"cut": cut, "trunk_fingerprint": model_fingerprint(trunk),
+            "trunk_parameters": sum(p.numel() for p in trunk.parameters()),
+            "head_parameters": sum(p.numel() for p in head.parameters())}
+
+
+def _check_trunk(model: nn.Module, cut: str, record: dict | None) -> None:
+    """On load: the model has the cut, and its trunk is the one the heads were finetuned on."""
+    from ..io import model_fingerprint
+
+    _check_cut(model, cut)
+    trunk, _ = split_model(model, cut)
+    if isinstance(record, dict) and record.get("trunk_fingerprint") not in (None, model_fingerprint(trunk)):
+        raise BadExpertError(f"the detector's heads were finetuned on another trunk (up to '{cut}') than this "
+                             "model's; load it with the model it was fitted on")
+
+
+def _load_head(model: nn.Module, cut: str, tensors: dict[str, torch.Tensor], prefix: str, device) -> _TrunkHead:
+    """A finetuned head restored from ``tensors`` on ``model``'s own trunk."""
+    trunk, head = split_model(model, cut)
+    return _TrunkHead(trunk, _load_copy(head, tensors, prefix, device)).eval()
 
 
 def _load_copy(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, device) -> nn.Module:

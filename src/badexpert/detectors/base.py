@@ -358,6 +358,15 @@ class Detector(abc.ABC):
         override this to reuse ``logits``; the default scores the batch on its own."""
         return self._score_batch(xb)
 
+    def logits_and_score(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The suspect model's logits and the scores for a checked, finite float batch on the
+        detector's device, computed together: what the guard and the exported graph run per batch.
+        The default runs the model and hands its logits to :meth:`score_given_logits`; a detector
+        whose networks share the model's leading layers (BaDExpert's shared trunk) overrides it to
+        compute those layers once."""
+        logits = self.model_(xb).float()
+        return logits, self.score_given_logits(xb, logits)
+
     def score_details(self, x) -> dict:
         """``score`` plus any per-input quantities the detector computes on the way (as numpy
         arrays); evaluation and reports use this to avoid a second pass."""
@@ -382,7 +391,8 @@ class Detector(abc.ABC):
     def export_scorer(self, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
         """The fitted detector's scoring as one ``nn.Module`` (capability :attr:`exportable`):
         ``forward(x) -> (logits, score)`` for a finite float batch ``x`` in ``[0, 1]``, the suspect
-        model's logits and :meth:`score_given_logits` on them, run on copies of the model and of
+        model's logits and the scores (:meth:`logits_and_score`: by default :meth:`score_given_logits`
+        on the logits), run on copies of the model and of
         the networks named in :attr:`submodels`, each passed through ``prepare`` (export makes
         them traceable; default: an eval-mode copy). A detector without the capability is a
         one-line error."""
@@ -610,8 +620,8 @@ class _ExportScorer(nn.Module):
         self.scorer = scorer  # a plain attribute (not a module): its networks are the ones above
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x).float()
-        return logits, self.scorer.score_given_logits(x, logits).float()
+        logits, score = self.scorer.logits_and_score(x)
+        return logits.float(), score.float()
 
 
 def clone(detector: Detector) -> Detector:

@@ -28,7 +28,10 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """``Normalize`` followed by a network; what :func:`build_model` returns."""
+    """``Normalize`` followed by a network; what :func:`build_model` returns.
+
+    It declares the cut points of its network (:func:`cut_points`, :func:`split_model`): the
+    normalisation belongs to the trunk."""
 
     def __init__(self, net: nn.Module, mean, std) -> None:
         super().__init__()
@@ -37,6 +40,51 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
+
+    def cut_points(self) -> tuple[str, ...]:
+        return cut_points(self.net)
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        trunk, head = self.net.split(at)
+        return nn.Sequential(self.normalize, trunk), head
+
+
+# --- cut points: where a network may be split into a trunk and a head ---------------------------------
+# An architecture declares them with two methods: ``cut_points()`` (the names, shallow to deep) and
+# ``split(at) -> (trunk, head)``, two modules made of the network's own submodules (no copies) with
+# ``head(trunk(x))`` computing exactly ``forward(x)``, operation for operation.
+
+
+def cut_points(model: nn.Module) -> tuple[str, ...]:
+    """The cut points ``model`` declares (shallow to deep), or ``()`` for a model that declares none
+    (every model from another source: Hugging Face, ONNX, a user's factory)."""
+    fn = getattr(model, "cut_points", None)
+    return tuple(fn()) if callable(fn) and callable(getattr(model, "split", None)) else ()
+
+
+def split_model(model: nn.Module, at: str) -> tuple[nn.Module, nn.Module]:
+    """``(trunk, head)`` of ``model`` cut after ``at`` (one of :func:`cut_points`): modules sharing
+    the model's own layers, with ``head(trunk(x)) == model(x)``. A model without cut points, or a
+    name that is not one of its cut points, is a one-line error."""
+    points = cut_points(model)
+    if not points:
+        raise BadExpertError(
+            f"this model ({type(model).__name__}) declares no cut points, so it cannot be split into a shared trunk "
+            f"and a head; only badexpert's own architectures ({ARCHITECTURES.choices()}) declare them"
+        )
+    if at not in points:
+        raise BadExpertError(f"'{at}' is not a cut point of this model; choose one of: {', '.join(points)}")
+    return model.split(at)
+
+
+def sequential_split(layers: nn.Sequential, ends: dict[str, int], at: str, *tail: nn.Module
+                     ) -> tuple[nn.Module, nn.Module]:
+    """The split of a network that is ``layers`` then ``tail``: the trunk is ``layers[:ends[at]]``,
+    the head the rest of ``layers`` followed by ``tail`` (a name not in ``ends``: a one-line error)."""
+    if at not in ends:
+        raise BadExpertError(f"'{at}' is not a cut point of this model; choose one of: {', '.join(ends)}")
+    k = ends[at]
+    return layers[:k], nn.Sequential(*layers[k:], *tail)
 
 
 def he_init(model: nn.Module) -> nn.Module:
@@ -136,4 +184,5 @@ def build_model(
     return Classifier(factory(**kwargs), mean, std)
 
 
-__all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "he_init"]
+__all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "cut_points", "he_init",
+           "split_model"]

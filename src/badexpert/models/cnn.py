@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import he_init
+from . import he_init, sequential_split
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -36,3 +36,13 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    #: cut points: after each conv block (its pooling included); after ``block3`` only the
+    #: classifier (pooling and the linear layer) is left
+    CUTS = {"block1": 4, "block2": 8, "block3": 11}
+
+    def cut_points(self) -> tuple[str, ...]:
+        return tuple(self.CUTS)
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        return sequential_split(self.features, self.CUTS, at, self.fc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import he_init
+from . import he_init, sequential_split
 
 # (expansion t, output channels c, repeats n, first-block stride s) from the paper's Table 2,
 # with the 24-channel stage at stride 1 instead of 2 for small images, as CIFAR ports do.
@@ -69,3 +69,19 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def _cuts(self) -> dict[str, int]:
+        """``stem``; ``stage1`` .. ``stage7`` (the seven inverted-residual stages of :data:`CONFIG`);
+        ``last_conv`` (the final 1x1 convolution: only pooling and the classifier are left)."""
+        cuts, end = {"stem": 3}, 3
+        for i, (_, _, n, _) in enumerate(CONFIG):
+            end += n
+            cuts[f"stage{i + 1}"] = end
+        cuts["last_conv"] = end + 3
+        return cuts
+
+    def cut_points(self) -> tuple[str, ...]:
+        return tuple(self._cuts())
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        return sequential_split(self.features, self._cuts(), at, self.classifier)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import he_init
+from . import he_init, sequential_split
 
 
 class BasicBlock(nn.Module):
@@ -48,3 +48,11 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.layers(self.stem(x))))
+
+    def cut_points(self) -> tuple[str, ...]:
+        """After the stem, and after each of the four stages (two blocks each)."""
+        return ("stem", "stage1", "stage2", "stage3", "stage4")
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        ends = {name: 1 + 2 * i for i, name in enumerate(self.cut_points())}  # the stem, then blocks
+        return sequential_split(nn.Sequential(self.stem, *self.layers), ends, at, self.pool, self.fc)

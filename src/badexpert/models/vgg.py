@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import he_init
+from . import he_init, sequential_split
 
 # Output channels at the paper's width 64; "M" is a 2x2 max-pool.
 CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -36,3 +36,14 @@ class VGG16BN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def _cuts(self) -> dict[str, int]:
+        """``stage1`` .. ``stage5``: after each pooled stage (its max-pool included)."""
+        pools = [i + 1 for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        return {f"stage{k + 1}": end for k, end in enumerate(pools)}
+
+    def cut_points(self) -> tuple[str, ...]:
+        return tuple(self._cuts())
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        return sequential_split(self.features, self._cuts(), at, self.fc)

@@ -73,12 +73,50 @@ class SmallViT(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.blocks(self.embed(x)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> tokens: patch embedding, class token, position embeddings."""
         if tuple(x.shape[-2:]) != self.image_size:
             raise BadExpertError(
                 f"this ViT was built for {self.image_size[0]}x{self.image_size[1]} images, "
                 f"got {x.shape[-2]}x{x.shape[-1]}"
             )
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens -> logits: the final norm and the linear head on the class token."""
+        return self.head(self.norm(x)[:, 0])
+
+    def cut_points(self) -> tuple[str, ...]:
+        """``embed`` (after the embeddings), then ``block1`` .. ``blockN`` (after each transformer block)."""
+        return ("embed", *(f"block{i + 1}" for i in range(len(self.blocks))))
+
+    def split(self, at: str) -> tuple[nn.Module, nn.Module]:
+        points = self.cut_points()
+        if at not in points:
+            raise BadExpertError(f"'{at}' is not a cut point of this model; choose one of: {', '.join(points)}")
+        k = points.index(at)
+        return nn.Sequential(_Embed(self), *self.blocks[:k]), nn.Sequential(*self.blocks[k:], _Classify(self))
+
+
+class _Embed(nn.Module):
+    """:meth:`SmallViT.embed` as a module of the ViT's own embedding layers (for :meth:`SmallViT.split`)."""
+
+    def __init__(self, vit: SmallViT) -> None:
+        super().__init__()
+        self.image_size = vit.image_size
+        self.patch_embed, self.cls_token, self.pos_embed = vit.patch_embed, vit.cls_token, vit.pos_embed
+
+    forward = SmallViT.embed
+
+
+class _Classify(nn.Module):
+    """:meth:`SmallViT.classify` as a module of the ViT's own final norm and head."""
+
+    def __init__(self, vit: SmallViT) -> None:
+        super().__init__()
+        self.norm, self.head = vit.norm, vit.head
+
+    forward = SmallViT.classify
