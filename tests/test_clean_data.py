@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from badexpert.data.clean import check_accuracy, clean_splits, min_accuracy, read_clean_set
+from badexpert.data.clean import check_accuracy, clean_splits, min_accuracy, read_clean_set, resplit, sample
 from badexpert.errors import BadExpertError
 
 CLASSES = ["cat", "dog", "frog"]
@@ -107,6 +107,26 @@ def test_splits_are_seeded_disjoint_and_sized(tmp_path):
     assert not torch.equal(clean_splits(ds, seed=4, holdout=6).reserved.images, s.reserved.images)
     with pytest.raises(BadExpertError, match="too few"):
         clean_splits(ds, seed=0, reserved=20, calibration=20)
+
+
+def test_resplit_gives_the_same_split_or_refuses_a_changed_set(tmp_path):
+    from badexpert.data.core import image_hashes
+
+    _write(tmp_path, {"cat": 10, "dog": 10, "frog": 10})
+    ds = read_clean_set(tmp_path, num_classes=3, image_size=(10, 12), in_channels=3, classes=CLASSES)
+    s = clean_splits(ds, seed=3, holdout=6)
+    record = {"seed": 3, "reserved": 12, "calibration": 12, "holdout": 6}
+    fit, cal = image_hashes(s.reserved.images), image_hashes(s.calibration.images)
+    again = resplit(ds, record, fit_hashes=fit, calibration_hashes=cal, where="here")
+    assert torch.equal(again.test.images, s.test.images) and torch.equal(again.test.labels, s.test.labels)
+    with pytest.raises(BadExpertError, match="here holds 29 images but the detector was made from 30"):
+        resplit(ds.subset(range(29)), record, fit_hashes=fit, calibration_hashes=cal, where="here")
+    with pytest.raises(BadExpertError, match="does not split into the images the detector was fitted"):
+        resplit(ds, {**record, "seed": 4}, fit_hashes=fit, calibration_hashes=cal, where="here")
+    with pytest.raises(BadExpertError, match="lacks its split"):
+        resplit(ds, {"seed": 3}, fit_hashes=fit, calibration_hashes=cal, where="here")
+    part = sample(ds, 7, seed=0)
+    assert len(part) == 7 and torch.equal(sample(ds, 7, seed=0).images, part.images) and sample(ds, 99, seed=0) is ds
 
 
 class _Fixed(torch.nn.Module):

@@ -1575,7 +1575,7 @@ _CONFIG_VALUES = {
 }
 _CONFIG_FIELDS = ["dataset", "data_path", "image_size", "arch", "width", "attack", "attack_params", "recipe",
                   "reserved", "calibration", "train_size", "test_size", "detector", "detector_params", "fpr",
-                  "asr_bar", "seed", "device", "n_boot", "bogus"]
+                  "asr_bar", "seed", "device", "n_boot", "noisy_clean", "bogus"]
 
 
 @st.composite
@@ -1609,7 +1609,7 @@ def test_the_config_strategies_reach_every_registry_entry():
 
     seen: dict[str, set] = {"attack+params": set(), "detector+params": set()}
 
-    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=1000, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(_REGISTRY["attack+params"], _REGISTRY["detector+params"])
     def draw(attack, detector):

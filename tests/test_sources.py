@@ -10,6 +10,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -278,6 +279,100 @@ def test_hugging_face_vit_onnx_export_converts(tmp_path):
     x = _images()
     with torch.no_grad():
         assert torch.allclose(loaded(x), vit(pixel_values=(x - 0.5) / 0.5).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation, opset", [(nn.Softmax, 17), (nn.LogSoftmax, 17), (nn.Softmax, 12)])
+def test_onnx_graphs_ending_in_softmax_give_their_logits(tmp_path, capsys, activation, opset):
+    """A file that outputs probabilities: its final (Log)Softmax is dropped, its input is the logits
+    (checked against onnxruntime running the same graph up to them), the metadata and the CLI say
+    so, and the file's probabilities are the softmax of what the module returns."""
+    import argparse
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from badexpert.cli import _load_source
+
+    net = _tiny_net()
+    path = tmp_path / "probs.onnx"
+    path.write_bytes(_export(nn.Sequential(net, activation(dim=1)).eval(), opset))
+    loaded, meta = load_model(path, mean=MEAN, std=STD)
+    assert meta["source"]["final_activation"] == activation.__name__
+    assert meta["source"]["max_logit_diff"] <= meta["source"]["tolerance"]
+    x = _images()
+    with torch.no_grad():
+        logits = loaded(x)
+        assert torch.allclose(logits, net(_normalised(x)), atol=1e-4)  # logits, not probabilities
+    sess = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    probs = torch.from_numpy(sess.run(None, {"x": _normalised(x).numpy().astype(np.float32)})[0])
+    again = torch.softmax(logits, 1) if activation is nn.Softmax else torch.log_softmax(logits, 1)
+    assert torch.allclose(again, probs, atol=1e-5)
+    rebuilt = rebuild_model(json.loads(json.dumps(meta)), loaded.state_dict(), onnx_bytes=path.read_bytes())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), logits)
+    capsys.readouterr()
+    args = argparse.Namespace(model=str(path), device="cpu", source=None, mean=",".join(map(str, MEAN)),
+                              std=",".join(map(str, STD)), classes=None, weights=None, factory_kwargs=None)
+    _load_source(args)
+    assert f"ends in {activation.__name__}: its input is taken as the logits" in capsys.readouterr().err
+    # a graph that ends in logits says nothing and records no activation
+    path.write_bytes(_export(net, opset))
+    assert load_model(path, mean=MEAN, std=STD)[1]["source"]["final_activation"] is None
+
+
+def test_onnx_batchnorm_trains_like_torch_and_uses_its_statistics_in_eval(tmp_path):
+    """An unfolded export keeps its BatchNormalization nodes: the converted copy, finetuned, must
+    normalise by the batch's statistics and update the stored ones as torch's BatchNorm does, and
+    use the stored ones in eval mode: the same steps on both give the same model."""
+    net = _tiny_net()
+    path = tmp_path / "bn.onnx"
+    path.write_bytes(_export(net, 17, fold=False))
+    import onnx
+
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node) == 2
+    loaded, _ = load_model(path, mean=0, std=1)
+    ours, theirs = copy.deepcopy(loaded).train(), copy.deepcopy(net).train()
+    x = _images(16, seed=5)
+    y = torch.arange(16) % 5
+    with torch.no_grad():  # training mode: the batch's statistics (not the stored ones, which eval uses)
+        got = ours(x)  # (each call in training mode updates the stored statistics once)
+        assert torch.allclose(got, theirs(x), atol=1e-5)
+        assert not torch.allclose(got, loaded(x), atol=1e-3)
+    ours_opt = torch.optim.SGD(ours.parameters(), lr=0.05)
+    theirs_opt = torch.optim.SGD(theirs.parameters(), lr=0.05)
+    for step in range(4):
+        xb = _images(16, seed=10 + step)
+        for model, opt in ((ours, ours_opt), (theirs, theirs_opt)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), y).backward()
+            opt.step()
+    stats = sorted(float(b.sum()) for n, b in ours.named_buffers() if n.startswith("net.") and b.is_floating_point())
+    torch_stats = sorted(float(b.sum()) for n, b in theirs.named_buffers() if "running" in n)
+    assert np.allclose(stats, torch_stats, atol=1e-4)  # the running statistics moved the same way
+    ours.eval(), theirs.eval()
+    x = _images(8, seed=20)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-4)
+        assert not torch.allclose(ours(x), loaded(x), atol=1e-3)  # it did learn
+
+
+def test_onnx_dropout_drops_only_while_training(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    img = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 48])
+    ratio = numpy_helper.from_array(np.array(0.5, dtype=np.float32), "r")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Dropout", ["f", "r"], ["y"])]
+    p = tmp_path / "drop.onnx"
+    p.write_bytes(_graph(nodes, [img], [out], [ratio]))
+    loaded, _ = load_model(p, mean=0, std=1)
+    x = torch.rand(6, 3, 4, 4) + 0.1
+    with torch.no_grad():
+        assert torch.equal(loaded(x), x.flatten(1))
+        dropped = copy.deepcopy(loaded).train()(x)
+    assert 0.2 < float((dropped == 0).float().mean()) < 0.8
+    assert torch.allclose(dropped[dropped != 0], (x.flatten(1) * 2)[dropped != 0])
 
 
 def _graph(nodes, inputs, outputs, inits=(), opset=17):

@@ -132,6 +132,13 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
                    help="replace an earlier output at --out (by default an existing output is refused)")
 
 
+def _add_noisy_clean(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--noisy-clean", action="store_true",
+                   help="also measure AUROC the paper's way: the clean test inputs plus a Gaussian-noised copy of each "
+                        "(sigma 0.05, seeded) as negatives, reported as auroc_noisy beside auroc (scores twice the "
+                        f"clean inputs){what}")
+
+
 def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
     g = p.add_argument_group("attack")
     g.add_argument("--attack", default=default,
@@ -293,9 +300,14 @@ def _load_source(args, *, image_size=None):
     """``--model`` with the source options, through the one loader of every model source."""
     from .io import load_model
 
-    return load_model(args.model, device=args.device, kind=args.source, mean=args.mean, std=args.std,
-                      image_size=image_size, classes=_classes_option(args.classes), weights=args.weights,
-                      kwargs=args.factory_kwargs)
+    model, meta = load_model(args.model, device=args.device, kind=args.source, mean=args.mean, std=args.std,
+                             image_size=image_size, classes=_classes_option(args.classes), weights=args.weights,
+                             kwargs=args.factory_kwargs)
+    activation = (meta.get("source") or {}).get("final_activation")
+    if activation:  # said once per command: the file's outputs are probabilities, the guard uses the logits
+        _log(f"'{args.model}' ends in {activation}: its input is taken as the logits (the file's output is their "
+             f"{'softmax' if activation == 'Softmax' else 'log-softmax'})")
+    return model, meta
 
 
 def _attack_name(value: str | None) -> str | None:
@@ -530,7 +542,8 @@ def cmd_compare(args) -> int:
                             test_size=args.test_size)
     attack = attack_from_meta(meta, source=f"'{args.model}'")
     dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
-    result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device, log=_log)
+    result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device,
+                     noisy_clean=args.noisy_clean, log=_log)
     write_comparison(args.out, result, overwrite=args.overwrite)
     print(format_comparison(result.metrics))
     print(f"wrote {args.out}")
@@ -563,7 +576,12 @@ def cmd_grid(args) -> int:
         # Ray installed and the address answering (a bounded wait), before anything is written
         runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
                             connect_timeout=args.ray_timeout)
-    run_grid(args.config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
+    config = args.config
+    if args.noisy_clean:  # the config's own field, set from the command line
+        from .pipeline.grid import read_grid_file
+
+        config = {**read_grid_file(args.config), "noisy_clean": True}
+    run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     if getattr(runner, "stopped", False):
         print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
@@ -575,41 +593,140 @@ def cmd_grid(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
-    from .evaluation.core import evaluate
+    from .evaluation.core import TriggeredImages, evaluate
     from .pipeline.experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
-    from .io import load_model
     from .reporting.report import format_table
     from .utils import atomic_directory, check_output_dir
 
     check_output_dir(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite)
     name = _attack_name(args.attack) if args.attack is not None else None
+    _check_evaluate_data(args)
     _check_options(attack=name, attack_params=_attack_params(args) if name else {}, asr_bar=args.asr_bar,
                    n_boot=args.n_boot, seed=args.seed, device=args.device, test_size=args.test_size)
-    model, meta = load_model(args.model, device=args.device)
+    model, meta = _load_source(args, image_size=args.image_size)
     detector = load_detector(args.detector, model, device=args.device, model_name=str(args.model))
     if not hasattr(detector, "threshold_"):
         raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
-    # the detector's own record of the split it was fitted and calibrated on defines the test split
-    record = detector.extra_ if "split" in detector.extra_ else meta
-    cfg, splits = _splits_for(meta, record, args, test_size=args.test_size, fpr=detector.fpr_target_)
-    if args.attack is not None:
+    if args.test is not None or args.clean is not None or isinstance(detector.extra_.get("clean"), dict):
+        cfg, splits, where = _own_test_data(args, meta, detector)  # the user's images, not a recorded dataset
+    else:  # the detector's own record of the split it was fitted and calibrated on defines the test split
+        record = detector.extra_ if "split" in detector.extra_ else meta
+        if "split" not in record:
+            from .data.clean import CLEAN_LAYOUT
+
+            raise BadExpertError(f"neither the detector nor the model records data to evaluate on; give a labelled "
+                                 f"test set of your own with --test PATH ({CLEAN_LAYOUT})")
+        cfg, splits = _splits_for(meta, record, args, test_size=args.test_size, fpr=detector.fpr_target_)
+        where = None
+    if args.triggered is not None:  # the user's own triggered images, labelled with their true classes
+        from .data.clean import read_clean_set
+
+        attack = TriggeredImages(read_clean_set(args.triggered, **_model_shape(meta), allow_missing=True),
+                                 args.target)
+        attack.check(meta["num_classes"])
+    elif args.attack is not None:
         attack = get_attack(name, **_attack_params(args)) if name else None
     else:
         attack = attack_from_meta(meta, source=f"'{args.model}'")
-    cfg.detector_params = detector.get_params()
+    cfg.detector, cfg.detector_params = detector.name, detector.get_params()
     cfg.attack = attack.name if attack else None
     cfg.attack_params = attack.params() if attack else {}
     cfg.fpr = detector.fpr_target_
     cfg.asr_bar = args.asr_bar
+    cfg.noisy_clean = args.noisy_clean
     result = evaluate(model, detector, splits.test, attack, asr_bar=args.asr_bar, n_boot=args.n_boot, seed=args.seed,
-                      allow_overlap=args.allow_overlap)
+                      allow_overlap=args.allow_overlap, noisy_clean=args.noisy_clean)
     metrics = experiment_metrics(cfg, meta, result, splits)
     metrics["attack"] = attack.to_dict() if attack else None
+    if where is not None:  # the split sizes the detector records (its data is not read again for --test)
+        metrics["dataset"].update(where)
+    if isinstance(meta.get("source"), dict):  # a model from elsewhere: what it was (not its whole config)
+        metrics["model"]["source"] = {k: v for k, v in meta["source"].items() if k not in ("config", "preprocessor")}
     with atomic_directory(args.out, owned=RUN_OUTPUTS, overwrite=args.overwrite) as out:
         write_outputs(out, metrics, result, splits.test.classes)
     print(format_table(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'}, report.md and plots")
     return 0
+
+
+def _model_shape(meta: dict) -> dict:
+    """What :func:`~badexpert.data.clean.read_clean_set` needs of a model to read images for it."""
+    return {"num_classes": meta["num_classes"], "image_size": meta["image_size"], "in_channels": meta["in_channels"],
+            "classes": meta.get("classes")}
+
+
+def _check_evaluate_data(args) -> None:
+    """``evaluate``'s data and attack options that cannot go together, before anything is read."""
+    given = [(flag, v) for flag, v in (("--dataset", args.dataset), ("--data-path", args.data_path),
+                                       ("--clean", args.clean), ("--test", args.test)) if v is not None]
+    if len(given) > 1 and not {f for f, _ in given} <= {"--dataset", "--data-path"}:
+        raise BadExpertError(f"{given[0][0]} and {given[1][0]} both say what to evaluate on; give one (--test: a "
+                             "labelled test set of your own; --clean: where the clean set the detector was made from "
+                             "is now, to evaluate on its held-out part)")
+    if args.allow_missing_classes and args.test is None:
+        raise BadExpertError("--allow-missing-classes goes with --test (a test set of your own)")
+    if args.triggered is None:
+        if args.attack is None and (args.target is not None or args.poison_rate is not None or args.attack_param):
+            flag = "--target" if args.target is not None else "--poison-rate" if args.poison_rate is not None \
+                else "--attack-param"
+            raise BadExpertError(f"{flag} describes an attack: give the attack with --attack NAME (or your own "
+                                 "triggered images with --triggered PATH --target CLASS)")
+        return
+    if args.attack is not None:
+        raise BadExpertError("--triggered gives triggered images of your own and --attack makes them from a known "
+                             "trigger; give one")
+    if args.poison_rate is not None or args.attack_param:
+        raise BadExpertError("--poison-rate and --attack-param describe an attack's trigger; --triggered images carry "
+                             "their own (give --target CLASS, the class the trigger leads to)")
+    if args.target is None:
+        raise BadExpertError("--triggered needs --target CLASS: the class index the trigger leads to")
+
+
+def _own_test_data(args, meta: dict, detector):
+    """``evaluate``'s test split from the user's own images: ``--test PATH``, or else the held-out
+    part of the clean set ``defend --clean`` made the detector from (its path recorded, or
+    ``--clean``), split again with its recorded seed and sizes and checked to be the same split.
+    Returns the config and splits for the metrics, and what the metrics' ``dataset`` says of them."""
+    from .data.clean import read_clean_set, resplit, sample
+    from .data.core import Splits
+    from .pipeline.experiment import ExperimentConfig
+
+    record = detector.extra_.get("clean")
+    for flag, value in (("--dataset", args.dataset), ("--data-path", args.data_path)):
+        if value is not None:
+            raise BadExpertError(f"{flag} names a dataset, but detector '{args.detector}' was made from a clean set of "
+                                 "your own: evaluate takes its held-out part, or a test set with --test PATH")
+    sizes = {"train": 0, "reserved": len(detector.fit_hashes_),
+             "calibration": len(getattr(detector, "calibration_hashes_", []))}
+    if args.test is not None:
+        test = read_clean_set(args.test, **_model_shape(meta), allow_missing=args.allow_missing_classes)
+        path, role = str(args.test), "your test set"
+    else:
+        if not isinstance(record, dict):
+            raise BadExpertError(f"detector '{args.detector}' was not made from a clean set of your own (`defend "
+                                 "--clean`), so --clean has no held-out part to evaluate on; give a test set with "
+                                 "--test PATH")
+        if not record.get("holdout"):
+            raise BadExpertError(f"detector '{args.detector}' was made with no held-out clean images (defend --clean "
+                                 "without --holdout); give a labelled test set with --test PATH, or rerun defend with "
+                                 "--holdout N")
+        path = str(args.clean if args.clean is not None else record.get("path"))
+        where = f"clean data '{path}'"
+        if args.clean is None and not Path(path).exists():
+            raise BadExpertError(f"the clean set detector '{args.detector}' was made from, '{path}', is not there; say "
+                                 "where it is now with --clean PATH, or give a test set with --test PATH")
+        data = read_clean_set(path, **_model_shape(meta), allow_missing=True)
+        test = resplit(data, record, fit_hashes=detector.fit_hashes_,
+                       calibration_hashes=getattr(detector, "calibration_hashes_", None), where=where).test
+        role = f"the {len(test)} held-out images of the clean set the detector was made from"
+    test = sample(test, args.test_size, seed=args.seed)
+    cfg = ExperimentConfig(dataset="imagefolder", data_path=path, arch=meta["arch"], width=meta.get("width"),
+                           attack=None, reserved=sizes["reserved"], calibration=max(1, sizes["calibration"]),
+                           test_size=args.test_size, seed=args.seed, device=args.device, n_boot=args.n_boot,
+                           image_size=tuple(meta["image_size"]))
+    empty = test.subset([])
+    splits = Splits(train=empty, reserved=empty, calibration=empty, test=test)
+    return cfg, splits, {"path": path, "test_from": role, "splits": {**sizes, "test": len(test)}}
 
 
 def cmd_bundle(args) -> int:
@@ -850,6 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of every detector (default 0.01)")
     _add_data(p, command="defend")
     p.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
+    _add_noisy_clean(p)
     p.add_argument("--out", required=True, help="output directory")
     _add_overwrite(p)
     _add_common(p)
@@ -876,18 +994,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a Ray cluster address to answer before giving up (default 10)")
+    _add_noisy_clean(p, "; sets the config's noisy_clean field, which is part of each row's key")
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("evaluate", help="measure a model and its detector on the test split under an attack",
                        description="Clean accuracy and attack success rate with and without the detector, AUROC, "
                                    "TPR/FPR at the calibrated threshold, per-class false rejections and cost. "
-                                   "Writes metrics.json, report.md and plots.")
-    p.add_argument("--model", required=True, help="suspect model (.safetensors)")
+                                   "Writes metrics.json, report.md and plots. The test data: the model's recorded "
+                                   "test split; for a detector made by `defend --clean`, the held-out part of that "
+                                   "clean set (split again and checked); or --test PATH. The triggered inputs: the "
+                                   "model's recorded attack, --attack NAME (a trigger you know), or your own "
+                                   "triggered images (--triggered PATH --target CLASS); none: clean numbers only.")
+    p.add_argument("--model", required=True, help="suspect model: a checkpoint written by `badexpert train`, a Hugging "
+                   "Face save_pretrained folder, an .onnx file, or package.module:factory (see the model source options)")
     p.add_argument("--detector", required=True, help="detector written by `badexpert defend`")
     _add_data(p, command="evaluate")
+    g = p.add_argument_group("your own data (folders or zips of <class>/<image>, or a CSV with a path,label header)")
+    g.add_argument("--test", default=None, metavar="PATH",
+                   help="evaluate on this labelled test set instead (images the detector was fitted or calibrated on "
+                        "are refused unless --allow-overlap)")
+    g.add_argument("--clean", default=None, metavar="PATH",
+                   help="where the clean set a `defend --clean` detector was made from is now (default: the path it "
+                        "records); its held-out part is the test set")
+    g.add_argument("--triggered", default=None, metavar="PATH",
+                   help="your own images carrying the trigger, in folders of their true classes (any classes); with "
+                        "--target, the class the trigger leads to; instead of --attack")
+    g.add_argument("--allow-missing-classes", action="store_true",
+                   help="with --test: accept a test set without images of some of the model's classes")
+    g.add_argument("--image-size", type=_image_size, default=None, metavar="N or HxW",
+                   help="input size of a model whose source does not carry it (as given to defend)")
+    _add_source(p)
     _add_attack(p, None)
     p.add_argument("--asr-bar", type=float, default=0.5, help="refuse detection numbers below this ASR (default 0.5)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
+    _add_noisy_clean(p)
     p.add_argument("--allow-overlap", action="store_true",
                    help="measure even if the test split shares images with the detector's fitting or calibration "
                         "data (a warning, and the overlap recorded); refused by default")

@@ -394,12 +394,6 @@ def clean_rejection(clean_rejected: Any, correct: Any, calibration_population: s
             "realized_fpr": fpr_correct if calibration_population == "correct" else fpr_all}
 
 
-def realized_fpr(defense: dict) -> Any:
-    """The realized FPR of a defense record, to set beside its target (records written before
-    ``realized_fpr`` existed were calibrated on every input: their ``fpr``)."""
-    return defense.get("realized_fpr", defense.get("fpr"))
-
-
 def detection_summary(
     *,
     clean_scores: Any,
@@ -414,6 +408,9 @@ def detection_summary(
     n_boot: int = 1000,
     seed: int = 0,
     calibration_population: str = "all",
+    noisy_scores: Any = None,
+    noisy_labels: Any = None,
+    noisy_preds: Any = None,
 ) -> dict[str, Any]:
     """Every detection number of the report, from per-input arrays.
 
@@ -432,6 +429,17 @@ def detection_summary(
     the model gets right; ``realized_fpr`` is the one the threshold was calibrated to bound
     (``calibration_population`` ``"correct"``: ``fpr_filtered``; ``"all"``: ``fpr``), to set
     beside ``fpr_target``.
+
+    ``noisy_*`` (optional, all three or none) describe the noise-augmented clean negatives of the
+    paper's AUROC protocol: a Gaussian-noised copy of the clean test inputs
+    (:func:`badexpert.evaluation.core.noisy_copy`). With them the clean side of the ranking is the
+    clean inputs plus their noisy copies: ``auroc_noisy`` (all clean and noisy vs all triggered,
+    with ``auroc_noisy_ci``) and ``auroc_noisy_filtered`` (by the same rule as ``auroc_filtered``:
+    the clean and noisy inputs the model gets right vs triggered inputs whose attack succeeds);
+    ``fpr_noisy`` / ``fpr_noisy_filtered`` / ``realized_fpr_noisy`` are the calibrated
+    threshold's rejections among the noisy copies (as ``fpr`` / ``fpr_filtered`` /
+    ``realized_fpr`` among the clean ones), and ``n_noisy`` / ``n_noisy_correct`` their counts.
+    Without them none of these keys is present.
     """
     cs = _vec(clean_scores, "clean_scores")
     cl = _vec(clean_labels, "clean_labels", dtype=np.int64)
@@ -457,6 +465,9 @@ def detection_summary(
 
     ca_nd = _mean(correct)
     ca = _mean(correct & ~clean_rej)
+    noisy = _noisy_summary(noisy_scores, noisy_labels, noisy_preds, clean_scores=cs, clean_correct=correct,
+                           trig_scores=ts, trig_success=success, threshold=threshold, n_boot=n_boot, seed=seed,
+                           calibration_population=calibration_population)
     return {
         "threshold": threshold,
         "fpr_target": float(fpr_target),
@@ -477,4 +488,37 @@ def detection_summary(
         "n_triggered": int(len(ts)),
         "n_clean_correct": int(correct.sum()),
         "n_triggered_success": int(success.sum()),
+        **noisy,
+    }
+
+
+def _noisy_summary(noisy_scores: Any, noisy_labels: Any, noisy_preds: Any, *, clean_scores: np.ndarray,
+                   clean_correct: np.ndarray, trig_scores: np.ndarray, trig_success: np.ndarray, threshold: float,
+                   n_boot: int, seed: int, calibration_population: str) -> dict[str, Any]:
+    """The noisy-negatives numbers of :func:`detection_summary` (empty without noisy inputs)."""
+    given = [v is not None for v in (noisy_scores, noisy_labels, noisy_preds)]
+    if not any(given):
+        return {}
+    if not all(given):
+        raise BadExpertError("noisy_scores, noisy_labels and noisy_preds go together: give all three or none")
+    ns = _vec(noisy_scores, "noisy_scores")
+    nl = _vec(noisy_labels, "noisy_labels", dtype=np.int64)
+    npred = _vec(noisy_preds, "noisy_preds", dtype=np.int64)
+    _same_length(noisy_scores=ns, noisy_labels=nl, noisy_preds=npred)
+    ok = npred == nl
+    negatives = np.concatenate([clean_scores, ns])
+    if n_boot and len(negatives) and len(trig_scores):
+        ci: list[float] | None = list(bootstrap_ci(negatives, trig_scores, auroc, n_boot=n_boot, seed=seed))
+    else:
+        ci = None if not n_boot else [float("nan"), float("nan")]
+    rejection = clean_rejection(ns > threshold, ok, calibration_population)
+    return {
+        "auroc_noisy": auroc(negatives, trig_scores),
+        "auroc_noisy_ci": ci,
+        "auroc_noisy_filtered": auroc(np.concatenate([clean_scores[clean_correct], ns[ok]]), trig_scores[trig_success]),
+        "fpr_noisy": rejection["fpr"],
+        "fpr_noisy_filtered": rejection["fpr_filtered"],
+        "realized_fpr_noisy": rejection["realized_fpr"],
+        "n_noisy": int(len(ns)),
+        "n_noisy_correct": int(ok.sum()),
     }

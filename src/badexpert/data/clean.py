@@ -23,7 +23,8 @@ three channels, colour images given to a greyscale model are refused.
 calibration set its threshold is set on, and optionally a held-out part on which the clean
 false-positive rate is reported; :func:`check_accuracy` is the sanity gate that stops a model wired
 to its data the wrong way (label order, normalisation, image size, channel order) before anything
-is fitted.
+is fitted. :func:`resplit` makes that split again for evaluation, and checks it is the very one the
+detector was fitted and calibrated on.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from ..errors import BadExpertError
 from ..imagefile import file_source
-from .core import Dataset, Splits
+from .core import Dataset, Splits, image_hashes
 from .imagefolder import _check_member, _is_image, _zip_reader, decode_sets, open_zip, safe_parts
 
 CLEAN_LAYOUT = "expected <class>/<image> folders (a directory or zip), or a CSV file with a 'path,label' header"
@@ -239,6 +240,49 @@ def clean_splits(data: Dataset, *, seed: int, reserved: int | None = None, calib
                   test=data.subset(h_idx, name=f"{data.name}/held-out"))
 
 
+def resplit(data: Dataset, record: dict, *, fit_hashes: torch.Tensor, calibration_hashes: torch.Tensor | None,
+            where: str) -> Splits:
+    """The split :func:`clean_splits` made of ``data`` when the detector was built (``record``: the
+    ``seed``, ``reserved``, ``calibration`` and ``holdout`` sizes it recorded), checked to be the
+    very same: its reserved and calibration parts must be, image for image, the ones the detector
+    was fitted and calibrated on (``fit_hashes``, ``calibration_hashes``: their content hashes).
+    A set that changed since (images added, removed or edited) is a one-line error, as its held-out
+    part could then hold images the detector has seen."""
+    try:
+        seed, sizes = int(record["seed"]), [int(record[k]) for k in ("reserved", "calibration", "holdout")]
+    except (KeyError, TypeError, ValueError):
+        raise BadExpertError(f"the detector's record of {where} lacks its split (seed and sizes); rerun `badexpert "
+                             "defend --clean`") from None
+    reserved, calibration, holdout = sizes
+    then = reserved + calibration + holdout
+    if len(data) != then:
+        raise BadExpertError(
+            f"{where} holds {len(data)} images but the detector was made from {then} ({reserved} reserved, "
+            f"{calibration} calibration, {holdout} held out): it changed since `badexpert defend`; give the set it "
+            "was made from (--clean PATH) or a separate test set (--test PATH)"
+        )
+    splits = clean_splits(data, seed=seed, reserved=reserved, calibration=calibration, holdout=holdout)
+    same = torch.equal(image_hashes(splits.reserved.images), fit_hashes) and (
+        calibration_hashes is None or torch.equal(image_hashes(splits.calibration.images), calibration_hashes))
+    if not same:
+        raise BadExpertError(
+            f"{where} does not split into the images the detector was fitted and calibrated on (its images changed "
+            "since `badexpert defend`, or were read at another size); give the set it was made from (--clean PATH) "
+            "or a separate test set (--test PATH)"
+        )
+    return splits
+
+
+def sample(data: Dataset, n: int | None, *, seed: int) -> Dataset:
+    """At most ``n`` images of ``data``, drawn without replacement (seeded), in their order."""
+    from ..utils import derive_generator
+
+    if n is None or n >= len(data):
+        return data
+    idx = torch.randperm(len(data), generator=derive_generator(seed, "test-sample"))[:n].sort().values
+    return data.subset(idx)
+
+
 def min_accuracy(num_classes: int) -> float:
     """The sanity gate's default bar: chance plus ten points, and at least twice chance (at most
     0.6, for two classes). A model wired to its data the wrong way (a wrong label order,
@@ -266,4 +310,4 @@ def check_accuracy(model, data: Dataset, *, bar: float | None = None, batch_size
     return acc
 
 
-__all__ = ["CLEAN_LAYOUT", "check_accuracy", "clean_splits", "min_accuracy", "read_clean_set"]
+__all__ = ["CLEAN_LAYOUT", "check_accuracy", "clean_splits", "min_accuracy", "read_clean_set", "resplit", "sample"]

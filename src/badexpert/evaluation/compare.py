@@ -54,7 +54,7 @@ def _detectors(detectors: Sequence[Detector | str], seed: int, device: str | Non
 def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Splits, attack: Attack | None, *,
             fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01, seed: NonNegativeInt = 0, device: str | None = None,
             asr_bar: Fraction = 0.5, n_boot: NonNegativeInt = 1000, batch_size: PositiveInt = 256,
-            throughput: bool = True, log: Callable[[str], Any] = print) -> Comparison:
+            throughput: bool = True, noisy_clean: bool = False, log: Callable[[str], Any] = print) -> Comparison:
     """Fit (on ``splits.reserved``), calibrate (on ``splits.calibration``, at ``fpr``) and evaluate
     (on ``splits.test`` under ``attack``) every detector, sharing the suspect model's predictions.
 
@@ -62,17 +62,25 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
     instances; an instance that is already fitted (on ``model``, not on the test images) is not
     fitted again, and one already calibrated is used as it is. If the backdoor did not implant
     (ASR below ``asr_bar``) no detector is fitted and the result says so.
+
+    ``noisy_clean``: every detector is also ranked with the noise-augmented clean negatives of the
+    paper's protocol (the test split plus its seeded Gaussian-noised copy, made once and shared;
+    :func:`badexpert.evaluation.core.evaluate`): ``auroc_noisy`` and ``auroc_noisy_filtered`` in
+    each defense record, ``model.noisy_clean`` (the noise and the model's accuracy on the copies)
+    and ``sizes.test_noisy`` in the comparison.
     """
     expect(model, nn.Module, "the model")
     expect(splits, Splits, "the splits")
     dets = _detectors(detectors, seed, device)
     if any(not hasattr(d, "threshold_") for d in dets):  # before any detector is fitted
         check_reachable_fpr(fpr, len(splits.calibration), "calibration inputs", "the target FPR")
-    out = model_outputs(model, splits.test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size)
+    out = model_outputs(model, splits.test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size,
+                        noisy_clean=noisy_clean)
     metrics: dict = {"model": dict(out.metrics), "fpr_target": fpr, "seed": seed,
                      "attack": attack.to_dict() if attack is not None else None,
                      "sizes": {"reserved": len(splits.reserved), "calibration": len(splits.calibration),
-                               "test": len(splits.test)},
+                               "test": len(splits.test),
+                               **({"test_noisy": len(out.noisy)} if out.noisy is not None else {})},
                      "detectors": []}
     arrays: dict = {}
     if out.metrics["attack_failed"]:

@@ -10,7 +10,12 @@ The protocol (see the spec README, "Metrics that cannot flatter"):
   no detection numbers;
 - otherwise the detector's scores on all clean and all counted triggered inputs give AUROC (with
   a bootstrap interval), the research code's filtered AUROC, TPR/FPR at the calibrated threshold,
-  CA and ASR after filtering, per-class false rejections, and the cost of scoring.
+  CA and ASR after filtering, per-class false rejections, and the cost of scoring;
+- with ``noisy_clean`` (the paper's AUROC protocol) the clean test inputs are joined by a
+  Gaussian-noised copy of themselves (:func:`noisy_copy`: sigma 0.05 in [0, 1] pixel space,
+  clipped, seeded) as further negatives, so that a detector that merely flags unusual inputs
+  pays: ``auroc_noisy`` and ``auroc_noisy_filtered`` beside ``auroc`` and ``auroc_filtered``.
+  The copies are made from the test split only, so they stay disjoint from the calibration split.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -60,6 +66,62 @@ def trigger_dataset(attack: Attack, data: Dataset, *, batch_size: int = 1024, se
     targets = attack.target_of(labels, data.num_classes)
     trig = data.with_data(out, labels, name=f"{data.name}+{attack.name}", source_indices=idx.tolist())
     return trig, targets
+
+
+@dataclass
+class TriggeredImages:
+    """Triggered test inputs given as images instead of made by an attack: a defender's own images
+    that carry a trigger they know of (a sticker, a stamp, a pattern), labelled with their true
+    classes (what they show without the trigger), and the ``target`` class the trigger leads to.
+    :func:`evaluate` takes it where it takes an attack; images of the target class do not count
+    (their success cannot be told from a right answer), as for an attack."""
+
+    images: Dataset
+    target: int
+
+    name: ClassVar[str] = "triggered-images"
+
+    def check(self, num_classes: int) -> None:
+        if isinstance(self.target, bool) or not isinstance(self.target, int) or not 0 <= self.target < num_classes:
+            raise BadExpertError(f"target class {self.target!r} is outside 0..{num_classes - 1}")
+        if self.images.num_classes != num_classes:
+            raise BadExpertError(f"the triggered images are labelled with {self.images.num_classes} classes but the "
+                                 f"test split has {num_classes}")
+
+    def counted(self) -> tuple[Dataset, torch.Tensor]:
+        """The images that count (true class not the target), and their targets."""
+        idx = (self.images.labels != self.target).nonzero().flatten()
+        trig = self.images.subset(idx, name=f"{self.images.name}+{self.name}")
+        return trig, torch.full_like(trig.labels, self.target)
+
+    def params(self) -> dict:
+        return {"target": self.target, "images": len(self.images), "source": self.images.meta.get("source")}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.params()}
+
+
+#: Standard deviation of the noise of :func:`noisy_copy`, in [0, 1] pixel space (the paper's protocol).
+NOISY_SIGMA = 0.05
+
+
+def noisy_copy(data: Dataset, *, seed: int = 0, sigma: float = NOISY_SIGMA, batch_size: int = 1024) -> Dataset:
+    """A copy of ``data`` with Gaussian noise of standard deviation ``sigma`` added in [0, 1] pixel
+    space, clipped to [0, 1] and quantised to 8 bits like any real input; labels kept.
+
+    The noise is drawn from a generator derived from ``seed`` (the same seed gives the same copy).
+    The noise-augmented clean negatives of the paper's AUROC protocol are ``data`` plus this copy.
+    """
+    from ..utils import derive_generator
+
+    generator = derive_generator(seed, "noisy-clean")
+    out = torch.empty_like(data.images)
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].float() / 255
+        noise = torch.randn(x.shape, generator=generator) * sigma
+        out[start : start + len(x)] = to_uint8((x + noise).clamp_(0, 1))
+    return data.with_data(out, data.labels.clone(), name=f"{data.name}+noise{sigma:g}",
+                          source_indices=list(range(len(data))), noise_sigma=sigma)
 
 
 def _details(detector: Detector, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -129,17 +191,21 @@ class TestOutputs:
     trig_pred: torch.Tensor | None
     metrics: dict
     arrays: dict
+    noisy: Dataset | None = None
+    noisy_pred: torch.Tensor | None = None
 
 
 def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr_bar: float = 0.5, seed: int = 0,
-                  batch_size: int = 256, examples: int = 8) -> TestOutputs:
+                  batch_size: int = 256, examples: int = 8, noisy_clean: bool = False) -> TestOutputs:
     """Clean accuracy and attack success rate of ``model`` on ``test`` (the triggered copy built
     with ``seed``), with the predictions kept for the detectors; ``metrics["attack_failed"]``
-    when the ASR is below ``asr_bar``."""
+    when the ASR is below ``asr_bar``. With ``noisy_clean``, also the noisy copy of ``test``
+    (:func:`noisy_copy`, built with ``seed``) and the model's predictions on it; its size is
+    ``metrics["sizes"]["test_noisy"]`` and the model's accuracy on it ``metrics["noisy_clean"]``."""
     expect(model, nn.Module, "the model")
     expect(test, Dataset, "the test split")
     if attack is not None:
-        expect(attack, Attack, "the attack (from get_attack)")
+        expect(attack, (Attack, TriggeredImages), "the attack (from get_attack, or TriggeredImages)")
         attack.check(test.num_classes)
     if len(test) == 0:
         raise BadExpertError("the test split is empty")
@@ -154,12 +220,20 @@ def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr
         "sizes": {"test_clean": len(test)},
     }
     arrays: dict = {"clean_examples": test.images[:examples].float() / 255}
+    noisy = noisy_pred = None
+    if noisy_clean:
+        noisy = noisy_copy(test, seed=seed)
+        noisy_pred = predict_logits(model, noisy.images, batch_size=batch_size).argmax(1)
+        metrics["sizes"]["test_noisy"] = len(noisy)
+        metrics["noisy_clean"] = {"sigma": NOISY_SIGMA,
+                                  "clean_accuracy": float((noisy_pred == noisy.labels).float().mean())}
     if attack is None:
         metrics["attack_success_rate"] = None
         metrics["attack_failed"] = False
         metrics["message"] = "no attack: only clean accuracy and the realized false-positive rate are measured"
-        return TestOutputs(test, None, clean_pred, None, None, None, metrics, arrays)
-    trig, targets = trigger_dataset(attack, test, seed=seed)
+        return TestOutputs(test, None, clean_pred, None, None, None, metrics, arrays, noisy, noisy_pred)
+    given = isinstance(attack, TriggeredImages)
+    trig, targets = attack.counted() if given else trigger_dataset(attack, test, seed=seed)
     if len(trig) == 0:
         raise BadExpertError("no test input counts for this attack (all are of the target class?)")
     trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)
@@ -168,17 +242,23 @@ def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr
     metrics["sizes"]["test_triggered"] = len(trig)
     metrics["asr_bar"] = asr_bar
     arrays["trig_examples"] = trig.images[:examples].float() / 255
-    src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
-    arrays["clean_examples"] = test.images[src].float() / 255
-    arrays["example_labels"] = test.labels[src].numpy()
+    if given:  # no clean originals to show beside them
+        del arrays["clean_examples"]
+    else:
+        src = torch.tensor(trig.meta["source_indices"][:examples], dtype=torch.int64)
+        arrays["clean_examples"] = test.images[src].float() / 255
+        arrays["example_labels"] = test.labels[src].numpy()
     arrays["trig_example_preds"] = trig_pred[:examples].numpy()
     metrics["attack_failed"] = asr < asr_bar
     if metrics["attack_failed"]:
         metrics["message"] = (
+            f"the triggered images do not fool the model: attack success rate {asr:.1%} is below the bar "
+            f"{asr_bar:.0%}; detection numbers are not reported (check that they carry the model's trigger and that "
+            "the target class is the one it leads to)" if given else
             f"the backdoor did not implant: attack success rate {asr:.1%} is below the bar {asr_bar:.0%}; "
             "detection numbers are not reported (raise the poison rate or training epochs)"
         )
-    return TestOutputs(test, attack, clean_pred, trig, targets, trig_pred, metrics, arrays)
+    return TestOutputs(test, attack, clean_pred, trig, targets, trig_pred, metrics, arrays, noisy, noisy_pred)
 
 
 def check_detector_for(model: nn.Module, detector: Detector, test: Dataset, *, allow_overlap: bool = False) -> dict:
@@ -219,16 +299,25 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
             "clean_accuracy": float((correct & ~flags).mean()),
             "cost": dict(passes),
         }
+        if out.noisy is not None:  # the calibrated threshold's rejections among the noisy copies
+            noisy_flags = detector.decide(torch.from_numpy(_details(detector, out.noisy.images)["score"])).numpy()
+            rej = clean_rejection(noisy_flags, out.noisy_pred.numpy() == out.noisy.labels.numpy(), population)
+            defense.update(fpr_noisy=rej["fpr"], fpr_noisy_filtered=rej["fpr_filtered"],
+                           realized_fpr_noisy=rej["realized_fpr"], n_noisy=len(out.noisy))
         return defense, {}
     t0 = time.perf_counter()
     det_clean = _details(detector, test.images)
     det_trig = _details(detector, out.trig.images)
     score_s = time.perf_counter() - t0
+    noisy = {}
+    if out.noisy is not None:  # not in score_s: the timing stays comparable with and without the protocol
+        noisy = {"noisy_scores": _details(detector, out.noisy.images)["score"],
+                 "noisy_labels": out.noisy.labels.numpy(), "noisy_preds": out.noisy_pred.numpy()}
     summary = detection_summary(
         clean_scores=det_clean["score"], clean_labels=test.labels.numpy(), clean_preds=out.clean_pred.numpy(),
         trig_scores=det_trig["score"], trig_preds=out.trig_pred.numpy(), trig_target=out.targets.numpy(),
         threshold=detector.threshold_, fpr_target=detector.fpr_target_, class_names=test.classes,
-        n_boot=n_boot, seed=seed, calibration_population=population,
+        n_boot=n_boot, seed=seed, calibration_population=population, **noisy,
     )
     defense = {"name": detector.name, "params": detector.get_params(), **summary,
                "calibration_size": detector.calibration_size_, "overlap": overlap}
@@ -254,6 +343,8 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
         clean_scores=det_clean["score"], trig_scores=det_trig["score"],
         clean_correct=(out.clean_pred == test.labels).numpy(), trig_success=(out.trig_pred == out.targets).numpy(),
     )
+    if noisy:
+        arrays.update(noisy_scores=noisy["noisy_scores"], noisy_correct=noisy["noisy_preds"] == noisy["noisy_labels"])
     return defense, arrays
 
 
@@ -262,7 +353,7 @@ def evaluate(
     model: nn.Module,
     detector: Detector | None,
     test: Dataset,
-    attack: Attack | None,
+    attack: Attack | TriggeredImages | None,
     *,
     asr_bar: Fraction = 0.5,
     n_boot: NonNegativeInt = 1000,
@@ -271,20 +362,29 @@ def evaluate(
     throughput: bool = True,
     examples: NonNegativeInt = 8,
     allow_overlap: bool = False,
+    noisy_clean: bool = False,
 ) -> Evaluation:
-    """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``.
+    """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``
+    (an :class:`~badexpert.attacks.Attack` that triggers the test inputs, or the defender's own
+    :class:`TriggeredImages`).
 
     The detector must have been fitted on ``model`` (same weights fingerprint), and ``test`` must
     share no image with the data it was fitted or calibrated on (compared by content): otherwise
     the numbers would flatter it, and evaluation refuses. ``allow_overlap=True`` measures anyway,
     with a warning and the overlap recorded under ``defense.overlap``.
+
+    ``noisy_clean``: the paper's AUROC protocol as well: a Gaussian-noised copy of ``test``
+    (:func:`noisy_copy`, seeded by ``seed``) joins the clean negatives, and ``defense`` gains
+    ``auroc_noisy``, ``auroc_noisy_ci``, ``auroc_noisy_filtered`` and the rejections among the
+    copies (:func:`~badexpert.metrics.detection_summary`); ``auroc`` keeps its population.
     """
     expect(model, nn.Module, "the model")
     expect(test, Dataset, "the test split")
     overlap = None
     if detector is not None:
         overlap = check_detector_for(model, detector, test, allow_overlap=allow_overlap)
-    out = model_outputs(model, test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size, examples=examples)
+    out = model_outputs(model, test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size, examples=examples,
+                        noisy_clean=noisy_clean)
     metrics, arrays = dict(out.metrics), dict(out.arrays)
     if detector is None or metrics["attack_failed"]:
         return Evaluation(metrics, arrays)

@@ -12,6 +12,18 @@ attributes that moved to inputs across opsets (``Clip``, ``Squeeze``, ``ReduceMe
 :func:`onnx_to_torch` checks the graph (one image input ``[N, C, H, W]``, one output, only
 known operators) and :func:`verify_conversion` compares the result with onnxruntime on seeded
 inputs; every refusal is one line naming what is wrong.
+
+Two things make a converted copy finetune as the original network would:
+
+- a graph that ends in ``Softmax`` or ``LogSoftmax`` over the classes outputs probabilities;
+  finetuning and the detectors need logits, so :func:`strip_final_activation` cuts the graph at
+  that node's input (the softmax of the logits is the file's output, so labels and confidences are
+  unchanged) and the conversion is checked against onnxruntime running the same cut graph;
+- ``BatchNormalization`` (in exports made without constant folding, where it is not fused into the
+  convolution) and ``Dropout`` follow the module's mode (:data:`MODE_OPS`): in training mode batch
+  statistics, with the stored running statistics updated as torch's ``BatchNorm`` updates them
+  (ONNX ``momentum`` m is torch's ``1 - m``), and dropping; in eval mode the stored statistics and
+  the identity, as onnxruntime runs the graph.
 """
 
 from __future__ import annotations
@@ -146,8 +158,17 @@ def _gemm(a, opset):
 def _batchnorm(a, opset):
     eps, momentum = a.get("epsilon", 1e-5), a.get("momentum", 0.9)
 
-    def run(x, scale, bias, mean, var):
-        return F.batch_norm(x, mean, var, scale, bias, training=False, momentum=1 - momentum, eps=eps)
+    def run(x, scale, bias, mean, var, *, training=False):
+        # training (a finetuned copy): batch statistics, and the stored ones updated in place as
+        # torch's BatchNorm does (ONNX momentum m keeps m of the old value: torch's is 1 - m)
+        return F.batch_norm(x, mean, var, scale, bias, training=training, momentum=1 - momentum, eps=eps)
+    return run
+
+
+def _dropout(a, opset):
+    def run(x, ratio=None, training_mode=None, *, training=False):
+        p = a.get("ratio", 0.5) if opset < 12 else (float(ratio) if ratio is not None else 0.5)
+        return F.dropout(x, p, training=True) if training and p > 0 else x
     return run
 
 
@@ -394,7 +415,7 @@ OPS: dict[str, Callable] = {
     "Where": _simple(torch.where), "Equal": _simple(torch.eq), "Less": _simple(torch.lt),
     "Greater": _simple(torch.gt), "Not": _simple(torch.logical_not),
     "Range": _simple(lambda s, e, d: torch.arange(s.item(), e.item(), d.item(), dtype=s.dtype)),
-    "Identity": _simple(lambda x: x), "Dropout": _simple(lambda x, *rest: x),
+    "Identity": _simple(lambda x: x), "Dropout": _dropout,
     "ReduceMean": _reduce("mean", 18), "ReduceSum": _reduce("sum", 13), "ReduceMax": _reduce("max", 18),
     "Pad": _pad,
     "Min": _simple(lambda *xs: torch.stack(torch.broadcast_tensors(*xs)).amin(0)),
@@ -406,6 +427,13 @@ OPS: dict[str, Callable] = {
 #: biases, normalisation scales, constant addends and factors); other constants are buffers.
 TRAINABLE_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2),
                    "LayerNormalization": (1, 2), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "PRelu": (1,)}
+#: Operators that behave as their torch layers do while the module trains (a finetuned copy):
+#: BatchNormalization normalises by the batch's statistics and updates the stored ones, Dropout
+#: drops; in eval mode they use the stored statistics and pass inputs through, as onnxruntime does.
+MODE_OPS = frozenset({"BatchNormalization", "Dropout"})
+#: Final activations that turn logits into (log-)probabilities: a graph ending in one is converted
+#: up to its input, the logits (:func:`strip_final_activation`).
+FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax")
 #: Operators whose output is a constant when all their inputs are (folded at conversion).
 _FOLDABLE = {"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Gather", "Transpose",
              "ConstantOfShape", "Slice", "Shape"}
@@ -464,7 +492,7 @@ class OnnxModule(nn.Module):
             while args and args[-1] is None:
                 args.pop()
             try:
-                out = fn(*args)
+                out = fn(*args, training=self.training) if op in MODE_OPS else fn(*args)
             except BadExpertError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure inside a converted operator is reported the same
@@ -481,6 +509,38 @@ def graph_io(model) -> tuple[list, list]:
     """The graph's real inputs (initializers listed as inputs excluded) and its outputs."""
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits], list(model.graph.output)
+
+
+def strip_final_activation(model) -> tuple[Any, str | None]:
+    """``(model, None)``, or for a graph whose output is made by a final Softmax or LogSoftmax over
+    the class axis (probabilities, which finetuning and the detectors cannot use), a copy of the
+    graph that ends at that node's input, the logits, and the activation's name. Softmax of the
+    logits gives back the file's probabilities (LogSoftmax: their logarithm), so the labels, and the
+    confidences the guard reports, are the file's."""
+    import copy
+
+    from onnx import helper
+
+    graph = model.graph
+    _, outputs = graph_io(model)
+    if len(outputs) != 1 or not graph.node:
+        return model, None
+    last = graph.node[len(graph.node) - 1]
+    producers = [n for n in graph.node if outputs[0].name in n.output]
+    if len(producers) != 1 or producers[0] is not last or last.op_type not in FINAL_ACTIVATIONS \
+            or last.domain not in ("", "ai.onnx") or len(last.input) != 1:
+        return model, None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axis = _attrs(last).get("axis", -1 if opset >= 13 else 1)
+    if axis not in (1, -1):  # not the class axis of [N, C] logits
+        return model, None
+    out = copy.deepcopy(model)
+    g = out.graph
+    del g.node[len(g.node) - 1]
+    elem = outputs[0].type.tensor_type.elem_type or 1
+    g.output.pop()
+    g.output.append(helper.make_tensor_value_info(last.input[0], elem, None))
+    return out, last.op_type
 
 
 def input_dims(value_info) -> list[int | str | None]:
@@ -585,4 +645,5 @@ def verify_conversion(data: bytes, module: nn.Module, inputs: torch.Tensor, sour
     return diff
 
 
-__all__ = ["ATOL", "OPS", "OnnxModule", "graph_io", "input_dims", "onnx_to_torch", "verify_conversion"]
+__all__ = ["ATOL", "FINAL_ACTIVATIONS", "MODE_OPS", "OPS", "OnnxModule", "graph_io", "input_dims", "onnx_to_torch",
+           "strip_final_activation", "verify_conversion"]

@@ -17,6 +17,9 @@ source          what ``SOURCE`` is                              preprocessing fr
 ``factory``     ``package.module:function`` (+ ``weights=``)    arguments
 =============== =============================================== =====================================
 
+An ONNX graph whose output is a final ``Softmax`` / ``LogSoftmax`` is converted up to that node's
+input, the logits (recorded as ``source["final_activation"]``); see :mod:`badexpert.io.onnx_torch`.
+
 Preprocessing is declared, never guessed: a source that does not carry ``mean``/``std``/
 ``image_size`` takes them as arguments, and an argument that contradicts what the source declares
 is a one-line error. No source imports code the caller did not name: a Hugging Face config with
@@ -524,7 +527,7 @@ class OnnxSource(ModelSource):
             import onnx
         except ImportError as exc:
             raise BadExpertError("ONNX models need onnx and onnxruntime: pip install 'badexpert[export]'") from exc
-        from .onnx_torch import ATOL, graph_io, input_dims, onnx_to_torch, verify_conversion
+        from .onnx_torch import ATOL, graph_io, input_dims, onnx_to_torch, strip_final_activation, verify_conversion
 
         try:
             model = onnx.load_from_string(data)
@@ -551,19 +554,23 @@ class OnnxSource(ModelSource):
                                                "graph takes [0, 1] images)")
         _require(meta, ("image_size",), where, " (its input size is dynamic)")
         channels(meta, where)
+        # a graph ending in Softmax / LogSoftmax gives probabilities: its logits are that node's input
+        model, activation = strip_final_activation(model)
         net = onnx_to_torch(model, where)
         module = ImageClassifier(net, meta["mean"], meta["std"])
         module, meta = finish(module, meta, where)
         # the conversion check: seeded [0, 1] images, normalised as declared, through both runtimes
+        # (for a stripped graph, onnxruntime runs the same graph up to the logits)
         c, (h, w) = meta["in_channels"], meta["image_size"]
         x = torch.rand(PROBE_BATCH, c, h, w, generator=torch.Generator().manual_seed(PROBE_SEED))
         with torch.no_grad():
             xn = module.normalize(x).float()
         atol = ATOL if tolerance is None else float(tolerance)
         batch = fixed(dims[0])
-        diff = verify_conversion(data, net, xn, where, atol=atol, batch=batch)
+        checked_bytes = data if activation is None else model.SerializeToString()
+        diff = verify_conversion(checked_bytes, net, xn, where, atol=atol, batch=batch)
         meta["source"].update(sha256=hashlib.sha256(data).hexdigest(), opset=net.opset, input=inp.name,
-                              fixed_batch=batch, max_logit_diff=diff, tolerance=atol)
+                              fixed_batch=batch, max_logit_diff=diff, tolerance=atol, final_activation=activation)
         return module.train(False), meta
 
     def rebuild(self, meta, state, *, onnx_bytes: bytes | None = None, **options):

@@ -25,6 +25,10 @@ Outputs (``out_dir``): ``grid.json`` (the normalised grid), ``results.jsonl``, `
 deviation and a seeded bootstrap 95% interval of the AUROC on the paper's population and of the
 ASR after filtering) and ``heatmap.png`` (mean AUROC, attacks x detectors, one panel per dataset
 and architecture). A backdoor that did not implant is recorded as such, without detector numbers.
+With ``"noisy_clean": true`` (or ``grid --noisy-clean``) every detector is also ranked with the
+paper's noise-augmented clean negatives: rows gain ``auroc_noisy`` / ``auroc_noisy_filtered``,
+the summary and ``matrix.md`` a noisy-AUROC column on the paper's population (the heatmap keeps
+the plain AUROC); the field is part of the row key only when on, so grids run without it resume.
 
 The seam for a distributed runner: :func:`run_cell` (module level) runs one cell from a
 JSON-able spec and returns its rows; :func:`run_grid`'s ``runner(fn, specs)`` maps it over the
@@ -48,6 +52,7 @@ import numpy as np
 from .. import __version__
 from ..digests import json_digest
 from ..errors import BadExpertError
+from ..evaluation.records import DefenseRecord, GridRow
 from ..utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
 
 #: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
@@ -55,7 +60,7 @@ GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.c
 
 #: ExperimentConfig fields shared by every cell (top level of the grid config).
 SHARED_FIELDS = ("recipe", "reserved", "calibration", "train_size", "test_size", "image_size", "fpr", "asr_bar",
-                 "device", "n_boot")
+                 "device", "n_boot", "noisy_clean")
 #: The axes of the grid.
 AXES = ("datasets", "architectures", "attacks", "detectors", "seeds")
 DATASET_FIELDS = ("name", "label", "data_path", "image_size", "reserved", "calibration", "train_size", "test_size",
@@ -66,14 +71,15 @@ DETECTOR_FIELDS = ("name", "params")
 #: Detector parameters the grid sets itself (the cell's seed, the grid's device).
 GRID_SET_PARAMS = ("seed", "device")
 
-#: Row fields with detector numbers (``None`` when the backdoor did not implant).
-DETECTOR_NUMBERS = ("auroc", "auroc_ci", "auroc_filtered", "tpr_at_1pct_fpr", "tpr", "fpr", "fpr_target", "threshold",
-                    "ca_after", "asr_after", "forward_passes", "backward_passes", "throughput_ratio", "seconds")
+#: Row fields with detector numbers (``None`` when the backdoor did not implant; the row's schema
+#: is :class:`~badexpert.evaluation.records.GridRow`).
+DETECTOR_NUMBERS = GridRow.DETECTOR_NUMBERS
 
 SUMMARY_COLUMNS = ("dataset", "arch", "attack", "detector", "seeds", "implanted", "failed",
                    "auroc_mean", "auroc_std", "auroc_ci_low", "auroc_ci_high",
                    "asr_after_mean", "asr_after_std", "asr_after_ci_low", "asr_after_ci_high",
-                   "ca_after_mean", "fpr_mean", "clean_accuracy_mean", "attack_success_rate_mean", "out_of_scope")
+                   "ca_after_mean", "fpr_mean", "clean_accuracy_mean", "attack_success_rate_mean", "out_of_scope",
+                   "auroc_noisy_mean", "auroc_noisy_std", "auroc_noisy_ci_low", "auroc_noisy_ci_high", "fpr_noisy_mean")
 
 
 def _hash(obj: Any) -> str:
@@ -294,7 +300,9 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
                         raise BadExpertError(f"grid cell {name}: {exc}") from exc
                     conf = cfg.to_dict()
                     cell = _hash({"suspect": skey, **{k: conf[k] for k in ("reserved", "calibration", "test_size",
-                                                                             "fpr", "asr_bar", "n_boot")}})
+                                                                             "fpr", "asr_bar", "n_boot")},
+                                  # only when on: the rows of grids run without the protocol keep their keys
+                                  **({"noisy_clean": True} if conf["noisy_clean"] else {})})
                     dets = [{"name": d["name"], "params": d["params"],
                              "key": _hash({"cell": cell, "detector": d["name"], "params": d["params"]})}
                             for d in grid["detectors"]]
@@ -321,29 +329,6 @@ def detector_cache_key(suspect: str, name: str, params: dict, cfg) -> str:
                   "split": {"dataset": cfg.dataset, "seed": cfg.seed, "reserved": cfg.reserved,
                             "calibration": cfg.calibration},
                   "fpr": cfg.fpr, "calibration_population": DEFAULT_POPULATION, "version": __version__})
-
-
-def _detector_row(d: dict | None) -> dict:
-    from ..metrics import realized_fpr
-
-    if d is None:
-        return dict.fromkeys(DETECTOR_NUMBERS)
-    cost = d.get("cost", {})
-    timings = d.get("timings", {})
-    seconds = [v for v in (timings.get("fit_s"), timings.get("calibrate_s"), timings.get("score_s")) if v is not None]
-    return {
-        "auroc": d.get("auroc"), "auroc_ci": d.get("auroc_ci"), "auroc_filtered": d.get("auroc_filtered"),
-        "tpr_at_1pct_fpr": d.get("tpr_at_fpr", {}).get("1%"), "tpr": d.get("tpr"),
-        # the realized FPR on the population the threshold was calibrated for (beside fpr_target)
-        "fpr": realized_fpr(d),
-        "fpr_target": d.get("fpr_target"), "threshold": d.get("threshold"),
-        "ca_after": d.get("clean_accuracy"), "asr_after": d.get("attack_success_rate"),
-        "forward_passes": cost.get("forward_passes_per_input"),
-        "backward_passes": cost.get("backward_passes_per_input"),
-        "throughput_ratio": cost.get("throughput_ratio"), "seconds": float(sum(seconds)) if seconds else None,
-        # why the attack's trigger is outside the detector's scope (e.g. SentiNet on an image-wide trigger)
-        "out_of_scope": d.get("out_of_scope"),
-    }
 
 
 def run_cell(spec: dict, *, log: Callable[[str], Any] = print) -> list[dict]:
@@ -410,7 +395,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
         dets.append(det)
     seed_everything(cfg.seed)
     result = compare(model, dets, splits, attack, fpr=cfg.fpr, seed=cfg.seed, device=cfg.device,
-                     asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, log=log)
+                     asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, noisy_clean=cfg.noisy_clean, log=log)
     for det, path in fresh:
         if path is not None and hasattr(det, "threshold_"):
             det.model_name_ = f"suspect-{skey}.safetensors"
@@ -418,23 +403,26 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
 
     m = result.metrics["model"]
     failed = bool(m["attack_failed"])
-    by_name = {d["name"]: d for d in result.metrics["detectors"]}
+    by_name = {d["name"]: DefenseRecord.from_dict(d) for d in result.metrics["detectors"]}
     seconds = time.perf_counter() - t0
     rows = []
     for d in spec["detectors"]:
-        row = {
-            "key": d["key"], "cell": spec["cell"], "dataset": spec["dataset"], "arch": spec["arch"],
-            "attack": spec["attack"], "seed": spec["seed"], "detector": d["name"], "detector_params": d["params"],
-            "status": "attack_failed" if failed else "ok",
-            "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"],
-            "attack_failed": failed,
-            **_detector_row(None if failed else by_name[d["name"]]),
-            "n_test": m["sizes"]["test_clean"], "n_triggered": m["sizes"].get("test_triggered"),
-            "train_seconds": meta.get("train_seconds"), "cell_seconds": seconds,
-            "model_cached": model_cached, "detector_cached": d["name"] in cached,
-            "badexpert_version": __version__,
-        }
-        rows.append(json.loads(json.dumps(to_jsonable(row))))  # exactly what results.jsonl will hold
+        defense = None if failed else by_name[d["name"]]
+        row = GridRow(
+            key=d["key"], cell=spec["cell"], dataset=spec["dataset"], arch=spec["arch"], attack=spec["attack"],
+            seed=spec["seed"], detector=d["name"], detector_params=d["params"],
+            status="attack_failed" if failed else "ok",
+            clean_accuracy=m["clean_accuracy"], attack_success_rate=m["attack_success_rate"], attack_failed=failed,
+            **GridRow.numbers(defense),
+            # why the attack's trigger is outside the detector's scope (e.g. SentiNet on an image-wide trigger)
+            out_of_scope=None if defense is None else defense.out_of_scope,
+            # the sizes the model outputs record: triggered and noisy ones only where they were made
+            n_test=m["sizes"]["test_clean"], n_triggered=m["sizes"].get("test_triggered"),
+            n_noisy=m["sizes"].get("test_noisy"),
+            train_seconds=meta.get("train_seconds"), cell_seconds=seconds,
+            model_cached=model_cached, detector_cached=d["name"] in cached, badexpert_version=__version__,
+        )
+        rows.append(json.loads(json.dumps(to_jsonable(row.to_dict()))))  # exactly what results.jsonl will hold
     return rows
 
 
@@ -686,7 +674,11 @@ def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[di
     """Per (dataset, arch, attack, detector), across seeds: how many seeds ran and implanted,
     and mean, sample standard deviation (ddof=1; ``None`` for one seed) and seeded bootstrap 95%
     interval of the mean of the AUROC on the paper's population (``auroc_filtered``) and of the
-    ASR after filtering, over the seeds whose backdoor implanted; mean CA after and realized FPR."""
+    ASR after filtering, over the seeds whose backdoor implanted; mean CA after and realized FPR.
+
+    ``auroc_noisy_*``: the same statistics of the AUROC with the noisy clean negatives, on the
+    paper's population too (``auroc_noisy_filtered``), and ``fpr_noisy_mean`` the mean share of
+    noisy copies rejected; ``None`` for rows run without the protocol."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["arch"], r["attack"], r["detector"]), []).append(r)
@@ -695,10 +687,11 @@ def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[di
         ok = [r for r in g if r.get("status") == "ok"]
         s = {"dataset": ds, "arch": arch, "attack": attack, "detector": det, "seeds": len(g), "implanted": len(ok),
              "failed": len(g) - len(ok)}
-        for key, name in (("auroc_filtered", "auroc"), ("asr_after", "asr_after")):
+        for key, name in (("auroc_filtered", "auroc"), ("asr_after", "asr_after"),
+                          ("auroc_noisy_filtered", "auroc_noisy")):
             for stat, v in _stats(_values(ok, key), n_boot, seed).items():
                 s[f"{name}_{stat}"] = v
-        for key in ("ca_after", "fpr"):
+        for key in ("ca_after", "fpr", "fpr_noisy"):
             v = _values(ok, key)
             s[f"{key}_mean"] = float(np.mean(v)) if v else None
         for key in ("clean_accuracy", "attack_success_rate"):
@@ -725,27 +718,45 @@ def _stat_cell(s: dict, name: str, fmt: str, scale: float, unit: str = "") -> st
 
 
 def format_summary(summary: list[dict]) -> str:
-    """The summary as a Markdown table (one row per dataset, architecture, attack and detector)."""
+    """The summary as a Markdown table (one row per dataset, architecture, attack and detector).
+    When any row ran with the noisy-clean protocol, a column gives the AUROC with the noisy clean
+    negatives (paper's population too) and the share of noisy copies rejected."""
+    noisy = _has_noisy(summary)
     lines = ["| dataset | arch | attack | detector | seeds implanted | AUROC, paper's population: mean ± std [95% CI] "
-             "| ASR after (%): mean ± std [95% CI] | CA after | realized FPR |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ("| AUROC with noisy negatives, paper's population: mean ± std [95% CI] " if noisy else "")
+             + "| ASR after (%): mean ± std [95% CI] | CA after | realized FPR |"
+             + (" noisy copies rejected |" if noisy else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if noisy else "")]
     for s in summary:
         seeds = f"{s['implanted']}/{s['seeds']}"
         if not s["implanted"]:
             lines.append(f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | attack failed "
-                         f"(ASR {_f(s['attack_success_rate_mean'], '.1%')}) | n/a | n/a | n/a |")
+                         f"(ASR {_f(s['attack_success_rate_mean'], '.1%')}) | " + ("n/a | " if noisy else "")
+                         + "n/a | n/a | n/a |" + (" n/a |" if noisy else ""))
             continue
         lines.append(
             f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | "
-            f"{_stat_cell(s, 'auroc', '.4f', 1.0)} | {_stat_cell(s, 'asr_after', '.2f', 100.0)} | "
-            f"{_f(s['ca_after_mean'], '.1%')} | {_f(s['fpr_mean'], '.2%')} |")
+            f"{_stat_cell(s, 'auroc', '.4f', 1.0)} | "
+            + (f"{_stat_cell(s, 'auroc_noisy', '.4f', 1.0)} | " if noisy else "")
+            + f"{_stat_cell(s, 'asr_after', '.2f', 100.0)} | "
+            f"{_f(s['ca_after_mean'], '.1%')} | {_f(s['fpr_mean'], '.2%')} |"
+            + (f" {_f(s['fpr_noisy_mean'], '.2%')} |" if noisy else ""))
     failed = sum(s["failed"] for s in summary)
     note = ("\n\nMean over the seeds whose backdoor implanted; std is the sample standard deviation across seeds; "
             "the interval is a seeded percentile bootstrap of the mean over seeds.")
+    if noisy:
+        note += (" AUROC with noisy negatives: the clean test inputs plus a Gaussian-noised copy of each (sigma 0.05 in "
+                 "[0, 1] pixel space, the paper's protocol) against the same triggered inputs; n/a for rows run "
+                 "without it.")
     if failed:
         note += (f" {failed} (cell, detector) row(s) had a backdoor that did not implant (ASR below the bar): "
                  "no detector numbers for them.")
     return "\n".join(lines) + note + "\n"
+
+
+def _has_noisy(summary: list[dict]) -> bool:
+    """Whether any summary row holds an AUROC with the noisy clean negatives."""
+    return any(s.get("auroc_noisy_mean") is not None for s in summary)
 
 
 def format_matrix(summary: list[dict]) -> str:
@@ -753,17 +764,26 @@ def format_matrix(summary: list[dict]) -> str:
     detector: mean AUROC on the paper's population / mean ASR after filtering, and a mean row over
     the attacks that implanted. A cell whose trigger is outside the detector's scope (the
     detector's own declaration, recorded in the row) is marked and left out of that detector's
-    mean, with a note saying why; an attack that never implanted is said so, and left out too."""
+    mean, with a note saying why; an attack that never implanted is said so, and left out too.
+
+    When any row ran with the noisy-clean protocol, each cell reads AUROC / AUROC with the noisy
+    clean negatives (both on the paper's population) / ASR after, and a note says so."""
     panels = list(dict.fromkeys((s["dataset"], s["arch"]) for s in summary))
     dets = list(dict.fromkeys(s["detector"] for s in summary))
     by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}
+    noisy = _has_noisy(summary)
+    column = "AUROC / noisy AUROC / ASR after" if noisy else "AUROC / ASR after"
+
+    def pct(v: float | None, digits: int) -> str:
+        return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
     parts = []
     for ds, arch in panels:
         attacks = list(dict.fromkeys(s["attack"] for s in summary if (s["dataset"], s["arch"]) == (ds, arch)))
         lines = [f"### {ds} / {arch}", "",
-                 "| attack | ASR (no defense) | " + " | ".join(f"{d} AUROC / ASR after" for d in dets) + " |",
+                 "| attack | ASR (no defense) | " + " | ".join(f"{d} {column}" for d in dets) + " |",
                  "|---|---|" + "---|" * len(dets)]
-        totals: dict[str, list[tuple[float, float]]] = {d: [] for d in dets}
+        totals: dict[str, list[tuple[float, float, float | None]]] = {d: [] for d in dets}
         notes: dict[str, str] = {}
         outside: dict[str, list[str]] = {}
         for a in attacks:
@@ -779,17 +799,24 @@ def format_matrix(summary: list[dict]) -> str:
                 elif s["auroc_mean"] is None or s["asr_after_mean"] is None:
                     cells.append("n/a")
                 else:
-                    text = f"{100 * s['auroc_mean']:.2f}% / {100 * s['asr_after_mean']:.1f}%"
+                    text = " / ".join([pct(s["auroc_mean"], 2)] + ([pct(s.get("auroc_noisy_mean"), 2)] if noisy else [])
+                                      + [pct(s["asr_after_mean"], 1)])
                     if s.get("out_of_scope"):
                         text += " †"
                         notes.setdefault(d, s["out_of_scope"])
                         outside.setdefault(d, []).append(a)
                     else:
-                        totals[d].append((s["auroc_mean"], s["asr_after_mean"]))
+                        totals[d].append((s["auroc_mean"], s["asr_after_mean"], s.get("auroc_noisy_mean")))
                     cells.append(text)
             lines.append(f"| {a} | {_f(asr, '.1%')} | " + " | ".join(cells) + " |")
-        mean = [f"{100 * np.mean([t[0] for t in totals[d]]):.2f}% / {100 * np.mean([t[1] for t in totals[d]]):.1f}%"
-                + (f" ({len(totals[d])})" if notes.get(d) else "") if totals[d] else "n/a" for d in dets]
+        def mean_cell(t: list[tuple[float, float, float | None]]) -> str:
+            vals = [pct(float(np.mean([x[0] for x in t])), 2)]
+            if noisy:  # over the same attacks, or n/a when any of them ran without the protocol
+                vals.append("n/a" if any(x[2] is None for x in t) else pct(float(np.mean([x[2] for x in t])), 2))
+            return " / ".join(vals + [pct(float(np.mean([x[1] for x in t])), 1)])
+
+        mean = [mean_cell(totals[d]) + (f" ({len(totals[d])})" if notes.get(d) else "") if totals[d] else "n/a"
+                for d in dets]
         lines.append("| **mean** | | " + " | ".join(mean) + " |")
         if notes:
             lines.append("")
@@ -797,7 +824,12 @@ def format_matrix(summary: list[dict]) -> str:
                       f"attacks in brackets); for example: {why}."
                       for d, why in notes.items()]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    text = "\n\n".join(parts) + "\n"
+    if noisy:
+        text += ("\nnoisy AUROC: with the clean test inputs and a Gaussian-noised copy of each (sigma 0.05 in [0, 1] "
+                 "pixel space, the paper's protocol) as negatives; both AUROCs on the paper's population (clean inputs "
+                 "the model gets right vs triggered inputs whose attack succeeds).\n")
+    return text
 
 
 def summary_csv(summary: list[dict]) -> str:

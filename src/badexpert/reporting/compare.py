@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..evaluation.compare import Comparison
-from ..metrics import realized_fpr
+from ..evaluation.records import DefenseRecord
 from ..utils import atomic_directory, check_output_dir, write_json
 from .report import _new_figure
 
@@ -22,28 +22,36 @@ def _pct(v: Any, digits: int = 1) -> str:
 
 
 def format_comparison(metrics: dict) -> str:
-    """The comparison as a Markdown table (one row per detector)."""
+    """The comparison as a Markdown table (one row per detector). With the noisy-clean protocol
+    (``compare --noisy-clean``) a column gives the AUROC with the noise-augmented clean negatives,
+    on all inputs / on the paper's population, and a note says what it measures."""
     m = metrics["model"]
     head = (f"Suspect model: clean accuracy {_pct(m['clean_accuracy'])}"
-            + (f", attack success rate {_pct(m['attack_success_rate'])}" if m.get("attack_success_rate") is not None else "")
+            + (f", attack success rate {_pct(m['attack_success_rate'])}" if m["attack_success_rate"] is not None else "")
             + f"; every detector calibrated at {100 * metrics['fpr_target']:g}% target FPR on the same clean split.")
-    if m.get("attack_failed"):
+    if m["attack_failed"]:
         return head + "\n\n" + m["message"] + "\n"
-    rows = ["| detector | AUROC | AUROC (paper's population) | TPR at 0.1% / 1% / 5% FPR | CA after | ASR after | "
-            "realized FPR | passes per input (fwd / bwd) | throughput vs model |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for d in metrics["detectors"]:
-        t = d.get("tpr_at_fpr", {})
-        cost = d.get("cost", {})
-        ratio = cost.get("throughput_ratio")
+    records = [DefenseRecord.from_dict(d, "a detector record of the comparison") for d in metrics["detectors"]]
+    noisy = any(d.has("auroc_noisy") for d in records)
+    rows = ["| detector | AUROC | AUROC (paper's population) | "
+            + ("AUROC with noisy negatives (all / paper's population) | " if noisy else "")
+            + "TPR at 0.1% / 1% / 5% FPR | CA after | ASR after | realized FPR | passes per input (fwd / bwd) | "
+            "throughput vs model |",
+            "|---|---|---|" + ("---|" if noisy else "") + "---|---|---|---|---|---|"]
+    for d in records:
+        ratio = d.throughput_ratio
         rows.append(
-            f"| {d['name']}{' (out of scope)' if d.get('out_of_scope') else ''} | {_pct(d.get('auroc'), 2)} | {_pct(d.get('auroc_filtered'), 2)} | "
-            f"{_pct(t.get('0.1%'))} / {_pct(t.get('1%'))} / {_pct(t.get('5%'))} | {_pct(d.get('clean_accuracy'))} | "
-            f"{_pct(d.get('attack_success_rate'))} | {_pct(realized_fpr(d), 2)} | "
-            f"{cost.get('forward_passes_per_input')} / {cost.get('backward_passes_per_input')} | "
+            f"| {d.name}{' (out of scope)' if d.out_of_scope else ''} | {_pct(d.auroc, 2)} | {_pct(d.auroc_filtered, 2)} | "
+            + (f"{_pct(d.auroc_noisy, 2)} / {_pct(d.auroc_noisy_filtered, 2)} | " if noisy else "")
+            + f"{_pct(d.tpr_at('0.1%'))} / {_pct(d.tpr_at('1%'))} / {_pct(d.tpr_at('5%'))} | {_pct(d.clean_accuracy)} | "
+            f"{_pct(d.attack_success_rate)} | {_pct(d.realized_fpr, 2)} | {d.forward_passes} / {d.backward_passes} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )
-    notes = [f"Out of scope: {d['out_of_scope']}." for d in metrics["detectors"] if d.get("out_of_scope")]
+    notes = [f"Out of scope: {d.out_of_scope}." for d in records if d.out_of_scope]
+    if noisy:
+        notes.append(f"Noisy negatives (the paper's AUROC protocol): the clean test inputs plus a copy of each with "
+                     f"Gaussian noise (sigma {m['noisy_clean']['sigma']:g}) added, against the same "
+                     "triggered inputs; a detector that merely flags unusual inputs loses AUROC there.")
     return head + "\n\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -53,12 +61,12 @@ def plot_comparison(comparison: Comparison):
 
     fig = _new_figure(11.5, 4.8)
     ax_lin, ax_log = fig.subplots(1, 2)
-    by_name = {d["name"]: d for d in comparison.metrics["detectors"]}
+    by_name = {d["name"]: DefenseRecord.from_dict(d) for d in comparison.metrics["detectors"]}
     for name, a in comparison.arrays.items():
         c, t = np.asarray(a["clean_scores"], float), np.asarray(a["trig_scores"], float)
         scores = np.nan_to_num(np.concatenate([c, t]), nan=np.inf)  # an unscorable input is always flagged
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(c)), np.ones(len(t))], scores)
-        label = f"{name} (AUROC {_pct(by_name[name].get('auroc'), 2)})"
+        label = f"{name} (AUROC {_pct(by_name[name].auroc, 2)})"
         for ax in (ax_lin, ax_log):
             ax.plot(np.maximum(fpr, 1e-4) if ax is ax_log else fpr, tpr, label=label)
     for ax, log in ((ax_lin, False), (ax_log, True)):
