@@ -82,3 +82,20 @@ def test_defense_records_round_trip_and_name_what_is_missing(parts):
         DefenseRecord.from_dict({k: v for k, v in d.items() if k != "realized_fpr"})
     with pytest.raises(BadExpertError, match="must be a JSON object"):
         DefenseRecord.from_dict([d])
+
+
+def test_the_attack_describes_its_target_once_and_the_report_prints_it(parts):
+    """The record carries the attack's own description of its target (all-to-all, source classes);
+    the report prints that string and never rebuilds the attack to ask it."""
+    from badexpert.attacks import get_attack
+    from badexpert.reporting.report import _what_was_run
+
+    model, _, det, test = parts
+    a2a = get_attack("all_to_all", poison_rate=0.1)
+    r = evaluate(model, None, test, a2a, asr_bar=0.0)
+    assert "(y + 1) mod C" in r.metrics["target"]
+    src = get_attack("badnet", poison_rate=0.1, source_classes=(1,))
+    m = evaluate(model, None, test, src, asr_bar=0.0).metrics
+    assert m["target"] == src.describe_target(test.classes) and "source class(es) 1 (c1)" in m["target"]
+    lines = "\n".join(_what_was_run({**m, "attack": {"name": "not-a-registered-attack"}}, test.classes))
+    assert m["target"] in lines

@@ -97,6 +97,11 @@ class TriggeredImages:
     def params(self) -> dict:
         return {"target": self.target, "images": len(self.images), "source": self.images.meta.get("source")}
 
+    def describe_target(self, class_names: list[str] | None = None) -> str:
+        """The class the trigger leads to, named (as :meth:`Attack.describe_target`)."""
+        named = class_names is not None and 0 <= self.target < len(class_names)
+        return f"{self.target} ({class_names[self.target]})" if named else str(self.target)
+
     def to_dict(self) -> dict:
         return {"name": self.name, **self.params()}
 
@@ -239,6 +244,7 @@ def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr
     trig_pred = predict_logits(model, trig.images, batch_size=batch_size).argmax(1)
     asr = float((trig_pred == targets).float().mean())
     metrics["attack_success_rate"] = asr
+    metrics["target"] = attack.describe_target(test.classes)  # what the report prints: the attack says it
     metrics["sizes"]["test_triggered"] = len(trig)
     metrics["asr_bar"] = asr_bar
     arrays["trig_examples"] = trig.images[:examples].float() / 255

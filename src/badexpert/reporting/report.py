@@ -442,13 +442,8 @@ def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> li
         target = cfg.get("target")
     if isinstance(target, (int, np.integer)) and class_names is not None and 0 <= target < len(class_names):
         target = f"{target} ({class_names[target]})"
-    if isinstance(metrics.get("attack"), dict):  # the attack describes its own target (all-to-all, source classes)
-        try:
-            from ..attacks import attack_from_dict
-
-            target = attack_from_dict(metrics["attack"], check_files=False).describe_target(class_names)
-        except BadExpertError:
-            pass
+    if isinstance(metrics.get("target"), str):  # the attack described its own target (all-to-all, source classes)
+        target = metrics["target"]
     items = [
         ("Dataset", pick("dataset", "name", "dataset")),
         ("Model", pick("model", "arch", "model", "arch")),
