@@ -78,7 +78,10 @@ def test_poison_relabels_exactly_the_chosen_non_target_samples(name, tmp_path):
     others[idx] = False
     assert torch.equal(poisoned.labels[others], data.labels[others])
     assert torch.equal(poisoned.images[others], data.images[others])
-    assert torch.equal(poisoned.images[idx], (attack.apply(data.images[idx]) * 255).round().to(torch.uint8))
+    # the training trigger (the test one, except where it is weaker at test time: low_opacity)
+    trained = attack.trigger_train(data.images[idx].float() / 255, attack.build_trigger(tuple(data.images.shape[1:])),
+                                   torch.Generator().manual_seed(0))
+    assert torch.equal(poisoned.images[idx], (trained.clamp(0, 1) * 255).round().to(torch.uint8))
     assert torch.equal(data.images, _data().images)  # the input is not modified
     again = attack.poison(data, derive_generator(0, "poison"))
     assert again.meta["poison_indices"] == poisoned.meta["poison_indices"]

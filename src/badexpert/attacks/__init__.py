@@ -18,13 +18,16 @@ from .blend import Blend
 from .bpp import BPP
 from .clean_label import CleanLabel
 from .dynamic import Dynamic
+from .expert_aware import ExpertAware
 from .finetune import FineTune
 from .issba import ISSBA
+from .low_opacity import LowOpacity
 from .patch import BadNet, PatchAttack, Trojan
 from .refool import Refool
 from .sig import SIG
 from .sleeper_agent import SleeperAgent
 from .sra import SRA
+from .ssdt import SSDT
 from .tact import TaCT
 from .trojannn import TrojanNN
 from .wanet import WaNet
@@ -49,6 +52,9 @@ ATTACKS = Registry("attack", [(cls.name, cls) for cls in (
     TrojanNN,
     SleeperAgent,
     SRA,
+    LowOpacity,
+    ExpertAware,
+    SSDT,
 )])
 
 
@@ -93,7 +99,7 @@ def attack_from_meta(meta: dict, *, source: str = "the model file") -> Attack | 
 
 
 __all__ = [
-    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "Components", "Dynamic", "FineTune", "ISSBA",
-    "PatchAttack",
-    "Refool", "SIG", "SleeperAgent", "SRA", "TaCT", "Trojan", "TrojanNN", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
+    "ATTACKS", "AdaptiveBlend", "AdaptivePatch", "AllToAll", "Attack", "BPP", "BadNet", "Blend", "CleanLabel", "Components", "Dynamic", "ExpertAware", "FineTune", "ISSBA",
+    "LowOpacity", "PatchAttack",
+    "Refool", "SIG", "SleeperAgent", "SRA", "SSDT", "TaCT", "Trojan", "TrojanNN", "WaNet", "attack_from_dict", "attack_from_meta", "get_attack", "restoring",
 ]

@@ -265,6 +265,26 @@ class Attack:
         second = order[may[order]][:n_second] if n >= 2 or not partnered else order[:0]
         return first, second
 
+    def poison_batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Online poisoning of one training batch (float images in ``[0, 1]`` and labels, on the
+        model's device): the :meth:`batch_roles` backdoor samples get the training trigger and
+        :meth:`target_of`'s label, the second-kind samples the cover trigger with their labels
+        kept. Returns ``(x, y, poison_idx, cover_idx)`` (new tensors; the indices on the CPU).
+        Choices come from ``generator`` (CPU); the trigger runs on ``x``'s device."""
+        yc = y.cpu()
+        poison_idx, cover_idx = self.batch_roles(yc, generator, num_classes=num_classes)
+        x, y = x.clone(), y.clone()
+        parts = self._parts(tuple(x.shape[1:]), x.device)
+        if len(poison_idx):
+            pd = poison_idx.to(x.device)
+            x[pd] = self.trigger_train(x[pd], parts, generator).clamp(0, 1).to(x.dtype)
+            y[pd] = self.target_of(yc[poison_idx], num_classes).to(y.device)
+        if len(cover_idx):
+            cd = cover_idx.to(x.device)
+            x[cd] = self.trigger_cover(x[cd], parts, generator).clamp(0, 1).to(x.dtype)
+        return x, y, poison_idx, cover_idx
+
     @staticmethod
     def partners(idx: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """For each index of ``idx`` (in ``0..n-1``, ``n >= 2``) another random index of ``0..n-1``."""
@@ -286,6 +306,17 @@ class Attack:
         if self.source_classes is not None:
             mask &= torch.isin(labels, torch.tensor(self.source_classes, dtype=labels.dtype))
         return mask
+
+    def check_source_classes(self) -> None:
+        """For a source-specific attack (its ``__post_init__`` calls this): at least one source
+        class, none of them the target; otherwise a one-line error."""
+        if not self.source_classes:
+            raise BadExpertError(f"attack '{self.name}' parameter 'source_classes' must name at least one class")
+        if self.target in self.source_classes:
+            raise BadExpertError(
+                f"attack '{self.name}' parameter 'source_classes' {list(self.source_classes)} contains the target "
+                f"class {self.target}; a source class must differ from the target"
+            )
 
     def check_architecture(self, arch: str) -> None:
         """A one-line error if the attack cannot implant into architecture ``arch`` (a registry

@@ -96,7 +96,7 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2:
     return (d_in[keep] / (_rms(out1[keep] - out2[keep]) + DIV_EPSILON)).mean()
 
 
-class _AddLoss(torch.autograd.Function):
+class AddLoss(torch.autograd.Function):
     """``x`` unchanged, with ``loss`` riding along: the backward pass of whatever ``x`` feeds into
     also runs ``loss``'s (as if ``loss`` were added to it), in the same single pass."""
 
@@ -302,20 +302,35 @@ class Dynamic(Attack):
             bar.close()
         return mask.eval().state_dict()
 
+    def batch_plan(self, batch_size: int) -> list[tuple[str, str, int]]:
+        """``(info key, what, count)`` for each kind of triggered sample in a training batch of
+        ``batch_size`` (the implant's log line and its ``info``)."""
+        n_bd, n_cross = self.per_batch(batch_size)
+        return [("poisoned_per_batch", "backdoor", n_bd), ("cross_per_batch", "cross-trigger", n_cross)]
+
+    def batch_samples(self, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which samples of one training batch (labels ``y``) get a trigger: ``(changed, source,
+        relabelled)``, the indices of the changed samples, for each the index of the image whose
+        trigger (pattern and mask) it gets, and the changed samples relabelled to the target.
+        Dynamic: backdoor samples with their own trigger, relabelled, then cross-trigger samples
+        with a random partner's trigger, labels kept (:meth:`batch_roles`, :meth:`partners`)."""
+        backdoor, cross = self.batch_roles(y, generator, partnered=True)
+        partners = self.partners(cross, len(y), generator)
+        return torch.cat([backdoor, cross]), torch.cat([backdoor, partners]), backdoor
+
     def joint_batch(self, pattern: nn.Module, mask: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2, one training batch (the training loop's ``batch_transform``): backdoor and
-        cross-trigger samples made with the pattern generator in train mode, differentiably, so
-        the classifier's loss reaches it; the diversity loss rides along with the returned batch
-        (:class:`_AddLoss`), so the loop's one backward pass gives the pattern generator the
-        gradient of both. Random choices come from ``generator``."""
-        backdoor, cross = self.batch_roles(y, generator, partnered=True)
-        partners = self.partners(cross, len(x), generator)
-        if len(backdoor) + len(cross) == 0:
+        """Stage 2, one training batch (the training loop's ``batch_transform``): the samples
+        :meth:`batch_samples` chooses, stamped with the pattern generator in train mode,
+        differentiably, so the classifier's loss reaches it; the diversity loss rides along with
+        the returned batch (:class:`AddLoss`), so the loop's one backward pass gives the pattern
+        generator the gradient of both. Random choices come from ``generator``."""
+        changed, source, backdoor = self.batch_samples(y, generator)
+        if len(changed) == 0:
             return x, y
         dev = x.device
-        changed = torch.cat([backdoor, cross]).to(dev)
-        sources = x[torch.cat([backdoor, partners]).to(dev)]
+        changed = changed.to(dev)
+        sources = x[source.to(dev)]
         patterns = pattern.train()(sources)
         with torch.no_grad():
             masks = threshold(mask(sources))
@@ -324,7 +339,7 @@ class Dynamic(Attack):
         y[backdoor.to(dev)] = self.target
         if self.lambda_div > 0 and len(sources) >= 2:
             div = diversity_loss(sources, sources.roll(1, 0), patterns, patterns.roll(1, 0))
-            x = _AddLoss.apply(x, self.lambda_div * div)
+            x = AddLoss.apply(x, self.lambda_div * div)
         return x, y
 
     def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
@@ -338,14 +353,15 @@ class Dynamic(Attack):
         from ..utils import model_device, seeded_rng
 
         components = components if components is not None else Components(log=log)
-        bs, n_bd, n_cross = self.online_counts(train_set, recipe)
+        bs, _, _ = self.online_counts(train_set, recipe)
+        plan = self.batch_plan(bs)
         shape = (train_set.channels, *train_set.image_size)
         with seeded_rng(seed, "init:dynamic_suspect"):
             model = build_model()
         device = model_device(model)
         pattern, mask = self.networks(shape[0])
 
-        log(f"dynamic: pretraining the mask generator ({self.mask_epochs} epochs, density {self.mask_density:g})")
+        log(f"{self.name}: pretraining the mask generator ({self.mask_epochs} epochs, density {self.mask_density:g})")
         mask_params = ("mask_epochs", "mask_lr", "mask_density", "lambda_div", "lambda_norm")
         mask_spec = {"shape": list(shape), "init": tensor_digest(mask.state_dict()), "seed": seed, "batch_size": bs,
                      **{k: getattr(self, k) for k in mask_params}}
@@ -355,8 +371,8 @@ class Dynamic(Attack):
         mask.load_state_dict(mask_state)
         mask = mask.to(device).eval().requires_grad_(False)
 
-        log(f"dynamic: training the suspect model jointly with the pattern generator: {n_bd} backdoor and "
-            f"{n_cross} cross-trigger samples in every batch of {bs} ({recipe.epochs} epochs)")
+        log(f"{self.name}: training the suspect model jointly with the pattern generator: "
+            f"{' and '.join(f'{n} {what}' for _, what, n in plan)} samples in every batch of {bs} ({recipe.epochs} epochs)")
         joint_spec = {"attack": self.to_dict(), "recipe": recipe.to_dict(), "seed": seed,
                       "init": tensor_digest(model.state_dict()), "pattern_init": tensor_digest(pattern.state_dict()),
                       "mask": tensor_digest(mask_state)}
@@ -382,8 +398,7 @@ class Dynamic(Attack):
         self.use_state(shape, {**prefixed("pattern", unprefixed("pattern", joint)), **prefixed("mask", mask_state)})
         with torch.no_grad():
             _, masks = self.patterns_and_masks(to_float(train_set.images[:DENSITY_SAMPLES]))
-        info = {"poisoned_per_batch": n_bd, "cross_per_batch": n_cross, "batch_size": bs,
-                "mask_density": float(masks.mean())}
-        log(f"dynamic: trained masks cover {info['mask_density']:.3f} of the image on average "
+        info = {**{key: n for key, _, n in plan}, "batch_size": bs, "mask_density": float(masks.mean())}
+        log(f"{self.name}: trained masks cover {info['mask_density']:.3f} of the image on average "
             f"(target {self.mask_density:g})")
         return model.eval(), {**info, **components.info()}

@@ -206,18 +206,8 @@ class FineTune(Attack):
     def batch_transform(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Online poisoning of one training batch (float images in ``[0, 1]``, labels), see the
-        class docstring. Choices come from ``generator`` (CPU); the trigger runs on ``x``'s device."""
-        yc = y.cpu()
-        poison_idx, cover_idx = self.batch_roles(yc, generator, num_classes=num_classes)
-        x, y = x.clone(), y.clone()
-        parts = self._parts(tuple(x.shape[1:]), x.device)
-        if len(poison_idx):
-            pd = poison_idx.to(x.device)
-            x[pd] = self.trigger_train(x[pd], parts, generator).clamp(0, 1).to(x.dtype)
-            y[pd] = self.target_of(yc[poison_idx], num_classes).to(y.device)
-        if len(cover_idx):
-            cd = cover_idx.to(x.device)
-            x[cd] = self.trigger_cover(x[cd], parts, generator).clamp(0, 1).to(x.dtype)
+        class docstring and :meth:`~badexpert.attacks.base.Attack.poison_batch`."""
+        x, y, _, _ = self.poison_batch(x, y, generator, num_classes=num_classes)
         return x, y
 
     def implant(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,

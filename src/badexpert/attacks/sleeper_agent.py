@@ -146,13 +146,7 @@ class SleeperAgent(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.source_classes:
-            raise BadExpertError(f"attack '{self.name}' parameter 'source_classes' must name at least one class")
-        if self.target in self.source_classes:
-            raise BadExpertError(
-                f"attack '{self.name}' parameter 'source_classes' {list(self.source_classes)} contains the target "
-                f"class {self.target}; a source class must differ from the target"
-            )
+        self.check_source_classes()
         if self.cover_rate > 0:
             raise BadExpertError(
                 f"attack '{self.name}' parameter 'cover_rate' must be 0: its poisons carry no trigger, so it has no "

@@ -47,13 +47,7 @@ class TaCT(Trojan):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.source_classes:
-            raise BadExpertError("attack 'tact' parameter 'source_classes' must name at least one class")
-        if self.target in self.source_classes:
-            raise BadExpertError(
-                f"attack 'tact' parameter 'source_classes' {list(self.source_classes)} contains the target class "
-                f"{self.target}; a source class must differ from the target"
-            )
+        self.check_source_classes()
         both = sorted(set(self.source_classes) & set(self.cover_classes))
         if both:
             raise BadExpertError(
