@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import torch
 from badexpert.cli import main
 from badexpert.errors import BadExpertError
 
+from .conftest import service_client
 from .test_clean_data import blobs_model  # noqa: F401 - the module-scoped fixture
 
 FACTORY = "tests.factory_models:blobs_cnn"
@@ -92,18 +91,11 @@ def _pipeline(tmp_path, capsys, source_args: list[str], clean, *, allow: list[st
     # serve: the same answers over HTTP, both protocols; the planted trigger is turned away
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fastapi.testclient import TestClient
-    from badexpert.serve import Settings, create_app, load_service_model
+    from badexpert.serve import load_service_model
 
     expected = eager(x)
-    app = create_app(load_service_model(str(bundle), allow_factories=list(allow)), settings=Settings(name="guard"))
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.01)
+    with service_client(load_service_model(str(bundle), allow_factories=list(allow)), "/v2/health/ready",
+                        name="guard") as c:
         r = c.post("/v1/classify", json={"inputs": x.tolist(), "dtype": "uint8"})
         assert r.status_code == 200, r.text
         results = r.json()["results"]

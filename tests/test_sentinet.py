@@ -291,8 +291,13 @@ def test_image_wide_triggers_are_out_of_scope():
     assert out_of_scope(SentiNet(), get_attack("sig")) is not None  # instances as well as classes
     assert out_of_scope(SentiNet(), get_attack("ft", base="blend")) is not None  # FT's trigger is its base's
     assert out_of_scope(SentiNet(), None) is None and out_of_scope(STRIP(), get_attack("sig")) is None
-    row = {"name": "sentinet", "auroc": 0.2, "out_of_scope": out_of_scope(SentiNet(), get_attack("sig"))}
-    table = format_comparison({"model": {"clean_accuracy": 0.9}, "fpr_target": 0.01, "detectors": [row]})
+    from badexpert.evaluation.records import DefenseRecord
+
+    row = {**dict.fromkeys(DefenseRecord.required()), "name": "sentinet", "params": {}, "auroc": 0.2,
+           "fpr_target": 0.01, "cost": {"forward_passes_per_input": 201, "backward_passes_per_input": 1},
+           "out_of_scope": out_of_scope(SentiNet(), get_attack("sig"))}
+    table = format_comparison({"model": {"clean_accuracy": 0.9, "attack_success_rate": 0.95, "attack_failed": False},
+                               "fpr_target": 0.01, "detectors": [row]})
     assert "| sentinet (out of scope) | 20.00% |" in table and "Out of scope: sentinet targets local" in table
 
 
