@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from badexpert.data import load_dataset, split
-    from badexpert.deploy.export import OnnxGuard, build_onnx, export_model_onnx
+    from badexpert.deploy.export import build_onnx, export_model_onnx
+    from badexpert.runtime.onnx import OnnxGuard
     from badexpert.deploy.guard import load_bundle, read_bundle
 
     torch.set_num_threads(args.threads)

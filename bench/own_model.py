@@ -227,7 +227,7 @@ def main() -> int:
     # 4. the served guards on the held-out images and their triggered copies
     from badexpert.attacks import get_attack
     from badexpert.data.clean import read_clean_set, resplit
-    from badexpert.deploy.export import OnnxGuard
+    from badexpert.runtime.onnx import OnnxGuard
     from badexpert.deploy.guard import load_bundle
     from badexpert.detectors import load_detector
     from badexpert.io import load_model

@@ -117,7 +117,8 @@ def throughput(model, det, images, *, batch_size: int, repeats: int, threads: in
     import torch
 
     from badexpert import Guard
-    from badexpert.deploy.export import OnnxGuard, build_onnx, export_model_onnx
+    from badexpert.deploy.export import build_onnx, export_model_onnx
+    from badexpert.runtime.onnx import OnnxGuard
 
     guard = Guard(model, det)
     torch_batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]

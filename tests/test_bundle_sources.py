@@ -117,7 +117,7 @@ def _pipeline(tmp_path, capsys, source_args: list[str], clean, *, allow: list[st
     out, err = capsys.readouterr()
     if exportable:
         assert rc == 0, err
-        from badexpert.deploy.export import OnnxGuard
+        from badexpert.runtime.onnx import OnnxGuard
 
         ours = OnnxGuard(onnx_path, intra_op_threads=1)(x.numpy())
         assert ours["label"].tolist() == expected.label.tolist()

@@ -161,7 +161,7 @@ def test_defend_compare_grid_bundle_serve_export(toy, made, tmp_path, capsys):
     np.testing.assert_allclose([v["score"] for v in results], eager.score.numpy(), rtol=1e-5)
 
     pytest.importorskip("onnxruntime")
-    from badexpert.deploy.export import OnnxGuard
+    from badexpert.runtime.onnx import OnnxGuard
 
     onnx = tmp_path / "toy.onnx"
     assert main(["export", str(bundle), "--onnx", str(onnx)]) == 0  # verified against the eager guard first

@@ -20,7 +20,8 @@ pytest.importorskip("onnxruntime")
 from badexpert import BaDExpert, load_bundle, save_bundle  # noqa: E402
 from badexpert.cli import main  # noqa: E402
 from badexpert.errors import BadExpertError  # noqa: E402
-from badexpert.deploy.export import ONNX_FORMAT, OnnxGuard, build_onnx, export_bundle, verify_onnx  # noqa: E402
+from badexpert.deploy.export import build_onnx, export_bundle, verify_onnx  # noqa: E402
+from badexpert.runtime.onnx import ONNX_FORMAT, OnnxGuard  # noqa: E402
 
 META = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
         "classes": ["c0", "c1", "c2", "c3"]}
@@ -143,7 +144,7 @@ def test_conversion_rule(exported):
     edge[:, 0, 0, 0] = 1.0005  # within the package's tolerance: clipped, as the eager guard does
     _compare(g(edge), out["logodds"]["guard"](torch.from_numpy(edge)), n_cal=len(g.calibration_scores))
     from badexpert.data.core import IMAGE_TOLERANCE
-    from badexpert.deploy.export import IMAGE_TOLERANCE as MINE
+    from badexpert.runtime.arrays import IMAGE_TOLERANCE as MINE
     assert MINE == IMAGE_TOLERANCE
     assert {k: v.shape for k, v in g(x[:0]).items()} == {k: (0,) for k in ("label", "confidence", "score", "p_value",
                                                                           "reject")}
@@ -284,7 +285,7 @@ def test_onnx_guard_runs_without_torch(exported):
                     f"__init__: {probe.stderr.strip().splitlines()[-1]}")
     res = _python(f"""
         import json, numpy as np
-        from badexpert.deploy.export import OnnxGuard
+        from badexpert.runtime.onnx import OnnxGuard
         g = OnnxGuard({str(e['onnx'])!r})
         r = g(np.load({str(root / 'x.npy')!r}))
         assert 'torch' not in sys.modules, 'torch was imported'
@@ -308,7 +309,7 @@ def test_missing_onnx_is_one_line_naming_the_extra(exported, tmp_path):
     assert len(lines) == 1 and "pip install 'badexpert[export]'" in lines[0], res.stderr
     assert not (tmp_path / "x.onnx").exists()
     res = _python("""
-        from badexpert.deploy.export import OnnxGuard
+        from badexpert.runtime.onnx import OnnxGuard
         try:
             OnnxGuard("x.onnx")
         except Exception as exc:

@@ -362,7 +362,7 @@ def test_twenty_million_calibration_scores_are_refused_unread(files, tmp_path, c
 @NEEDS_ONNX
 def test_api_refusals_are_one_line(files, tmp_path):
     from badexpert import Guard, load_bundle
-    from badexpert.deploy.export import OnnxGuard
+    from badexpert.runtime.onnx import OnnxGuard
 
     model, _ = load_model(files["model"])
     det = load_detector(files["detector"], model)

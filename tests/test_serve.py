@@ -526,7 +526,8 @@ def test_structured_logs(setup):
 def test_an_onnx_guard_is_served_like_the_torch_guard(setup, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from badexpert.deploy.export import OnnxGuard, export_bundle
+    from badexpert.deploy.export import export_bundle
+    from badexpert.runtime.onnx import OnnxGuard
 
     export_bundle(setup["path"], tmp_path / "guard.onnx")
     x = torch.cat([setup["clean"][:20], setup["trig"][:12]])

@@ -156,7 +156,8 @@ def test_the_guard_computes_the_trunk_once(fitted):
 def test_the_onnx_graph_has_the_trunk_once_and_answers_as_the_eager_guard(fitted, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    from badexpert.deploy.export import OnnxGuard, export_bundle
+    from badexpert.deploy.export import export_bundle
+    from badexpert.runtime.onnx import OnnxGuard
 
     model, det, _, test, trig, meta, _ = fitted
     bundle = save_bundle(tmp_path / "guard.safetensors", model, det, meta)

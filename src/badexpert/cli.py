@@ -825,7 +825,7 @@ def cmd_info(args) -> int:
 
     p = Path(args.file)
     if p.suffix == ".onnx":  # an exported guard: checked whole, as `serve --onnx` checks it
-        from .deploy.export import OnnxGuard
+        from .runtime.onnx import OnnxGuard
 
         print(json.dumps(OnnxGuard(p, intra_op_threads=1).meta, indent=2))
         return 0

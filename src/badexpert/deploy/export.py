@@ -27,7 +27,7 @@ edge-of-range ones) and compared with the eager guard: labels, reject flags and 
 agree and scores lie within ``1e-3 + 1e-4 |score|``; otherwise nothing is written. The file is
 written atomically.
 
-:class:`OnnxGuard` (in :mod:`badexpert.runtime.onnx`, re-exported here) loads such a file with
+:class:`~badexpert.runtime.onnx.OnnxGuard` (in :mod:`badexpert.runtime.onnx`) loads such a file with
 onnxruntime alone: this module imports neither torch nor any badexpert module that does at import
 time (the torch-free :mod:`badexpert.runtime` only), and the PyTorch-side code below imports it
 inside the functions that need it.
@@ -42,11 +42,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadExpertError
-# the torch-free runtime (badexpert.runtime): the file's names, OnnxGuard and its checks, re-exported here
+# the torch-free runtime (badexpert.runtime) defines the file: its names, and OnnxGuard that runs it
 from ..runtime.arrays import IMAGE_TOLERANCE
-from ..runtime.onnx import (EXTRA_HINT, INPUT_NAME, META_KEY, ONNX_FIX, ONNX_FORMAT, ONNX_META_TYPES,  # noqa: F401
-                           OUTPUT_NAMES, OnnxGuard, _check_meta, _first_line, _meta_error, _require)
-from ..runtime.pvalues import conformal_p_values  # noqa: F401
+from ..runtime.onnx import INPUT_NAME, META_KEY, ONNX_FORMAT, OUTPUT_NAMES, OnnxGuard, _first_line, _require
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input: what the graph is written for
@@ -470,5 +468,4 @@ def export_bundle(bundle: str | Path, onnx_path: str | Path, *, opset: int = DEF
             "threshold": float(guard.detector.threshold_), "verification": report}
 
 
-__all__ = ["DEFAULT_OPSET", "ONNX_FORMAT", "OnnxGuard", "build_onnx", "check_onnx_output", "conformal_p_values",
-           "export_bundle", "export_model_onnx", "verification_inputs", "verify_onnx"]
+__all__ = ["DEFAULT_OPSET", "build_onnx", "check_onnx_output", "export_bundle", "export_model_onnx", "verification_inputs", "verify_onnx"]
