@@ -4,7 +4,6 @@ an uninterrupted run; the grid stops between cells and resumes on the next call.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -67,5 +66,17 @@ def test_without_a_budget_nothing_changes(tmp_path):
     train(a, data, RECIPE, seed=0)
     with time_budget(3600, checkpoint_dir=tmp_path):
         train(b, data, RECIPE, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_training_with_a_stopping_rule_is_not_cut_by_the_budget(tmp_path):
+    """A finetuning that stops by its own rule (the detectors' ``callback``) keeps state outside the
+    loop, so the budget leaves it alone: it runs to its end and keeps no checkpoint."""
+    data = make_blobs(128, seed=1)
+    a, b = _model(), _model()
+    train(a, data, RECIPE, seed=0, callback=lambda step, m: False)
+    with time_budget(0, checkpoint_dir=tmp_path):
+        train(b, data, RECIPE, seed=0, callback=lambda step, m: False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not list(tmp_path.iterdir())

@@ -143,7 +143,8 @@ _BUDGET: ContextVar[TimeBudget | None] = ContextVar("badexpert_time_budget", def
 @contextlib.contextmanager
 def time_budget(seconds: float | None, *, reserve: float = 0.0,
                 checkpoint_dir: str | Path | None = None) -> Iterator[TimeBudget | None]:
-    """Within this block, :func:`train` stops at the end of an epoch when the next epoch would not
+    """Within this block, :func:`train` (without a ``callback``: a training that runs its whole
+    schedule, as a suspect model's) stops at the end of an epoch when the next epoch would not
     end ``reserve`` seconds before the deadline (``seconds`` from now): it saves its state (model,
     optimiser, step, random generator) under ``checkpoint_dir`` and raises
     :class:`~badexpert.errors.TimeBudgetReached`. The same training started again with the same
@@ -263,7 +264,9 @@ def train(
     bar = progress(total=total, desc=desc)
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_check = -1
-    budget = _BUDGET.get()
+    # a budget applies to trainings that run their whole schedule (a suspect model); one with a
+    # stopping rule (``callback``: the detectors' finetuning) keeps state outside the loop and is short
+    budget = _BUDGET.get() if callback is None else None
     saved = None if budget is None or budget.checkpoint_dir is None else _Checkpoint(
         budget.checkpoint_dir, model, images, y, recipe, seed, desc)
     step, first_epoch = 0, 0
