@@ -261,6 +261,23 @@ def test_plan_gives_json_specs_keyed_by_everything_a_row_depends_on(first):
     assert shared == {r["cell"] for r in rows if r["seed"] == 1}
 
 
+def test_an_attack_entry_overrides_the_recipe_for_its_cells_only(first):
+    root, grid, rows, _, _ = first
+    other = json.loads(json.dumps(grid))
+    other["architectures"][0]["recipe"] = {"epochs": 5}
+    other["attacks"].append({"name": "badnet", "label": "badnet-short", "params": {"poison_rate": 0.1},
+                             "recipe": {"epochs": 2, "lr": 0.01}})
+    specs = plan(other)
+    recipes = {s["attack"]: s["config"]["recipe"] for s in specs}
+    assert recipes["badnet-short"]["epochs"] == 2 and recipes["badnet-short"]["lr"] == 0.01
+    assert recipes["badnet"]["epochs"] == 5 and recipes["badnet"]["lr"] == grid["recipe"]["lr"]
+    short = {s["cell"] for s in specs if s["attack"] == "badnet-short"}
+    assert not short & {s["cell"] for s in specs if s["attack"] == "badnet"}  # a different suspect model
+    other["attacks"][-1]["recipe"] = {"lr": -1}
+    with pytest.raises(BadExpertError, match="lr"):
+        plan(other)
+
+
 def test_cli_grid_success_from_caches_and_exit_codes(first, tmp_path, monkeypatch, capsys):
     root, grid, rows, _, _ = first
     config = tmp_path / "grid.json"

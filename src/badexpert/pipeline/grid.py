@@ -66,7 +66,7 @@ AXES = ("datasets", "architectures", "attacks", "detectors", "seeds")
 DATASET_FIELDS = ("name", "label", "data_path", "image_size", "reserved", "calibration", "train_size", "test_size",
                   "recipe")
 ARCH_FIELDS = ("arch", "label", "width", "recipe")
-ATTACK_FIELDS = ("name", "label", "params")
+ATTACK_FIELDS = ("name", "label", "params", "recipe")
 DETECTOR_FIELDS = ("name", "params")
 #: Detector parameters the grid sets itself (the cell's seed, the grid's device).
 GRID_SET_PARAMS = ("seed", "device")
@@ -258,7 +258,7 @@ def cell_config(grid: dict, ds: dict, arch: dict, attack: dict, seed: int, detec
     values: dict = {k: grid[k] for k in SHARED_FIELDS if k in grid and k != "recipe"}
     values.update({k: ds[k] for k in ("data_path", "image_size", "reserved", "calibration", "train_size", "test_size")
                    if k in ds})
-    recipe = {**grid.get("recipe", {}), **ds.get("recipe", {}), **arch.get("recipe", {})}
+    recipe = {**grid.get("recipe", {}), **ds.get("recipe", {}), **arch.get("recipe", {}), **attack.get("recipe", {})}
     values.update(dataset=ds["name"], arch=arch["arch"], width=arch.get("width"), attack=attack["name"],
                   attack_params=dict(attack["params"]), recipe=recipe, seed=seed)
     if detector is not None:
