@@ -181,17 +181,34 @@ def test_summary_matches_numpy_on_the_rows(first):
             assert (float(s[f"{col}_ci_low"]), float(s[f"{col}_ci_high"])) == pytest.approx((lo, hi), abs=1e-12)
 
 
+def grid_row(**values) -> dict:
+    """A complete grid row (the JSON form of a GridRow) with ``values`` over neutral defaults."""
+    from badexpert.evaluation.records import GridRow
+
+    row = dict.fromkeys(GridRow.required())
+    row.update(key="k", cell="c", detector_params={}, attack_failed=False, n_test=100, cell_seconds=1.0,
+               model_cached=False, detector_cached=False, badexpert_version="test")
+    row.update(values)
+    row["attack_failed"] = row["status"] != "ok"
+    return row
+
+
 def test_summarize_uses_implanted_seeds_only():
+    from badexpert.evaluation.records import GridRow
+
     rng = np.random.default_rng(3)
     vals = rng.uniform(0.6, 1.0, 7)
-    rows = [{"dataset": "d", "arch": "a", "attack": "x", "detector": "k", "seed": i, "status": "ok",
-             "auroc_filtered": float(v), "asr_after": float(v) / 10, "ca_after": 0.9, "fpr": 0.01,
-             "clean_accuracy": 0.9, "attack_success_rate": 1.0} for i, v in enumerate(vals)]
-    rows += [{"dataset": "d", "arch": "a", "attack": "x", "detector": "k", "seed": 9, "status": "attack_failed",
-              "auroc_filtered": None, "asr_after": None, "clean_accuracy": 0.9, "attack_success_rate": 0.1}]
+    rows = [grid_row(dataset="d", arch="a", attack="x", detector="k", seed=i, status="ok",
+                     auroc_filtered=float(v), asr_after=float(v) / 10, ca_after=0.9, fpr=0.01,
+                     clean_accuracy=0.9, attack_success_rate=1.0) for i, v in enumerate(vals)]
+    rows += [grid_row(dataset="d", arch="a", attack="x", detector="k", seed=9, status="attack_failed",
+                      auroc_filtered=None, asr_after=None, clean_accuracy=0.9, attack_success_rate=0.1)]
     rows[0]["auroc_filtered"] = None  # an undefined AUROC (no successful triggered input) is left out
     (s,) = summarize(rows, n_boot=500, seed=0)
     assert (s["seeds"], s["implanted"], s["failed"]) == (8, 7, 1)
+    assert summarize([GridRow.from_dict(r) for r in rows], n_boot=500, seed=0) == [s]  # records or their JSON form
+    with pytest.raises(BadExpertError, match=r"grid row 2 lacks 'asr_after'"):
+        summarize([r if i != 2 else {k: v for k, v in r.items() if k != "asr_after"} for i, r in enumerate(rows)])
     v = vals[1:]
     idx = np.random.default_rng(0).integers(0, len(v), size=(500, len(v)))
     assert s["auroc_mean"] == pytest.approx(v.mean()) and s["auroc_std"] == pytest.approx(v.std(ddof=1))
@@ -203,9 +220,9 @@ def test_summarize_uses_implanted_seeds_only():
 
 def test_matrix_leaves_out_of_scope_and_failed_cells_out_of_the_means():
     def row(attack, det, auroc, asr, status="ok", scope=None):
-        return {"dataset": "d", "arch": "a", "attack": attack, "detector": det, "seed": 0, "status": status,
-                "auroc_filtered": auroc, "asr_after": asr, "ca_after": 0.9, "fpr": 0.01, "clean_accuracy": 0.9,
-                "attack_success_rate": 0.99 if status == "ok" else 0.1, "out_of_scope": scope}
+        return grid_row(dataset="d", arch="a", attack=attack, detector=det, seed=0, status=status,
+                        auroc_filtered=auroc, asr_after=asr, ca_after=0.9, fpr=0.01, clean_accuracy=0.9,
+                        attack_success_rate=0.99 if status == "ok" else 0.1, out_of_scope=scope)
     rows = [row("badnet", "k", 0.90, 0.10), row("badnet", "s", 0.80, 0.20),
             row("blend", "k", 0.70, 0.30), row("blend", "s", 0.20, 0.90, scope="image-wide trigger"),
             row("wanet", "k", None, None, status="attack_failed"), row("wanet", "s", None, None, status="attack_failed")]
@@ -344,11 +361,17 @@ def test_python_dash_m_runs_the_command_line():
 
 def test_results_file_damage_is_one_line(tmp_path):
     p = tmp_path / "results.jsonl"
-    p.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    a, b = (json.dumps(grid_row(key=k, dataset="d", arch="a", attack="x", detector="k", seed=0, status="ok"))
+            for k in "ab")
+    p.write_text(f'{a}\nnot json\n{b}\n')
     with pytest.raises(BadExpertError, match="line 2 is not a JSON row"):
         read_results(p)
-    p.write_text('{"key": "a"}\n{"key": "b"}')  # a last line without its newline but whole is kept
+    p.write_text(f'{a}\n{b}')  # a last line without its newline but whole is kept
     assert [r["key"] for r in read_results(p)] == ["a", "b"] and p.read_text().endswith("}\n")
+    p.write_text(f'{a}\n{{"key": "b", "cell": "c"}}\n')  # a partial row (another program's) is refused by line
+    with pytest.raises(BadExpertError, match=r"line 2 lacks 'dataset', .* not written by this version") as e:
+        read_results(p)
+    assert "\n" not in str(e.value)
 
 
 def test_a_cell_failing_at_run_time_names_the_cell_and_keeps_finished_rows(first, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from badexpert.errors import BadExpertError
 from badexpert.pipeline.grid import load_grid, plan
 
 from .conftest import write_blobs
-from .test_grid import make_grid
+from .test_grid import grid_row, make_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,14 @@ NUMBERS = {("badnet", 0, "badexpert"): (0.99, 0.02, 0.30), ("badnet", 1, "badexp
 def _row(spec: dict, det: dict) -> dict:
     failed = spec["attack"] == "blend"  # the blend cells' backdoor did not implant
     auroc, asr_after, ratio = NUMBERS.get((spec["attack"], spec["seed"], det["name"]), (None, None, None))
-    return {"key": det["key"], "cell": spec["cell"], "dataset": spec["dataset"], "arch": spec["arch"],
+    return grid_row(**{"key": det["key"], "cell": spec["cell"], "dataset": spec["dataset"], "arch": spec["arch"],
             "attack": spec["attack"], "seed": spec["seed"], "detector": det["name"], "detector_params": det["params"],
             "status": "attack_failed" if failed else "ok", "attack_failed": failed,
             "clean_accuracy": 0.9, "attack_success_rate": 0.1 if failed else (0.99, 1.0)[spec["seed"]],
             "auroc_filtered": auroc, "asr_after": asr_after, "ca_after": None if failed else 0.88,
             "fpr": None if failed else 0.01, "out_of_scope": None,
             "forward_passes": None if failed else {"badexpert": 3, "scale_up": 6}[det["name"]],
-            "backward_passes": None if failed else 0, "throughput_ratio": ratio}
+            "backward_passes": None if failed else 0, "throughput_ratio": ratio})
 
 
 @pytest.fixture

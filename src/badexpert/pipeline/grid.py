@@ -464,7 +464,7 @@ def budget_runner(seconds: float, cache_dir: str | Path, *, log: Callable[[str],
                 runner.stopped = True
                 return
             took = time.monotonic() - t0
-            trained = 0.0 if not rows or rows[0].get("model_cached") else float(rows[0].get("train_seconds") or 0.0)
+            trained = 0.0 if not rows or rows[0]["model_cached"] else float(rows[0]["train_seconds"] or 0.0)
             longest, detectors = max(longest, took), max(detectors, took - trained)
             yield rows
 
@@ -602,6 +602,7 @@ def read_results(path: str | Path, *, log: Callable[[str], Any] = print) -> list
                                  "again)") from None
         if not isinstance(row, dict) or not isinstance(row.get("key"), str):
             raise BadExpertError(f"'{p}' line {n} is not a grid row (no 'key'); remove that line")
+        GridRow.from_dict(row, f"'{p}' line {n}")  # every field this build reads is there
         rows.append(row)
     if tail.strip():
         try:
@@ -610,6 +611,7 @@ def read_results(path: str | Path, *, log: Callable[[str], Any] = print) -> list
         except json.JSONDecodeError:
             ok = False
         if ok:
+            GridRow.from_dict(row, f"'{p}' line {len(lines)}")
             rows.append(row)
             atomic_write_text(p, text + "\n")
         else:
@@ -661,16 +663,16 @@ def _stats(values: list[float], n_boot: int, seed: int) -> dict:
             "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None}
 
 
-def _values(rows: list[dict], key: str) -> list[float]:
+def _values(rows: list[GridRow], key: str) -> list[float]:
     out = []
     for r in rows:
-        v = r.get(key)
+        v = getattr(r, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
             out.append(float(v))
     return out
 
 
-def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def summarize(rows: Iterable[dict | GridRow], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per (dataset, arch, attack, detector), across seeds: how many seeds ran and implanted,
     and mean, sample standard deviation (ddof=1; ``None`` for one seed) and seeded bootstrap 95%
     interval of the mean of the AUROC on the paper's population (``auroc_filtered``) and of the
@@ -678,13 +680,17 @@ def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[di
 
     ``auroc_noisy_*``: the same statistics of the AUROC with the noisy clean negatives, on the
     paper's population too (``auroc_noisy_filtered``), and ``fpr_noisy_mean`` the mean share of
-    noisy copies rejected; ``None`` for rows run without the protocol."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["arch"], r["attack"], r["detector"]), []).append(r)
+    noisy copies rejected; ``None`` for rows run without the protocol.
+
+    ``rows``: :class:`~badexpert.evaluation.records.GridRow` records or their JSON form (as
+    :func:`read_results` gives them); a row that lacks a field is refused in one line."""
+    groups: dict[tuple, list[GridRow]] = {}
+    for i, r in enumerate(rows):
+        r = r if isinstance(r, GridRow) else GridRow.from_dict(r, f"grid row {i}")
+        groups.setdefault((r.dataset, r.arch, r.attack, r.detector), []).append(r)
     out = []
     for (ds, arch, attack, det), g in groups.items():
-        ok = [r for r in g if r.get("status") == "ok"]
+        ok = [r for r in g if r.status == "ok"]
         s = {"dataset": ds, "arch": arch, "attack": attack, "detector": det, "seeds": len(g), "implanted": len(ok),
              "failed": len(g) - len(ok)}
         for key, name in (("auroc_filtered", "auroc"), ("asr_after", "asr_after"),
@@ -697,7 +703,7 @@ def summarize(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[di
         for key in ("clean_accuracy", "attack_success_rate"):
             v = _values(g, key)
             s[f"{key}_mean"] = float(np.mean(v)) if v else None
-        s["out_of_scope"] = next((r["out_of_scope"] for r in g if r.get("out_of_scope")), None)
+        s["out_of_scope"] = next((r.out_of_scope for r in g if r.out_of_scope), None)
         out.append(s)
     return out
 
