@@ -179,6 +179,12 @@ def test_summary_matches_numpy_on_the_rows(first):
             assert float(s[f"{col}_mean"]) == pytest.approx(v.mean(), abs=1e-12)
             assert float(s[f"{col}_std"]) == pytest.approx(v.std(ddof=1), abs=1e-12)
             assert (float(s[f"{col}_ci_low"]), float(s[f"{col}_ci_high"])) == pytest.approx((lo, hi), abs=1e-12)
+    # the Markdown summary gives the suspect model's own CA / ASR beside the detector's numbers
+    md = (root / "out" / "summary.md").read_text()
+    for s in summary:
+        group = [r for r in rows if (r["attack"], r["detector"]) == (s["attack"], s["detector"])]
+        ca, asr = (np.mean([r[k] for r in group]) for k in ("clean_accuracy", "attack_success_rate"))
+        assert f"| {s['attack']} | {s['detector']} | {s['implanted']}/2 | {ca:.1%} / {asr:.1%} |" in md
 
 
 def grid_row(**values) -> dict:

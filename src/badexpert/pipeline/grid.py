@@ -728,27 +728,30 @@ def format_summary(summary: list[dict]) -> str:
     When any row ran with the noisy-clean protocol, a column gives the AUROC with the noisy clean
     negatives (paper's population too) and the share of noisy copies rejected."""
     noisy = _has_noisy(summary)
-    lines = ["| dataset | arch | attack | detector | seeds implanted | AUROC, paper's population: mean ± std [95% CI] "
+    lines = ["| dataset | arch | attack | detector | seeds implanted | CA / ASR, no defense "
+             "| AUROC, paper's population: mean ± std [95% CI] "
              + ("| AUROC with noisy negatives, paper's population: mean ± std [95% CI] " if noisy else "")
              + "| ASR after (%): mean ± std [95% CI] | CA after | realized FPR |"
              + (" noisy copies rejected |" if noisy else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if noisy else "")]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if noisy else "")]
     for s in summary:
         seeds = f"{s['implanted']}/{s['seeds']}"
+        before = f"{_f(s['clean_accuracy_mean'], '.1%')} / {_f(s['attack_success_rate_mean'], '.1%')}"
         if not s["implanted"]:
-            lines.append(f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | attack failed "
-                         f"(ASR {_f(s['attack_success_rate_mean'], '.1%')}) | " + ("n/a | " if noisy else "")
+            lines.append(f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | {before} | "
+                         "attack failed | " + ("n/a | " if noisy else "")
                          + "n/a | n/a | n/a |" + (" n/a |" if noisy else ""))
             continue
         lines.append(
-            f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | "
+            f"| {s['dataset']} | {s['arch']} | {s['attack']} | {s['detector']} | {seeds} | {before} | "
             f"{_stat_cell(s, 'auroc', '.4f', 1.0)} | "
             + (f"{_stat_cell(s, 'auroc_noisy', '.4f', 1.0)} | " if noisy else "")
             + f"{_stat_cell(s, 'asr_after', '.2f', 100.0)} | "
             f"{_f(s['ca_after_mean'], '.1%')} | {_f(s['fpr_mean'], '.2%')} |"
             + (f" {_f(s['fpr_noisy_mean'], '.2%')} |" if noisy else ""))
     failed = sum(s["failed"] for s in summary)
-    note = ("\n\nMean over the seeds whose backdoor implanted; std is the sample standard deviation across seeds; "
+    note = ("\n\nCA / ASR, no defense: the suspect model's, mean over every seed. "
+            "Mean over the seeds whose backdoor implanted; std is the sample standard deviation across seeds; "
             "the interval is a seeded percentile bootstrap of the mean over seeds.")
     if noisy:
         note += (" AUROC with noisy negatives: the clean test inputs plus a Gaussian-noised copy of each (sigma 0.05 in "
