@@ -333,3 +333,37 @@ def test_detector_files_of_the_earlier_format_are_refused_with_a_hint(guarded, t
     with pytest.raises(BadExpertError, match=r"this version reads 'badexpert-detector/2'; rebuild it with this "
                                              r"version \(`badexpert defend`\)"):
         load_detector(tmp_path / "old.safetensors", model)
+
+
+def test_a_model_with_non_finite_weights_is_refused_in_one_line(guarded, backdoored, tmp_path, capsys):
+    """A diverged training or a damaged file (NaN in a batch-norm buffer) answers every input with
+    NaN: loading, fitting and evaluating refuse it, naming the tensor, and the CLI exits 2."""
+    import copy
+
+    from badexpert.cli import main
+    from badexpert.io import load_model, save_model
+
+    from .conftest import write_blobs
+
+    model, attack, _, reserved, calib, test = guarded
+    tr = backdoored[2]
+    broken = copy.deepcopy(model)
+    name, buf = next((k, v) for k, v in broken.state_dict().items() if k.endswith("running_var"))
+    buf[0] = float("nan")
+    assert torch.isnan(broken(to_float(test.images[:2]))).all()  # it really answers NaN
+    for call in (lambda: BaDExpert(seed=0).fit(broken, reserved),
+                 lambda: evaluate(broken, None, test, attack, n_boot=0, throughput=False)):
+        with pytest.raises(BadExpertError, match=rf"non-finite weights \(1 of \d+ values of '{name}'") as e:
+            call()
+        assert "\n" not in str(e.value)
+    meta = {"arch": "cnn", "width": 8, "in_channels": 1, "num_classes": 4, "image_size": [12, 12],
+            "mean": [float(v) for v in tr.mean], "std": [float(v) for v in tr.std]}
+    assert load_model(save_model(tmp_path / "ok.safetensors", model, meta))[0] is not None
+    path = save_model(tmp_path / "nan.safetensors", broken, meta)
+    with pytest.raises(BadExpertError, match="the model '.*nan.safetensors' has non-finite weights"):
+        load_model(path)
+    clean = write_blobs(tmp_path / "data") / "test"
+    out = tmp_path / "det.safetensors"
+    assert main(["defend", "--model", str(path), "--clean", str(clean), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite weights" in err[0] and not out.exists()

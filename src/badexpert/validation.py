@@ -190,6 +190,21 @@ def expect(value, types, what: str):
     return value
 
 
+def expect_finite_model(model, what: str = "the model"):
+    """``model`` (a ``torch.nn.Module``) if every floating-point parameter and buffer is finite,
+    else a one-line error naming the first tensor that is not: a model whose weights hold NaN or
+    infinity (a training that diverged, a damaged file) answers every input with NaN, and a
+    detector built on it would be no detector at all."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise BadExpertError(f"{what} has non-finite weights ({bad} of {t.numel()} values of '{name}' are NaN or "
+                                 "infinite): its training diverged or the file is damaged; use another model")
+    return model
+
+
 def check_value(value, tp, name: str, where: str = "field"):
     """``value`` checked against annotation ``tp``; a one-line error naming ``where`` ``name``."""
     try:
@@ -278,4 +293,4 @@ def checked(where: str | None = None):
     return deco
 
 
-__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "checked", "expect", "signature_hints", "validate_fields", "validate_params"]
+__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "checked", "expect", "expect_finite_model", "signature_hints", "validate_fields", "validate_params"]

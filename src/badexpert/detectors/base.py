@@ -67,7 +67,7 @@ from ..errors import BadExpertError, NotFittedError
 # why predict_details accepted or rejected an input (re-exported)
 from ..runtime.reasons import ACCEPTED, REJECT_NONFINITE_INPUT, REJECT_NONFINITE_SCORE, REJECT_SCORE  # noqa: F401
 from ..utils import atomic_write_bytes, resolve_device, to_jsonable
-from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, validate_params
+from ..validation import NonNegativeInt, PositiveInt, Range, check_value, expect, expect_finite_model, validate_params
 
 #: /2 adds the model fingerprint, the data record (content hashes, calibration scores) and the
 #: detector's own split; /1 files (badexpert 0.1.0 before hardening) are refused with a message.
@@ -264,6 +264,7 @@ class Detector(abc.ABC):
         self.check_params()
         if not isinstance(model, nn.Module):
             raise BadExpertError(f"fit expects a torch.nn.Module classifier, got {type(model).__name__}")
+        expect_finite_model(model, "the suspect model")
         images, labels = as_tensors(clean)
         if labels is None:
             raise BadExpertError("fit needs labelled clean data: a Dataset or an (images, labels) pair")

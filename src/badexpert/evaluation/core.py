@@ -36,7 +36,7 @@ from ..errors import BadExpertError, NotFittedError
 from ..metrics import ScoreAccumulator, clean_rejection, detection_summary
 from ..training import predict_logits
 from ..utils import eval_mode, model_device
-from ..validation import Fraction, NonNegativeInt, PositiveInt, checked, expect
+from ..validation import Fraction, NonNegativeInt, PositiveInt, checked, expect, expect_finite_model
 
 
 @dataclass
@@ -207,7 +207,7 @@ def model_outputs(model: nn.Module, test: Dataset, attack: Attack | None, *, asr
     when the ASR is below ``asr_bar``. With ``noisy_clean``, also the noisy copy of ``test``
     (:func:`noisy_copy`, built with ``seed``) and the model's predictions on it; its size is
     ``metrics["sizes"]["test_noisy"]`` and the model's accuracy on it ``metrics["noisy_clean"]``."""
-    expect(model, nn.Module, "the model")
+    expect_finite_model(expect(model, nn.Module, "the model"))
     expect(test, Dataset, "the test split")
     if attack is not None:
         expect(attack, (Attack, TriggeredImages), "the attack (from get_attack, or TriggeredImages)")

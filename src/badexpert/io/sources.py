@@ -724,7 +724,7 @@ def load_model(source: str | Path, *, device: str | torch.device | None = "cpu",
     ``module:factory``; ``tolerance`` overrides the ONNX conversion check's
     (:data:`badexpert.io.onnx_torch.ATOL`).
     """
-    from ..validation import expect
+    from ..validation import expect, expect_finite_model
     from os import PathLike
 
     expect(source, (str, PathLike), "the model source")
@@ -732,7 +732,9 @@ def load_model(source: str | Path, *, device: str | torch.device | None = "cpu",
     name = SOURCES.canonical(kind) if kind is not None else detect_source(source)
     # each source takes the options it names and refuses the others in one line (_no_options)
     options = {k: v for k, v in (("weights", weights), ("kwargs", kwargs), ("tolerance", tolerance)) if v is not None}
-    return SOURCES[name]().load(str(source), decl, device=device, **options)
+    model, meta = SOURCES[name]().load(str(source), decl, device=device, **options)
+    expect_finite_model(model, f"the model '{source}'")
+    return model, meta
 
 
 def rebuild_model(meta: dict[str, Any], state: dict[str, torch.Tensor], *, onnx_bytes: bytes | None = None,
