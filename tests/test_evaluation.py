@@ -88,6 +88,7 @@ def test_the_attack_describes_its_target_once_and_the_report_prints_it(parts):
     """The record carries the attack's own description of its target (all-to-all, source classes);
     the report prints that string and never rebuilds the attack to ask it."""
     from badexpert.attacks import get_attack
+    from badexpert.evaluation.records import EvaluationRecord
     from badexpert.reporting.report import _what_was_run
 
     model, _, det, test = parts
@@ -97,5 +98,5 @@ def test_the_attack_describes_its_target_once_and_the_report_prints_it(parts):
     src = get_attack("badnet", poison_rate=0.1, source_classes=(1,))
     m = evaluate(model, None, test, src, asr_bar=0.0).metrics
     assert m["target"] == src.describe_target(test.classes) and "source class(es) 1 (c1)" in m["target"]
-    lines = "\n".join(_what_was_run({**m, "attack": {"name": "not-a-registered-attack"}}, test.classes))
+    lines = "\n".join(_what_was_run(EvaluationRecord.from_dict({**m, "attack": {"name": "not-a-registered-attack"}})))
     assert m["target"] in lines

@@ -55,6 +55,13 @@ def test_outputs_are_written(demo_run):
                 "attack_success_rate", "timings"):
         assert key in on_disk["defense"], key
     assert "AUROC" in (out / "report.md").read_text()
+    # the run's metrics.json is the JSON form of its evaluation record: read back, written back the same,
+    # and it holds everything the table the demo prints reads
+    from badexpert.evaluation.records import EvaluationRecord
+    from badexpert.reporting.report import format_table
+
+    assert EvaluationRecord.from_dict(on_disk).to_dict() == on_disk
+    assert format_table(on_disk) == format_table(m)
 
 
 def test_cli_evaluate_reproduces_the_run(demo_run, tmp_path, capsys):

@@ -7,7 +7,12 @@ so a field this build always writes is an attribute, and a record that lacks one
 
 Each record has one JSON form. :meth:`from_dict` keeps the keys it was read from, in their
 order, and any key this build does not know, so :meth:`to_dict` gives back the same dict: the
-file formats do not change. A record made in code writes every field, in declaration order.
+file formats do not change. A record made in code writes every field, in declaration order. A
+record held inside another (the ``defense`` of an :class:`EvaluationRecord`) is read and written
+with it.
+
+:class:`ReportArrays` is the one record here without a JSON form: the per-input arrays an
+evaluation hands to the report (they become its plots, not a file of their own).
 """
 
 from __future__ import annotations
@@ -18,12 +23,22 @@ from typing import Any, ClassVar, Mapping
 from ..errors import BadExpertError
 
 
+def _require(d: dict, keys: tuple[str, ...] | list[str], where: str) -> None:
+    """One line naming the ``keys`` that ``d`` lacks (none: nothing happens)."""
+    missing = [k for k in keys if k not in d]
+    if missing:
+        named = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise BadExpertError(f"{where} lacks {named}: it was not written by this version of badexpert")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Record:
     """Base: ``keys_`` (the JSON keys, in order, a record read by :meth:`from_dict` came with) and
     ``extra_`` (those of them no field names), both written back by :meth:`to_dict`."""
 
     what: ClassVar[str] = "a record"
+    #: fields that hold another record, read and written with this one (``None`` stays ``None``)
+    nested: ClassVar[Mapping[str, type]] = {}
     keys_: tuple[str, ...] = field(default=(), repr=False, compare=False)
     extra_: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -44,24 +59,30 @@ class _Record:
         where = where or cls.what
         if not isinstance(d, dict):
             raise BadExpertError(f"{where} must be a JSON object, got {type(d).__name__}")
-        missing = [k for k in cls.required() if k not in d]
-        if missing:
-            named = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise BadExpertError(f"{where} lacks {named}: it was not written by this version of badexpert")
+        _require(d, cls.required(), where)
         names = {f.name for f in cls._fields()}
-        return cls(**{k: v for k, v in d.items() if k in names}, keys_=tuple(d),
-                   extra_={k: v for k, v in d.items() if k not in names})
+        values = {k: v for k, v in d.items() if k in names}
+        for key, record in cls.nested.items():
+            if values.get(key) is not None:
+                values[key] = record.from_dict(values[key], f"the {key!r} block of {where}")
+        return cls(**values, keys_=tuple(d), extra_={k: v for k, v in d.items() if k not in names})
 
     def has(self, key: str) -> bool:
-        """Whether the JSON form holds ``key`` (a field left at its default in code counts as held)."""
-        return key in self.keys_ if self.keys_ else any(f.name == key for f in self._fields())
+        """Whether the record holds ``key``: for a record read by :meth:`from_dict`, whether its
+        JSON form has the key; for one made in code, whether the field is not ``None``."""
+        if self.keys_:
+            return key in self.keys_
+        return any(f.name == key for f in self._fields()) and getattr(self, key) is not None
 
     def to_dict(self) -> dict:
         """The JSON form: the keys it was read from, in their order (every field for a record
-        made in code)."""
+        made in code); a nested record as its own JSON form."""
+        def form(v: Any) -> Any:
+            return v.to_dict() if isinstance(v, _Record) else v
+
         if not self.keys_:
-            return {f.name: getattr(self, f.name) for f in self._fields()}
-        return {k: self.extra_[k] if k in self.extra_ else getattr(self, k) for k in self.keys_}
+            return {f.name: form(getattr(self, f.name)) for f in self._fields()}
+        return {k: self.extra_[k] if k in self.extra_ else form(getattr(self, k)) for k in self.keys_}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +172,136 @@ class DefenseRecord(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluationRecord(_Record):
+    """One evaluation of a suspect model (and a calibrated detector) under an attack: the top level
+    of ``metrics.json``, what :func:`~badexpert.reporting.report.format_table` and
+    :func:`~badexpert.reporting.report.write_report` render.
+
+    Built by :func:`badexpert.evaluation.core.model_outputs` (``clean_accuracy`` to ``message``),
+    :func:`~badexpert.evaluation.core.evaluate` (``defense``, from
+    :func:`~badexpert.evaluation.core.detector_metrics`) and, for a run's files,
+    :func:`badexpert.pipeline.experiment.experiment_metrics` (the provenance: ``badexpert_version``
+    to ``attack``). Always there: ``clean_accuracy`` and ``attack_success_rate`` of the suspect
+    model without defense (the ASR ``None`` without an attack), the test ``sizes`` and
+    ``attack_failed``. ``target`` (the attack's own description of it), ``asr_bar`` come with an
+    attack; ``message`` with no attack or a failed one; ``noisy_clean`` (the noise's ``sigma`` and
+    the model's accuracy on the noisy copies) with the paper's AUROC protocol; ``defense`` (a
+    :class:`DefenseRecord`) with a detector whose attack implanted or that ran without one.
+    """
+
+    what: ClassVar[str] = "an evaluation record"
+    nested: ClassVar[Mapping[str, type]] = {"defense": DefenseRecord}
+    #: the keys each provenance block holds, where it is there (checked by :meth:`from_dict`)
+    BLOCKS: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "config": (), "dataset": ("name",), "model": ("arch",), "attack": ("name",), "sizes": ("test_clean",),
+        "noisy_clean": ("sigma",)}
+    badexpert_version: str | None = None
+    config: dict | None = None
+    seed: int | None = None
+    dataset: dict | None = None
+    model: dict | None = None
+    attack: dict | None = None
+    clean_accuracy: float
+    sizes: dict
+    noisy_clean: dict | None = None
+    attack_success_rate: float | None
+    target: str | None = None
+    asr_bar: float | None = None
+    attack_failed: bool
+    message: str | None = None
+    defense: DefenseRecord | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "") -> "EvaluationRecord":
+        """The record of a metrics dict (one-line error for a missing field, a provenance block
+        that is not an object or lacks its name, or an incomplete ``defense``)."""
+        where = where or cls.what
+        if isinstance(d, dict):
+            for key, needed in cls.BLOCKS.items():
+                block = d.get(key)
+                if block is None:
+                    continue
+                if not isinstance(block, dict):
+                    raise BadExpertError(f"the {key!r} block of {where} must be a JSON object, got "
+                                         f"{type(block).__name__}")
+                _require(block, needed, f"the {key!r} block of {where}")
+        return super().from_dict(d, where)
+
+    @property
+    def clean_accuracy_no_defense(self) -> float:
+        """The suspect model's clean accuracy: the defense record's own figure when it holds
+        detection numbers (the same inputs, counted in double precision), else ``clean_accuracy``."""
+        d = self.defense
+        return d.clean_accuracy_no_defense if d is not None and d.clean_accuracy_no_defense is not None \
+            else self.clean_accuracy
+
+    @property
+    def attack_success_rate_no_defense(self) -> float | None:
+        """The suspect model's ASR, as :attr:`clean_accuracy_no_defense` chooses its source."""
+        d = self.defense
+        return d.attack_success_rate_no_defense if d is not None and d.attack_success_rate_no_defense is not None \
+            else self.attack_success_rate
+
+    @property
+    def dataset_name(self) -> str | None:
+        return None if self.dataset is None else self.dataset["name"]
+
+    @property
+    def arch(self) -> str | None:
+        return None if self.model is None else self.model["arch"]
+
+    @property
+    def attack_name(self) -> str | None:
+        return None if self.attack is None else self.attack["name"]
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ReportArrays:
+    """The per-input arrays an evaluation hands to the report, every one optional (tensors or
+    numpy arrays; :func:`~badexpert.reporting.report.write_report` draws the plots whose inputs
+    are there). Made from an :class:`~badexpert.evaluation.core.Evaluation`'s ``arrays`` (or one
+    detector's arrays of a comparison) by :meth:`from_arrays`.
+
+    It lives beside the records, not in the report, because the evaluation makes it: the
+    reporting layer imports the evaluation's types, never the reverse.
+
+    - ``roc.png``: ``clean_scores`` and ``trig_scores``; with ``clean_correct`` and
+      ``trig_success`` (masks over them) the research code's filtered curve; with
+      ``noisy_scores`` the curve with the noisy clean negatives (``noisy_correct`` is their mask,
+      kept with them but not plotted);
+    - ``scatter.png``: ``clean_xy`` and/or ``trig_xy`` ([n, 2]: two per-input quantities of the
+      detector), labelled by ``scatter_axes`` (its :attr:`~badexpert.detectors.Detector.scatter_axes`);
+    - ``examples.png``: ``clean_examples`` and/or ``trig_examples`` ([n, C, H, W] in [0, 1]),
+      captioned by ``example_labels`` (true classes) and ``trig_example_preds`` (the model's answers).
+    """
+
+    clean_scores: Any = None
+    trig_scores: Any = None
+    clean_correct: Any = None
+    trig_success: Any = None
+    noisy_scores: Any = None
+    noisy_correct: Any = None
+    clean_xy: Any = None
+    trig_xy: Any = None
+    scatter_axes: dict | None = None
+    clean_examples: Any = None
+    trig_examples: Any = None
+    example_labels: Any = None
+    trig_example_preds: Any = None
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> "ReportArrays":
+        """The record of an evaluation's ``arrays`` dict; one line naming a key it does not know."""
+        if not isinstance(arrays, Mapping):
+            raise BadExpertError(f"the report's arrays must be a dict of arrays, got {type(arrays).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(arrays) - set(names))
+        if unknown:
+            raise BadExpertError(f"unknown report array(s) {unknown}; valid: {names}")
+        return cls(**arrays)
+
+
+@dataclass(frozen=True, kw_only=True)
 class GridRow(_Record):
     """One (cell, detector) line of a grid's ``results.jsonl`` (:func:`badexpert.pipeline.grid.run_cell`).
 
@@ -227,4 +378,4 @@ class GridRow(_Record):
         }
 
 
-__all__ = ["DefenseRecord", "GridRow"]
+__all__ = ["DefenseRecord", "EvaluationRecord", "GridRow", "ReportArrays"]

@@ -313,19 +313,12 @@ def experiment_metrics(cfg: ExperimentConfig, meta: dict, result: Evaluation, sp
 
 
 def write_outputs(out_dir: str | Path, metrics: dict, result: Evaluation, class_names: list[str]) -> list[Path]:
-    """metrics.json, report.md and the plots for one evaluation."""
+    """metrics.json, report.md and the plots for one evaluation (``metrics``: the record's dict,
+    :func:`experiment_metrics`)."""
+    from ..evaluation.records import ReportArrays
     from ..reporting.report import write_report
 
-    a = result.arrays
-    return write_report(
-        out_dir, metrics,
-        clean_scores=a.get("clean_scores"), trig_scores=a.get("trig_scores"),
-        clean_xy=a.get("clean_xy"), trig_xy=a.get("trig_xy"), scatter_axes=a.get("scatter_axes"),
-        clean_examples=a.get("clean_examples"), trig_examples=a.get("trig_examples"),
-        class_names=class_names, clean_correct=a.get("clean_correct"), trig_success=a.get("trig_success"),
-        example_labels=a.get("example_labels"), trig_example_preds=a.get("trig_example_preds"),
-        noisy_scores=a.get("noisy_scores"),
-    )
+    return write_report(out_dir, metrics, ReportArrays.from_arrays(result.arrays), class_names=class_names)
 
 
 def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, log=print,

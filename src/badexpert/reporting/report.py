@@ -4,6 +4,12 @@ Every file is first written under a temporary name in the output directory and r
 all of them were produced, so an error half-way leaves no partial report behind. Plots are drawn
 on :class:`matplotlib.figure.Figure` objects with the Agg canvas (no pyplot, no display, nothing
 registered globally), and released after saving.
+
+The renderers read an :class:`~badexpert.evaluation.records.EvaluationRecord` (the top level of
+``metrics.json``) and the evaluation's :class:`~badexpert.evaluation.records.ReportArrays`; the
+public entry points also take a metrics dict, converted once through
+:meth:`EvaluationRecord.from_dict <badexpert.evaluation.records.EvaluationRecord.from_dict>`, so an
+incomplete one is a one-line error naming the missing field.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from ..errors import BadExpertError
+from ..evaluation.records import DefenseRecord, EvaluationRecord, ReportArrays
 from ..metrics import _sklearn_inputs
 from ..utils import atomic_write_bytes, write_json
 
@@ -76,61 +83,43 @@ def _ci(ci: Any) -> str:
     return f" [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _get(d: Any, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def _defense(metrics: dict) -> dict:
-    """The defense sub-dict; a bare detection_summary() dict is accepted as well."""
-    d = metrics.get("defense")
-    if isinstance(d, dict):
-        return d
-    return metrics if "threshold" in metrics or "auroc" in metrics else {}
-
-
-def _attack_failed(metrics: dict) -> bool:
-    return bool(metrics.get("attack_failed"))
-
-
-def _no_defense(metrics: dict, key: str) -> Any:
-    d = _defense(metrics)
-    v = d.get(f"{key}_no_defense")
-    if _num(v) is None and d is not metrics:
-        v = metrics.get(key)
-    return v
+def _record(metrics: EvaluationRecord | dict) -> EvaluationRecord:
+    """The record of ``metrics`` (a dict is read once, here, by :meth:`EvaluationRecord.from_dict`)."""
+    if isinstance(metrics, EvaluationRecord):
+        return metrics
+    if not isinstance(metrics, dict):
+        raise BadExpertError(f"metrics must be an EvaluationRecord or its dict, got {type(metrics).__name__}")
+    return EvaluationRecord.from_dict(metrics, "the metrics")
 
 
 # --------------------------------------------------------------------------------------------
 # terminal table
 # --------------------------------------------------------------------------------------------
-def format_table(metrics: dict) -> str:
+def format_table(metrics: EvaluationRecord | dict) -> str:
     """A short fixed-width table: CA/ASR without and with defense, AUROC, TPR, FPR, threshold, cost."""
-    d = _defense(metrics)
+    rec = _record(metrics)
+    d = rec.defense
     w = 28
     rows: list[str] = []
 
     def row(label: str, *cells: str) -> None:
         rows.append(f"{label:<{w}}" + "".join(f"{c:>15}" for c in cells).rstrip())
 
-    failed = _attack_failed(metrics)
+    failed = rec.attack_failed
     row("", "no defense", "" if failed else "with defense")
-    ca_d = "" if failed else _pct(d.get("clean_accuracy"))
-    asr_d = "" if failed else _pct(d.get("attack_success_rate"))
-    row("clean accuracy (CA)", _pct(_no_defense(metrics, "clean_accuracy")), ca_d)
-    row("attack success rate (ASR)", _pct(_no_defense(metrics, "attack_success_rate")), asr_d)
+    ca_d = "" if failed else _pct(None if d is None else d.clean_accuracy)
+    asr_d = "" if failed else _pct(None if d is None else d.attack_success_rate)
+    row("clean accuracy (CA)", _pct(rec.clean_accuracy_no_defense), ca_d)
+    row("attack success rate (ASR)", _pct(rec.attack_success_rate_no_defense), asr_d)
     if failed:
-        bar = metrics.get("asr_bar")
+        bar = rec.asr_bar
         rows.append(
             f"attack FAILED: ASR below the {_pct(bar)} bar; no detection numbers are shown"
             if _num(bar) is not None
             else "attack FAILED: ASR below the bar; no detection numbers are shown"
         )
         return "\n".join(rows)
-    if not d:
+    if d is None:
         return "\n".join(rows)
 
     rows.append("-" * (w + 30))
@@ -138,24 +127,25 @@ def format_table(metrics: dict) -> str:
     def line(label: str, value: str) -> None:
         rows.append(f"{label:<{w}}{value}")
 
-    line("AUROC (all vs all)", _pct(d.get("auroc")) + _ci(d.get("auroc_ci")))
-    line("AUROC (filtered, paper)", _pct(d.get("auroc_filtered")))
-    if "auroc_noisy" in d:  # the paper's protocol: the clean negatives plus their noisy copies
-        line("AUROC +noisy (all vs all)", _pct(d.get("auroc_noisy")) + _ci(d.get("auroc_noisy_ci")))
-        line("AUROC +noisy (filtered)", _pct(d.get("auroc_noisy_filtered")))
-    line("TPR (triggered rejected)", _pct(d.get("tpr")))
-    digits = _fpr_digits(d.get("fpr_target"))
-    line("FPR target / realized", f"{_pct(d.get('fpr_target'), digits)} / {_pct(d.get('realized_fpr'), digits)}"
-         + (" (clean inputs the model gets right)" if d.get("calibration_population") == "correct" else ""))
-    if d.get("calibration_population") == "correct":
-        line("clean inputs rejected (all)", _pct(d.get("fpr"), digits))
-    if "realized_fpr_noisy" in d:
-        line("noisy copies rejected", _pct(d.get("realized_fpr_noisy"), digits))
-    line("threshold", _float(d.get("threshold")))
-    fit_s = _num(_get(d, "timings", "fit_s"))
+    line("AUROC (all vs all)", _pct(d.auroc) + _ci(d.auroc_ci))
+    line("AUROC (filtered, paper)", _pct(d.auroc_filtered))
+    if d.has("auroc_noisy"):  # the paper's protocol: the clean negatives plus their noisy copies
+        line("AUROC +noisy (all vs all)", _pct(d.auroc_noisy) + _ci(d.auroc_noisy_ci))
+        line("AUROC +noisy (filtered)", _pct(d.auroc_noisy_filtered))
+    line("TPR (triggered rejected)", _pct(d.tpr))
+    digits = _fpr_digits(d.fpr_target)
+    correct = d.calibration_population == "correct"
+    line("FPR target / realized", f"{_pct(d.fpr_target, digits)} / {_pct(d.realized_fpr, digits)}"
+         + (" (clean inputs the model gets right)" if correct else ""))
+    if correct:
+        line("clean inputs rejected (all)", _pct(d.fpr, digits))
+    if d.has("realized_fpr_noisy"):
+        line("noisy copies rejected", _pct(d.realized_fpr_noisy, digits))
+    line("threshold", _float(d.threshold))
+    fit_s = None if d.timings is None else _num(d.timings["fit_s"])
     if fit_s is not None:
         line("fit time", f"{fit_s:.1f} s")
-    ratio = _num(_get(d, "cost", "throughput_ratio"))
+    ratio = _num(d.throughput_ratio)
     if ratio is not None:
         line("throughput vs bare model", f"{ratio:.2f}x")
     return "\n".join(rows)
@@ -424,52 +414,34 @@ def _describe(v: Any) -> str:
     return str(v)
 
 
-def _what_was_run(metrics: dict, class_names: Sequence[str] | None = None) -> list[str]:
-    cfg = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
-
-    def pick(section: str, key: str, *cfg_keys: str) -> Any:
-        v = _get(metrics, section, key)
-        if v is None and isinstance(metrics.get(section), str):
-            v = metrics[section]
-        for k in cfg_keys:
-            if v is None:
-                v = cfg.get(k)
-        return v
-
-    d = _defense(metrics)
-    target = _get(metrics, "attack", "target")
-    if target is None:
-        target = cfg.get("target")
-    if isinstance(target, (int, np.integer)) and class_names is not None and 0 <= target < len(class_names):
-        target = f"{target} ({class_names[target]})"
-    if isinstance(metrics.get("target"), str):  # the attack described its own target (all-to-all, source classes)
-        target = metrics["target"]
+def _what_was_run(rec: EvaluationRecord) -> list[str]:
+    d = rec.defense
     items = [
-        ("Dataset", pick("dataset", "name", "dataset")),
-        ("Model", pick("model", "arch", "model", "arch")),
-        ("Attack", pick("attack", "name", "attack")),
-        ("Target class", target),
-        ("Seed", metrics.get("seed") if metrics.get("seed") is not None else cfg.get("seed")),
-        ("Defense", d.get("name") if d is not metrics else None),
-        ("Defense parameters", _describe(d["params"]) if isinstance(d.get("params"), dict) and d["params"] else None),
+        ("Dataset", rec.dataset_name),
+        ("Model", rec.arch),
+        ("Attack", rec.attack_name),
+        ("Target class", rec.target),  # the attack's own description (all-to-all, source classes)
+        ("Seed", rec.seed),
+        ("Defense", None if d is None else d.name),
+        ("Defense parameters", _describe(d.params) if d is not None and d.params else None),
     ]
     lines = [f"- {k}: {_describe(v)}" for k, v in items if v is not None]
     return lines or ["- (no configuration recorded)"]
 
 
-def _fpr_sentence(d: dict) -> str:
-    tgt, real = d.get("fpr_target"), d.get("realized_fpr")
+def _fpr_sentence(d: DefenseRecord) -> str:
+    tgt, real = d.fpr_target, d.realized_fpr
     digits = _fpr_digits(tgt)
-    n_cal = d.get("calibration_size")
-    n_clean = d.get("n_clean")
-    if d.get("calibration_population") == "correct":
+    n_cal = d.calibration_size
+    n_clean = d.n_clean
+    if d.calibration_population == "correct":
         cal = f" on {n_cal} held-out clean inputs the model classifies correctly" if n_cal is not None else \
             " on held-out clean inputs the model classifies correctly"
-        n_ok = d.get("n_clean_correct")
+        n_ok = d.n_clean_correct
         test = f" of the {n_ok} clean test inputs it gets right" if n_ok is not None else \
             " of the clean test inputs it gets right"
         after = (f" Counting the clean inputs it gets wrong too (whose answer was wrong anyway), it rejected "
-                 f"{_pct(d.get('fpr'), digits)} of all clean test inputs.")
+                 f"{_pct(d.fpr, digits)} of all clean test inputs.")
     else:
         cal = f" on {n_cal} held-out clean inputs" if n_cal is not None else ""
         test = f" of the {n_clean} clean test inputs" if n_clean is not None else " of the clean test inputs"
@@ -479,34 +451,34 @@ def _fpr_sentence(d: dict) -> str:
         f"(split-conformal quantile: at most the target in expectation on new clean data); "
         f"it rejected {_pct(real, digits)}{test} (realized FPR).{after}"
     )
-    thr = _num(d.get("threshold"))
+    thr = _num(d.threshold)
     if thr is not None and (math.isinf(thr) or thr >= 1e300):
         s += (" The threshold is infinite: the calibration set is too small for this target FPR, so the "
               "detector rejects nothing. Use more calibration samples or a larger FPR.")
     return s
 
 
-def _noisy_sentence(metrics: dict, d: dict) -> str:
+def _noisy_sentence(rec: EvaluationRecord, d: DefenseRecord) -> str:
     """What the noise-augmented AUROC measures, with its numbers."""
-    sigma = _get(metrics, "noisy_clean", "sigma")
+    sigma = None if rec.noisy_clean is None else rec.noisy_clean["sigma"]
     noise = f"Gaussian noise of standard deviation {sigma:g}" if _num(sigma) is not None else "Gaussian noise"
-    return (f"With noisy clean negatives (the paper's AUROC protocol): the {d.get('n_clean')} clean test inputs and "
-            f"{d.get('n_noisy')} copies of them with {noise} added in [0, 1] pixel space (clipped) against the same "
-            f"triggered inputs, AUROC {_pct(d.get('auroc_noisy'), 2)}{_ci(d.get('auroc_noisy_ci'))} over all of them and "
-            f"{_pct(d.get('auroc_noisy_filtered'), 2)} on the research code's population (those the model gets "
-            f"right). The calibrated threshold rejected {_pct(d.get('realized_fpr_noisy'), _fpr_digits(d.get('fpr_target')))} "
+    return (f"With noisy clean negatives (the paper's AUROC protocol): the {d.n_clean} clean test inputs and "
+            f"{d.n_noisy} copies of them with {noise} added in [0, 1] pixel space (clipped) against the same "
+            f"triggered inputs, AUROC {_pct(d.auroc_noisy, 2)}{_ci(d.auroc_noisy_ci)} over all of them and "
+            f"{_pct(d.auroc_noisy_filtered, 2)} on the research code's population (those the model gets "
+            f"right). The calibrated threshold rejected {_pct(d.realized_fpr_noisy, _fpr_digits(d.fpr_target))} "
             "of the noisy copies. A detector that flags merely unusual inputs loses AUROC here; the copies are made "
             "from the test split, so the calibration split stays unseen.")
 
 
-def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None = None, *,
+def _markdown(rec: EvaluationRecord, plots: list[str], *,
               scatter_caption: str = DEFAULT_SCATTER_AXES["caption"]) -> str:
-    d = _defense(metrics)
-    failed = _attack_failed(metrics)
-    out = ["# Backdoor detection report", "", "## What was run", "", *_what_was_run(metrics, class_names), ""]
+    d = rec.defense
+    failed = rec.attack_failed
+    out = ["# Backdoor detection report", "", "## What was run", "", *_what_was_run(rec), ""]
     if failed:
-        asr = _no_defense(metrics, "attack_success_rate")
-        bar = metrics.get("asr_bar")
+        asr = rec.attack_success_rate_no_defense
+        bar = rec.asr_bar
         out += [
             "## Attack failed",
             "",
@@ -516,14 +488,14 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
             f"meaningless.",
             "",
         ]
-        if metrics.get("message"):
-            out += [str(metrics["message"]), ""]
-        out += ["## Suspect model", "", "```text", format_table(metrics), "```", ""]
+        if rec.message:
+            out += [str(rec.message), ""]
+        out += ["## Suspect model", "", "```text", format_table(rec), "```", ""]
     else:
-        out += ["## Results", "", "```text", format_table(metrics), "```", ""]
-        if metrics.get("message"):
-            out += [str(metrics["message"]), ""]
-        if d:
+        out += ["## Results", "", "```text", format_table(rec), "```", ""]
+        if rec.message:
+            out += [str(rec.message), ""]
+        if d is not None:
             out += [_fpr_sentence(d), ""]
             out += [
                 "CA and ASR with defense count a rejected input as neither correct nor attacked. AUROC is over "
@@ -532,13 +504,13 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
                 "triggered inputs whose attack succeeds), for comparison with the paper.",
                 "",
             ]
-            if "auroc_noisy" in d:
-                out += [_noisy_sentence(metrics, d), ""]
-            drop = _num(d.get("clean_accuracy_drop"))
+            if d.has("auroc_noisy"):
+                out += [_noisy_sentence(rec, d), ""]
+            drop = _num(d.clean_accuracy_drop)
             if drop is not None:
                 out += [f"Clean-accuracy drop caused by the defense: {100 * drop:.2f} percentage points.", ""]
-            tpr_at = d.get("tpr_at_fpr")
-            if isinstance(tpr_at, dict) and tpr_at:
+            tpr_at = d.tpr_at_fpr
+            if tpr_at:
                 out += [
                     "### TPR at fixed FPR (oracle operating points)",
                     "",
@@ -550,9 +522,9 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
                     *[f"| {k} | {_pct(v)} |" for k, v in tpr_at.items()],
                     "",
                 ]
-            per = d.get("per_class_false_rejection")
-            if isinstance(per, dict) and per:
-                digits = _fpr_digits(d.get("fpr_target"))
+            per = d.per_class_false_rejection
+            if per:
+                digits = _fpr_digits(d.fpr_target)
                 out += [
                     "## Per-class false rejection",
                     "",
@@ -563,9 +535,9 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
                     *[f"| {k} | {_pct(v, digits)} |" for k, v in per.items()],
                     "",
                 ]
-    cost, timings = d.get("cost"), d.get("timings")
+    cost, timings = (None, None) if d is None else (d.cost, d.timings)
     cost_lines = []
-    if isinstance(cost, dict):
+    if cost:
         labels = {
             "forward_passes_per_input": ("forward passes per input", "{:g}"),
             "backward_passes_per_input": ("backward passes per input", "{:g}"),
@@ -577,7 +549,7 @@ def _markdown(metrics: dict, plots: list[str], class_names: Sequence[str] | None
             lab, fmt = labels.get(k, (k, "{:g}"))
             f = _num(v)
             cost_lines.append(f"- {lab}: {fmt.format(f) if f is not None else v}")
-    if isinstance(timings, dict):
+    if timings:
         names = {"fit_s": "fit", "calibrate_s": "calibrate", "score_s": "score test inputs"}
         for k, v in timings.items():
             f = _num(v)
@@ -610,63 +582,52 @@ def _png(fig: Figure) -> bytes:
 
 def write_report(
     out_dir: str | Path,
-    metrics: dict,
+    metrics: EvaluationRecord | dict,
+    arrays: ReportArrays | dict | None = None,
     *,
-    clean_scores: Any = None,
-    trig_scores: Any = None,
-    clean_xy: Any = None,
-    trig_xy: Any = None,
-    scatter_axes: dict | None = None,
-    clean_examples: Any = None,
-    trig_examples: Any = None,
     class_names: Sequence[str] | None = None,
-    clean_correct: Any = None,
-    trig_success: Any = None,
-    example_labels: Any = None,
-    trig_example_preds: Any = None,
-    noisy_scores: Any = None,
 ) -> list[Path]:
-    """Write ``metrics.json``, ``report.md`` and the plots whose inputs are given; return the paths.
+    """Write ``metrics.json``, ``report.md`` and the plots whose inputs ``arrays`` holds; return the paths.
 
-    ``roc.png`` needs ``clean_scores`` and ``trig_scores`` (plus ``clean_correct`` and
-    ``trig_success`` masks for the filtered curve, and ``noisy_scores`` for the curve with the
-    noisy clean negatives); ``scatter.png`` needs ``clean_xy`` and/or
-    ``trig_xy`` ([n, 2]: two per-input quantities of the detector, labelled by ``scatter_axes``,
-    its :attr:`~badexpert.detectors.Detector.scatter_axes` as the evaluation record carries them);
-    ``examples.png`` needs ``clean_examples`` and/or ``trig_examples`` ([n, C, H, W] in [0, 1]).
-    For a failed attack (``metrics['attack_failed']``) no ROC or scatter plot is drawn.
+    ``metrics``: the evaluation's :class:`~badexpert.evaluation.records.EvaluationRecord` (or its
+    dict, read once by :meth:`~badexpert.evaluation.records.EvaluationRecord.from_dict`: an
+    incomplete one is a one-line error naming the missing field); ``metrics.json`` is its JSON
+    form. ``arrays``: the evaluation's :class:`~badexpert.evaluation.records.ReportArrays` (or its
+    ``arrays`` dict, read by :meth:`~badexpert.evaluation.records.ReportArrays.from_arrays`), which
+    says which arrays each plot needs; ``class_names`` caption the examples. For a failed attack
+    (``attack_failed``) no ROC or scatter plot is drawn.
 
     Every file is rendered in memory first, then written by the package's one atomic writer
     (:func:`badexpert.utils.atomic_write_bytes`): if rendering raises, ``out_dir`` holds nothing new.
     """
-    if not isinstance(metrics, dict):
-        raise BadExpertError(f"metrics must be a dict, got {type(metrics).__name__}")
+    rec = _record(metrics)
+    a = arrays if isinstance(arrays, ReportArrays) else ReportArrays.from_arrays({} if arrays is None else arrays)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    d = _defense(metrics)
-    failed = _attack_failed(metrics)
+    d = rec.defense
+    failed = rec.attack_failed
     rendered: list[tuple[str, bytes]] = []  # (name, content): written once everything is rendered
     figures: list[tuple[str, Any]] = []
-    if not failed and clean_scores is not None and trig_scores is not None:
+    if not failed and a.clean_scores is not None and a.trig_scores is not None:
+        marks = {k: None if d is None else getattr(d, k)  # the operating point and AUROCs the curves carry
+                 for k in ("threshold", "fpr_target", "auroc", "auroc_filtered", "auroc_noisy")}
         figures.append(("roc.png", lambda: plot_roc(
-            clean_scores, trig_scores, clean_correct=clean_correct, trig_success=trig_success,
-            threshold=d.get("threshold"), fpr_target=d.get("fpr_target"),
-            auroc=d.get("auroc"), auroc_filtered=d.get("auroc_filtered"), noisy_scores=noisy_scores,
-            auroc_noisy=d.get("auroc_noisy"))))
-    if not failed and (clean_xy is not None or trig_xy is not None):
-        figures.append(("scatter.png", lambda: plot_scatter(clean_xy, trig_xy, axes=scatter_axes)))
-    if clean_examples is not None or trig_examples is not None:
+            a.clean_scores, a.trig_scores, clean_correct=a.clean_correct, trig_success=a.trig_success,
+            noisy_scores=a.noisy_scores, **marks)))
+    if not failed and (a.clean_xy is not None or a.trig_xy is not None):
+        figures.append(("scatter.png", lambda: plot_scatter(a.clean_xy, a.trig_xy, axes=a.scatter_axes)))
+    if a.clean_examples is not None or a.trig_examples is not None:
         figures.append(("examples.png", lambda: plot_examples(
-            clean_examples, trig_examples, class_names=class_names,
-            example_labels=example_labels, trig_example_preds=trig_example_preds)))
+            a.clean_examples, a.trig_examples, class_names=class_names,
+            example_labels=a.example_labels, trig_example_preds=a.trig_example_preds)))
     for name, make in figures:
         rendered.append((name, _png(make())))
 
-    caption = (scatter_axes or DEFAULT_SCATTER_AXES).get("caption", DEFAULT_SCATTER_AXES["caption"])
-    md = _markdown(metrics, [name for name, _ in figures], class_names, scatter_caption=caption)
+    caption = (a.scatter_axes or DEFAULT_SCATTER_AXES).get("caption", DEFAULT_SCATTER_AXES["caption"])
+    md = _markdown(rec, [name for name, _ in figures], scatter_caption=caption)
     rendered.append(("report.md", md.encode("utf-8")))
 
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", rec.to_dict())
     written = [out / "metrics.json"]
     for name, data in rendered:
         atomic_write_bytes(out / name, data)
