@@ -48,6 +48,17 @@ bit-identical to the model's own. The detector then holds, and its file stores, 
 heads; scoring (and the guard, and its ONNX graph) computes the trunk once per input and runs the
 model's head, the expert's and the auxiliary model's on it. A model that declares no cut points
 (one from Hugging Face, an ONNX file or a factory) is refused in one line.
+
+Expert ensemble (``expert_ensemble``, default off; ``auto`` only). An attacker who knows the defense
+can train the backdoor to fade in an expert finetuned to the default agreement (the
+``expert_aware`` attack); an expert finetuned further keeps more of such a backdoor but less of
+some ordinary ones. With agreement levels below ``expert_agreement`` (e.g. ``(0.4,)``) the
+expert's finetuning goes on past the point where the expert is taken (the same run: same learning
+rate, optimiser state and data order, so the expert itself is bit-identical to the one fitted
+without the option), and a copy is kept when its held-out agreement with M first drops to each
+level. The expert's log-odds ``logit_x`` is then the mean of every expert's log-odds of M's label
+(the expert's and each snapshot's), and ``x`` its sigmoid. Each level costs one more forward pass
+per input (a head pass with a shared trunk).
 """
 
 from __future__ import annotations
@@ -117,6 +128,15 @@ def expert_recipe(lr: float, *, epochs: int = 1, batch_size: int = 128, augment:
                   schedule="constant", augment=augment, pad=pad, hflip=hflip, max_steps=max_steps)
 
 
+def agreement_levels(text: str) -> tuple[float, ...]:
+    """``--expert-ensemble``'s value: agreement levels separated by commas (``"0.6,0.4"``); their
+    ranges and order are checked with the detector's other parameters."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:  # argparse: "invalid agreement_levels value: '...'", exit status 2
+        raise ValueError(f"not comma-separated numbers: {text!r}") from None
+
+
 def finetune_expert(source: nn.Module, data: Dataset, recipe: Recipe, *, num_classes: int, seed: int,
                     callback=None, callback_every: int = 0, desc: str = "expert") -> nn.Module:
     """A backdoor expert: a copy of ``source`` (left untouched) finetuned with ``recipe`` on ``data``
@@ -131,7 +151,8 @@ def finetune_expert(source: nn.Module, data: Dataset, recipe: Recipe, *, num_cla
 
 
 class BaDExpert(Detector):
-    """BaDExpert (Xie et al., ICLR 2024): a backdoor expert and an auxiliary finetuned model, 3 passes per input.
+    """BaDExpert (Xie et al., ICLR 2024): a backdoor expert and an auxiliary finetuned model, 3 passes per input
+    (one more per expert ensemble level).
 
     See the module docstring for the method and the presets.
 
@@ -149,6 +170,11 @@ class BaDExpert(Detector):
     expert_agreement: ``auto`` stops the expert, after at least ``expert_epochs`` epochs, once it
         agrees with M on at most this fraction of held-out clean inputs (it has measurably begun
         to forget the clean task).
+    expert_ensemble: ``()`` (default): one expert. Agreement levels, strictly decreasing and below
+        ``expert_agreement`` (e.g. ``(0.4,)``): the expert's finetuning continues and a snapshot is
+        kept at each level (``auto`` only; module docstring); ``logit_x`` is the mean of the experts'
+        log-odds. A level not reached within ``expert_max_steps`` takes the last expert of the run
+        (a warning says so).
     aux_dip: ``auto`` takes the smallest auxiliary learning rate whose held-out clean accuracy
         dips, during the first epoch, to at most this fraction of M's.
     aux_recover: ... and keeps it only if, trained in full, it recovers at least this fraction of
@@ -187,9 +213,13 @@ class BaDExpert(Detector):
                help="finetune the expert and the auxiliary model only after this cut point of the model (cnn: "
                     "block1-3; resnet18: stem, stage1-4; vgg16bn: stage1-5; mobilenetv2: stem, stage1-7, last_conv; "
                     "vit: embed, block1-N); the layers before it are shared and computed once (default: off)"),
+        Option("--expert-ensemble", "expert_ensemble", type=agreement_levels, metavar="LEVELS",
+               help="keep finetuning the backdoor expert and snapshot it when its held-out agreement with the model "
+                    "first drops to each of these levels (comma-separated, decreasing, below expert_agreement, 0.9 "
+                    "by default; e.g. 0.4); the score averages the experts' log-odds; one more forward pass per "
+                    "level (default: off)"),
     )
     exportable: ClassVar[bool] = True
-    submodels: ClassVar[tuple[str, ...]] = ("expert_", "auxiliary_")
 
     def __init__(
         self,
@@ -207,6 +237,7 @@ class BaDExpert(Detector):
         aux_gamma: PositiveFloat = 0.1,
         holdout: Annotated[float, Range(gt=0, lt=1)] = 0.2,
         expert_agreement: Fraction = 0.9,
+        expert_ensemble: tuple[float, ...] = (),
         aux_dip: Annotated[float, Range(gt=0, le=1)] = 0.65,
         aux_recover: Fraction = 0.75,
         augment: bool | None = None,
@@ -231,6 +262,7 @@ class BaDExpert(Detector):
         self.aux_gamma = aux_gamma
         self.holdout = holdout
         self.expert_agreement = expert_agreement
+        self.expert_ensemble = tuple(expert_ensemble) if isinstance(expert_ensemble, (list, tuple)) else expert_ensemble
         self.aux_dip = aux_dip
         self.aux_recover = aux_recover
         self.augment = augment
@@ -248,6 +280,31 @@ class BaDExpert(Detector):
     @property
     def score_kind(self) -> str:
         return self.rule
+
+    @property
+    def cost(self) -> dict[str, int]:
+        """The model, the expert and the auxiliary model, plus one pass per expert ensemble snapshot
+        (those held once fitted, else one per ``expert_ensemble`` level)."""
+        snapshots = getattr(self, "expert_snapshots_", self.expert_ensemble)
+        return {"forward": int(self.forward_passes_per_input) + len(snapshots), "backward": 0}
+
+    @property
+    def submodels(self) -> tuple[str, ...]:
+        """The expert, the auxiliary model and, with ``expert_ensemble``, the expert's snapshots."""
+        snapshots = getattr(self, "expert_snapshots_", None)
+        return ("expert_", "auxiliary_") + (("expert_snapshots_",) if snapshots is not None and len(snapshots) else ())
+
+    def check_params(self) -> "BaDExpert":
+        super().check_params()
+        levels, top = self.expert_ensemble, self.expert_agreement
+        where = f"detector '{self.name}' parameter 'expert_ensemble'"
+        if any(not 0 < v < top for v in levels) or any(b >= a for a, b in zip(levels, levels[1:])):
+            raise BadExpertError(f"{where} must be agreement levels above 0, below expert_agreement ({top:g}) and "
+                                 f"strictly decreasing, e.g. [0.4] or [0.6, 0.4]; got {list(levels)}")
+        if levels and self.preset == "paper":
+            raise BadExpertError(f"{where} needs preset 'auto': its snapshots are taken at agreement levels measured "
+                                 "on a held-out clean slice, which preset 'paper' does not set aside")
+        return self
 
     def expert_recipe(self, lr: float) -> Recipe:
         """Adam, wrong labels, ``expert_epochs`` epochs, constant lr (the paper's schedule never acts)."""
@@ -306,23 +363,29 @@ class BaDExpert(Detector):
         self.fit_report_["augmentation"] = self.augmentation_
         # what the copies start from: M itself, or M with its trunk frozen (same outputs, head trainable)
         start = source if self.shared_trunk is None else _with_frozen_trunk(source, self.shared_trunk, images)
-        self.expert_ = self._fit_expert(start, fit_part, hold_part, num_classes)
+        self.expert_, snapshots = self._fit_expert(start, fit_part, hold_part, num_classes)
         self.auxiliary_ = self._fit_auxiliary(start, fit_part, hold_part)
         if self.shared_trunk is not None:  # the heads on M's own trunk (checked bit-identical)
-            self.expert_, self.auxiliary_ = (_bind_head(source, self.shared_trunk, net) for net in
-                                             (self.expert_, self.auxiliary_))
+            self.expert_, self.auxiliary_, *snapshots = (_bind_head(source, self.shared_trunk, net) for net in
+                                                         (self.expert_, self.auxiliary_, *snapshots))
             self.fit_report_["shared_trunk"] = _trunk_record(source, self.shared_trunk)
+        self.expert_snapshots_ = _Snapshots(snapshots)
         self.expert_.eval()
         self.auxiliary_.eval()
+        self.expert_snapshots_.eval()
 
-    def _fit_expert(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None, num_classes: int) -> nn.Module:
-        """The backdoor expert: Adam on wrong labels ``(y + 1) mod C``.
+    def _fit_expert(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None,
+                    num_classes: int) -> tuple[nn.Module, list[nn.Module]]:
+        """The backdoor expert, and its ``expert_ensemble`` snapshots: Adam on wrong labels ``(y + 1) mod C``.
 
         ``paper``: ``expert_epochs`` epochs at ``expert_lr`` (1e-4). ``auto``: from lr 1e-4 (or
         ``expert_lr``), train at least ``expert_epochs`` epochs and then until the expert's
         agreement with M on the held-out clean slice is at most ``expert_agreement`` (checked
         every few steps), within ``expert_max_steps``; if the budget runs out first, restart from
-        M at a 3x larger lr (``EXPERT_LR_LADDER``).
+        M at a 3x larger lr (``EXPERT_LR_LADDER``). With ``expert_ensemble``, the run that reached
+        ``expert_agreement`` goes on (within the same ``expert_max_steps``), and a copy is kept
+        at the first check where the agreement is at most each further level; a level the run
+        does not reach takes the run's last expert (a warning says so).
         """
         if hold is None:
             lr = self.expert_lr if self.expert_lr is not None else 1e-4
@@ -330,35 +393,41 @@ class BaDExpert(Detector):
                                      desc=f"expert lr={lr:g}")
             self.expert_lr_ = lr
             self.fit_report_["expert"] = {"lr": lr, "steps": None, "rule": "fixed"}
-            return expert.eval()
+            return expert.eval(), []
 
         ref = predict_logits(source, hold.images, batch_size=self.batch_size).argmax(1)
         steps_per_epoch = max(1, len(fit_part) // min(self.expert_batch_size, len(fit_part)))
         check_every = max(1, min(4, steps_per_epoch))
         min_steps = steps_per_epoch * self.expert_epochs  # at least the paper's schedule
         ladder = [self.expert_lr] if self.expert_lr is not None else list(EXPERT_LR_LADDER)
+        levels = (self.expert_agreement, *self.expert_ensemble)
         trace: list[dict] = []
         best = None
         for lr in ladder:
-            state = {"agreement": 1.0, "steps": 0}
+            state = {"steps": 0, "agreement": 1.0}
+            kept: list[tuple[nn.Module, dict]] = []  # (expert, where) at each level reached, in order
 
             def check(step: int, m: nn.Module) -> bool:
                 pred = predict_logits(m, hold.images, batch_size=self.batch_size).argmax(1)
                 state["agreement"] = float((pred == ref).float().mean())
                 state["steps"] = step
-                return step >= min_steps and state["agreement"] <= self.expert_agreement
+                while step >= min_steps and len(kept) < len(levels) and state["agreement"] <= levels[len(kept)]:
+                    last = len(kept) == len(levels) - 1  # training stops here: the run's own model is that expert
+                    kept.append((m if last else copy.deepcopy(m), dict(state)))
+                return len(kept) == len(levels)
 
             epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))
             recipe = self.expert_recipe(lr).replace(epochs=epochs, max_steps=self.expert_max_steps)
-            expert = finetune_expert(source, fit_part, recipe, num_classes=num_classes, seed=self.seed, callback=check,
-                                     callback_every=check_every, desc=f"expert lr={lr:g}")
-            entry = {"lr": lr, "steps": state["steps"], "agreement": state["agreement"]}
+            final = finetune_expert(source, fit_part, recipe, num_classes=num_classes, seed=self.seed, callback=check,
+                                    callback_every=check_every, desc=f"expert lr={lr:g}")
+            expert, where = kept[0] if kept else (final, dict(state))
+            entry = {"lr": lr, **where}
             trace.append(entry)
-            if best is None or state["agreement"] < best[1]["agreement"]:
-                best = (expert, entry)
-            if state["agreement"] <= self.expert_agreement:
+            if best is None or entry["agreement"] < best[1]["agreement"]:
+                best = (expert, entry, kept, final, dict(state))
+            if kept:
                 break
-        expert, entry = best
+        expert, entry, kept, final, last_state = best
         reached = entry["agreement"] <= self.expert_agreement
         if not reached:
             warnings.warn(
@@ -370,7 +439,25 @@ class BaDExpert(Detector):
         self.fit_report_["expert"] = {"lr": entry["lr"], "steps": entry["steps"], "agreement": entry["agreement"],
                                       "target_agreement": self.expert_agreement, "reached_target": reached,
                                       "rule": "auto", "trace": trace}
-        return expert.eval()
+        if not self.expert_ensemble:
+            return expert.eval(), []
+        snapshots, records = [], []
+        for i, level in enumerate(self.expert_ensemble, start=1):
+            # a level not reached: a copy of the run's last (most finetuned) expert stands in
+            net, where = kept[i] if i < len(kept) else (copy.deepcopy(final), last_state)
+            snapshots.append(net.eval())
+            records.append({"level": level, "steps": where["steps"], "agreement": where["agreement"],
+                            "reached": i < len(kept)})
+        missed = [r["level"] for r in records if not r["reached"]]
+        if missed:
+            warnings.warn(
+                f"BaDExpert: the expert ensemble did not reach agreement {', '.join(f'{v:.0%}' for v in missed)} "
+                f"within expert_max_steps ({self.expert_max_steps}); the run's last expert "
+                f"({last_state['agreement']:.0%} agreement) stands in for it. A larger expert_max_steps helps.",
+                stacklevel=3,
+            )
+        self.fit_report_["expert"]["ensemble"] = records
+        return expert.eval(), snapshots
 
     def _fit_auxiliary(self, source: nn.Module, fit_part: Dataset, hold: Dataset | None) -> nn.Module:
         """The auxiliary model: Nesterov SGD on the true labels with step decay.
@@ -431,7 +518,8 @@ class BaDExpert(Detector):
     @torch.no_grad()
     def confidences(self, x) -> dict[str, torch.Tensor]:
         """Per input: M's label ``pred``, the expert's (``x``) and the auxiliary model's (``y``)
-        confidence in it, and the matching log-odds ``logit_x`` / ``logit_y``."""
+        confidence in it, and the matching log-odds ``logit_x`` / ``logit_y``. With
+        ``expert_ensemble``, ``logit_x`` is the mean of the experts' log-odds and ``x`` its sigmoid."""
         self._check_fitted("confidences")
         images, bad = self._scorable(x)
         parts: dict[str, list[torch.Tensor]] = {}
@@ -457,7 +545,10 @@ class BaDExpert(Detector):
             return out
         what = " and ".join(name for key, name in (("crop", "crops"), ("flip", "flips")) if aug.get(key))
         out = f"{out}, finetuned with {what or 'no augmentation'}"
-        return out + (f", trunk up to {self.shared_trunk} shared with the model" if self.shared_trunk else "")
+        out += f", trunk up to {self.shared_trunk} shared with the model" if self.shared_trunk else ""
+        if self.expert_ensemble:
+            out += f", expert ensemble at agreement {', '.join(f'{v:g}' for v in self.expert_ensemble)}"
+        return out
 
     def diagnostics(self, clean: dict, triggered: dict) -> dict:
         """The AUROC (all clean vs all triggered inputs) every score rule would give on these same
@@ -478,23 +569,27 @@ class BaDExpert(Detector):
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """M's logits (``logits`` when given) and the confidences of :meth:`confidences`. With a
         shared trunk, the trunk runs once and feeds M's head (unless ``logits`` are given), the
-        expert's and the auxiliary model's."""
-        features, nets = xb, (self.expert_, self.auxiliary_)
+        experts' and the auxiliary model's."""
+        features, experts, aux = xb, [self.expert_, *self.expert_snapshots_], self.auxiliary_
         with eval_mode(self.model_):
             if self.shared_trunk is not None:
                 trunk, head = split_model(self.model_, self.shared_trunk)
-                features, nets = trunk(xb), (self.expert_.head, self.auxiliary_.head)
+                features, experts, aux = trunk(xb), [net.head for net in experts], aux.head
                 if logits is None:
                     logits = head(features)
             elif logits is None:
                 logits = self.model_(xb)
         pred = logits.argmax(1)
         out = {"pred": pred}
-        for key, net in zip(("x", "y"), nets):
-            logp, logodds = _label_log_odds(net(features).float(), pred)
-            out[key] = logp.exp()
-            out[f"logit_{key}"] = logodds
-        return logits, out
+        logp, out["logit_y"] = _label_log_odds(aux(features).float(), pred)
+        out["y"] = logp.exp()
+        if len(experts) == 1:
+            logp, out["logit_x"] = _label_log_odds(experts[0](features).float(), pred)
+            out["x"] = logp.exp()
+        else:  # the expert ensemble: the mean of the experts' log-odds, and its sigmoid
+            out["logit_x"] = torch.stack([_label_log_odds(net(features).float(), pred)[1] for net in experts]).mean(0)
+            out["x"] = torch.sigmoid(out["logit_x"])
+        return logits, {k: out[k] for k in ("pred", "x", "logit_x", "y", "logit_y")}
 
     def _combine(self, conf: dict[str, torch.Tensor], rule: str | None = None) -> torch.Tensor:
         rule = rule or self.rule
@@ -514,8 +609,10 @@ class BaDExpert(Detector):
 
     # --- persistence ---------------------------------------------------------------------
     def _state_tensors(self):
-        # with a shared trunk, the heads only: the trunk is the model's own, checked on load
-        nets = {"expert": self.expert_, "auxiliary": self.auxiliary_}
+        # with a shared trunk, the heads only: the trunk is the model's own, checked on load;
+        # the expert ensemble's snapshots as expert1., expert2., ... beside expert.
+        nets = {"expert": self.expert_, "auxiliary": self.auxiliary_,
+                **{f"expert{i}": net for i, net in enumerate(self.expert_snapshots_, start=1)}}
         if self.shared_trunk is not None:
             nets = {k: v.head for k, v in nets.items()}
         return {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
@@ -525,13 +622,19 @@ class BaDExpert(Detector):
 
     def _load_state(self, model, tensors, meta):
         device = self.device_
+        snapshots = [f"expert{i}" for i in range(1, len(self.expert_ensemble) + 1)]
+        missing = [name for name in snapshots if not any(k.startswith(f"{name}.") for k in tensors)]
+        if missing:
+            raise BadExpertError(f"the detector declares {len(snapshots)} expert ensemble snapshot(s) but holds no "
+                                 f"weights for {', '.join(missing)}; the file is damaged: fit it again")
         if self.shared_trunk is not None:
             _check_trunk(model, self.shared_trunk, (meta.get("fit_report") or {}).get("shared_trunk"))
-            self.expert_, self.auxiliary_ = (_load_head(model, self.shared_trunk, tensors, f"{name}.", device)
-                                             for name in ("expert", "auxiliary"))
+            self.expert_, self.auxiliary_, *nets = (_load_head(model, self.shared_trunk, tensors, f"{name}.", device)
+                                                    for name in ("expert", "auxiliary", *snapshots))
         else:
-            self.expert_ = _load_copy(model, tensors, "expert.", device)
-            self.auxiliary_ = _load_copy(model, tensors, "auxiliary.", device)
+            self.expert_, self.auxiliary_, *nets = (_load_copy(model, tensors, f"{name}.", device)
+                                                    for name in ("expert", "auxiliary", *snapshots))
+        self.expert_snapshots_ = _Snapshots(nets).eval()
         self.expert_lr_ = meta.get("expert_lr")
         self.aux_lr_ = meta.get("aux_lr")
         self.hflip_ = meta.get("hflip")
@@ -559,6 +662,14 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _Snapshots(nn.ModuleList):
+    """The expert ensemble's snapshots (``expert_snapshots_``; empty without ``expert_ensemble``).
+    Called, it runs each one (stacked outputs): export's preparation of a network probes it so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(x) for net in self])
 
 
 # --- the shared trunk --------------------------------------------------------------------------------
