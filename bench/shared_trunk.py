@@ -68,8 +68,10 @@ def trunk_flops_share(model, cut: str | None, input_shape) -> float:
     return part.get_total_flops() / max(1, whole.get_total_flops())
 
 
-def detection(spec: dict, cut: str | None, cache: Path, log) -> tuple[dict, object, object]:
-    """One (attack, cut) cell: its metrics (cached as JSON) and the fitted detector, model, splits."""
+def detection(spec: dict, cut: str | None, cache: Path, log, *, extra: dict | None = None,
+              label: str | None = None) -> tuple[dict, object, object]:
+    """One (attack, cut) cell: its metrics (cached as JSON) and the fitted detector, model, splits.
+    ``extra``: further BaDExpert parameters of the variant (``label`` names it in the row and the cache)."""
     from badexpert import compare
     from badexpert.attacks import attack_from_meta
     from badexpert.detectors import get_detector, load_detector
@@ -82,10 +84,11 @@ def detection(spec: dict, cut: str | None, cache: Path, log) -> tuple[dict, obje
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, cache_dir=source, log=log)
     attack = attack_from_meta(meta)
-    params = {"preset": "auto", **spec["detector_params"], "seed": cfg.seed, "shared_trunk": cut}
+    params = {"preset": "auto", **spec["detector_params"], "seed": cfg.seed, "shared_trunk": cut, **(extra or {})}
     key = _key({"suspect": skey, "params": params, "fpr": cfg.fpr, "split": [cfg.reserved, cfg.calibration,
                                                                              cfg.test_size]})
-    name = f"{spec['attack']}-{cut or 'full'}-{key}"
+    variant = label or cut or "full"
+    name = f"{spec['attack']}-{variant}-{key}"
     result_path, det_path = cache / f"result-{name}.json", cache / f"detector-{name}.safetensors"
     det = None
     if det_path.is_file():
@@ -98,7 +101,7 @@ def detection(spec: dict, cut: str | None, cache: Path, log) -> tuple[dict, obje
     res = compare(model, [det], splits, attack, fpr=cfg.fpr, seed=cfg.seed, device=cfg.device, asr_bar=cfg.asr_bar,
                   n_boot=0, throughput=False, log=log)
     m, d = res.metrics["model"], res.metrics["detectors"][0]
-    row = {"attack": spec["attack"], "cut": cut or "full", "suspect": f"{source}/suspect-{skey}.safetensors",
+    row = {"attack": spec["attack"], "cut": variant, "suspect": f"{source}/suspect-{skey}.safetensors",
            "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"],
            "auroc": d["auroc"], "auroc_filtered": d["auroc_filtered"], "ca_after": d["clean_accuracy"],
            "asr_after": d["attack_success_rate"], "fit": det.fit_summary(), "seconds": time.perf_counter() - t0}
