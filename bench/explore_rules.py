@@ -44,8 +44,11 @@ from badexpert.io import load_model
 from badexpert.metrics import auroc, conformal_threshold
 from badexpert.training import predict_logits
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compare import cell_name  # noqa: E402  (bench/compare.py: a model's row name)
+
+
+def cell_name(model: Path) -> str:
+    """A model's row name: its folder for a ``model.safetensors``, else the file's stem."""
+    return model.parent.name if model.name == "model.safetensors" else model.stem
 
 #: Experimental rules over the log-odds of M (``m``), the expert (``x``) and the auxiliary model (``y``).
 EXTRA = {
