@@ -2,6 +2,7 @@
 
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 from badexpert.evaluation.compare import compare
@@ -83,6 +84,29 @@ def test_compare_argument_errors(setting):
         compare(model, [], splits, attack)
     with pytest.raises(BadExpertError, match="unknown detector 'nope'"):
         compare(model, ["nope"], splits, attack)
+
+
+def test_two_variants_of_one_detector_compare_side_by_side_under_labels(setting, tmp_path):
+    """A mapping of labels to detectors: BaDExpert beside another variant of itself, each
+    record labelled, the report and the ROC figure keyed by the labels; unlabelled records keep
+    their form (no 'label' key)."""
+    model, attack, splits = setting
+    plain, other = _badexpert(), BaDExpert(expert_lr=1e-2, aux_lr=0.05, aux_epochs=4, hflip=False, seed=1)
+    res = compare(model, {"badexpert": plain, "variant": other}, splits, attack, n_boot=0, throughput=False,
+                  log=lambda m: None)
+    recs = res.metrics["detectors"]
+    assert [r["name"] for r in recs] == ["badexpert", "badexpert"]
+    assert "label" not in recs[0] and recs[1]["label"] == "variant"
+    assert set(res.arrays) == {"badexpert", "variant"}
+    assert recs[0]["auroc"] > 0.9 and recs[1]["auroc"] > 0.9
+    a, b = (np.asarray(res.arrays[k]["clean_scores"]) for k in ("badexpert", "variant"))
+    assert a.shape == b.shape and not np.allclose(a, b)  # two detectors, not one reported twice
+    table = format_comparison(res.metrics)
+    assert "| badexpert |" in table and "| variant |" in table
+    assert {p.name for p in write_comparison(tmp_path / "cmp", res)} == {"compare.json", "compare.md", "roc.png"}
+    for bad in ({"a|b": plain}, {"": plain}):
+        with pytest.raises(BadExpertError, match="label must be a short name"):
+            compare(model, bad, splits, attack, log=lambda m: None)
 
 
 @pytest.mark.parametrize("argv, match", [

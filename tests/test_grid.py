@@ -97,7 +97,7 @@ def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
     assert {p.name for p in (root / "out").iterdir()} == GRID_OUTPUTS
     assert (root / "out" / "heatmap.png").stat().st_size > 5000
     md = (root / "out" / "summary.md").read_text()
-    assert "| blobs | cnn-w8 | blend | badexpert | 0/2 | attack failed" in md
+    assert re.search(r"\| blobs \| cnn-w8 \| blend \| badexpert \| 0/2 \| [\d.]+% / [\d.]+% \| attack failed", md)
     assert "| blobs | cnn-w8 | badnet | badexpert | 2/2 |" in md
     cached = sorted(p.name.split("-")[0] for p in (root / "cache").iterdir())
     assert cached == ["detector"] * 4 + ["suspect"] * 4  # failed implants fit no detector
@@ -299,6 +299,34 @@ def test_an_attack_entry_overrides_the_recipe_for_its_cells_only(first):
     other["attacks"][-1]["recipe"] = {"lr": -1}
     with pytest.raises(BadExpertError, match="lr"):
         plan(other)
+
+
+def test_two_labelled_variants_of_one_detector_run_side_by_side(first, tmp_path):
+    """Two BaDExpert entries with distinct labels: one row each per cell, keyed and named by the
+    label; an unlabelled entry keeps the key it had before labels existed."""
+    from badexpert.pipeline.grid import _hash
+
+    root, grid, rows, _, _ = first
+    other = json.loads(json.dumps(grid))
+    other["attacks"], other["seeds"] = other["attacks"][:1], [0]
+    base = other["detectors"][0]
+    other["detectors"] = [base, {**base, "label": "badexpert-lr3", "params": {**base["params"], "aux_lr": 0.3}}]
+    specs = plan(other)
+    (spec,) = specs
+    plain, variant = spec["detectors"]
+    assert plain["key"] == _hash({"cell": spec["cell"], "detector": "badexpert", "params": base["params"]})
+    assert plain["key"] in {r["key"] for r in rows}  # the first run's row: resumed, not recomputed
+    new = run_grid(other, root / "out", cache_dir=root / "cache", log=lambda m: None)
+    mine = {r["detector"]: r for r in new if r["cell"] == spec["cell"]}
+    assert set(mine) == {"badexpert", "badexpert-lr3"}
+    assert mine["badexpert-lr3"]["detector_params"]["aux_lr"] == 0.3 and mine["badexpert-lr3"]["key"] == variant["key"]
+    assert mine["badexpert"]["auroc"] != mine["badexpert-lr3"]["auroc"] or \
+        mine["badexpert"]["threshold"] != mine["badexpert-lr3"]["threshold"]
+    assert "badexpert-lr3 AUROC" in (root / "out" / "matrix.md").read_text()
+    dup = json.loads(json.dumps(other))
+    dup["detectors"][1]["label"] = "badexpert"
+    with pytest.raises(BadExpertError, match="listed twice.*distinct 'label'"):
+        plan(dup)
 
 
 def test_cli_grid_success_from_caches_and_exit_codes(first, tmp_path, monkeypatch, capsys):

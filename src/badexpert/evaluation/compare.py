@@ -12,7 +12,7 @@ figure with every ROC curve).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -34,24 +34,31 @@ class Comparison:
     arrays: dict = field(default_factory=dict)
 
 
-def _detectors(detectors: Sequence[Detector | str], seed: int, device: str | None) -> list[Detector]:
-    if isinstance(detectors, (str, Detector)) or not isinstance(detectors, Sequence) or not detectors:
-        raise BadExpertError("compare needs a non-empty list of detectors (names or Detector instances)")
+def _detectors(detectors: Sequence[Detector | str] | Mapping[str, Detector | str], seed: int,
+               device: str | None) -> list[tuple[str, Detector]]:
+    """``(label, detector)`` pairs: a list's labels are the detectors' names, a mapping's its keys."""
+    labelled = isinstance(detectors, Mapping)
+    if not labelled and (isinstance(detectors, (str, Detector)) or not isinstance(detectors, Sequence)) \
+            or not detectors:
+        raise BadExpertError("compare needs a non-empty list of detectors (names or Detector instances), or a "
+                             "mapping of labels to them")
     out = []
-    for d in detectors:
-        if isinstance(d, str):
-            out.append(get_detector(d, seed=seed, device=device))
-        else:
-            out.append(expect(d, Detector, "each detector"))
-    names = [d.name for d in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    for label, d in (detectors.items() if labelled else ((None, d) for d in detectors)):
+        det = get_detector(d, seed=seed, device=device) if isinstance(d, str) else expect(d, Detector, "each detector")
+        if labelled and (not isinstance(label, str) or not label.strip() or any(c in label for c in "|,\n\r\t")):
+            raise BadExpertError(f"a detector label must be a short name (no '|', ',', tabs or newlines), got {label!r}")
+        out.append((det.name if label is None else label, det))
+    labels = [label for label, _ in out]
+    dup = sorted({n for n in labels if labels.count(n) > 1})
     if dup:
-        raise BadExpertError(f"detector(s) {dup} listed twice; compare each detector once")
+        raise BadExpertError(f"detector(s) {dup} listed twice; compare each detector once (give two variants of one "
+                             "detector distinct labels: a mapping of labels to detectors)")
     return out
 
 
 @checked()
-def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Splits, attack: Attack | None, *,
+def compare(model: nn.Module, detectors: Sequence[Detector | str] | Mapping[str, Detector | str], splits: Splits,
+            attack: Attack | None, *,
             fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01, seed: NonNegativeInt = 0, device: str | None = None,
             asr_bar: Fraction = 0.5, n_boot: NonNegativeInt = 1000, batch_size: PositiveInt = 256,
             throughput: bool = True, noisy_clean: bool = False, log: Callable[[str], Any] = print) -> Comparison:
@@ -60,7 +67,10 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
 
     ``detectors``: registry names (built with ``seed`` and ``device``) or :class:`Detector`
     instances; an instance that is already fitted (on ``model``, not on the test images) is not
-    fitted again, and one already calibrated is used as it is. If the backdoor did not implant
+    fitted again, and one already calibrated is used as it is. A mapping of labels to them
+    compares two variants of one detector side by side (``{"badexpert": BaDExpert(), "ensemble":
+    BaDExpert(expert_ensemble=(0.4,))}``): each defense record then carries its ``label``, and
+    ``arrays`` is keyed by it. If the backdoor did not implant
     (ASR below ``asr_bar``) no detector is fitted and the result says so.
 
     ``noisy_clean``: every detector is also ranked with the noise-augmented clean negatives of the
@@ -72,7 +82,7 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
     expect(model, nn.Module, "the model")
     expect(splits, Splits, "the splits")
     dets = _detectors(detectors, seed, device)
-    if any(not hasattr(d, "threshold_") for d in dets):  # before any detector is fitted
+    if any(not hasattr(d, "threshold_") for _, d in dets):  # before any detector is fitted
         check_reachable_fpr(fpr, len(splits.calibration), "calibration inputs", "the target FPR")
     out = model_outputs(model, splits.test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size,
                         noisy_clean=noisy_clean)
@@ -86,21 +96,23 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str], splits: Split
     if out.metrics["attack_failed"]:
         log(out.metrics["message"])
         return Comparison(metrics, arrays)
-    for det in dets:
+    for label, det in dets:
         if not det.is_fitted:
-            log(f"fitting {det.name} on {len(splits.reserved)} reserved clean samples")
+            log(f"fitting {label} on {len(splits.reserved)} reserved clean samples")
             det.fit(model, splits.reserved)
         if not hasattr(det, "threshold_"):
             det.calibrate(splits.calibration, fpr)
         overlap = check_detector_for(model, det, splits.test)
-        log(f"evaluating {det.name} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
+        log(f"evaluating {label} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
         defense, det_arrays = detector_metrics(model, det, out, overlap=overlap, n_boot=n_boot, seed=seed,
                                                batch_size=batch_size, throughput=throughput)
         why = out_of_scope(det, attack)
         if why:
             defense["out_of_scope"] = why
+        if label != det.name:  # a variant's label (the records of unlabelled detectors keep their form)
+            defense["label"] = label
         metrics["detectors"].append(defense)
-        arrays[det.name] = det_arrays
+        arrays[label] = det_arrays
     return Comparison(metrics, arrays)
 
 

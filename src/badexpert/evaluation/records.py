@@ -138,6 +138,13 @@ class DefenseRecord(_Record):
     timings: dict | None = None
     diagnostics: dict | None = None
     out_of_scope: str | None = None
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What names the record in a comparison: its ``label`` (a variant of a detector compared
+        beside another, :func:`~badexpert.evaluation.compare.compare`), else the detector's name."""
+        return self.label or self.name
 
     @property
     def detection(self) -> bool:

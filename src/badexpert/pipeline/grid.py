@@ -67,7 +67,7 @@ DATASET_FIELDS = ("name", "label", "data_path", "image_size", "reserved", "calib
                   "recipe")
 ARCH_FIELDS = ("arch", "label", "width", "recipe")
 ATTACK_FIELDS = ("name", "label", "params", "recipe")
-DETECTOR_FIELDS = ("name", "params")
+DETECTOR_FIELDS = ("name", "label", "params")
 #: Detector parameters the grid sets itself (the cell's seed, the grid's device).
 GRID_SET_PARAMS = ("seed", "device")
 
@@ -207,15 +207,17 @@ def normalize_grid(config: dict) -> dict:
         e = _entry(item, "detectors", i, "name", DETECTOR_FIELDS)
         e["name"] = _named(DETECTORS.canonical, e["name"], f"grid detectors[{i}]")
         e.setdefault("params", {})
+        e.setdefault("label", e["name"])
         set_here = sorted(set(e["params"]) & set(GRID_SET_PARAMS))
         if set_here:
             raise BadExpertError(f"grid detectors[{i}] ({e['name']}): parameter(s) {set_here} are set by the grid "
                                  "(each cell's seed, the grid's 'device'); remove them")
         detectors.append(e)
-    names = [d["name"] for d in detectors]
+    names = [d["label"] for d in detectors]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise BadExpertError(f"grid detectors: {dup} listed twice; each detector runs once per cell")
+        raise BadExpertError(f"grid detectors: {dup} listed twice; each detector runs once per cell (two variants "
+                             "of one detector need distinct 'label's)")
 
     seeds = _entries(config, "seeds")
     for s in seeds:
@@ -303,8 +305,10 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
                                                                              "fpr", "asr_bar", "n_boot")},
                                   # only when on: the rows of grids run without the protocol keep their keys
                                   **({"noisy_clean": True} if conf["noisy_clean"] else {})})
-                    dets = [{"name": d["name"], "params": d["params"],
-                             "key": _hash({"cell": cell, "detector": d["name"], "params": d["params"]})}
+                    dets = [{"name": d["name"], "label": d["label"], "params": d["params"],
+                             # the label only where it is not the name: unlabelled rows keep their keys
+                             "key": _hash({"cell": cell, "detector": d["name"], "params": d["params"],
+                                           **({"label": d["label"]} if d["label"] != d["name"] else {})})}
                             for d in grid["detectors"]]
                     specs.append({"cell": cell, "dataset": ds["label"], "arch": arch["label"],
                                   "attack": attack["label"], "seed": seed, "config": conf,
@@ -360,7 +364,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
     pos = spec.get("position")
     where = f"[{pos[0]}/{pos[1]}] " if pos else ""
     log(f"{where}cell dataset={spec['dataset']} arch={spec['arch']} attack={spec['attack']} seed={spec['seed']}: "
-        f"{', '.join(d['name'] for d in spec['detectors'])}")
+        f"{', '.join(d['label'] for d in spec['detectors'])}")
     cache_dir = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
     skey = suspect_key(cfg, cfg.make_recipe())
     model_cached = cache_dir is not None and (cache_dir / f"suspect-{skey}.safetensors").is_file()
@@ -368,7 +372,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
     attack = attack_from_meta(meta)
 
-    dets, fresh, cached = [], [], set()
+    dets, fresh, cached = {}, [], set()
     for d in spec["detectors"]:
         det = get_detector(d["name"], **{"seed": cfg.seed, "device": cfg.device, **d["params"]})
         path = None
@@ -387,12 +391,12 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
                 else:
                     # calibrated at this FPR, or (a detector moved to this model) to be calibrated for it
                     if getattr(loaded, "fpr_target_", cfg.fpr) == cfg.fpr:
-                        log(f"loaded cached {d['name']} detector {path}")
+                        log(f"loaded cached {d['label']} detector {path}")
                         det = loaded
-                        cached.add(d["name"])
-        if d["name"] not in cached:
+                        cached.add(d["label"])
+        if d["label"] not in cached:
             fresh.append((det, path))
-        dets.append(det)
+        dets[d["label"]] = det
     seed_everything(cfg.seed)
     result = compare(model, dets, splits, attack, fpr=cfg.fpr, seed=cfg.seed, device=cfg.device,
                      asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, noisy_clean=cfg.noisy_clean, log=log)
@@ -403,14 +407,14 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
 
     m = result.metrics["model"]
     failed = bool(m["attack_failed"])
-    by_name = {d["name"]: DefenseRecord.from_dict(d) for d in result.metrics["detectors"]}
+    by_label = {r.key: r for r in (DefenseRecord.from_dict(d) for d in result.metrics["detectors"])}
     seconds = time.perf_counter() - t0
     rows = []
     for d in spec["detectors"]:
-        defense = None if failed else by_name[d["name"]]
+        defense = None if failed else by_label[d["label"]]
         row = GridRow(
             key=d["key"], cell=spec["cell"], dataset=spec["dataset"], arch=spec["arch"], attack=spec["attack"],
-            seed=spec["seed"], detector=d["name"], detector_params=d["params"],
+            seed=spec["seed"], detector=d["label"], detector_params=d["params"],
             status="attack_failed" if failed else "ok",
             clean_accuracy=m["clean_accuracy"], attack_success_rate=m["attack_success_rate"], attack_failed=failed,
             **GridRow.numbers(defense),
@@ -420,7 +424,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
             n_test=m["sizes"]["test_clean"], n_triggered=m["sizes"].get("test_triggered"),
             n_noisy=m["sizes"].get("test_noisy"),
             train_seconds=meta.get("train_seconds"), cell_seconds=seconds,
-            model_cached=model_cached, detector_cached=d["name"] in cached, badexpert_version=__version__,
+            model_cached=model_cached, detector_cached=d["label"] in cached, badexpert_version=__version__,
         )
         rows.append(json.loads(json.dumps(to_jsonable(row.to_dict()))))  # exactly what results.jsonl will hold
     return rows
