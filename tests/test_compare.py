@@ -105,7 +105,7 @@ def test_two_variants_of_one_detector_compare_side_by_side_under_labels(setting,
     assert "| badexpert |" in table and "| variant |" in table
     assert {p.name for p in write_comparison(tmp_path / "cmp", res)} == {"compare.json", "compare.md", "roc.png"}
     for bad in ({"a|b": plain}, {"": plain}):
-        with pytest.raises(BadExpertError, match="label must be a short name"):
+        with pytest.raises(BadExpertError, match="a compared detector: .label. must be a short name"):
             compare(model, bad, splits, attack, log=lambda m: None)
 
 

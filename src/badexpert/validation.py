@@ -205,6 +205,15 @@ def expect_finite_model(model, what: str = "the model"):
     return model
 
 
+def check_label(label, where: str) -> str:
+    """``label`` if it is a short name for a table column or row (a grid entry's, a compared
+    detector's): a non-empty string of at most 80 characters without ``|``, ``,``, tabs or
+    newlines (they would break the Markdown and CSV tables); else a one-line error naming ``where``."""
+    if not isinstance(label, str) or not label.strip() or len(label) > 80 or any(c in label for c in "|\n\r\t,"):
+        raise BadExpertError(f"{where}: 'label' must be a short name (no '|', ',', tabs or newlines), got {label!r}")
+    return label
+
+
 def check_value(value, tp, name: str, where: str = "field"):
     """``value`` checked against annotation ``tp``; a one-line error naming ``where`` ``name``."""
     try:
@@ -293,4 +302,4 @@ def checked(where: str | None = None):
     return deco
 
 
-__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_value", "checked", "expect", "expect_finite_model", "signature_hints", "validate_fields", "validate_params"]
+__all__ = ["Fraction", "NonNegativeInt", "OneOf", "PositiveFloat", "PositiveInt", "Range", "check_label", "check_value", "checked", "expect", "expect_finite_model", "signature_hints", "validate_fields", "validate_params"]

@@ -22,7 +22,7 @@ from ..detectors import Detector, get_detector
 from ..errors import BadExpertError
 from .core import check_detector_for, detector_metrics, model_outputs
 from ..metrics import check_reachable_fpr
-from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect
+from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, check_label, checked, expect
 
 @dataclass
 class Comparison:
@@ -45,8 +45,8 @@ def _detectors(detectors: Sequence[Detector | str] | Mapping[str, Detector | str
     out = []
     for label, d in (detectors.items() if labelled else ((None, d) for d in detectors)):
         det = get_detector(d, seed=seed, device=device) if isinstance(d, str) else expect(d, Detector, "each detector")
-        if labelled and (not isinstance(label, str) or not label.strip() or any(c in label for c in "|,\n\r\t")):
-            raise BadExpertError(f"a detector label must be a short name (no '|', ',', tabs or newlines), got {label!r}")
+        if labelled:
+            check_label(label, "a compared detector")
         out.append((det.name if label is None else label, det))
     labels = [label for label, _ in out]
     dup = sorted({n for n in labels if labels.count(n) > 1})

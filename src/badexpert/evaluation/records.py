@@ -141,7 +141,7 @@ class DefenseRecord(_Record):
     label: str | None = None
 
     @property
-    def key(self) -> str:
+    def shown_as(self) -> str:
         """What names the record in a comparison: its ``label`` (a variant of a detector compared
         beside another, :func:`~badexpert.evaluation.compare.compare`), else the detector's name."""
         return self.label or self.name

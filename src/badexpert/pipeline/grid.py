@@ -54,6 +54,7 @@ from ..digests import json_digest
 from ..errors import BadExpertError
 from ..evaluation.records import DefenseRecord, GridRow
 from ..utils import atomic_write_text, check_output_dir, to_jsonable, write_error, write_json
+from ..validation import check_label
 
 #: What ``badexpert grid`` writes into its output directory (a rerun resumes in the same directory).
 GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.csv", "matrix.md", "heatmap.png"})
@@ -127,13 +128,8 @@ def _entry(item: Any, axis: str, i: int, name_field: str, fields: tuple[str, ...
         if key in item and not isinstance(item[key], dict):
             raise BadExpertError(f"{where}: '{key}' must be an object, got {type(item[key]).__name__}")
     if "label" in item:
-        _check_label(item["label"], where)
+        check_label(item["label"], where)
     return dict(item)
-
-
-def _check_label(label: Any, where: str) -> None:
-    if not isinstance(label, str) or not label.strip() or len(label) > 80 or any(c in label for c in "|\n\r\t,"):
-        raise BadExpertError(f"{where}: 'label' must be a short name (no '|', ',', tabs or newlines), got {label!r}")
 
 
 def _named(canonical: Callable[[str], str], name: str, where: str) -> str:
@@ -407,7 +403,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
 
     m = result.metrics["model"]
     failed = bool(m["attack_failed"])
-    by_label = {r.key: r for r in (DefenseRecord.from_dict(d) for d in result.metrics["detectors"])}
+    by_label = {r.shown_as: r for r in (DefenseRecord.from_dict(d) for d in result.metrics["detectors"])}
     seconds = time.perf_counter() - t0
     rows = []
     for d in spec["detectors"]:

@@ -41,7 +41,7 @@ def format_comparison(metrics: dict) -> str:
     for d in records:
         ratio = d.throughput_ratio
         rows.append(
-            f"| {d.key}{' (out of scope)' if d.out_of_scope else ''} | {_pct(d.auroc, 2)} | {_pct(d.auroc_filtered, 2)} | "
+            f"| {d.shown_as}{' (out of scope)' if d.out_of_scope else ''} | {_pct(d.auroc, 2)} | {_pct(d.auroc_filtered, 2)} | "
             + (f"{_pct(d.auroc_noisy, 2)} / {_pct(d.auroc_noisy_filtered, 2)} | " if noisy else "")
             + f"{_pct(d.tpr_at('0.1%'))} / {_pct(d.tpr_at('1%'))} / {_pct(d.tpr_at('5%'))} | {_pct(d.clean_accuracy)} | "
             f"{_pct(d.attack_success_rate)} | {_pct(d.realized_fpr, 2)} | {d.forward_passes} / {d.backward_passes} | "
@@ -61,7 +61,7 @@ def plot_comparison(comparison: Comparison):
 
     fig = _new_figure(11.5, 4.8)
     ax_lin, ax_log = fig.subplots(1, 2)
-    by_name = {r.key: r for r in (DefenseRecord.from_dict(d) for d in comparison.metrics["detectors"])}
+    by_name = {r.shown_as: r for r in (DefenseRecord.from_dict(d) for d in comparison.metrics["detectors"])}
     for name, a in comparison.arrays.items():
         c, t = np.asarray(a["clean_scores"], float), np.asarray(a["trig_scores"], float)
         scores = np.nan_to_num(np.concatenate([c, t]), nan=np.inf)  # an unscorable input is always flagged
