@@ -25,6 +25,11 @@ CONTRACT = {
     "sentinet": (lambda: DETECTORS["sentinet"](n=32, layer="net.features.4", seed=0), 0.55, 0.35),  # measured AUROC 0.609/0.596/0.604, TPR 0.454/0.452/0.449 (seeds 0/1/2; n=32 for speed, n=100 gives AUROC 0.593): Grad-CAM at the last conv (3x3 maps on 12x12 inputs) is too coarse to find the 3x3 corner patch (0.7 of its 9 pixels in the region, AUROC 0.38-0.56), so the 6x6 middle conv is named; even there the region holds ~3.9 of the 9 trigger pixels, so pasted triggers fool only ~62% of clean images (clean inputs ~36%)
     "frequency": (lambda: DETECTORS["frequency"](width=8, epochs=20, seed=0), 0.97, 0.9),  # measured AUROC 0.998/1.000/1.000/1.000/0.998, TPR 0.990/1.000/1.000/1.000/0.995 (seeds 0-4): never queries the model; its DCT CNN, trained on clean vs synthetic random patches/blends/noise/shadows, finds the high-frequency corner patch (epochs=15: AUROC 0.948 with seed 0)
     "ted": (lambda: DETECTORS["ted"](seed=0), 0.97, 0.9),  # measured AUROC 1.000 (tests/test_ted.py): clean inputs rank 0 at every layer, triggered ones ~20 of 80 references until the logits
+    # measured AUROC 1.000, TPR 1.000: BaDExpert and Frequency, each fitted on 640 of the 800 reserved
+    # images and ranked on the other 160 (tests/test_fusion.py)
+    "fusion": (lambda: DETECTORS["fusion"](member_params={
+        "badexpert": {"expert_lr": 1e-2, "aux_lr": 0.1, "aux_epochs": 4, "hflip": False},
+        "frequency": {"width": 8, "epochs": 20}}, seed=0), 0.97, 0.9),
 }
 FACTORIES = {name: spec[0] for name, spec in CONTRACT.items()}
 

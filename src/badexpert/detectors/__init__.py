@@ -8,6 +8,7 @@ from .badexpert import SCORES, BaDExpert, combine
 from .base import Detector, Option, load_detector, read_detector_file
 from .cd import CognitiveDistillation
 from .frequency import Frequency
+from .fusion import Fusion
 from .ibd_psc import IBDPSC
 from .scale_up import ScaleUp
 from .sentinet import SentiNet
@@ -17,7 +18,7 @@ from .ted import TED
 
 #: Detectors by name.
 DETECTORS = Registry("detector", [(cls.name, cls) for cls in (
-    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet, Frequency, TED,
+    BaDExpert, STRIP, ScaleUp, TeCo, IBDPSC, CognitiveDistillation, SentiNet, Frequency, TED, Fusion,
 )])
 
 
@@ -29,6 +30,6 @@ def get_detector(name: str, /, **params) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "IBDPSC", "Option", "STRIP",
+    "DETECTORS", "SCORES", "BaDExpert", "CognitiveDistillation", "Detector", "Frequency", "Fusion", "IBDPSC", "Option", "STRIP",
     "ScaleUp", "SentiNet", "TED", "TeCo", "combine", "get_detector", "load_detector", "read_detector_file",
 ]

@@ -1,0 +1,225 @@
+"""The fusion detector (issue 20's pairing of BaDExpert with a detector of another kind): each
+member's score ranked against its own held-out clean references (a conformal p-value with an
+exponential tail), the largest surprise over the members, one calibrated threshold. The rank
+transform's arithmetic, the union's behaviour (it catches what either member catches), the model's
+pass shared, files and guards, and one-line mistakes."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from badexpert import Guard
+from badexpert.detectors import DETECTORS, Fusion, get_detector, load_detector
+from badexpert.detectors.fusion import surprise, tail_scale
+from badexpert.errors import BadExpertError
+from badexpert.metrics import auroc
+
+FAST = {"badexpert": {"expert_lr": 1e-2, "aux_lr": 0.1, "aux_epochs": 4, "hflip": False},
+        "frequency": {"width": 8, "epochs": 20}}
+
+
+@pytest.fixture(scope="module")
+def splits(backdoored):
+    model, attack, _, te = backdoored
+    reserved, calib, test = te.subset(range(0, 800)), te.subset(range(800, 1600)), te.subset(range(1600, 2400))
+    triggered = attack.apply(test.images[attack.counts(test.labels)])
+    return model, reserved, calib, test, triggered
+
+
+@pytest.fixture(scope="module")
+def fused(splits):
+    model, reserved, calib, _, _ = splits
+    return Fusion(member_params=FAST).fit(model, reserved).calibrate(calib, fpr=0.05)
+
+
+# --- the rank transform ----------------------------------------------------------------------------
+def test_at_each_reference_the_surprise_is_the_conformal_p_value_of_the_references_above_it():
+    ref = torch.tensor([0.0, 1.0, 2.0, 4.0, 8.0])
+    s = surprise(ref, ref, tail_scale=1.0)
+    above = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])  # references strictly above each one
+    assert torch.allclose(s, -torch.log((1 + above) / 6).double())
+    # below every reference: as at the smallest (flat); halfway between two: interpolated
+    assert surprise(torch.tensor([-5.0]), ref, 1.0).item() == pytest.approx(math.log(6 / 5))
+    assert surprise(torch.tensor([3.0]), ref, 1.0).item() == pytest.approx(math.log(6) - math.log1p(1.5))
+
+
+def test_past_the_largest_reference_the_surprise_grows_by_one_per_tail_scale():
+    ref = torch.arange(10.0)
+    s = surprise(torch.tensor([9.0, 10.0, 13.0]), ref, tail_scale=2.0)
+    assert s.tolist() == pytest.approx([math.log(11), math.log(11) + 0.5, math.log(11) + 2.0])
+
+
+def test_the_surprise_is_continuous_and_non_decreasing_and_keeps_nan():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(200, generator=g).sort().values
+    grid = torch.linspace(-5, 8, 20001)
+    s = surprise(grid, ref, tail_scale(ref))
+    assert bool((s[1:] >= s[:-1] - 1e-12).all())
+    # no jump at any reference: approached from either side, the same value
+    eps = 1e-9
+    at = surprise(ref, ref, 1.0)
+    assert torch.allclose(surprise(ref - eps, ref, 1.0), at, atol=1e-5)
+    assert torch.allclose(surprise(ref + eps, ref, 1.0), at, atol=1e-5)
+    assert math.isnan(surprise(torch.tensor([float("nan")]), ref, 1.0).item())
+
+
+def test_the_tail_scale_is_the_mean_excess_over_the_top_tenth_with_fallbacks():
+    ref = torch.arange(100.0)  # 90% quantile 90: the excesses 1..9
+    assert tail_scale(ref) == pytest.approx(5.0)
+    assert tail_scale(torch.full((20,), 3.0)) == 1.0  # no spread at all
+    ties_at_top = torch.cat([torch.arange(10.0), torch.full((10,), 20.0)])
+    assert tail_scale(ties_at_top) == pytest.approx(float(ties_at_top.std()))
+
+
+# --- on the backdoored model -----------------------------------------------------------------------
+def test_members_fit_on_one_share_and_are_ranked_on_the_rest(fused, splits):
+    _, reserved, _, _, _ = splits
+    report = fused.fit_report()
+    assert report["references"] == 160 and report["fitting_images"] == 640
+    assert [m.name for m in fused.members_] == ["badexpert", "frequency"]
+    for m, ref in zip(fused.members_, fused.references_):
+        assert len(m.fit_hashes_) == 640 and len(ref) == 160
+        # the references are held out from the member's fitting, but are reserved images
+        assert not bool(torch.isin(fused.fit_hashes_, m.fit_hashes_).all())
+        assert bool(torch.isin(m.fit_hashes_, fused.fit_hashes_).all())
+    assert len(fused.fit_hashes_) == len(reserved)
+
+
+def test_the_score_is_the_largest_member_surprise(fused, splits):
+    _, _, _, test, triggered = splits
+    x = torch.cat([test.images[:50], (triggered[:50] * 255).round().to(torch.uint8)])
+    d = fused.score_details(x)
+    for m, ref, t in zip(fused.members_, fused.references_, fused.tail_scales_):
+        raw = m.score(x).double()
+        assert torch.allclose(torch.from_numpy(d[f"{m.name}_score"]), raw, atol=1e-5)
+        assert torch.allclose(torch.from_numpy(d[f"{m.name}_surprise"]), surprise(raw, ref, t), atol=1e-4)
+    expected = torch.maximum(torch.from_numpy(d["badexpert_surprise"]), torch.from_numpy(d["frequency_surprise"]))
+    assert torch.allclose(torch.from_numpy(d["score"]).double(), expected, atol=1e-4)
+    assert torch.allclose(fused.score(x).double(), expected, atol=1e-4)
+
+
+def test_it_separates_the_backdoor_and_keeps_the_target_fpr(fused, splits):
+    _, _, _, test, triggered = splits
+    clean, trig = fused.score(test), fused.score(triggered)
+    assert auroc(clean.numpy(), trig.numpy()) > 0.97
+    assert fused.predict(test).float().mean().item() <= 0.05 + 0.03  # 800 fresh clean inputs
+    assert fused.predict(triggered).float().mean().item() > 0.9
+
+
+def test_a_useless_member_costs_little_of_a_strong_ones_detection(splits):
+    """The union rule's price: a member that cannot see the trigger spends part of the FPR budget,
+    but an input the strong member finds very surprising is still rejected."""
+    model, reserved, calib, test, triggered = splits
+    strong = get_detector("badexpert", **FAST["badexpert"]).fit(model, reserved.subset(range(640)))
+    strong.calibrate(calib, fpr=0.05)
+    # scale_up on this model: the white-patch target class keeps its label under scaling on clean
+    # inputs too (tests/test_detectors.py), a weak member here
+    pair = Fusion(members=("badexpert", "scale_up"), member_params={"badexpert": FAST["badexpert"]})
+    pair.fit(model, reserved).calibrate(calib, fpr=0.05)
+    tpr_strong = strong.predict(triggered).float().mean().item()
+    tpr_pair = pair.predict(triggered).float().mean().item()
+    assert tpr_pair >= tpr_strong - 0.05
+    assert auroc(pair.score(test).numpy(), pair.score(triggered).numpy()) > 0.95
+    # the members' own view of the triggered inputs: badexpert is the one surprised
+    d = pair.diagnostics(pair.score_details(test), pair.score_details(triggered))
+    assert d["most_surprised_member"]["triggered"]["badexpert"] > 0.9
+
+
+def test_the_model_runs_once_for_the_members_that_read_its_logits(fused, splits):
+    model, _, _, test, _ = splits
+    # badexpert reads the logits (3 passes, one of them the model's), frequency runs its own CNN (1)
+    assert fused.cost == {"forward": 4, "backward": 0} and fused.shares_model_pass
+    calls = []
+    hook = fused.model_.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fused.score(test.images[:10])
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    guard = Guard(model, fused)
+    assert guard.forward_passes_per_input == 4
+    out = guard(test.images[:64])
+    assert torch.allclose(out.score, fused.score(test.images[:64]), atol=1e-5)
+    assert torch.equal(out.reject, fused.predict(test.images[:64]))
+
+
+def test_the_file_holds_every_member_and_round_trips(fused, splits, tmp_path):
+    model, _, _, test, triggered = splits
+    path = fused.save(tmp_path / "fusion.safetensors")
+    back = load_detector(path, model)
+    assert isinstance(back, Fusion) and back.threshold_ == fused.threshold_
+    assert [type(m) for m in back.members_] == [type(m) for m in fused.members_]
+    assert torch.equal(back.score(triggered), fused.score(triggered))
+    # a damaged reference record is refused in one line, never used
+    tensors = load_file(str(path))
+    tensors["reference1"] = tensors["reference1"].flip(0)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(BadExpertError, match="reference scores are missing or malformed") as err:
+        load_detector(tmp_path / "bad.safetensors", model)
+    assert "\n" not in str(err.value)
+
+
+# --- mistakes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, message", [
+    ({"members": ["badexpert"]}, "at least two detectors"),
+    ({"members": ["badexpert", "BaDExpert"]}, "names a detector twice"),
+    ({"members": ["badexpert", "fusion"]}, "cannot be a member of a fusion"),
+    ({"members": ["badexpert", "nope"]}, "unknown detector 'nope'"),
+    ({"member_params": {"strip": {"n": 10}}}, "names 'strip', which is not among the members"),
+    ({"member_params": {"frequency": 3}}, "must be an object of that detector's parameters"),
+    ({"member_params": {"frequency": {"width": -1}}}, "detector 'frequency' parameter 'width'"),
+    ({"member_params": {"frequency": {"colour": 1}}}, "detector 'frequency' has no parameter"),
+    ({"reference_share": 1.0}, "parameter 'reference_share'"),
+    ({"members": "badexpert"}, "parameter 'members' must be a list"),
+])
+def test_parameter_mistakes_are_one_line(params, message):
+    with pytest.raises(BadExpertError, match=message) as err:
+        get_detector("fusion", **params)
+    assert "\n" not in str(err.value)
+    det = Fusion()
+    with pytest.raises(BadExpertError, match=message):
+        det.set_params(**params)
+    assert det.members == ("badexpert", "frequency") and det.member_params is None
+
+
+def test_too_few_clean_images_for_the_references_is_one_line(splits):
+    model, reserved, _, _, _ = splits
+    with pytest.raises(BadExpertError, match="leave 6 to rank the members' scores") as err:
+        Fusion(members=("strip", "ted")).fit(model, reserved.subset(range(30)))
+    assert "\n" not in str(err.value)
+
+
+def test_members_take_the_fusions_seed_unless_told_otherwise():
+    det = get_detector("fusion", seed=7, member_params={"frequency": {"seed": 3}})
+    seeds = {m.name: m.seed for m in det._build_members()}
+    assert seeds == {"badexpert": 7, "frequency": 3}
+    assert "fusion" in DETECTORS and DETECTORS.canonical("Fusion") == "fusion"
+
+
+def test_defend_builds_a_fusion_from_the_command_line(tmp_path, capsys):
+    from badexpert.cli import main
+    from badexpert.io import load_model
+
+    from .conftest import train_blobs_model
+
+    data, model_path = train_blobs_model(tmp_path)
+    out = tmp_path / "det.safetensors"
+    argv = ["defend", "--model", str(model_path), "--clean", str(data / "test"), "--holdout", "60", "--fpr", "0.05",
+            "--device", "cpu", "--method", "fusion", "--out", str(out)]
+    assert main([*argv, "--detector-param", 'members=["strip"]']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "at least two detectors" in err[-1] and not out.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--detector-param", 'members=["ted", "strip"]',
+                     "--detector-param", 'member_params={"strip": {"n": 16}}']) == 0
+    model, _ = load_model(model_path)
+    det = load_detector(out, model)
+    assert det.members == ("ted", "strip") and det.members_[1].n == 16 and hasattr(det, "threshold_")
