@@ -15,7 +15,12 @@ same name in bench/RESULTS.md):
 - the attacks x detectors matrix (:func:`badexpert.pipeline.grid.format_matrix`);
 - with ``--cost``: forward and backward passes per input and the median throughput against the
   bare model, per detector; with ``--summary``: the per-seed statistics table
-  (:func:`~badexpert.pipeline.grid.format_summary`).
+  (:func:`~badexpert.pipeline.grid.format_summary`);
+- with ``--versus VARIANT=REFERENCE`` (two detector labels of the grid, repeatable): a variant
+  against the detector it would replace, attack by attack (the change in AUROC on the paper's
+  population and in ASR after defense, in points, seed means), the mean and the worst, and the
+  verdict of the rule the project keeps a variant by (:data:`KEEP_RULE`: mean AUROC at most 0.5
+  points lower, no attack more than 2 points lower, mean ASR after at most 1 point higher).
 
 Only the rows of the grid in ``grid.json`` are shown (its plan's row keys, as ``badexpert grid``
 itself summarises): rows an earlier version of the grid left in ``results.jsonl`` are not averaged
@@ -41,6 +46,11 @@ from badexpert.errors import BadExpertError
 from badexpert.pipeline.grid import format_matrix, format_summary, plan, read_grid_file, read_results, summarize
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: When a variant may replace (or stand beside, as an option) the detector it changes, in points:
+#: its mean AUROC (paper's population) at least ``mean_auroc`` from the reference's, no attack's
+#: below ``worst_auroc``, its mean ASR after defense at most ``mean_asr_after`` above.
+KEEP_RULE = {"mean_auroc": -0.5, "worst_auroc": -2.0, "mean_asr_after": 1.0}
 
 
 def _git(*args: str) -> str | None:
@@ -131,8 +141,46 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_table(summary: list[dict], variant: str, reference: str) -> str:
+    """``variant`` against ``reference`` (detector labels of the summarised grid), per attack with
+    numbers for both: the change in AUROC (paper's population) and in ASR after defense, in points;
+    then the mean, the worst and the :data:`KEEP_RULE` verdict."""
+    labels = list(dict.fromkeys(s["detector"] for s in summary))
+    for label in (variant, reference):
+        if label not in labels:
+            raise BadExpertError(f"--versus: no detector labelled '{label}' in this grid; its labels: {', '.join(labels)}")
+    by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}
+    places = {(s["dataset"], s["arch"]) for s in summary}
+    pairs = []
+    for (ds, arch, attack, det), v in by.items():
+        r = by.get((ds, arch, attack, reference))
+        if det != variant or r is None or v["auroc_mean"] is None or r["auroc_mean"] is None:
+            continue
+        name = attack if len(places) == 1 else f"{ds} / {arch} / {attack}"
+        pairs.append((name, 100 * (v["auroc_mean"] - r["auroc_mean"]), 100 * (v["asr_after_mean"] - r["asr_after_mean"])))
+    if not pairs:
+        raise BadExpertError(f"--versus {variant}={reference}: no attack has numbers for both detectors yet")
+    lines = [f"| attack | {variant} - {reference}: AUROC (points) | ASR after (points) |", "|---|---|---|"]
+    lines += [f"| {name} | {da:+.2f} | {dr:+.1f} |" for name, da, dr in pairs]
+    da = [p[1] for p in pairs]
+    dr = [p[2] for p in pairs]
+    mean_a, mean_r = sum(da) / len(da), sum(dr) / len(dr)
+    worst = min(pairs, key=lambda p: p[1])
+    rule = KEEP_RULE
+    broken = [text for ok, text in (
+        (mean_a >= rule["mean_auroc"], f"mean AUROC {mean_a:+.2f} below {rule['mean_auroc']:+.1f}"),
+        (worst[1] >= rule["worst_auroc"], f"{worst[0]} {worst[1]:+.2f} below {rule['worst_auroc']:+.1f}"),
+        (mean_r <= rule["mean_asr_after"], f"mean ASR after {mean_r:+.2f} above {rule['mean_asr_after']:+.1f}"),
+    ) if not ok]
+    verdict = "meets the keep rule" if not broken else "breaks the keep rule (" + "; ".join(broken) + ")"
+    lines += ["", f"{variant} against {reference} over {len(pairs)} attacks: AUROC mean {mean_a:+.2f} points, "
+                  f"worst {worst[1]:+.2f} ({worst[0]}); ASR after mean {mean_r:+.2f} points: {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
 def render(out_dir: str | Path, *, command: str | None = None, machine_text: str | None = None,
-           cost: bool = False, with_summary: bool = False, today: dt.date | None = None) -> str:
+           cost: bool = False, with_summary: bool = False, versus: list[tuple[str, str]] = (),
+           today: dt.date | None = None) -> str:
     """The Markdown block for the grid output directory ``out_dir`` (see the module docs)."""
     out = Path(out_dir)
     results = out / "results.jsonl"
@@ -160,6 +208,8 @@ def render(out_dir: str | Path, *, command: str | None = None, machine_text: str
                   cost_table(rows).rstrip("\n")]
     if with_summary:
         parts += ["", format_summary(summary).rstrip("\n")]
+    for variant, reference in versus:
+        parts += ["", versus_table(summary, variant, reference).rstrip("\n")]
     parts += ["", f"<!-- results_table {name}: end -->"]
     return "\n".join(parts) + "\n"
 
@@ -171,10 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machine", help="the machine the grid ran on, when not this one (e.g. '1x H100 80GB')")
     p.add_argument("--cost", action="store_true", help="add the passes per input and median throughput per detector")
     p.add_argument("--summary", action="store_true", help="add the per-seed statistics table (mean, std, 95%% CI)")
+    p.add_argument("--versus", action="append", default=[], metavar="VARIANT=REFERENCE",
+                   help="add a variant against the detector it changes (two detector labels), with the keep rule's "
+                        "verdict; repeatable")
     args = p.parse_args(argv)
     try:
+        versus = []
+        for item in args.versus:
+            variant, sep, reference = item.partition("=")
+            if not sep or not variant or not reference:
+                raise BadExpertError(f"--versus takes VARIANT=REFERENCE (two detector labels), got '{item}'")
+            versus.append((variant, reference))
         text = render(args.out, command=args.command, machine_text=args.machine, cost=args.cost,
-                      with_summary=args.summary)
+                      with_summary=args.summary, versus=versus)
     except BadExpertError as exc:
         print(f"results_table: error: {exc}", file=sys.stderr)
         return 2

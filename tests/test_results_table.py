@@ -119,6 +119,24 @@ def test_without_a_plannable_grid_every_row_shows_and_duplicates_are_refused(gri
     assert "· 3 cells (6 rows)" in rt.render(grid_dir)
 
 
+def test_a_variant_against_the_detector_it_changes_with_the_keep_rules_verdict(grid_dir, capsys):
+    text = rt.render(grid_dir, versus=[("scale_up", "badexpert"), ("badexpert", "scale_up")])
+    lines = text.splitlines()
+    # seed means: badexpert 98.00% / 3.0%, scale_up 65.00% / 85.0% on badnet; blend did not implant
+    assert "| badnet | -33.00 | +82.0 |" in lines and "| badnet | +33.00 | -82.0 |" in lines
+    assert not any(line.startswith("| blend | ") and "+" in line for line in lines)
+    assert ("scale_up against badexpert over 1 attacks: AUROC mean -33.00 points, worst -33.00 (badnet); ASR after "
+            "mean +82.00 points: breaks the keep rule (mean AUROC -33.00 below -0.5; badnet -33.00 below -2.0; "
+            "mean ASR after +82.00 above +1.0).") in lines
+    assert "badexpert against scale_up over 1 attacks: AUROC mean +33.00 points, worst +33.00 (badnet); ASR after " \
+           "mean -82.00 points: meets the keep rule." in lines
+    for bad, message in (("scale_up", "--versus takes VARIANT=REFERENCE"),
+                         ("strip=badexpert", "no detector labelled 'strip' in this grid; its labels: badexpert, scale_up")):
+        assert rt.main([str(grid_dir), "--versus", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert rt.main([str(tmp_path / "nowhere")]) == 2
     (tmp_path / "empty").mkdir()
