@@ -96,7 +96,16 @@ def _type_name(tp) -> str:
         return "one of: " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}s" if args else "a list"
+        if not args:
+            return "a list"
+        item, limits = args[0], []
+        if typing.get_origin(item) is Annotated and not any(isinstance(e, OneOf) for e in typing.get_args(item)[1:]):
+            item, *extra = typing.get_args(item)  # "numbers > 0", not "a number > 0s"
+            limits = [e.describe() for e in extra if hasattr(e, "describe") and e.describe()]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(item)
+        if plural is None:
+            return f"a list whose items are each {_type_name(args[0])}"
+        return " ".join([f"a list of {plural}", *limits])
     if origin is dict or tp is dict:
         return "an object (JSON dict)"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
