@@ -223,3 +223,37 @@ def test_defend_builds_a_fusion_from_the_command_line(tmp_path, capsys):
     model, _ = load_model(model_path)
     det = load_detector(out, model)
     assert det.members == ("ted", "strip") and det.members_[1].n == 16 and hasattr(det, "threshold_")
+
+
+def test_a_model_free_member_is_fitted_once_per_split_and_moved_to_the_next_model(splits):
+    """Frequency never reads the model: a second fusion on another model and the same split reuses
+    its fit (bit for bit the same scores) instead of training its network again."""
+    import copy
+
+    from badexpert.detectors import fusion as fusion_module
+
+    model, reserved, _, test, _ = splits
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)  # another suspect model: another fingerprint
+    params = {"members": ("ted", "frequency"), "member_params": {"frequency": FAST["frequency"]}}
+    first = Fusion(**params).fit(model, reserved)
+    fits = []
+    original = fusion_module.Detector.fit
+
+    def counting(self, *a, **k):
+        fits.append(self.name)
+        return original(self, *a, **k)
+
+    fusion_module.Detector.fit = counting
+    try:
+        second = Fusion(**params).fit(other, reserved)
+    finally:
+        fusion_module.Detector.fit = original
+    assert fits == ["fusion", "ted"]  # the fusion and its model-reading member; not frequency
+    f1, f2 = first.members_[1], second.members_[1]
+    assert f2.model_fingerprint_ == second.model_fingerprint_ != first.model_fingerprint_
+    assert torch.equal(f1.score(test.images[:64]), f2.score(test.images[:64]))
+    # another split (another seed): fitted afresh
+    third = Fusion(seed=1, **params).fit(other, reserved)
+    assert not torch.equal(third.members_[1].score(test.images[:64]), f1.score(test.images[:64]))

@@ -31,7 +31,9 @@ member (each on the same images, as if it ran alone), the rest gives the referen
 the members' own fitting images would be biased (BaDExpert's expert was finetuned on those very
 images, Frequency's CNN trained on them), so they are held out. Calibration is then the contract's,
 on the disjoint calibration split: the fused score is fixed before it, which is all the conformal
-guarantee needs.
+guarantee needs. A member that never uses the suspect model (Frequency) depends only on its
+parameters and images, so within one process it is fitted once per split and reused (moved to the
+next model) by later fusions: a grid's cells share it.
 
 Parameters: ``members`` names registered detectors (at least two, each once; a fusion is not a
 member); ``member_params`` gives each its parameters (``{"badexpert": {"preset": "auto"}}``); every
@@ -93,6 +95,37 @@ def tail_scale(references: torch.Tensor) -> float:
         if math.isfinite(float(value)) and float(value) > 0:
             return float(value)
     return 1.0
+
+
+#: Model-free members fitted in this process, by what their fit depends on (see :func:`_fit_model_free`).
+_MODEL_FREE_FITS: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+_MODEL_FREE_KEEP = 4
+
+
+def _fit_model_free(member: Detector, model: nn.Module, fit_set) -> Detector:
+    """``member`` (a detector that never uses the suspect model: Frequency) fitted on ``fit_set``,
+    or the same fit made earlier in this process, moved to ``model``. Its fit depends only on its
+    parameters and the data (seeded, so refitting gives the same detector), so the fusions of one
+    split (a grid's cells, one per suspect model) fit it once instead of once per model."""
+    from ..attacks.components import tensor_digest
+    from ..data.core import as_tensors
+    from ..digests import json_digest
+    from .base import detector_from_state
+
+    images, labels = as_tensors(fit_set)
+    key = json_digest({"detector": member.name,
+                       "params": {k: v for k, v in member.get_params().items() if k != "device"},
+                       "data": tensor_digest({"images": images, "labels": labels}),
+                       "hflip": bool(fit_set.hflip) if isinstance(fit_set, Dataset) else False,
+                       "classes": list(fit_set.classes) if isinstance(fit_set, Dataset) else None})
+    if key in _MODEL_FREE_FITS:
+        tensors, meta = _MODEL_FREE_FITS[key]
+        return detector_from_state(tensors, meta, model, device=member.device, rebind=True)
+    member.fit(model, fit_set)
+    _MODEL_FREE_FITS[key] = member.to_state(extra={})
+    while len(_MODEL_FREE_FITS) > _MODEL_FREE_KEEP:
+        _MODEL_FREE_FITS.pop(next(iter(_MODEL_FREE_FITS)))
+    return member
 
 
 class Fusion(Detector):
@@ -198,9 +231,8 @@ class Fusion(Detector):
         fit_idx, ref_idx = order[n_ref:].sort().values, order[:n_ref].sort().values
         clean = self._fit_data
         fit_set = clean.subset(fit_idx) if isinstance(clean, Dataset) else (images[fit_idx], labels[fit_idx])
-        members = self._build_members()
-        for m in members:
-            m.fit(model, fit_set)
+        members = [m.fit(model, fit_set) if m.uses_model else _fit_model_free(m, model, fit_set)
+                   for m in self._build_members()]
         self.members_ = members
         refs = [m.score(images[ref_idx]).double() for m in members]
         for m, r in zip(members, refs):
