@@ -196,6 +196,15 @@ def test_too_few_clean_images_for_the_references_is_one_line(splits):
     assert "\n" not in str(err.value)
 
 
+def test_a_members_own_refusal_says_which_member_and_how_many_images_it_had(splits):
+    model, reserved, _, _, _ = splits
+    with pytest.raises(BadExpertError, match=r"fusion member 'ted', fitted on 80 of the 100 reserved images "
+                                             r"\(the rest rank its scores\): TED: 80 clean fitting images") as err:
+        Fusion(members=("ted", "strip"), member_params={"ted": {"references_per_class": 30}}).fit(
+            model, reserved.subset(range(100)))
+    assert "\n" not in str(err.value)
+
+
 def test_members_take_the_fusions_seed_unless_told_otherwise():
     det = get_detector("fusion", seed=7, member_params={"frequency": {"seed": 3}})
     seeds = {m.name: m.seed for m in det._build_members()}
@@ -257,3 +266,32 @@ def test_a_model_free_member_is_fitted_once_per_split_and_moved_to_the_next_mode
     # another split (another seed): fitted afresh
     third = Fusion(seed=1, **params).fit(other, reserved)
     assert not torch.equal(third.members_[1].score(test.images[:64]), f1.score(test.images[:64]))
+
+
+def test_a_grid_runs_a_labelled_fusion_and_resumes_it_from_the_cache(tmp_path):
+    """A grid detector entry: the fusion under its label beside its members, fitted once, saved in
+    the grid's cache and loaded from it when the row is computed again."""
+    from badexpert.pipeline.grid import run_grid
+
+    from .conftest import write_blobs
+    from .test_grid import make_grid
+
+    grid = make_grid(write_blobs(tmp_path / "data"))
+    grid.update(attacks=[{"name": "badnet", "params": {"poison_rate": 0.1}}], seeds=[0],
+                detectors=["ted", "scale_up", {"name": "fusion", "label": "ted+scale_up",
+                                               "params": {"members": ["ted", "scale_up"],
+                                                          # 80 fitting images: fewer references per class
+                                                          "member_params": {"ted": {"references_per_class": 10}}}}])
+    rows = run_grid(grid, tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None)
+    by = {r["detector"]: r for r in rows}
+    assert set(by) == {"ted", "scale_up", "ted+scale_up"}
+    fused = by["ted+scale_up"]
+    assert fused["detector_params"]["members"] == ["ted", "scale_up"] and not fused["detector_cached"]
+    assert fused["auroc_filtered"] > 0.95 and fused["asr_after"] < 0.2
+    assert fused["forward_passes"] == 1 + 6  # ted's pass is the model's own; scale_up's six
+    (tmp_path / "out" / "results.jsonl").write_text("")  # the rows lost: computed again from the cache
+    again = {r["detector"]: r for r in run_grid(grid, tmp_path / "out", cache_dir=tmp_path / "cache",
+                                                log=lambda m: None)}
+    assert again["ted+scale_up"]["detector_cached"]
+    for k in ("auroc", "auroc_filtered", "asr_after", "fpr"):
+        assert again["ted+scale_up"][k] == fused[k]

@@ -231,8 +231,13 @@ class Fusion(Detector):
         fit_idx, ref_idx = order[n_ref:].sort().values, order[:n_ref].sort().values
         clean = self._fit_data
         fit_set = clean.subset(fit_idx) if isinstance(clean, Dataset) else (images[fit_idx], labels[fit_idx])
-        members = [m.fit(model, fit_set) if m.uses_model else _fit_model_free(m, model, fit_set)
-                   for m in self._build_members()]
+        members = []
+        for m in self._build_members():
+            try:
+                members.append(m.fit(model, fit_set) if m.uses_model else _fit_model_free(m, model, fit_set))
+            except BadExpertError as exc:
+                raise BadExpertError(f"fusion member '{m.name}', fitted on {n - n_ref} of the {n} reserved images "
+                                     f"(the rest rank its scores): {exc}") from exc
         self.members_ = members
         refs = [m.score(images[ref_idx]).double() for m in members]
         for m, r in zip(members, refs):
