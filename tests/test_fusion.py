@@ -78,14 +78,51 @@ def test_the_tail_scale_is_the_mean_excess_over_the_top_tenth_with_fallbacks():
 def test_members_fit_on_one_share_and_are_ranked_on_the_rest(fused, splits):
     _, reserved, _, _, _ = splits
     report = fused.fit_report()
-    assert report["references"] == 160 and report["fitting_images"] == 640
+    assert report["held_out"] == 160 and report["fitting_images"] == 640
     assert [m.name for m in fused.members_] == ["badexpert", "frequency"]
     for m, ref in zip(fused.members_, fused.references_):
-        assert len(m.fit_hashes_) == 640 and len(ref) == 160
+        assert len(m.fit_hashes_) == 640 and len(ref) == report["references"]
         # the references are held out from the member's fitting, but are reserved images
         assert not bool(torch.isin(fused.fit_hashes_, m.fit_hashes_).all())
         assert bool(torch.isin(m.fit_hashes_, fused.fit_hashes_).all())
     assert len(fused.fit_hashes_) == len(reserved)
+
+
+def test_references_are_the_held_out_images_the_model_gets_right_unless_told_otherwise(splits):
+    """A clean image the model misclassifies looks suspicious to a member that reads the model: with
+    the calibration's default population, only the held-out images the model gets right rank the
+    members' scores; reference_population="all" keeps every one."""
+    model, reserved, _, _, _ = splits
+    labels = reserved.labels.clone()
+    labels[::5] = (labels[::5] + 1) % 4  # a fifth of the labels wrong: the model "misclassifies" them
+    data = (reserved.images, labels)
+    order = torch.randperm(800, generator=torch.Generator().manual_seed(0))
+    held = order[:160].sort().values
+    with torch.no_grad():
+        right = model(reserved.images[held].float() / 255).argmax(1) == labels[held]
+    assert 100 < int(right.sum()) < 150
+    params = {"members": ("strip", "ted"), "member_params": {"strip": {"n": 16}}}
+    correct = Fusion(**params).fit(model, data)
+    every = Fusion(reference_population="all", **params).fit(model, data)
+    assert correct.fit_report()["references"] == int(right.sum()) == len(correct.references_[0])
+    assert every.fit_report()["references"] == 160 == len(every.references_[0])
+    strip_scores = correct.members_[0].score(reserved.images[held]).double().sort().values
+    assert torch.equal(every.references_[0], strip_scores)
+    with pytest.raises(BadExpertError, match="classifies 0 of its 160 held-out reference images correctly") as err:
+        wrong = (model(reserved.images.float() / 255).argmax(1) + 1) % 4  # every label wrong
+        Fusion(members=("strip", "scale_up"), member_params={"strip": {"n": 16}}).fit(model, (reserved.images, wrong))
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_left_in_train_mode_scores_as_in_eval_mode(fused, splits):
+    _, _, _, test, _ = splits
+    x = test.images[:64]
+    expected = fused.score(x)
+    fused.model_.train()
+    try:
+        assert torch.equal(fused.score(x), expected) and fused.model_.training
+    finally:
+        fused.model_.eval()
 
 
 def test_the_score_is_the_largest_member_surprise(fused, splits):
