@@ -43,7 +43,8 @@ from importlib import metadata
 from pathlib import Path
 
 from badexpert.errors import BadExpertError
-from badexpert.pipeline.grid import format_matrix, format_summary, plan, read_grid_file, read_results, summarize
+from badexpert.pipeline.grid import (format_matrix, format_summary, load_grid, plan, read_grid_file, read_results,
+                                     summarize)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,12 +104,20 @@ def planned_rows(out: Path, rows: list[dict]) -> tuple[list[dict], str]:
             print(f"results_table: the grid in '{grid_file}' cannot be planned here ({exc}); showing every row "
                   "of results.jsonl", file=sys.stderr)
     if specs is not None:
-        wanted = {d["key"] for s in specs for d in s["detectors"]}
+        order = {d["key"]: i for i, d in enumerate(d for s in specs for d in s["detectors"])}
         have = {r["key"] for r in rows}
-        kept = [r for r in rows if r["key"] in wanted]
+        # in the grid's own order (cells, then detectors), as `badexpert grid` summarises: a column
+        # added to the config later (its rows appended last) still sits where the config puts it
+        kept = sorted((r for r in rows if r["key"] in order), key=lambda r: order[r["key"]])
         done = sum(all(d["key"] in have for d in s["detectors"]) for s in specs)
         left = len(rows) - len(kept)
         return kept, (f"{done} of {len(specs)} cells" + (f"; {left} row(s) of other grids left out" if left else ""))
+    if grid_file.is_file():  # not plannable here, but its detectors' order is still the grid's
+        try:
+            labels = [d["label"] for d in load_grid(read_grid_file(grid_file))["detectors"]]
+        except BadExpertError:
+            labels = []
+        rows = sorted(rows, key=lambda r: labels.index(r.get("detector")) if r.get("detector") in labels else len(labels))
     seen: dict[tuple, str] = {}
     for r in rows:
         k = (r.get("dataset"), r.get("arch"), r.get("attack"), r.get("seed"), r.get("detector"))
