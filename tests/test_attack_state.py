@@ -142,3 +142,36 @@ def test_the_model_cache_keys_on_the_content_of_the_attacks_files(tmp_path):
     assert suspect_key(cfg, cfg.make_recipe()) != key
     plain = ExperimentConfig(attack="badnet")
     assert suspect_key(plain, plain.make_recipe()) != key
+
+
+def test_the_model_cache_keys_on_the_datas_content_not_its_place_or_copy_time(tmp_path):
+    """A dataset copied elsewhere, or re-provisioned with new modification times (a new session's
+    shared folder, a GPU worker's copy), keeps its cached suspect models; any change to a file's
+    content does not. The same holds for an attack's trigger files."""
+    import os
+    import shutil
+
+    from badexpert.pipeline.experiment import ExperimentConfig, content_fingerprint, suspect_key
+
+    from .conftest import write_blobs
+
+    data = write_blobs(tmp_path / "a")
+    cfg = ExperimentConfig(dataset="imagefolder", data_path=str(data), attack="badnet")
+    key = suspect_key(cfg, cfg.make_recipe())
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(data, moved)
+    for f in moved.rglob("*"):
+        os.utime(f, (1, 1))  # copied at another time
+    other = ExperimentConfig(dataset="imagefolder", data_path=str(moved), attack="badnet")
+    assert content_fingerprint(moved) == content_fingerprint(data)
+    assert suspect_key(other, other.make_recipe()) == key
+    victim = sorted(f for f in moved.rglob("*.png"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 1  # one byte of one image, same size, same modification time
+    st = victim.stat()
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from badexpert.pipeline import experiment
+
+    experiment._CONTENT_DIGESTS.clear()  # a new process: nothing memoized
+    assert suspect_key(other, other.make_recipe()) != key

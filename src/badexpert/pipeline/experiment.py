@@ -14,7 +14,6 @@ split, attack, architecture, recipe, seed), so a benchmark grid never trains the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +27,7 @@ from ..attacks import Attack, attack_from_meta, get_attack
 from ..attacks.components import Components
 from ..data import Splits, load_dataset, split
 from ..detectors import Detector, get_detector
-from ..digests import file_sha256, json_digest, sha256_hex
+from ..digests import file_sha256, json_digest
 from ..errors import BadExpertError
 from ..evaluation.core import Evaluation, evaluate
 from ..io import load_model, save_model
@@ -162,38 +161,55 @@ def make_splits(cfg: ExperimentConfig) -> Splits:
                  train_size=cfg.train_size, test_size=cfg.test_size)
 
 
-def _data_fingerprint(cfg: ExperimentConfig) -> str:
-    """Identify the dataset files cheaply (path, sizes and mtimes), for the model cache key."""
+#: Above this many bytes in all, a dataset or trigger folder is identified by its files' names and
+#: sizes only: hashing it whole would cost more than the key protects.
+CONTENT_HASH_LIMIT = 4 << 30
+#: SHA-256 of files hashed in this process, by resolved path, size and modification time.
+_CONTENT_DIGESTS: dict[tuple, str] = {}
+
+
+def content_fingerprint(path: str | Path) -> list | None:
+    """What the file or folder at ``path`` holds, whatever its location or copy time: one ``[name,
+    size, SHA-256]`` per file (a file's own name is ``""``; a folder's files by their path relative
+    to it, sorted), or ``[name, size]`` when the files exceed :data:`CONTENT_HASH_LIMIT` in all;
+    ``None`` when nothing is there. A cache keyed on it survives the data being copied, re-provisioned
+    with new modification times, or mounted elsewhere (another machine, a GPU worker), and misses
+    when the content changes. Each digest is computed once per process (memoized by path, size and
+    modification time)."""
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [("", p)]
+    elif p.is_dir():
+        files = sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file())
+    else:
+        return None
+    stats = [(name, f, f.stat()) for name, f in files]
+    whole = sum(st.st_size for _, _, st in stats) <= CONTENT_HASH_LIMIT
+    out = []
+    for name, f, st in stats:
+        entry: list = [name, st.st_size]
+        if whole:
+            memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+            if memo not in _CONTENT_DIGESTS:
+                _CONTENT_DIGESTS[memo] = file_sha256(f)
+            entry.append(_CONTENT_DIGESTS[memo])
+        out.append(entry)
+    return out
+
+
+def _data_fingerprint(cfg: ExperimentConfig) -> list | None:
+    """The dataset's files by content (:func:`content_fingerprint`), for the model cache key."""
     from ..data import DEFAULT_PATHS
 
     path = cfg.data_path or DEFAULT_PATHS.get(cfg.dataset.lower(), "")
-    p = Path(path)
-    entries = []
-    if p.is_file():
-        st = p.stat()
-        entries.append((p.name, st.st_size, int(st.st_mtime)))
-    elif p.is_dir():
-        for child in sorted(p.iterdir())[:64]:
-            st = child.stat()
-            entries.append((child.name, st.st_size, int(st.st_mtime)))
-    return json.dumps([str(p.resolve()) if path else "", entries])
+    return content_fingerprint(path) if path else None
 
 
 def files_fingerprint(paths: list[str]) -> list:
-    """Identify files an attack builds its trigger from: a file by the SHA-256 of its content, a
-    folder by the names, sizes and modification times of the files under it."""
-    out = []
-    for path in paths:
-        p = Path(path).expanduser()
-        if p.is_file():
-            out.append([str(p.resolve()), file_sha256(p)])
-        elif p.is_dir():
-            entries = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
-                             for f in p.rglob("*") if f.is_file())
-            out.append([str(p.resolve()), sha256_hex(json.dumps(entries).encode())])
-        else:
-            out.append([str(p), None])
-    return out
+    """The files an attack builds its trigger from, by content (:func:`content_fingerprint`; ``None``
+    for a path where nothing is)."""
+    return [content_fingerprint(p) for p in paths]
 
 
 def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
