@@ -176,7 +176,6 @@ def content_fingerprint(path: str | Path) -> list | None:
     with new modification times, or mounted elsewhere (another machine, a GPU worker), and misses
     when the content changes. Each digest is computed once per process (memoized by path, size and
     modification time)."""
-
     p = Path(path).expanduser()
     if p.is_file():
         files = [("", p)]
