@@ -226,6 +226,28 @@ def test_refool_needs_a_readable_reflection_folder_or_zip(tmp_path, refl):
     assert torch.equal(a.trigger_state((3, 8, 8))["reflections"], b.trigger_state((3, 8, 8))["reflections"])
 
 
+def test_refool_checks_a_reflection_zip_once_per_version(tmp_path, refl, monkeypatch):
+    """A grid builds the attack once per cell and detector: an unchanged zip is listed once per
+    process, a replaced one is checked again."""
+    import os
+
+    from badexpert.attacks import refool as refool_mod
+
+    zpath = tmp_path / "again.zip"
+    zpath.write_bytes(refl[1].read_bytes())
+    listed = []
+    real = refool_mod.reflection_sources
+    monkeypatch.setattr(refool_mod, "reflection_sources", lambda p: (listed.append(p), real(p))[1])
+    for _ in range(3):
+        get_attack("refool", reflections=str(zpath))
+    assert len(listed) == 1
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("x.png", b"not a png at all")
+    os.utime(zpath, ns=(0, 10**9))  # another version, even on a filesystem with coarse timestamps
+    with pytest.raises(BadExpertError, match="can be decoded"):
+        get_attack("refool", reflections=str(zpath))
+
+
 def test_refool_picks_reflections_by_trigger_seed_and_resizes_them(refl):
     def chosen(seed, c=3):
         r = get_attack("refool", reflections=str(refl[0]), n_reflections=3, trigger_seed=seed).trigger_state((c, 10, 12))

@@ -80,3 +80,37 @@ def test_a_training_with_a_stopping_rule_is_not_cut_by_the_budget(tmp_path):
         train(b, data, RECIPE, seed=0, callback=lambda step, m: False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not list(tmp_path.iterdir())
+
+
+def test_the_grid_runner_skips_a_training_that_would_not_fit_and_runs_a_cached_cell_that_does(tmp_path,
+                                                                                               monkeypatch):
+    """``budget_runner`` estimates each cell: one that trains needs the longest cell so far, one
+    whose suspect model is cached only its detectors. A training cell that would not fit is left
+    for the rerun, and the cached cell after it still runs."""
+    import badexpert.pipeline.grid as grid_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(grid_mod.time, "monotonic", lambda: clock[0])
+    (tmp_path / "suspect-cached.safetensors").write_bytes(b"")
+    specs = [{"cell": "a", "suspect": "a"}, {"cell": "b", "suspect": "b"}, {"cell": "c", "suspect": "cached"},
+             {"cell": "d", "suspect": "d"}]
+    cost = {"a": (100.0, 90.0), "b": (100.0, 90.0), "c": (10.0, 0.0), "d": (100.0, 90.0)}
+    ran = []
+
+    def fn(spec):
+        took, trained = cost[spec["cell"]]
+        clock[0] += took
+        ran.append(spec["cell"])
+        return [{"model_cached": trained == 0.0, "train_seconds": trained}]
+
+    logged = []
+    runner = grid_mod.budget_runner(150.0, tmp_path, log=logged.append)
+    assert len(list(runner(fn, specs))) == 2
+    assert ran == ["a", "c"] and runner.stopped  # b and d would train for ~100 s with 50 s left
+    assert "stopping with 2 cell(s) to run" in logged[-1]
+
+    clock[0] = 0.0
+    runner = grid_mod.budget_runner(1000.0, tmp_path, log=logged.append)
+    ran.clear()
+    list(runner(fn, specs))
+    assert ran == ["a", "b", "c", "d"] and not runner.stopped

@@ -989,8 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray task requests (default 1)")
     p.add_argument("--gpus-per-cell", type=float, default=0.0, help="GPUs each Ray task requests (default 0)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="end within this many seconds (needs --cache-dir): no cell starts that the longest cell so "
-                        "far says would not fit, and a training stops at an epoch boundary with its state kept; "
+                   help="end within this many seconds (needs --cache-dir): a cell starts only if it fits (a cell "
+                        "whose model is cached needs its detectors' time so far, one that trains the longest cell "
+                        "so far), and a training stops at an epoch boundary with its state kept; "
                         "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a Ray cluster address to answer before giving up (default 10)")

@@ -24,6 +24,10 @@ _PROBE_FILES = 8
 #: ITU-R BT.601 luma weights (Pillow's RGB -> L conversion) for grayscale datasets.
 _LUMA = (0.299, 0.587, 0.114)
 
+#: Reflection sources this process found decodable, keyed by path, size and modification time:
+#: a grid plans one attack per cell and detector, and listing a large zip each time takes seconds.
+_CHECKED: set[tuple] = set()
+
 Offset = Annotated[int, Range(ge=1, le=64)]
 Sigma = Annotated[float, Range(gt=0, le=32)]
 
@@ -150,6 +154,13 @@ class Refool(Attack):
                 "refool needs reflections=PATH, a folder or zip of images, e.g. reflections=voc2012/JPEGImages "
                 "(--attack-param reflections=PATH on the command line)"
             )
+        try:
+            st = Path(self.reflections).stat()
+            stamp = (str(Path(self.reflections).resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None  # reflection_sources says what is wrong
+        if stamp in _CHECKED:
+            return
         with reflection_sources(self.reflections) as sources:
             if not sources:
                 raise BadExpertError(
@@ -160,6 +171,8 @@ class Refool(Attack):
             for label, read in sources[:_PROBE_FILES]:
                 try:
                     open_image(read(), name=label)
+                    if stamp is not None:
+                        _CHECKED.add(stamp)
                     return
                 except BadExpertError as exc:
                     first_error = first_error or exc

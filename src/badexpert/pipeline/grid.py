@@ -271,7 +271,8 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
     trained. A spec is JSON-able (what :func:`run_cell` takes)::
 
         {"cell": key, "dataset": label, "arch": label, "attack": label, "seed": int,
-         "config": ExperimentConfig dict, "cache_dir": str or None, "position": [i, n],
+         "config": ExperimentConfig dict, "suspect": suspect-model cache key,
+         "cache_dir": str or None, "position": [i, n],
          "detectors": [{"name", "params", "key"}, ...]}
 
     ``cell`` hashes everything the suspect model and its evaluation depend on (the suspect-model
@@ -307,7 +308,7 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
                                            **({"label": d["label"]} if d["label"] != d["name"] else {})})}
                             for d in grid["detectors"]]
                     specs.append({"cell": cell, "dataset": ds["label"], "arch": arch["label"],
-                                  "attack": attack["label"], "seed": seed, "config": conf,
+                                  "attack": attack["label"], "seed": seed, "config": conf, "suspect": skey,
                                   "cache_dir": None if cache_dir is None else str(Path(cache_dir).absolute()),
                                   "detectors": dets})
     for i, spec in enumerate(specs):
@@ -434,39 +435,50 @@ def local_runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterato
 
 def budget_runner(seconds: float, cache_dir: str | Path, *, log: Callable[[str], Any] = print
                   ) -> Callable[[Callable[[dict], list[dict]], list[dict]], Iterator[list[dict]]]:
-    """A :func:`local_runner` that ends within ``seconds``: a cell starts only when the longest
-    cell so far would still fit, and a suspect model's training stops at an epoch boundary when
-    the next epoch (and the cell's detectors, estimated from the cells before) would not, keeping
-    its state under ``cache_dir/train-checkpoints`` (see :func:`badexpert.training.time_budget`).
-    The grid's rerun resumes both: finished cells from ``results.jsonl``, the training from its
-    checkpoint. The runner's ``stopped`` attribute tells whether it stopped early."""
+    """A :func:`local_runner` that ends within ``seconds``. Each cell starts only when its
+    estimate still fits: a cell whose suspect model is in the cache needs its detectors (the
+    longest detector time of the cells so far), one that trains needs the longest cell so far. A
+    cell that does not fit is left for the rerun and a later one that fits still runs. A suspect
+    model's training stops at an epoch boundary when the next epoch (and the cell's detectors)
+    would not fit, keeping its state under ``cache_dir/train-checkpoints`` (see
+    :func:`badexpert.training.time_budget`). The grid's rerun resumes both: finished cells from
+    ``results.jsonl``, the training from its checkpoint. The runner's ``stopped`` attribute tells
+    whether cells were left to run."""
     from ..errors import TimeBudgetReached
     from ..training import time_budget
 
     deadline = time.monotonic() + seconds
-    checkpoints = Path(cache_dir) / "train-checkpoints"
+    cache = Path(cache_dir)
+    checkpoints = cache / "train-checkpoints"
 
     def runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
         longest = detectors = 0.0
-        for i, spec in enumerate(specs):
+        ran = 0
+        for spec in specs:
             left = deadline - time.monotonic()
-            if left < longest:
-                log(f"time budget: {left:.0f}s left, less than the longest cell so far ({longest:.0f}s); "
-                    f"stopping with {len(specs) - i} cell(s) to run")
-                runner.stopped = True
-                return
+            if left <= detectors:  # not even a cell with its model cached fits any more
+                break
+            cached = bool(spec.get("suspect")) and (cache / f"suspect-{spec['suspect']}.safetensors").is_file()
+            if not cached and left < longest:  # this one trains: left for the rerun
+                continue
             t0 = time.monotonic()
             try:
                 with time_budget(left, reserve=detectors, checkpoint_dir=checkpoints):
                     rows = fn(spec)
             except TimeBudgetReached as exc:
-                log(f"time budget: {exc}; stopping with {len(specs) - i} cell(s) to run")
+                log(f"time budget: {exc}; stopping with {len(specs) - ran} cell(s) to run")
                 runner.stopped = True
                 return
+            ran += 1
             took = time.monotonic() - t0
             trained = 0.0 if not rows or rows[0]["model_cached"] else float(rows[0]["train_seconds"] or 0.0)
             longest, detectors = max(longest, took), max(detectors, took - trained)
             yield rows
+        if ran < len(specs):
+            left = max(0.0, deadline - time.monotonic())
+            log(f"time budget: {left:.0f}s left, less than the remaining cells need (the longest cell so far "
+                f"took {longest:.0f}s, its detectors {detectors:.0f}s); stopping with {len(specs) - ran} cell(s) to run")
+            runner.stopped = True
 
     runner.stopped = False
     return runner
