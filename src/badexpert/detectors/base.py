@@ -80,6 +80,14 @@ CALIBRATION_POPULATIONS = ("correct", "all")
 DEFAULT_POPULATION = "correct"
 
 
+def correctly_classified(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                         batch_size: int) -> torch.Tensor:
+    """The ``"correct"`` population: a mask of the images ``model`` classifies as their label."""
+    from ..training import predict_logits
+
+    return predict_logits(model, images, batch_size=batch_size).argmax(1).cpu() == labels.cpu()
+
+
 @dataclass(frozen=True)
 class Option:
     """A command-line option a detector declares (:attr:`Detector.cli_options`): ``defend`` and
@@ -422,7 +430,6 @@ class Detector(abc.ABC):
         ``fpr`` then bounds the share of all clean inputs rejected.
         """
         from ..metrics import check_reachable_fpr, conformal_threshold
-        from ..training import predict_logits
 
         self._check_fitted("calibrate")
         fpr = check_value(fpr, Annotated[float, Range(gt=0, lt=1)], "fpr", "the target false-positive rate")
@@ -449,7 +456,7 @@ class Detector(abc.ABC):
         keep = torch.ones(len(images), dtype=torch.bool)
         if population == "correct":
             self._check_input(images)
-            keep = predict_logits(self.model_, images, batch_size=self.batch_size).argmax(1) == labels
+            keep = correctly_classified(self.model_, images, labels, batch_size=self.batch_size)
             if not bool(keep.any()):
                 raise BadExpertError(
                     f"{self.name}: the model classifies none of the {len(images)} calibration images correctly; "

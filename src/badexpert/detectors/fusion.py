@@ -66,7 +66,7 @@ from ..data.core import Dataset
 from ..errors import BadExpertError
 from ..utils import eval_mode
 from ..validation import NonNegativeInt, PositiveInt, Range
-from .base import CALIBRATION_POPULATIONS, DEFAULT_POPULATION, Detector
+from .base import CALIBRATION_POPULATIONS, DEFAULT_POPULATION, Detector, correctly_classified
 
 #: The share of the top references whose mean excess sets the exponential tail's scale.
 TAIL_SHARE = 0.1
@@ -253,9 +253,7 @@ class Fusion(Detector):
                                      f"(the rest rank its scores): {exc}") from exc
         self.members_ = members
         if self.reference_population == "correct":
-            from ..training import predict_logits
-
-            right = predict_logits(model, images[ref_idx], batch_size=self.batch_size).argmax(1).cpu() == labels[ref_idx]
+            right = correctly_classified(model, images[ref_idx], labels[ref_idx], batch_size=self.batch_size)
             ref_idx = ref_idx[right]
             if len(ref_idx) < MIN_REFERENCES:
                 raise BadExpertError(
