@@ -317,7 +317,9 @@ class GridRow(_Record):
     ``fpr_noisy``, ``n_noisy``) also when the grid ran without ``noisy_clean`` (rows written
     before the protocol existed lack them, and read as ``None``). ``fpr`` is the realized FPR on
     the population the threshold was calibrated for, beside ``fpr_target``; ``auroc_filtered``
-    is the paper's population, the one the summary aggregates.
+    is the paper's population, the one the summary aggregates. ``seconds`` is the detector's fit,
+    calibration and scoring time; a detector reused from the grid's cache (``detector_cached``)
+    reports the fit time recorded when it was fitted, so the column reads the same on a rerun.
     """
 
     what: ClassVar[str] = "a grid row"
