@@ -16,6 +16,9 @@ same name in bench/RESULTS.md):
 - with ``--cost``: forward and backward passes per input and the median throughput against the
   bare model, per detector; with ``--summary``: the per-seed statistics table
   (:func:`~badexpert.pipeline.grid.format_summary`);
+- with ``--at-fpr F`` (a further target FPR of the grid's ``extra_fprs``, repeatable): the
+  matrix again with every detector at that target (ASR after, CA after and realized FPR at the
+  threshold its calibration scores give there; AUROC does not depend on it);
 - with ``--versus VARIANT=REFERENCE`` (two detector labels of the grid, repeatable): a variant
   against the detector it would replace, attack by attack (the change in AUROC on the paper's
   population and in ASR after defense, in points, seed means), the mean and the worst, and the
@@ -187,9 +190,28 @@ def versus_table(summary: list[dict], variant: str, reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def at_fpr_rows(rows: list[dict], fpr: float) -> list[dict]:
+    """The rows with each detector's numbers at the further target ``fpr`` (its ``operating_points``
+    entry) in place of those at the target it was calibrated at; rows without detector numbers (a
+    backdoor that did not implant) pass unchanged. One line if a row lacks that target."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append(r)
+            continue
+        point = next((p for p in r.get("operating_points") or () if abs(p["fpr_target"] - fpr) < 1e-12), None)
+        if point is None:
+            have = sorted(p["fpr_target"] for p in r.get("operating_points") or ())
+            raise BadExpertError(f"the rows have no operating point at FPR {fpr:g} (attack={r['attack']} "
+                                 f"detector={r['detector']} has {have or 'none'}); add it to the grid's extra_fprs")
+        out.append({**r, "fpr_target": point["fpr_target"], "threshold": point["threshold"], "fpr": point["fpr"],
+                    "ca_after": point["ca_after"], "asr_after": point["asr_after"]})
+    return out
+
+
 def render(out_dir: str | Path, *, command: str | None = None, machine_text: str | None = None,
            cost: bool = False, with_summary: bool = False, versus: list[tuple[str, str]] = (),
-           today: dt.date | None = None) -> str:
+           at_fprs: list[float] = (), today: dt.date | None = None) -> str:
     """The Markdown block for the grid output directory ``out_dir`` (see the module docs)."""
     out = Path(out_dir)
     results = out / "results.jsonl"
@@ -212,6 +234,10 @@ def render(out_dir: str | Path, *, command: str | None = None, machine_text: str
              f"Command: `{command}` · commit {commit()} · machine: {machine_text or machine()} · "
              f"rendered {today.isoformat()}, rows written up to {written} · {cells} ({len(rows)} rows)", "",
              format_matrix(summary).rstrip("\n")]
+    for f in at_fprs:
+        parts += ["", f"At {100 * f:g}% target FPR (each detector's threshold from its own calibration scores at "
+                  "that target; AUROC as above):", "",
+                  format_matrix(summarize(at_fpr_rows(rows, f), n_boot=n_boot, seed=0)).rstrip("\n")]
     if cost:
         parts += ["", "Cost per detector, from the same rows (throughput measured on each cell's test inputs):", "",
                   cost_table(rows).rstrip("\n")]
@@ -233,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versus", action="append", default=[], metavar="VARIANT=REFERENCE",
                    help="add a variant against the detector it changes (two detector labels), with the keep rule's "
                         "verdict; repeatable")
+    p.add_argument("--at-fpr", action="append", type=float, default=[], metavar="FPR",
+                   help="add the matrix at a further target FPR of the grid (its extra_fprs); repeatable")
     args = p.parse_args(argv)
     try:
         versus = []
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadExpertError(f"--versus takes VARIANT=REFERENCE (two detector labels), got '{item}'")
             versus.append((variant, reference))
         text = render(args.out, command=args.command, machine_text=args.machine, cost=args.cost,
-                      with_summary=args.summary, versus=versus)
+                      with_summary=args.summary, versus=versus, at_fprs=args.at_fpr)
     except BadExpertError as exc:
         print(f"results_table: error: {exc}", file=sys.stderr)
         return 2

@@ -132,3 +132,30 @@ def test_compare_without_an_attack_measures_false_positives(setting):
     d = result.metrics["detectors"][0]
     assert d["name"] == "max_softmax" and 0.0 <= d["fpr"] <= 0.05 + 0.04
     assert d["cost"]["forward_passes_per_input"] == 1 and "| max_softmax |" in format_comparison(result.metrics)
+
+
+def test_a_further_target_fpr_reports_what_calibrating_there_would(setting):
+    """``extra_fprs``: each detector is also reported at further targets, at the threshold its
+    own calibration scores give there: the numbers a detector calibrated at that target reports,
+    without fitting or calibrating again; an unreachable target is one line before any fit."""
+    import copy
+
+    model, attack, splits = setting
+    det = MaxSoftmax()
+    result = compare(model, [det], splits, attack, fpr=0.01, extra_fprs=(0.05, 0.2), n_boot=0, log=lambda m: None)
+    record = result.metrics["detectors"][0]
+    assert result.metrics["extra_fprs"] == [0.05, 0.2]
+    points = {p["fpr_target"]: p for p in record["operating_points"]}
+    assert list(points) == [0.05, 0.2]
+    for f in (0.05, 0.2):
+        again = copy.deepcopy(det).calibrate(splits.calibration, f)
+        direct = compare(model, [again], splits, attack, fpr=f, n_boot=0, log=lambda m: None).metrics["detectors"][0]
+        for key in ("threshold", "fpr", "fpr_filtered", "realized_fpr", "tpr", "clean_accuracy", "attack_success_rate"):
+            assert points[f][key] == pytest.approx(direct[key]), key
+    # a looser target rejects more: more clean inputs, more triggered ones
+    assert record["fpr"] <= points[0.05]["fpr"] <= points[0.2]["fpr"] and points[0.2]["fpr"] > record["fpr"]
+    assert record["attack_success_rate"] >= points[0.05]["attack_success_rate"] >= points[0.2]["attack_success_rate"]
+    with pytest.raises(BadExpertError, match="further target FPR 0.0001 cannot be reached with 800 calibration inputs"):
+        compare(model, [MaxSoftmax()], splits, attack, extra_fprs=(1e-4,), log=lambda m: None)
+    with pytest.raises(BadExpertError, match="extra_fprs"):
+        compare(model, [MaxSoftmax()], splits, attack, extra_fprs=(1.5,), log=lambda m: None)

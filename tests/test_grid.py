@@ -521,3 +521,25 @@ def test_time_budget_mistakes_are_one_line(extra, match, first, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_further_target_fprs_add_operating_points_without_refitting(first, tmp_path):
+    """``"extra_fprs"``: every row also reports its detector at the further targets, from the cached
+    models and detectors (nothing trained or fitted again, the primary numbers unchanged); the
+    field joins the row key only when given, so grids without it resume."""
+    root, grid, rows, _, _ = first
+    small = {**grid, "attacks": grid["attacks"][:1], "seeds": [0]}
+    assert plan(small)[0]["detectors"][0]["key"] == plan({**small, "extra_fprs": []})[0]["detectors"][0]["key"]
+    logs: list[str] = []
+    again = run_grid({**small, "extra_fprs": [0.2]}, tmp_path / "out", cache_dir=root / "cache", log=logs.append)
+    assert not any(line.startswith(("fitting", "suspect model: ")) for line in logs)
+    want = [r for r in rows if r["attack"] == "badnet" and r["seed"] == 0]
+    assert [r["key"] for r in again] != [r["key"] for r in want]
+    assert [{k: r[k] for k in MEASURED} for r in again] == [{k: r[k] for k in MEASURED} for r in want]
+    for r in again:
+        (p,) = r["operating_points"]
+        assert p["fpr_target"] == 0.2 and p["threshold"] <= r["threshold"]
+        assert p["fpr"] >= r["fpr"] and p["asr_after"] <= r["asr_after"] and p["ca_after"] <= r["ca_after"]
+    assert all(r.get("operating_points") is None for r in rows)
+    with pytest.raises(BadExpertError, match="further target FPR"):
+        plan({**small, "extra_fprs": [0.001]})  # 100 calibration inputs cannot reach 0.1%

@@ -251,3 +251,30 @@ def test_noisy_clean_mistakes_are_one_line(argv_tail, match, tmp_path, capsys):
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_evaluate_and_compare_report_further_target_fprs(toy, made, tmp_path, capsys):
+    """``--extra-fpr``: the same detector also reported at another target, in metrics.json and the
+    printed table; an unreachable or invalid target is one line, with nothing written."""
+    root, data, model, det = made
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(model), "--detector", str(det), "--extra-fpr", "0.2", "--n-boot", "0",
+                 "--out", str(out)]) == 0
+    assert "at 20.0% target FPR" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    (p,) = m["defense"]["operating_points"]
+    assert m["config"]["extra_fprs"] == [0.2] and p["fpr_target"] == 0.2
+    assert p["threshold"] <= m["defense"]["threshold"] and p["fpr"] >= m["defense"]["fpr"]
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "--model", str(model), "--detectors", toy, "--fpr", "0.05", "--extra-fpr", "0.2",
+                 "--device", "cpu", "--out", str(cmp)]) == 0
+    assert "At further target FPRs" in capsys.readouterr().out
+    (d,) = json.loads((cmp / "compare.json").read_text())["detectors"]
+    assert [q["fpr_target"] for q in d["operating_points"]] == [0.2]
+    for argv, match in ((["evaluate", "--model", str(model), "--detector", str(det), "--extra-fpr", "0.0001"],
+                         "further target FPR 0.0001 cannot be reached"),
+                        (["compare", "--model", str(model), "--detectors", toy, "--extra-fpr", "2"], "extra_fprs")):
+        assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()

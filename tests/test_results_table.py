@@ -166,3 +166,24 @@ def test_the_comparison_grid_renders_as_the_grid_summarised_it(monkeypatch):
     if (out / "results.jsonl").stat().st_size != size:
         pytest.skip("the grid appended rows during the test")
     assert matrix in text and "| badexpert | 3 | 0 |" in text
+
+
+def test_the_matrix_at_a_further_target_fpr(grid_dir, capsys):
+    """``--at-fpr``: the matrix again at a further target of the grid's rows, ASR after from each
+    row's operating point there; a target the rows lack is one line."""
+    results = grid_dir / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in rows:
+        if r["status"] == "ok":
+            r["operating_points"] = [{"fpr_target": 0.001, "threshold": 9.0, "fpr": 0.001, "tpr": 0.5,
+                                      "ca_after": 0.89, "asr_after": r["asr_after"] + 0.05}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = rt.render(grid_dir, at_fprs=[0.001])
+    head, _, tail = text.partition("At 0.1% target FPR")
+    assert tail, text
+    # on badnet, seed means: badexpert 98.00% AUROC and ASR after 3.0% at 1%, 8.0% at 0.1%;
+    # scale_up 65.00%, 85.0% and 90.0%
+    assert "| 98.00% / 3.0% | 65.00% / 85.0% |" in head and "| 98.00% / 8.0% | 65.00% / 90.0% |" in tail
+    assert rt.main([str(grid_dir), "--at-fpr", "0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no operating point at FPR 0.05" in err[0] and "extra_fprs" in err[0], err

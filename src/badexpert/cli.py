@@ -139,6 +139,13 @@ def _add_noisy_clean(p: argparse.ArgumentParser, what: str = "") -> None:
                         f"clean inputs){what}")
 
 
+def _add_extra_fpr(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extra-fpr", type=float, action="append", default=None, metavar="FPR",
+                   help="also report every detector at this target FPR (repeatable; e.g. 0.001, the paper's rate "
+                        "for GTSRB): the threshold its calibration scores give there, the rates and CA/ASR after "
+                        "filtering, as operating_points; nothing is fitted or calibrated again")
+
+
 def _add_attack(p: argparse.ArgumentParser, default: str | None) -> None:
     g = p.add_argument_group("attack")
     g.add_argument("--attack", default=default,
@@ -534,7 +541,7 @@ def cmd_compare(args) -> int:
     params = _with_detector_options(args, params, refuse)
     for name in names:  # every detector's parameters checked before any data is read
         _check_options(detector=name, detector_params={**params[name], "seed": args.seed}, fpr=args.fpr,
-                       device=args.device, seed=args.seed, calibrates=False,
+                       device=args.device, seed=args.seed, calibrates=False, extra_fprs=tuple(args.extra_fpr or ()),
                        **{k: v for k, v in (("reserved", args.reserved), ("calibration", args.calibration),
                                             ("test_size", args.test_size)) if v is not None})
     model, meta = load_model(args.model, device=args.device)
@@ -543,7 +550,7 @@ def cmd_compare(args) -> int:
     attack = attack_from_meta(meta, source=f"'{args.model}'")
     dets = [get_detector(n, **{"seed": args.seed, "device": args.device, **params[n]}) for n in names]
     result = compare(model, dets, splits, attack, fpr=args.fpr, seed=args.seed, device=args.device,
-                     noisy_clean=args.noisy_clean, log=_log)
+                     noisy_clean=args.noisy_clean, extra_fprs=tuple(args.extra_fpr or ()), log=_log)
     write_comparison(args.out, result, overwrite=args.overwrite)
     print(format_comparison(result.metrics))
     print(f"wrote {args.out}")
@@ -593,7 +600,7 @@ def cmd_grid(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import attack_from_meta, get_attack
     from .detectors import load_detector
-    from .evaluation.core import TriggeredImages, evaluate
+    from .evaluation.core import TriggeredImages, evaluate, extra_thresholds
     from .pipeline.experiment import RUN_OUTPUTS, experiment_metrics, write_outputs
     from .reporting.report import format_table
     from .utils import atomic_directory, check_output_dir
@@ -602,11 +609,13 @@ def cmd_evaluate(args) -> int:
     name = _attack_name(args.attack) if args.attack is not None else None
     _check_evaluate_data(args)
     _check_options(attack=name, attack_params=_attack_params(args) if name else {}, asr_bar=args.asr_bar,
-                   n_boot=args.n_boot, seed=args.seed, device=args.device, test_size=args.test_size)
+                   n_boot=args.n_boot, seed=args.seed, device=args.device, test_size=args.test_size,
+                   extra_fprs=tuple(args.extra_fpr or ()), calibrates=False)
     model, meta = _load_source(args, image_size=args.image_size)
     detector = load_detector(args.detector, model, device=args.device, model_name=str(args.model))
     if not hasattr(detector, "threshold_"):
         raise BadExpertError(f"detector '{args.detector}' was never calibrated; rerun `badexpert defend`")
+    extra_thresholds(detector, args.extra_fpr or ())  # reachable on its calibration scores, before data is read
     if args.test is not None or args.clean is not None or isinstance(detector.extra_.get("clean"), dict):
         cfg, splits, where = _own_test_data(args, meta, detector)  # the user's images, not a recorded dataset
     else:  # the detector's own record of the split it was fitted and calibrated on defines the test split
@@ -634,8 +643,9 @@ def cmd_evaluate(args) -> int:
     cfg.fpr = detector.fpr_target_
     cfg.asr_bar = args.asr_bar
     cfg.noisy_clean = args.noisy_clean
+    cfg.extra_fprs = tuple(args.extra_fpr or ())
     result = evaluate(model, detector, splits.test, attack, asr_bar=args.asr_bar, n_boot=args.n_boot, seed=args.seed,
-                      allow_overlap=args.allow_overlap, noisy_clean=args.noisy_clean)
+                      allow_overlap=args.allow_overlap, noisy_clean=args.noisy_clean, extra_fprs=cfg.extra_fprs)
     metrics = experiment_metrics(cfg, meta, result, splits)
     metrics["attack"] = attack.to_dict() if attack else None
     if where is not None:  # the split sizes the detector records (its data is not read again for --test)
@@ -968,6 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, command="defend")
     p.add_argument("--test-size", type=int, default=None, help="evaluate on at most this many test images")
     _add_noisy_clean(p)
+    _add_extra_fpr(p)
     p.add_argument("--out", required=True, help="output directory")
     _add_overwrite(p)
     _add_common(p)
@@ -1029,6 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-bar", type=float, default=0.5, help="refuse detection numbers below this ASR (default 0.5)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
     _add_noisy_clean(p)
+    _add_extra_fpr(p)
     p.add_argument("--allow-overlap", action="store_true",
                    help="measure even if the test split shares images with the detector's fitting or calibration "
                         "data (a warning, and the overlap recorded); refused by default")

@@ -26,6 +26,7 @@ __all__ = [
     "calibration_needed",
     "check_reachable_fpr",
     "conformal_threshold",
+    "operating_point",
     "auroc",
     "auroc_rank",
     "tpr_at_fpr",
@@ -392,6 +393,25 @@ def clean_rejection(clean_rejected: Any, correct: Any, calibration_population: s
     fpr_all, fpr_correct = _mean(rej), _mean(rej[ok])
     return {"calibration_population": calibration_population, "fpr": fpr_all, "fpr_filtered": fpr_correct,
             "realized_fpr": fpr_correct if calibration_population == "correct" else fpr_all}
+
+
+def operating_point(threshold: float, fpr_target: float, *, clean_scores: Any, clean_correct: Any,
+                    calibration_population: str = "all", trig_scores: Any = None,
+                    trig_success: Any = None) -> dict[str, Any]:
+    """A calibrated threshold's numbers at one more target FPR, beside the detector's own
+    (:func:`detection_summary` gives those): ``fpr_target``, ``threshold``, the clean rejection
+    rates (:func:`clean_rejection`), ``clean_accuracy`` after filtering and, with triggered
+    inputs, ``tpr`` and ``attack_success_rate`` after filtering, as in :func:`detection_summary`."""
+    cs = _vec(clean_scores, "clean_scores")
+    correct = np.asarray(clean_correct, dtype=bool)
+    clean_rej = cs > threshold
+    point = {"fpr_target": float(fpr_target), "threshold": float(threshold),
+             **clean_rejection(clean_rej, correct, calibration_population),
+             "clean_accuracy": _mean(correct & ~clean_rej)}
+    if trig_scores is not None:
+        trig_rej = _vec(trig_scores, "trig_scores") > threshold
+        point.update(tpr=_mean(trig_rej), attack_success_rate=_mean(np.asarray(trig_success, dtype=bool) & ~trig_rej))
+    return point
 
 
 def detection_summary(

@@ -276,6 +276,8 @@ def _is_value_hint(tp) -> bool:
         return all(_is_value_hint(a) for a in typing.get_args(tp))
     if origin is Literal:
         return True
+    if origin in (tuple, list):  # a sequence of values (tuple[Fpr, ...])
+        return all(_is_value_hint(a) for a in typing.get_args(tp) if a is not Ellipsis)
     return tp in (int, float, bool, str, type(None))
 
 

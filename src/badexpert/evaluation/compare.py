@@ -61,7 +61,9 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str] | Mapping[str,
             attack: Attack | None, *,
             fpr: Annotated[float, Range(gt=0, lt=1)] = 0.01, seed: NonNegativeInt = 0, device: str | None = None,
             asr_bar: Fraction = 0.5, n_boot: NonNegativeInt = 1000, batch_size: PositiveInt = 256,
-            throughput: bool = True, noisy_clean: bool = False, log: Callable[[str], Any] = print) -> Comparison:
+            throughput: bool = True, noisy_clean: bool = False,
+            extra_fprs: tuple[Annotated[float, Range(gt=0, lt=1)], ...] = (),
+            log: Callable[[str], Any] = print) -> Comparison:
     """Fit (on ``splits.reserved``), calibrate (on ``splits.calibration``, at ``fpr``) and evaluate
     (on ``splits.test`` under ``attack``) every detector, sharing the suspect model's predictions.
 
@@ -78,15 +80,22 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str] | Mapping[str,
     :func:`badexpert.evaluation.core.evaluate`): ``auroc_noisy`` and ``auroc_noisy_filtered`` in
     each defense record, ``model.noisy_clean`` (the noise and the model's accuracy on the copies)
     and ``sizes.test_noisy`` in the comparison.
+
+    ``extra_fprs``: further target FPRs (the paper reports GTSRB at 0.1%): each detector's record
+    gains an ``operating_points`` entry per target, at the threshold its calibration scores give
+    for that target (:func:`~badexpert.evaluation.core.detector_metrics`); nothing is refitted.
     """
     expect(model, nn.Module, "the model")
     expect(splits, Splits, "the splits")
     dets = _detectors(detectors, seed, device)
     if any(not hasattr(d, "threshold_") for _, d in dets):  # before any detector is fitted
         check_reachable_fpr(fpr, len(splits.calibration), "calibration inputs", "the target FPR")
+        for f in extra_fprs:
+            check_reachable_fpr(f, len(splits.calibration), "calibration inputs", "the further target FPR")
     out = model_outputs(model, splits.test, attack, asr_bar=asr_bar, seed=seed, batch_size=batch_size,
                         noisy_clean=noisy_clean)
     metrics: dict = {"model": dict(out.metrics), "fpr_target": fpr, "seed": seed,
+                     **({"extra_fprs": list(extra_fprs)} if extra_fprs else {}),
                      "attack": attack.to_dict() if attack is not None else None,
                      "sizes": {"reserved": len(splits.reserved), "calibration": len(splits.calibration),
                                "test": len(splits.test),
@@ -105,7 +114,7 @@ def compare(model: nn.Module, detectors: Sequence[Detector | str] | Mapping[str,
         overlap = check_detector_for(model, det, splits.test)
         log(f"evaluating {label} ({det.cost['forward']} forward, {det.cost['backward']} backward passes per input)")
         defense, det_arrays = detector_metrics(model, det, out, overlap=overlap, n_boot=n_boot, seed=seed,
-                                               batch_size=batch_size, throughput=throughput)
+                                               batch_size=batch_size, throughput=throughput, extra_fprs=extra_fprs)
         why = out_of_scope(det, attack)
         if why:
             defense["out_of_scope"] = why

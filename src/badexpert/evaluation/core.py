@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Annotated, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from ..errors import BadExpertError, NotFittedError
 from ..metrics import ScoreAccumulator, clean_rejection, detection_summary
 from ..training import predict_logits
 from ..utils import eval_mode, model_device
-from ..validation import Fraction, NonNegativeInt, PositiveInt, checked, expect, expect_finite_model
+from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, checked, expect, expect_finite_model
 
 
 @dataclass
@@ -285,11 +285,32 @@ def check_detector_for(model: nn.Module, detector: Detector, test: Dataset, *, a
     return overlap
 
 
+def extra_thresholds(detector: Detector, extra_fprs: Sequence[float]) -> list[tuple[float, float]]:
+    """``(target, threshold)`` for each further target FPR: the conformal threshold on the
+    detector's own calibration scores (those its threshold was set on), as if it had been
+    calibrated at that target; one line when the calibration inputs cannot reach a target."""
+    from ..metrics import check_reachable_fpr, conformal_threshold
+
+    scores = detector.calibration_scores_.double().cpu().numpy()
+    out = []
+    for f in extra_fprs:
+        check_reachable_fpr(f, len(scores), f"calibration inputs ({detector.calibration_population_} population)",
+                            f"{detector.name}: the further target FPR")
+        out.append((float(f), float(conformal_threshold(scores, f))))
+    return out
+
+
 def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, overlap: dict | None = None,
                      n_boot: int = 1000, seed: int = 0, batch_size: int = 256,
-                     throughput: bool = True) -> tuple[dict, dict]:
+                     throughput: bool = True, extra_fprs: Sequence[float] = ()) -> tuple[dict, dict]:
     """``(defense metrics, per-input arrays)`` of a calibrated ``detector`` on the shared model
-    outputs ``out`` (whose attack implanted, or which has no attack)."""
+    outputs ``out`` (whose attack implanted, or which has no attack). ``extra_fprs``: further
+    target FPRs, each reported as an ``operating_points`` entry
+    (:func:`~badexpert.metrics.operating_point`) with the threshold the detector's calibration
+    scores give at that target (no refitting, no recalibration of the detector itself)."""
+    from ..metrics import operating_point
+
+    points = extra_thresholds(detector, extra_fprs)
     test = out.test
     passes = {"forward_passes_per_input": detector.cost["forward"],
               "backward_passes_per_input": detector.cost["backward"]}
@@ -310,6 +331,10 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
             rej = clean_rejection(noisy_flags, out.noisy_pred.numpy() == out.noisy.labels.numpy(), population)
             defense.update(fpr_noisy=rej["fpr"], fpr_noisy_filtered=rej["fpr_filtered"],
                            realized_fpr_noisy=rej["realized_fpr"], n_noisy=len(out.noisy))
+        if points:
+            defense["operating_points"] = [
+                operating_point(t, f, clean_scores=det["score"], clean_correct=correct,
+                                calibration_population=population) for f, t in points]
         return defense, {}
     t0 = time.perf_counter()
     det_clean = _details(detector, test.images)
@@ -327,6 +352,12 @@ def detector_metrics(model: nn.Module, detector: Detector, out: TestOutputs, *, 
     )
     defense = {"name": detector.name, "params": detector.get_params(), **summary,
                "calibration_size": detector.calibration_size_, "overlap": overlap}
+    if points:
+        defense["operating_points"] = [
+            operating_point(t, f, clean_scores=det_clean["score"],
+                            clean_correct=out.clean_pred.numpy() == test.labels.numpy(),
+                            calibration_population=population, trig_scores=det_trig["score"],
+                            trig_success=(out.trig_pred == out.targets).numpy()) for f, t in points]
     fit_report = detector.fit_report()
     if fit_report:
         defense["fit_report"] = fit_report
@@ -369,6 +400,7 @@ def evaluate(
     examples: NonNegativeInt = 8,
     allow_overlap: bool = False,
     noisy_clean: bool = False,
+    extra_fprs: tuple[Annotated[float, Range(gt=0, lt=1)], ...] = (),
 ) -> Evaluation:
     """Evaluate ``model`` (and ``detector``, fitted and calibrated) on ``test`` under ``attack``
     (an :class:`~badexpert.attacks.Attack` that triggers the test inputs, or the defender's own
@@ -383,6 +415,9 @@ def evaluate(
     (:func:`noisy_copy`, seeded by ``seed``) joins the clean negatives, and ``defense`` gains
     ``auroc_noisy``, ``auroc_noisy_ci``, ``auroc_noisy_filtered`` and the rejections among the
     copies (:func:`~badexpert.metrics.detection_summary`); ``auroc`` keeps its population.
+
+    ``extra_fprs``: further target FPRs, reported as ``defense.operating_points`` at the
+    thresholds the detector's calibration scores give for them (:func:`detector_metrics`).
     """
     expect(model, nn.Module, "the model")
     expect(test, Dataset, "the test split")
@@ -395,7 +430,7 @@ def evaluate(
     if detector is None or metrics["attack_failed"]:
         return Evaluation(metrics, arrays)
     defense, det_arrays = detector_metrics(model, detector, out, overlap=overlap, n_boot=n_boot, seed=seed,
-                                           batch_size=batch_size, throughput=throughput)
+                                           batch_size=batch_size, throughput=throughput, extra_fprs=extra_fprs)
     metrics["defense"] = defense
     arrays.update(det_arrays)
     return Evaluation(metrics, arrays)

@@ -95,7 +95,9 @@ class DefenseRecord(_Record):
     The calibration and clean-side fields are always there. The detection numbers (``auroc`` to
     ``n_triggered_success``, ``fit_report``, ``timings``) are ``None`` for a record measured
     without an attack (only clean inputs: :meth:`detection` is False); the noisy-clean numbers
-    are ``None`` unless the evaluation ran with ``noisy_clean``.
+    are ``None`` unless the evaluation ran with ``noisy_clean``; ``operating_points`` (one dict
+    per further target FPR, :func:`badexpert.metrics.operating_point`) unless it ran with
+    ``extra_fprs``.
     """
 
     what: ClassVar[str] = "a defense record"
@@ -139,6 +141,7 @@ class DefenseRecord(_Record):
     diagnostics: dict | None = None
     out_of_scope: str | None = None
     label: str | None = None
+    operating_points: list | None = None
 
     @property
     def shown_as(self) -> str:
@@ -317,7 +320,9 @@ class GridRow(_Record):
     ``fpr_noisy``, ``n_noisy``) also when the grid ran without ``noisy_clean`` (rows written
     before the protocol existed lack them, and read as ``None``). ``fpr`` is the realized FPR on
     the population the threshold was calibrated for, beside ``fpr_target``; ``auroc_filtered``
-    is the paper's population, the one the summary aggregates. ``seconds`` is the detector's fit,
+    is the paper's population, the one the summary aggregates. ``operating_points`` holds, per
+    further target FPR of the grid (``extra_fprs``), ``fpr_target``, ``threshold``, ``fpr``,
+    ``tpr``, ``ca_after`` and ``asr_after`` at that target. ``seconds`` is the detector's fit,
     calibration and scoring time; a detector reused from the grid's cache (``detector_cached``)
     reports the fit time recorded when it was fitted, so the column reads the same on a rerun.
     """
@@ -354,6 +359,7 @@ class GridRow(_Record):
     auroc_noisy_ci: list | None = None
     auroc_noisy_filtered: float | None = None
     fpr_noisy: float | None = None
+    operating_points: list | None = None
     n_test: int
     n_triggered: int | None
     n_noisy: int | None = None
@@ -367,7 +373,7 @@ class GridRow(_Record):
     DETECTOR_NUMBERS: ClassVar[tuple[str, ...]] = (
         "auroc", "auroc_ci", "auroc_filtered", "tpr_at_1pct_fpr", "tpr", "fpr", "fpr_target", "threshold",
         "ca_after", "asr_after", "forward_passes", "backward_passes", "throughput_ratio", "seconds",
-        "auroc_noisy", "auroc_noisy_ci", "auroc_noisy_filtered", "fpr_noisy")
+        "auroc_noisy", "auroc_noisy_ci", "auroc_noisy_filtered", "fpr_noisy", "operating_points")
 
     @staticmethod
     def numbers(defense: DefenseRecord | None) -> dict:
@@ -384,6 +390,11 @@ class GridRow(_Record):
             "backward_passes": d.backward_passes, "throughput_ratio": d.throughput_ratio, "seconds": d.seconds,
             "auroc_noisy": d.auroc_noisy, "auroc_noisy_ci": d.auroc_noisy_ci,
             "auroc_noisy_filtered": d.auroc_noisy_filtered, "fpr_noisy": d.realized_fpr_noisy,
+            # the further target FPRs, in the row's own terms (fpr: on the calibrated population)
+            "operating_points": None if d.operating_points is None else [
+                {"fpr_target": p["fpr_target"], "threshold": p["threshold"], "fpr": p["realized_fpr"],
+                 "tpr": p.get("tpr"), "ca_after": p["clean_accuracy"], "asr_after": p.get("attack_success_rate")}
+                for p in d.operating_points],
         }
 
 

@@ -47,6 +47,10 @@ class ExperimentConfig:
     :func:`badexpert.evaluation.core.evaluate`), reported as ``defense.auroc_noisy`` and
     ``defense.auroc_noisy_filtered`` beside ``defense.auroc`` (off by default: it doubles the clean
     inputs every detector scores).
+
+    ``extra_fprs``: further target FPRs at which each detector is also reported
+    (``defense.operating_points``: the threshold its calibration scores give at each target, the
+    rates and CA/ASR after filtering there), beside ``fpr``, the one it is calibrated at.
     """
 
     dataset: str = "fashion-mnist"
@@ -69,6 +73,7 @@ class ExperimentConfig:
     device: str | None = None
     n_boot: NonNegativeInt = 1000
     noisy_clean: bool = False
+    extra_fprs: tuple[Annotated[float, Range(gt=0, lt=1)], ...] = ()
 
     def __post_init__(self) -> None:
         validate_fields(self, "config field")
@@ -115,6 +120,8 @@ class ExperimentConfig:
         get_detector(self.detector, **self.detector_params)
         if calibrates:  # the target must be reachable on the calibration split, before any model is trained
             check_reachable_fpr(self.fpr, self.calibration, "calibration inputs", "the target FPR")
+            for f in self.extra_fprs:
+                check_reachable_fpr(f, self.calibration, "calibration inputs", "the further target FPR (extra_fprs)")
         return self
 
     def make_recipe(self) -> Recipe:
@@ -364,7 +371,7 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, *, cache_dir: str | Path | N
         log(f"calibrated at target FPR {cfg.fpr:g} on the {detector.calibration_size_} of {len(splits.calibration)} "
             f"clean calibration samples the model classifies correctly: threshold {detector.threshold_:.4g}")
         result = evaluate(model, detector, splits.test, attack, asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, seed=cfg.seed,
-                          noisy_clean=cfg.noisy_clean)
+                          noisy_clean=cfg.noisy_clean, extra_fprs=cfg.extra_fprs)
     metrics = experiment_metrics(cfg, meta, result, splits)
     with atomic_directory(out_dir, owned=RUN_OUTPUTS, overwrite=overwrite) as out:
         save_model(out / "model.safetensors", model, meta)

@@ -29,6 +29,9 @@ With ``"noisy_clean": true`` (or ``grid --noisy-clean``) every detector is also 
 paper's noise-augmented clean negatives: rows gain ``auroc_noisy`` / ``auroc_noisy_filtered``,
 the summary and ``matrix.md`` a noisy-AUROC column on the paper's population (the heatmap keeps
 the plain AUROC); the field is part of the row key only when on, so grids run without it resume.
+With ``"extra_fprs": [0.001]`` every row also reports each detector at those further target FPRs
+(``operating_points``: the threshold its calibration scores give there, realized FPR, CA and ASR
+after filtering), without refitting; like ``noisy_clean``, part of the row key only when given.
 
 The seam for a distributed runner: :func:`run_cell` (module level) runs one cell from a
 JSON-able spec and returns its rows; :func:`run_grid`'s ``runner(fn, specs)`` maps it over the
@@ -61,7 +64,7 @@ GRID_OUTPUTS = frozenset({"grid.json", "results.jsonl", "summary.md", "summary.c
 
 #: ExperimentConfig fields shared by every cell (top level of the grid config).
 SHARED_FIELDS = ("recipe", "reserved", "calibration", "train_size", "test_size", "image_size", "fpr", "asr_bar",
-                 "device", "n_boot", "noisy_clean")
+                 "device", "n_boot", "noisy_clean", "extra_fprs")
 #: The axes of the grid.
 AXES = ("datasets", "architectures", "attacks", "detectors", "seeds")
 DATASET_FIELDS = ("name", "label", "data_path", "image_size", "reserved", "calibration", "train_size", "test_size",
@@ -301,7 +304,8 @@ def plan(config: dict | str | Path, *, cache_dir: str | Path | None = None) -> l
                     cell = _hash({"suspect": skey, **{k: conf[k] for k in ("reserved", "calibration", "test_size",
                                                                              "fpr", "asr_bar", "n_boot")},
                                   # only when on: the rows of grids run without the protocol keep their keys
-                                  **({"noisy_clean": True} if conf["noisy_clean"] else {})})
+                                  **({"noisy_clean": True} if conf["noisy_clean"] else {}),
+                                  **({"extra_fprs": conf["extra_fprs"]} if conf["extra_fprs"] else {})})
                     dets = [{"name": d["name"], "label": d["label"], "params": d["params"],
                              # the label only where it is not the name: unlabelled rows keep their keys
                              "key": _hash({"cell": cell, "detector": d["name"], "params": d["params"],
@@ -396,7 +400,8 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
         dets[d["label"]] = det
     seed_everything(cfg.seed)
     result = compare(model, dets, splits, attack, fpr=cfg.fpr, seed=cfg.seed, device=cfg.device,
-                     asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, noisy_clean=cfg.noisy_clean, log=log)
+                     asr_bar=cfg.asr_bar, n_boot=cfg.n_boot, noisy_clean=cfg.noisy_clean,
+                     extra_fprs=cfg.extra_fprs, log=log)
     for det, path in fresh:
         if path is not None and hasattr(det, "threshold_"):
             det.model_name_ = f"suspect-{skey}.safetensors"

@@ -47,6 +47,13 @@ def format_comparison(metrics: dict) -> str:
             f"{_pct(d.attack_success_rate)} | {_pct(d.realized_fpr, 2)} | {d.forward_passes} / {d.backward_passes} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )
+    points = [(d, p) for d in records for p in d.operating_points or ()]
+    if points:  # compare --extra-fpr: the same detectors at further target FPRs
+        rows += ["", "At further target FPRs (the threshold each detector's calibration scores give there):", "",
+                 "| detector | target FPR | realized FPR | CA after | ASR after | threshold |", "|---|---|---|---|---|---|"]
+        rows += [f"| {d.shown_as} | {_pct(p['fpr_target'], 2)} | {_pct(p['realized_fpr'], 2)} | "
+                 f"{_pct(p['clean_accuracy'])} | {_pct(p.get('attack_success_rate'))} | {p['threshold']:.4g} |"
+                 for d, p in points]
     notes = [f"Out of scope: {d.out_of_scope}." for d in records if d.out_of_scope]
     if noisy:
         notes.append(f"Noisy negatives (the paper's AUROC protocol): the clean test inputs plus a copy of each with "

@@ -142,6 +142,12 @@ def format_table(metrics: EvaluationRecord | dict) -> str:
     if d.has("realized_fpr_noisy"):
         line("noisy copies rejected", _pct(d.realized_fpr_noisy, digits))
     line("threshold", _float(d.threshold))
+    for point in d.operating_points or ():  # further target FPRs (evaluate --extra-fpr)
+        pd = _fpr_digits(point["fpr_target"])
+        line(f"at {_pct(point['fpr_target'], pd)} target FPR",
+             f"realized {_pct(point['realized_fpr'], pd)}, CA {_pct(point['clean_accuracy'])}"
+             + (f", ASR {_pct(point['attack_success_rate'])}" if "attack_success_rate" in point else "")
+             + f" (threshold {_float(point['threshold'])})")
     fit_s = None if d.timings is None else _num(d.timings["fit_s"])
     if fit_s is not None:
         line("fit time", f"{fit_s:.1f} s")
