@@ -100,7 +100,8 @@ def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
     assert re.search(r"\| blobs \| cnn-w8 \| blend \| badexpert \| 0/2 \| [\d.]+% / [\d.]+% \| attack failed", md)
     assert "| blobs | cnn-w8 | badnet | badexpert | 2/2 |" in md
     cached = sorted(p.name.split("-")[0] for p in (root / "cache").iterdir())
-    assert cached == ["detector"] * 4 + ["suspect"] * 4  # failed implants fit no detector
+    assert cached == ["detector"] * 4 + ["rows"] + ["suspect"] * 4  # failed implants fit no detector
+    assert len(list((root / "cache" / "rows").glob("*.json"))) == len(rows)  # every row, failed implants too
 
 
 def test_rows_are_grid_records_and_rows_written_before_the_noisy_protocol_still_read(first):
@@ -138,6 +139,7 @@ def test_interrupted_grid_resumes_with_cached_models_and_detectors_and_a_remote_
     lines = (root / "out" / "results.jsonl").read_text().splitlines(keepends=True)
     missing = rows[3]  # badnet, seed 1, scale_up
     (out / "results.jsonl").write_text("".join(lines[:3] + lines[4:]) + '{"key": "a torn wri')
+    (root / "cache" / "rows" / f"{missing['key']}.json").unlink()  # computed again, not taken from the row cache
     seen = []
 
     def runner(fn, specs):
@@ -543,3 +545,30 @@ def test_further_target_fprs_add_operating_points_without_refitting(first, tmp_p
     assert all(r.get("operating_points") is None for r in rows)
     with pytest.raises(BadExpertError, match="further target FPR"):
         plan({**small, "extra_fprs": [0.001]})  # 100 calibration inputs cannot reach 0.1%
+
+
+def test_another_grid_with_the_same_cells_takes_their_rows_from_the_cache(first, tmp_path):
+    """Rows are kept in the cache: a second grid that shares cells and detectors with the first (its
+    own labels) takes those rows, relabelled, and computes only what is new; a damaged entry is
+    computed again."""
+    from badexpert.pipeline.grid import ROWS_DIR
+
+    root, grid, rows, _, _ = first
+    run_grid(grid, root / "out", cache_dir=root / "cache", log=lambda m: None)  # a resume keeps rows in the cache
+    kept = root / "cache" / ROWS_DIR
+    assert {p.stem for p in kept.glob("*.json")} >= {r["key"] for r in rows}
+    other = {**grid, "attacks": [{**grid["attacks"][0], "label": "patch"}], "seeds": [0]}
+    logs: list[str] = []
+    again = run_grid(other, tmp_path / "out", cache_dir=root / "cache", log=logs.append)
+    assert "2 row(s) other grids computed" in logs[0] and not any(line.startswith("[") for line in logs)
+    want = [r for r in rows if r["attack"] == "badnet" and r["seed"] == 0]
+    assert [r["key"] for r in again] == [r["key"] for r in want] and {r["attack"] for r in again} == {"patch"}
+    assert [{k: r[k] for k in MEASURED} for r in again] == [{k: r[k] for k in MEASURED} for r in want]
+    assert "| patch |" in (tmp_path / "out" / "matrix.md").read_text()
+    (kept / f"{want[1]['key']}.json").write_text("{not json")
+    logs.clear()
+    redone = run_grid(other, tmp_path / "out2", cache_dir=root / "cache", log=logs.append)
+    assert "ignoring a damaged cached row" in logs[0]
+    assert "1 row(s) other grids computed" in logs[1] and ", 1 to run" in logs[1]
+    assert [{k: r[k] for k in MEASURED} for r in redone] == [{k: r[k] for k in MEASURED} for r in want]
+    assert json.loads((kept / f"{want[1]['key']}.json").read_text())["key"] == want[1]["key"]  # kept anew

@@ -18,7 +18,9 @@ Work is never done twice:
 - ``results.jsonl`` gets one JSON line per (cell, detector), appended as each cell finishes;
   a row already there (same row key: a hash of everything the row depends on) is not computed
   again, so an interrupted grid resumes where it stopped, and a grid extended by a seed or a
-  detector runs only what is new.
+  detector runs only what is new. With a cache, every row is also kept in it
+  (``CACHE/rows/<key>.json``), and another grid with the same cell and detector (the same suspect
+  model, protocol and detector settings, whatever its labels) takes the row from there.
 
 Outputs (``out_dir``): ``grid.json`` (the normalised grid), ``results.jsonl``, ``summary.md`` and
 ``summary.csv`` (per dataset, architecture, attack and detector across seeds: mean, standard
@@ -957,6 +959,41 @@ def check_grid_dirs(out_dir: str | Path, cache_dir: str | Path | None) -> Path:
     return out
 
 
+#: Where a grid's cache keeps each computed row (``ROWS_DIR/<row key>.json``), for any grid.
+ROWS_DIR = "rows"
+
+
+def cached_row(cache_dir: str | Path, spec: dict, det: dict, *, log: Callable[[str], Any] = print) -> dict | None:
+    """The row another grid computed for the same cell and detector (same row key: the same
+    suspect model, protocol and detector settings), relabelled with this grid's labels, or ``None``.
+    A damaged entry is ignored (the row is computed again)."""
+    path = Path(cache_dir) / ROWS_DIR / f"{det['key']}.json"
+    if not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+        GridRow.from_dict(row, f"cached row '{path}'")
+        if row.get("key") != det["key"]:
+            raise BadExpertError(f"cached row '{path}' holds another key")
+    except (OSError, ValueError, BadExpertError) as exc:
+        log(f"ignoring a damaged cached row ({exc}); computing it again")
+        path.unlink(missing_ok=True)  # the row computed again takes its place
+        return None
+    # the row key does not depend on the labels a grid gives its axes: this grid's are the ones to show
+    return {**row, "dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
+            "detector": det["label"], "detector_params": det["params"]}
+
+
+def cache_rows(cache_dir: str | Path, rows: Iterable[dict]) -> None:
+    """Keep each row under ``cache_dir/rows`` (those already there are left as they are)."""
+    folder = Path(cache_dir) / ROWS_DIR
+    for r in rows:
+        path = folder / f"{r['key']}.json"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(to_jsonable(r)))
+
+
 def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str | Path | None = None,
              log: Callable[[str], Any] = print,
              runner: Callable[[Callable[[dict], list[dict]], list[dict]], Iterable[list[dict]]] | None = None
@@ -966,7 +1003,9 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     ``config``: a grid dict or the path of a JSON file (see the module docs and
     ``configs/grids/grid-example.json``). The output and cache directories and every cell are checked
     before any data is read. Rows already in ``out_dir/results.jsonl`` are kept and not computed
-    again; each finished cell's rows are appended to it at once. ``runner(fn, specs)`` calls
+    again; each finished cell's rows are appended to it at once. With ``cache_dir``, every row is
+    also kept there, and a row another grid computed for the same cell and detector (same row key)
+    is reused instead of computed (:func:`cached_row`). ``runner(fn, specs)`` calls
     ``fn(spec)`` (:func:`run_cell` with this ``log``) for every spec, in any order and anywhere,
     yielding each cell's rows as it finishes (default :func:`local_runner`: one after the other).
     """
@@ -978,6 +1017,12 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     done = {r["key"]: r for r in read_results(results, log=log)}
     wanted = {d["key"] for spec in specs for d in spec["detectors"]}
     other = sum(1 for k in done if k not in wanted)
+    reused = []
+    if cache_dir is not None:
+        cache_rows(cache_dir, (r for k, r in done.items() if k in wanted))  # rows of runs made before the row cache
+        reused = [row for spec in specs for d in spec["detectors"] if d["key"] not in done
+                  for row in [cached_row(cache_dir, spec, d, log=log)] if row is not None]
+        done.update((r["key"], r) for r in reused)
     todo = []
     for spec in specs:
         missing = [d for d in spec["detectors"] if d["key"] not in done]
@@ -985,7 +1030,8 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
             todo.append({**spec, "detectors": missing})
     n_det = len(grid["detectors"])
     log(f"grid: {len(specs)} cell(s) x {n_det} detector(s); {len(specs) - len(todo)} cell(s) already in "
-        f"{results}, {len(todo)} to run" + (f"; {other} row(s) there from other grids are left out" if other else ""))
+        f"{results}" + (f" or the cache ({len(reused)} row(s) other grids computed)" if reused else "")
+        + f", {len(todo)} to run" + (f"; {other} row(s) there from other grids are left out" if other else ""))
     started = False
 
     def start() -> None:
@@ -999,9 +1045,14 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     def current() -> list[dict]:
         return [done[d["key"]] for spec in specs for d in spec["detectors"] if d["key"] in done]
 
+    if reused:
+        start()
+        append_rows(results, reused)
     for rows in (runner or local_runner)(functools.partial(run_cell, log=log), todo):
         start()
         append_rows(results, rows)
+        if cache_dir is not None:
+            cache_rows(cache_dir, rows)
         done.update((r["key"], r) for r in rows)
         write_summary(out, current(), n_boot=n_boot, heatmap=False)
     rows = current()
@@ -1017,6 +1068,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["cache_rows", "cached_row", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]
