@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One chunk of a grid on the GPU machine, ending inside the device tool's 10-minute call:
 #   run(command="bash bench/gpu/chunk.sh", carry=[".cache/gpu"], timeout_s=600)
-# (after `bash bench/gpu/pack.sh` here). It unpacks CIFAR-10 to a fixed path with a fixed mtime
-# (the grid's row keys include the dataset file's identity, so every chunk, on any machine, keys
-# its rows alike), runs `badexpert grid --time-budget` and copies results.jsonl and the summaries
+# (after `bash bench/gpu/pack.sh` here). It unpacks CIFAR-10 to a fixed path and checks its SHA-256
+# (the grid's row keys hash the dataset's content, so every chunk, on any machine, keys its rows
+# as this machine does), runs `badexpert grid --time-budget` and copies results.jsonl and the summaries
 # to $OUT. Copy them back into bench/results/<name>/ and commit: the next chunk, on the next
 # machine, resumes from the rows there. Suspect models and training checkpoints stay on the
 # machine (a full-width ResNet-18 is over the 16 MiB a returned file may hold), so a chunk must
@@ -27,7 +27,6 @@ if [ ! -f "$DATA" ]; then
   echo "$SHA  $DATA.part" | sha256sum -c --quiet || { rm -f "$DATA.part"; echo "chunk.sh: unpacked CIFAR-10 differs" >&2; exit 2; }
   mv "$DATA.part" "$DATA"
 fi
-touch -d "2020-01-01T00:00:00Z" "$DATA"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c "import badexpert, torch; print('badexpert', badexpert.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
