@@ -572,3 +572,33 @@ def test_another_grid_with_the_same_cells_takes_their_rows_from_the_cache(first,
     assert "1 row(s) other grids computed" in logs[1] and ", 1 to run" in logs[1]
     assert [{k: r[k] for k in MEASURED} for r in redone] == [{k: r[k] for k in MEASURED} for r in want]
     assert json.loads((kept / f"{want[1]['key']}.json").read_text())["key"] == want[1]["key"]  # kept anew
+
+
+def test_shards_run_their_cells_and_the_whole_grid_takes_their_rows_from_the_cache(first, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """``grid --shard I/N``: each shard runs every N-th cell (its own --out, the shared cache); the
+    whole grid, run after them, computes nothing and has every row, in grid order."""
+    root, grid, rows, _, _ = first
+    cache = tmp_path / "cache"  # a fresh cache: the shards train and fit themselves
+    two = {**grid, "seeds": [0]}  # two cells: badnet (implants) and blend (does not)
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(two))
+    for i in (1, 2):
+        assert main(["grid", "--config", str(config), "--out", str(tmp_path / f"s{i}"), "--cache-dir", str(cache),
+                     "--shard", f"{i}/2"]) == 0
+    assert "shard 2/2: 1 of the grid's 2 cells" in capsys.readouterr().err
+    s1, s2 = (read_results(tmp_path / f"s{i}" / "results.jsonl") for i in (1, 2))
+    assert {r["attack"] for r in s1} == {"badnet"} and {r["attack"] for r in s2} == {"blend"}
+    count = Counter(monkeypatch)
+    whole = run_grid(two, tmp_path / "whole", cache_dir=cache, log=lambda m: None)
+    assert count.calls == 0
+    want = [r for r in rows if r["seed"] == 0]
+    assert [r["key"] for r in whole] == [r["key"] for r in want]
+    assert [{k: r[k] for k in MEASURED} for r in whole] == [{k: r[k] for k in MEASURED} for r in want]
+    for argv, match in ((["--shard", "3/2", "--cache-dir", str(cache)], "--shard: takes I/N with 1 <= I <= N"),
+                        (["--shard", "x", "--cache-dir", str(cache)], "--shard: takes I/N"),
+                        (["--shard", "1/2"], "--shard needs --cache-dir")):
+        assert main(["grid", "--config", str(config), "--out", str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "bad").exists()

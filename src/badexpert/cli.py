@@ -557,6 +557,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard I/N``."""
+    i, sep, n = text.partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 1 <= shard[0] <= shard[1]:
+        raise argparse.ArgumentTypeError(f"takes I/N with 1 <= I <= N (e.g. 1/2), got '{text}'")
+    return shard
+
+
 def cmd_grid(args) -> int:
     from .pipeline.grid import check_grid_dirs, run_grid
 
@@ -588,7 +600,7 @@ def cmd_grid(args) -> int:
         from .pipeline.grid import read_grid_file
 
         config = {**read_grid_file(args.config), "noisy_clean": True}
-    run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner)
+    run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     if getattr(runner, "stopped", False):
         print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
@@ -1004,6 +1016,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose model is cached needs its detectors' time so far, one that trains the longest cell "
                         "so far), and a training stops at an epoch boundary with its state kept; "
                         "exit status 3 when work is left (the same command resumes it)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="run only every N-th cell from the I-th (needs --cache-dir): start N processes or machines "
+                        "on shared --cache-dir storage, each with its own --out, then run the grid without --shard "
+                        "into its --out: it takes every row from the cache")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a Ray cluster address to answer before giving up (default 10)")
     _add_noisy_clean(p, "; sets the config's noisy_clean field, which is part of each row's key")

@@ -994,10 +994,19 @@ def cache_rows(cache_dir: str | Path, rows: Iterable[dict]) -> None:
             atomic_write_text(path, json.dumps(to_jsonable(r)))
 
 
+def shard_specs(specs: list[dict], shard: tuple[int, int]) -> list[dict]:
+    """The cells of shard ``i`` of ``n`` (1-based): every ``n``-th cell of the plan from the
+    ``i``-th, so shards of a grid ordered by attack get a mix of cheap and costly cells."""
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 1 <= i <= n):
+        raise BadExpertError(f"a shard is I/N with 1 <= I <= N (e.g. 1/2), got {i}/{n}")
+    return [s for j, s in enumerate(specs) if j % n == i - 1]
+
+
 def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str | Path | None = None,
              log: Callable[[str], Any] = print,
-             runner: Callable[[Callable[[dict], list[dict]], list[dict]], Iterable[list[dict]]] | None = None
-             ) -> list[dict]:
+             runner: Callable[[Callable[[dict], list[dict]], list[dict]], Iterable[list[dict]]] | None = None,
+             shard: tuple[int, int] | None = None) -> list[dict]:
     """Run (or resume) a benchmark grid and return its rows, one per cell and detector, in grid order.
 
     ``config``: a grid dict or the path of a JSON file (see the module docs and
@@ -1008,10 +1017,21 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     is reused instead of computed (:func:`cached_row`). ``runner(fn, specs)`` calls
     ``fn(spec)`` (:func:`run_cell` with this ``log``) for every spec, in any order and anywhere,
     yielding each cell's rows as it finishes (default :func:`local_runner`: one after the other).
+
+    ``shard=(i, n)`` runs only the ``i``-th of ``n`` interleaved parts of the cells
+    (:func:`shard_specs`), for parallel processes or machines sharing ``cache_dir`` (required):
+    give each shard its own ``out_dir``, then run the whole grid into its own ``out_dir``, which
+    takes every row from the cache.
     """
+    if shard is not None and cache_dir is None:
+        raise BadExpertError("--shard needs --cache-dir: the shards' rows meet there, for the run of the whole grid")
     out = check_grid_dirs(out_dir, cache_dir)
     grid = load_grid(config)
     specs = plan(grid, cache_dir=cache_dir)
+    if shard is not None:
+        n_all = len(specs)
+        specs = shard_specs(specs, shard)
+        log(f"shard {shard[0]}/{shard[1]}: {len(specs)} of the grid's {n_all} cells")
     n_boot = int(grid.get("n_boot", 1000))
     results = out / "results.jsonl"
     done = {r["key"]: r for r in read_results(results, log=log)}
@@ -1068,6 +1088,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["cache_rows", "cached_row", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["cache_rows", "cached_row", "shard_specs", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]
