@@ -23,21 +23,25 @@ def _model():
 RECIPE = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32, schedule="cosine", augment=True, hflip=False)
 
 
-def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("layout", [False, True], ids=["usual", "channels_last"])
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, layout):
+    from badexpert.training import channels_last
+
     data = make_blobs(256, seed=1)
     straight = _model()
-    train(straight, data, RECIPE, seed=3)
+    with channels_last(layout):
+        train(straight, data, RECIPE, seed=3)
 
     m = _model()
     with pytest.raises(TimeBudgetReached, match="after epoch 1 of 3"):
-        with time_budget(0, checkpoint_dir=tmp_path):  # the deadline has passed: stop after the first epoch
+        with time_budget(0, checkpoint_dir=tmp_path), channels_last(layout):  # stop after the first epoch
             train(m, data, RECIPE, seed=3)
     kept = list(tmp_path.glob("train-*.safetensors"))
     assert len(kept) == 1
     assert not all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), straight.state_dict().values()))
 
     resumed = _model()  # a fresh process: the same initial weights, then the checkpoint
-    with time_budget(None, checkpoint_dir=tmp_path):
+    with time_budget(None, checkpoint_dir=tmp_path), channels_last(layout):
         log = train(resumed, data, RECIPE, seed=3)
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         assert torch.equal(a, b), name

@@ -76,3 +76,34 @@ def test_eval_mode_restores_every_submodule():
     with eval_mode(outer):
         assert not outer.training and not inner[1].training
     assert outer.training and not inner.training and not inner[1].training
+
+
+@pytest.mark.parametrize("arch, width", [("cnn", 8), ("resnet18", 4)])
+def test_channels_last_trains_the_same_model_faster_and_hands_it_back_in_the_usual_layout(blobs, arch, width):
+    """Inside ``channels_last()`` a conv model trains in the channels-last layout: the same weights up
+    to rounding, reproducible run to run, and handed back contiguous (safetensors needs that)."""
+    from badexpert.training import channels_last
+
+    tr, te = blobs
+    recipe = Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=32)
+
+    def trained(layout: bool):
+        torch.manual_seed(0)
+        m = build_model(arch, in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size,
+                        width=width)
+        seen = []
+        with channels_last(layout):
+            train(m, tr, recipe, seed=1, callback=lambda step, model: seen.append(
+                next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+                .is_contiguous(memory_format=torch.channels_last)))
+        return m, seen
+
+    usual, seen_usual = trained(False)
+    fast, seen_fast = trained(True)
+    again, _ = trained(True)
+    assert seen_fast and all(seen_fast) and not any(seen_usual)  # trained in the layout asked for
+    for a, b, c in zip(usual.state_dict().values(), fast.state_dict().values(), again.state_dict().values()):
+        assert b.is_contiguous() and torch.equal(b, c)
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+    assert accuracy(fast, te) > 0.9 and abs(accuracy(fast, te) - accuracy(usual, te)) <= 0.02
