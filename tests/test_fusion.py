@@ -327,6 +327,9 @@ def test_a_grid_runs_a_labelled_fusion_and_resumes_it_from_the_cache(tmp_path):
     assert fused["auroc_filtered"] > 0.95 and fused["asr_after"] < 0.2
     assert fused["forward_passes"] == 1 + 6  # ted's pass is the model's own; scale_up's six
     (tmp_path / "out" / "results.jsonl").write_text("")  # the rows lost: computed again from the cache
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "rows")  # (not taken from the grid's row cache)
     again = {r["detector"]: r for r in run_grid(grid, tmp_path / "out", cache_dir=tmp_path / "cache",
                                                 log=lambda m: None)}
     assert again["ted+scale_up"]["detector_cached"]

@@ -80,7 +80,7 @@ def test_eval_mode_restores_every_submodule():
 
 @pytest.mark.parametrize("arch, width", [("cnn", 8), ("resnet18", 4)])
 def test_channels_last_trains_the_same_model_faster_and_hands_it_back_in_the_usual_layout(blobs, arch, width):
-    """Inside ``channels_last()`` a conv model trains in the channels-last layout: the same weights up
+    """Inside ``channels_last(True)`` a conv model trains in the channels-last layout: the same weights up
     to rounding, reproducible run to run, and handed back contiguous (safetensors needs that)."""
     from badexpert.training import channels_last
 
@@ -107,3 +107,23 @@ def test_channels_last_trains_the_same_model_faster_and_hands_it_back_in_the_usu
         if a.is_floating_point():
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
     assert accuracy(fast, te) > 0.9 and abs(accuracy(fast, te) - accuracy(usual, te)) <= 0.02
+
+
+def test_badexpert_models_train_channels_last_on_a_cpu_by_default_and_a_foreign_module_does_not(blobs):
+    """Without the context: a model badexpert built (it declares ``channels_last_safe``) trains in
+    the channels-last layout on a CPU; a module from elsewhere keeps the usual layout."""
+    from torch import nn
+
+    tr, _ = blobs
+    recipe = Recipe(optimizer="sgd", lr=0.05, epochs=1, batch_size=32, max_steps=2)
+    ours = build_model("cnn", in_channels=tr.channels, num_classes=tr.num_classes, image_size=tr.image_size, width=4)
+    foreign = nn.Sequential(nn.Conv2d(tr.channels, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                            nn.LazyLinear(tr.num_classes))
+    foreign(tr.images[:2].float())  # materialise the lazy layer
+    for model, expected in ((ours, True), (foreign, False)):
+        seen = []
+        train(model, tr, recipe, seed=0, callback_every=1, callback=lambda step, m: seen.append(
+            next(p for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1).is_contiguous(
+                memory_format=torch.channels_last)))
+        assert seen and all(s == expected for s in seen), (type(model).__name__, seen)
+        assert all(p.is_contiguous() for p in model.parameters())

@@ -123,22 +123,36 @@ StepCallback = Callable[[int, nn.Module], bool]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-_CHANNELS_LAST: ContextVar[bool] = ContextVar("badexpert_channels_last", default=False)
+_CHANNELS_LAST: ContextVar[bool | None] = ContextVar("badexpert_channels_last", default=None)
 
 
 @contextlib.contextmanager
-def channels_last(enabled: bool = True) -> Iterator[None]:
-    """Within this block, :func:`train` keeps a convolutional model's weights and its image batches
-    in the channels-last memory layout while it trains (back to the usual layout when it ends,
-    stops or fails): the same computation, 1.4-1.6x faster on a CPU for the ResNet, VGG,
-    MobileNetV2 and CNN architectures (``bench/RESULTS.md``), equal up to floating-point rounding.
-    Used for the models badexpert builds itself (:func:`badexpert.pipeline.experiment.train_suspect`);
-    a model from elsewhere may reshape its activations with ``view``, which this layout breaks."""
-    token = _CHANNELS_LAST.set(bool(enabled))
+def channels_last(enabled: bool | None = True) -> Iterator[None]:
+    """Whether :func:`train` keeps a convolutional model's weights and its image batches in the
+    channels-last memory layout while it trains (back to the usual layout when it ends, stops or
+    fails): the same computation, 1.4-1.6x faster on a CPU for the ResNet, VGG, MobileNetV2 and
+    CNN architectures (``bench/train_layout.py``), equal up to floating-point rounding.
+
+    By default (outside this block, or ``enabled=None``) a model that declares
+    ``channels_last_safe = True`` trains so on a CPU: badexpert's own architectures
+    (:class:`badexpert.models.Classifier`), never a model from elsewhere, which may reshape its
+    activations with ``view`` (the layout breaks that). ``True`` or ``False`` decides for every
+    model trained in the block."""
+    token = _CHANNELS_LAST.set(enabled)
     try:
         yield
     finally:
         _CHANNELS_LAST.reset(token)
+
+
+def _layout(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.memory_format | None:
+    """The memory layout :func:`train` trains ``model`` in (``None``: the usual one)."""
+    wanted = _CHANNELS_LAST.get()
+    if wanted is None:
+        wanted = device.type == "cpu" and bool(getattr(model, "channels_last_safe", False))
+    if wanted and images.dim() == 4 and any(p.dim() == 4 for p in model.parameters()):
+        return torch.channels_last
+    return None
 
 
 @dataclass(frozen=True)
@@ -268,8 +282,7 @@ def train(
     model_outputs(model, images, y)  # the model takes these images, and the labels fit its outputs
     device = model_device(model)
     g = derive_generator(seed, f"train:{desc}")
-    layout = torch.channels_last if (_CHANNELS_LAST.get() and images.dim() == 4
-                                     and any(p.dim() == 4 for p in model.parameters())) else None
+    layout = _layout(model, images, device)
     if layout is not None:  # before the optimiser sees the weights
         model.to(memory_format=layout)
     opt = make_optimizer(model, recipe)

@@ -413,7 +413,10 @@ class BaDExpert(Detector):
                 state["steps"] = step
                 while step >= min_steps and len(kept) < len(levels) and state["agreement"] <= levels[len(kept)]:
                     last = len(kept) == len(levels) - 1  # training stops here: the run's own model is that expert
-                    kept.append((m if last else copy.deepcopy(m), dict(state)))
+                    # a copy of the model mid-training holds the layout train() uses (channels-last
+                    # on a CPU); the usual one, as the saved file will, so its scores do not move
+                    kept.append((m if last else copy.deepcopy(m).to(memory_format=torch.contiguous_format),
+                                 dict(state)))
                 return len(kept) == len(levels)
 
             epochs = max(1, math.ceil(self.expert_max_steps / steps_per_epoch))

@@ -31,7 +31,11 @@ class Classifier(nn.Module):
     """``Normalize`` followed by a network; what :func:`build_model` returns.
 
     It declares the cut points of its network (:func:`cut_points`, :func:`split_model`): the
-    normalisation belongs to the trunk."""
+    normalisation belongs to the trunk. It is safe to train in the channels-last memory layout
+    (no ``view`` of a 4-D activation): :func:`badexpert.training.train` does so on a CPU."""
+
+    #: :func:`badexpert.training.train` may train it in the channels-last layout (faster on a CPU).
+    channels_last_safe = True
 
     def __init__(self, net: nn.Module, mean, std) -> None:
         super().__init__()

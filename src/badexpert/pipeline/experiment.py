@@ -33,7 +33,7 @@ from ..evaluation.core import Evaluation, evaluate
 from ..io import load_model, save_model
 from ..metrics import check_reachable_fpr
 from ..models import build_model
-from ..training import Recipe, channels_last
+from ..training import Recipe
 from ..utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
 from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
@@ -293,13 +293,11 @@ def train_suspect(
     t0 = time.perf_counter()
     # an attack's trained parts (clean host, generator, encoder) are cached beside the models
     components = Components(cache_dir, log=log)
-    # the models built here are badexpert's own: on a CPU they train faster in the channels-last layout
-    with channels_last(device.type == "cpu"):
-        if attack is None:  # the clean model attacks that start from one (FT, TrojanNN, SRA) share
-            model = components.clean_model(make_model, tr, recipe, cfg.seed)
-            info = {"poisoned_samples": 0, **components.info()}
-        else:
-            model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log, components=components)
+    if attack is None:  # the clean model attacks that start from one (FT, TrojanNN, SRA) share
+        model = components.clean_model(make_model, tr, recipe, cfg.seed)
+        info = {"poisoned_samples": 0, **components.info()}
+    else:
+        model, info = attack.implant(tr, make_model, recipe, cfg.seed, log=log, components=components)
     meta = model_meta(cfg, splits, attack, recipe)
     meta["train_seconds"] = time.perf_counter() - t0
     meta.update(info)
