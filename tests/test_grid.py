@@ -602,3 +602,26 @@ def test_shards_run_their_cells_and_the_whole_grid_takes_their_rows_from_the_cac
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp_path, capsys):
+    """``grid --status``: per cell, the rows --out holds, those the row cache would give and whether
+    the suspect model is cached; nothing runs and nothing is written."""
+    from badexpert.pipeline.grid import grid_status
+
+    root, grid, rows, _, _ = first
+    done = grid_status(grid, root / "out", cache_dir=root / "cache")
+    assert [(c["attack"], c["seed"], c["done"], c["rows"]) for c in done] == [
+        (a, s, 2, 2) for a in ("badnet", "blend") for s in (0, 1)]
+    fresh = grid_status(grid, tmp_path / "new", cache_dir=root / "cache")
+    assert all(c["done"] == 0 and c["cached_rows"] == 2 and c["model_cached"] for c in fresh)
+    bare = grid_status(grid, tmp_path / "new", cache_dir=tmp_path / "empty-cache")
+    assert all(c["cached_rows"] == 0 and not c["model_cached"] for c in bare)
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(grid))
+    assert main(["grid", "--config", str(config), "--out", str(tmp_path / "new"), "--cache-dir",
+                 str(tmp_path / "empty-cache"), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | to train |" in out
+    assert "0 of 4 cells done or in the row cache; 4 to run, 4 of them training a suspect model" in out
+    assert not (tmp_path / "new").exists() and not (tmp_path / "empty-cache").exists()

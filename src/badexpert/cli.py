@@ -572,6 +572,12 @@ def _shard(text: str) -> tuple[int, int]:
 def cmd_grid(args) -> int:
     from .pipeline.grid import check_grid_dirs, run_grid
 
+    if args.status:  # what is done and what is left; nothing runs, nothing is written
+        from .pipeline.grid import format_status, grid_status
+
+        print(format_status(grid_status(args.config, args.out, cache_dir=args.cache_dir, shard=args.shard)), end="")
+        return 0
+
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
     if args.time_budget is not None:
@@ -1016,6 +1022,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose model is cached needs its detectors' time so far, one that trains the longest cell "
                         "so far), and a training stops at an epoch boundary with its state kept; "
                         "exit status 3 when work is left (the same command resumes it)")
+    p.add_argument("--status", action="store_true",
+                   help="print, per cell, the rows --out holds, those the cache's row store would give and whether "
+                        "its suspect model is cached; runs and writes nothing")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="run only every N-th cell from the I-th (needs --cache-dir): start N processes or machines "
                         "on shared --cache-dir storage, each with its own --out, then run the grid without --shard "

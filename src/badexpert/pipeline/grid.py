@@ -994,6 +994,62 @@ def cache_rows(cache_dir: str | Path, rows: Iterable[dict]) -> None:
             atomic_write_text(path, json.dumps(to_jsonable(r)))
 
 
+def _keys_in(path: Path) -> set[str]:
+    """The row keys a ``results.jsonl`` holds, read without repairing anything (a grid may be
+    appending to it): unreadable lines are skipped."""
+    keys = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("key"), str):
+                keys.add(row["key"])
+    return keys
+
+
+def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str | Path | None = None,
+                shard: tuple[int, int] | None = None) -> list[dict]:
+    """Where a grid stands, without running or writing anything: per cell, its labels, how many
+    of its rows ``out_dir/results.jsonl`` holds (``done``), how many more the cache's row store
+    would give (``cached_rows``), whether its suspect model is in the cache (``model_cached``) and
+    whether a training of it was stopped part-way by a time budget (``checkpoint``)."""
+    grid = load_grid(config)
+    specs = plan(grid, cache_dir=cache_dir)
+    if shard is not None:
+        specs = shard_specs(specs, shard)
+    have = _keys_in(Path(out_dir) / "results.jsonl")
+    cache = None if cache_dir is None else Path(cache_dir)
+    checkpoints = bool(cache and list((cache / "train-checkpoints").glob("train-*.safetensors")))
+    out = []
+    for spec in specs:
+        keys = [d["key"] for d in spec["detectors"]]
+        done = sum(k in have for k in keys)
+        cached_rows = 0 if cache is None else sum(
+            k not in have and (cache / ROWS_DIR / f"{k}.json").is_file() for k in keys)
+        out.append({"dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
+                    "rows": len(keys), "done": done, "cached_rows": cached_rows,
+                    "model_cached": bool(cache and (cache / f"suspect-{spec['suspect']}.safetensors").is_file()),
+                    "checkpoint": checkpoints})
+    return out
+
+
+def format_status(status: list[dict]) -> str:
+    """:func:`grid_status` as a Markdown table and a one-line tally."""
+    lines = ["| dataset | arch | attack | seed | rows done | from the row cache | suspect model |", "|---|---|---|---|---|---|---|"]
+    for c in status:
+        model = "cached" if c["model_cached"] else ("to train" if c["done"] + c["cached_rows"] < c["rows"] else "-")
+        lines.append(f"| {c['dataset']} | {c['arch']} | {c['attack']} | {c['seed']} | {c['done']}/{c['rows']} | "
+                     f"{c['cached_rows'] or ''} | {model} |")
+    left = [c for c in status if c["done"] + c["cached_rows"] < c["rows"]]
+    train = sum(not c["model_cached"] for c in left)
+    tally = (f"{len(status) - len(left)} of {len(status)} cells done or in the row cache; {len(left)} to run, "
+             f"{train} of them training a suspect model"
+             + ("; a stopped training's checkpoint is in the cache" if any(c["checkpoint"] for c in status) else ""))
+    return "\n".join(lines) + "\n\n" + tally + "\n"
+
+
 def shard_specs(specs: list[dict], shard: tuple[int, int]) -> list[dict]:
     """The cells of shard ``i`` of ``n`` (1-based): every ``n``-th cell of the plan from the
     ``i``-th, so shards of a grid ordered by attack get a mix of cheap and costly cells."""
@@ -1088,6 +1144,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["cache_rows", "cached_row", "shard_specs", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["cache_rows", "cached_row", "format_status", "grid_status", "shard_specs", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]
