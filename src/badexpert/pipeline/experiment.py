@@ -232,6 +232,11 @@ def suspect_key(cfg: ExperimentConfig, recipe: Recipe) -> str:
     return json_digest(payload, length=16)
 
 
+def suspect_file(cache_dir: str | Path, key: str) -> Path:
+    """Where the suspect-model cache keeps the model of :func:`suspect_key` ``key``."""
+    return Path(cache_dir) / f"suspect-{key}.safetensors"
+
+
 def split_meta(cfg: ExperimentConfig) -> dict:
     """The dataset and split a model or detector was made with (recorded in its file)."""
     return {
@@ -268,7 +273,7 @@ def train_suspect(
     recipe = cfg.make_recipe()
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"suspect-{suspect_key(cfg, recipe)}.safetensors"
+        cache_file = suspect_file(cache_dir, suspect_key(cfg, recipe))
         if cache_file.is_file():
             model, meta = load_model(cache_file, device=device)
             log(f"loaded cached suspect model {cache_file}")

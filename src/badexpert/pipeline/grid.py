@@ -359,7 +359,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
     from ..attacks.components import tensor_digest
     from ..evaluation.compare import compare
     from ..detectors import get_detector, load_detector
-    from .experiment import ExperimentConfig, make_splits, split_meta, suspect_key, train_suspect
+    from .experiment import ExperimentConfig, make_splits, split_meta, suspect_file, suspect_key, train_suspect
     from ..utils import seed_everything
 
     t0 = time.perf_counter()
@@ -370,7 +370,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
         f"{', '.join(d['label'] for d in spec['detectors'])}")
     cache_dir = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
     skey = suspect_key(cfg, cfg.make_recipe())
-    model_cached = cache_dir is not None and (cache_dir / f"suspect-{skey}.safetensors").is_file()
+    model_cached = cache_dir is not None and suspect_file(cache_dir, skey).is_file()
     splits = make_splits(cfg)
     model, meta = train_suspect(cfg, splits, cache_dir=cache_dir, log=log)
     attack = attack_from_meta(meta)
@@ -406,7 +406,7 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
                      extra_fprs=cfg.extra_fprs, log=log)
     for det, path in fresh:
         if path is not None and hasattr(det, "threshold_"):
-            det.model_name_ = f"suspect-{skey}.safetensors"
+            det.model_name_ = suspect_file(cache_dir, skey).name
             det.save(path, extra=split_meta(cfg))
 
     m = result.metrics["model"]
@@ -453,6 +453,7 @@ def budget_runner(seconds: float, cache_dir: str | Path, *, log: Callable[[str],
     whether cells were left to run."""
     from ..errors import TimeBudgetReached
     from ..training import time_budget
+    from .experiment import suspect_file
 
     deadline = time.monotonic() + seconds
     cache = Path(cache_dir)
@@ -465,7 +466,7 @@ def budget_runner(seconds: float, cache_dir: str | Path, *, log: Callable[[str],
             left = deadline - time.monotonic()
             if left <= detectors:  # not even a cell with its model cached fits any more
                 break
-            cached = bool(spec.get("suspect")) and (cache / f"suspect-{spec['suspect']}.safetensors").is_file()
+            cached = bool(spec.get("suspect")) and suspect_file(cache, spec["suspect"]).is_file()
             if not cached and left < longest:  # this one trains: left for the rerun
                 continue
             t0 = time.monotonic()
@@ -1013,15 +1014,15 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
                 shard: tuple[int, int] | None = None) -> list[dict]:
     """Where a grid stands, without running or writing anything: per cell, its labels, how many
     of its rows ``out_dir/results.jsonl`` holds (``done``), how many more the cache's row store
-    would give (``cached_rows``), whether its suspect model is in the cache (``model_cached``) and
-    whether a training of it was stopped part-way by a time budget (``checkpoint``)."""
+    would give (``cached_rows``) and whether its suspect model is in the cache (``model_cached``)."""
+    from .experiment import suspect_file
+
     grid = load_grid(config)
     specs = plan(grid, cache_dir=cache_dir)
     if shard is not None:
         specs = shard_specs(specs, shard)
     have = _keys_in(Path(out_dir) / "results.jsonl")
     cache = None if cache_dir is None else Path(cache_dir)
-    checkpoints = bool(cache and list((cache / "train-checkpoints").glob("train-*.safetensors")))
     out = []
     for spec in specs:
         keys = [d["key"] for d in spec["detectors"]]
@@ -1030,8 +1031,7 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
             k not in have and (cache / ROWS_DIR / f"{k}.json").is_file() for k in keys)
         out.append({"dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
                     "rows": len(keys), "done": done, "cached_rows": cached_rows,
-                    "model_cached": bool(cache and (cache / f"suspect-{spec['suspect']}.safetensors").is_file()),
-                    "checkpoint": checkpoints})
+                    "model_cached": cache is not None and suspect_file(cache, spec["suspect"]).is_file()})
     return out
 
 
@@ -1045,8 +1045,7 @@ def format_status(status: list[dict]) -> str:
     left = [c for c in status if c["done"] + c["cached_rows"] < c["rows"]]
     train = sum(not c["model_cached"] for c in left)
     tally = (f"{len(status) - len(left)} of {len(status)} cells done or in the row cache; {len(left)} to run, "
-             f"{train} of them training a suspect model"
-             + ("; a stopped training's checkpoint is in the cache" if any(c["checkpoint"] for c in status) else ""))
+             f"{train} of them training a suspect model")
     return "\n".join(lines) + "\n\n" + tally + "\n"
 
 
