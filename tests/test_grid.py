@@ -625,3 +625,30 @@ def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp
     assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | to train |" in out
     assert "0 of 4 cells done or in the row cache; 4 to run, 4 of them training a suspect model" in out
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty-cache").exists()
+
+
+def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tmp_path, capsys):
+    """``grid --jobs 2``: two processes, a shard each, on the shared cache; --out gets the whole
+    grid, with the numbers of a grid run in one process."""
+    root, grid, rows, _, _ = first
+    two = {**grid, "seeds": [0]}
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(two))
+    argv = ["grid", "--config", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--jobs", "2"]) == 0
+    assert "2 processes, one shard each" in capsys.readouterr().err
+    got = read_results(tmp_path / "out" / "results.jsonl")
+    want = [r for r in rows if r["seed"] == 0]
+    assert sorted(r["key"] for r in got) == sorted(r["key"] for r in want)
+    by_key = {r["key"]: r for r in got}
+    assert [{k: by_key[r["key"]][k] for k in MEASURED} for r in want] == [{k: r[k] for k in MEASURED} for r in want]
+    logs = list((tmp_path / "cache" / "shards").glob("*/shard-*.log"))
+    assert len(logs) == 2 and all("shard" in p.read_text() for p in logs)
+    for extra, match in ((["--jobs", "0"], "--jobs must be a positive number"),
+                         (["--jobs", "2", "--shard", "1/2"], "leave out --ray and --shard")):
+        assert main([*argv[:4], str(tmp_path / "bad"), *argv[5:], *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    assert main(["grid", "--config", str(config), "--out", str(tmp_path / "bad"), "--jobs", "2"]) == 2
+    assert "--jobs needs --cache-dir" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -578,6 +578,8 @@ def cmd_grid(args) -> int:
         print(format_status(grid_status(args.config, args.out, cache_dir=args.cache_dir, shard=args.shard)), end="")
         return 0
 
+    if args.jobs is not None and args.jobs != 1:
+        return _grid_jobs(args)
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
     if args.time_budget is not None:
@@ -609,6 +611,67 @@ def cmd_grid(args) -> int:
     run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     if getattr(runner, "stopped", False):
+        print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
+        return 3
+    print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
+    return 0
+
+
+def _grid_jobs(args) -> int:
+    """``grid --jobs N``: N shards of the grid in N processes here (``--shard i/N`` each, sharing the
+    cache, with the same time budget), then the whole grid collected from the cache's rows into
+    ``--out`` (nothing computed in this process)."""
+    import os
+    import subprocess
+
+    from .digests import json_digest
+    from .pipeline.grid import check_grid_dirs, load_grid, plan, read_grid_file, run_grid
+
+    n = args.jobs
+    if n < 1:
+        raise BadExpertError(f"--jobs must be a positive number of processes, not {n}")
+    if args.cache_dir is None:
+        raise BadExpertError("--jobs needs --cache-dir: the processes' rows meet there")
+    if args.ray is not None or args.shard is not None:
+        raise BadExpertError("--jobs runs the shards itself; leave out --ray and --shard")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
+    check_grid_dirs(args.out, args.cache_dir)
+    grid = load_grid({**read_grid_file(args.config), **({"noisy_clean": True} if args.noisy_clean else {})})
+    plan(grid, cache_dir=args.cache_dir)  # every cell checked once here, not once per process
+    where = Path(args.cache_dir) / "shards" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
+                                                          length=16)
+    where.mkdir(parents=True, exist_ok=True)
+    config = where / "grid.json"
+    config.write_text(json.dumps(grid), encoding="utf-8")
+    env = dict(os.environ)
+    # one thread per process unless the caller chose: N processes must not each take every core
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    procs = []
+    for i in range(1, n + 1):
+        cmd = [sys.executable, "-m", "badexpert", "grid", "--config", str(config), "--out", str(where / str(i)),
+               "--cache-dir", str(args.cache_dir), "--shard", f"{i}/{n}"]
+        if args.time_budget is not None:
+            cmd += ["--time-budget", repr(args.time_budget)]
+        log_file = where / f"shard-{i}.log"
+        with open(log_file, "wb") as fh:
+            procs.append((i, log_file, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)))
+    _log(f"grid: {n} processes, one shard each; their logs: {where}/shard-*.log")
+    codes = {i: p.wait() for i, _, p in procs}
+    for i, log_file, _ in procs:
+        if codes[i] not in (0, 3):
+            tail = [line for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            raise BadExpertError(f"shard {i}/{n} failed (exit status {codes[i]}): {tail[-1] if tail else 'no output'} "
+                                 f"(its log: {log_file})")
+    stopped = any(code == 3 for code in codes.values())
+
+    def collect(fn, specs):  # every row comes from the cache; nothing is computed here
+        return iter(())
+
+    collect.stopped = stopped
+    run_grid(grid, args.out, cache_dir=args.cache_dir, log=_log, runner=collect)
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    if stopped:
         print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
         return 3
     print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
@@ -1022,6 +1085,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose model is cached needs its detectors' time so far, one that trains the longest cell "
                         "so far), and a training stops at an epoch boundary with its state kept; "
                         "exit status 3 when work is left (the same command resumes it)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="run the grid in N processes on this machine (needs --cache-dir): one shard each, with "
+                        "--time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; then the "
+                        "whole grid is collected into --out from the cache")
     p.add_argument("--status", action="store_true",
                    help="print, per cell, the rows --out holds, those the cache's row store would give and whether "
                         "its suspect model is cached; runs and writes nothing")
