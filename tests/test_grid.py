@@ -652,3 +652,8 @@ def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tm
     assert main(["grid", "--config", str(config), "--out", str(tmp_path / "bad"), "--jobs", "2"]) == 2
     assert "--jobs needs --cache-dir" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # a spent budget: no shard starts a cell, the run says so (exit 3) and the same command resumes
+    spent = ["grid", "--config", str(config), "--out", str(tmp_path / "later"), "--cache-dir", str(tmp_path / "c2"),
+             "--jobs", "2", "--time-budget", "1e-9"]
+    assert main(spent) == 3 and "run the same command again" in capsys.readouterr().out
+    assert not read_results(tmp_path / "later" / "results.jsonl")
