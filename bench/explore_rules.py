@@ -1,7 +1,7 @@
 """BaDExpert's clean-data-only knobs and score rules, explored on cached suspect models.
 
 Not part of CI. For each model, BaDExpert is fitted once per ``--detector-param`` set (on the
-model's own reserved split, seed 0, as ``bench/run.py`` does) and the per-input log-odds of the
+model's own reserved split, seed 0, as the grid does) and the per-input log-odds of the
 suspect model (``logit_m``), the backdoor expert (``logit_x``) and the auxiliary model
 (``logit_y``) in M's label are cached under ``--out`` on the calibration, test and triggered test
 inputs. Every rule is then evaluated from the cache without refitting: the threshold is the
@@ -18,8 +18,10 @@ the command, the machine and the date.
 
 Example::
 
-    python bench/explore_rules.py --models runs/bench-fmnist-suite1/*-auto/model.safetensors \\
+    python bench/explore_rules.py --models .cache/grid/suspect-*.safetensors \\
         --detector-param expert_agreement=0.5 --rules logodds,with_model --out runs/explore-rules
+
+(the suspect models a grid run with ``--cache-dir .cache/grid`` left in its cache)
 """
 
 from __future__ import annotations
