@@ -603,11 +603,7 @@ def cmd_grid(args) -> int:
         # Ray installed and the address answering (a bounded wait), before anything is written
         runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
                             connect_timeout=args.ray_timeout)
-    config = args.config
-    if args.noisy_clean:  # the config's own field, set from the command line
-        from .pipeline.grid import read_grid_file
-
-        config = {**read_grid_file(args.config), "noisy_clean": True}
+    config = _grid_config(args)
     run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard)
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     if getattr(runner, "stopped", False):
@@ -615,6 +611,15 @@ def cmd_grid(args) -> int:
         return 3
     print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
     return 0
+
+
+def _grid_config(args):
+    """The grid config ``grid`` runs: the file, with ``--noisy-clean`` setting its own field."""
+    if not args.noisy_clean:
+        return args.config
+    from .pipeline.grid import read_grid_file
+
+    return {**read_grid_file(args.config), "noisy_clean": True}
 
 
 def _grid_jobs(args) -> int:
@@ -625,7 +630,7 @@ def _grid_jobs(args) -> int:
     import subprocess
 
     from .digests import json_digest
-    from .pipeline.grid import check_grid_dirs, load_grid, plan, read_grid_file, run_grid
+    from .pipeline.grid import check_grid_dirs, load_grid, plan, run_grid
 
     n = args.jobs
     if n < 1:
@@ -637,7 +642,7 @@ def _grid_jobs(args) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
     check_grid_dirs(args.out, args.cache_dir)
-    grid = load_grid({**read_grid_file(args.config), **({"noisy_clean": True} if args.noisy_clean else {})})
+    grid = load_grid(_grid_config(args))
     plan(grid, cache_dir=args.cache_dir)  # every cell checked once here, not once per process
     where = Path(args.cache_dir) / "shards" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
                                                           length=16)
