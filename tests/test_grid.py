@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import badexpert.pipeline.experiment as experiment
 from badexpert.cli import main
@@ -627,10 +628,12 @@ def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty-cache").exists()
 
 
-def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tmp_path, capsys):
+def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tmp_path, capsys, monkeypatch):
     """``grid --jobs 2``: two processes, a shard each, on the shared cache; --out gets the whole
-    grid, with the numbers of a grid run in one process."""
+    grid, with the numbers of a grid run in one process with the same number of threads (the
+    thread count changes floating-point summation order)."""
     root, grid, rows, _, _ = first
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     two = {**grid, "seeds": [0]}
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(two))
