@@ -142,3 +142,58 @@ def test_the_clean_suspect_model_is_the_clean_model_component(blobs, tmp_path):
     assert ft_meta["components"]["clean_model"]["key"] == meta["components"]["clean_model"]["key"]
     again, _ = train_suspect(ExperimentConfig(**cfg, attack=None), splits, log=lambda m: None)  # no cache: same weights
     assert tensor_digest(again.state_dict()) == tensor_digest(clean.state_dict())
+
+
+_RACE = """
+import sys, time
+from pathlib import Path
+import torch
+from badexpert.attacks.components import Components, tensor_digest
+
+cache, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def build():
+    with open(cache.parent / "builds.txt", "a") as fh:
+        fh.write(me + "\\n")
+    deadline = time.time() + 60  # hold the part back until the other process has asked for it too
+    while not (cache.parent / ("arrived-" + other)).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return {"w": torch.arange(6.0).view(2, 3)}
+
+(cache.parent / ("arrived-" + me)).touch()
+tensors = Components(cache, log=lambda m: print(m, flush=True)).fetch("encoder", {"bits": 8}, build)
+print("digest", tensor_digest(tensors))
+"""
+
+
+def test_processes_sharing_a_cache_build_a_component_once(tmp_path):
+    """Two processes ask for the same part at once (``grid --jobs``): one builds it, the other waits
+    for it and loads it, and both have the same tensors."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    procs = [subprocess.Popen([sys.executable, str(script), str(cache), me, other], stdout=subprocess.PIPE, text=True)
+             for me, other in (("a", "b"), ("b", "a"))]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len((tmp_path / "builds.txt").read_text().split()) == 1, outs
+    digests = {line for out in outs for line in out.splitlines() if line.startswith("digest")}
+    assert len(digests) == 1 and sum("loaded cached encoder" in out for out in outs) == 1, outs
+    assert len(list(cache.glob("component-encoder-*.safetensors"))) == 1
+
+
+def test_the_build_lock_runs_unlocked_where_no_lock_can_be_taken(tmp_path):
+    from badexpert.utils import build_lock
+
+    ran = []
+    for path in (None, tmp_path / "missing" / "x.safetensors"):
+        with build_lock(path):
+            ran.append(path)
+    assert len(ran) == 2 and not (tmp_path / "missing").exists()
+    with build_lock(tmp_path / "x.safetensors"), build_lock(tmp_path / "y.safetensors"):  # two entries, two locks
+        assert sorted(p.name for p in (tmp_path / ".locks").iterdir()) == ["x.safetensors.lock", "y.safetensors.lock"]

@@ -100,8 +100,12 @@ def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
     md = (root / "out" / "summary.md").read_text()
     assert re.search(r"\| blobs \| cnn-w8 \| blend \| badexpert \| 0/2 \| [\d.]+% / [\d.]+% \| attack failed", md)
     assert "| blobs | cnn-w8 | badnet | badexpert | 2/2 |" in md
-    cached = sorted(p.name.split("-")[0] for p in (root / "cache").iterdir())
+    cached = sorted(p.name.split("-")[0] for p in (root / "cache").iterdir() if p.name != ".locks")
     assert cached == ["detector"] * 4 + ["rows"] + ["suspect"] * 4  # failed implants fit no detector
+    # a training lock per suspect model trained once the cache existed (a second process waits for the
+    # first instead of training the same model twice): the first cell made the cache directory
+    locks = {p.name.removesuffix(".lock") for p in (root / "cache" / ".locks").glob("suspect-*.lock")}
+    assert len(locks) == 3 and locks < {p.name for p in (root / "cache").glob("suspect-*.safetensors")}
     assert len(list((root / "cache" / "rows").glob("*.json"))) == len(rows)  # every row, failed implants too
 
 

@@ -119,6 +119,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterator[None]:
+    """Hold an exclusive lock while building what will be saved at ``path`` (a cache entry), so that
+    processes sharing a cache (``grid --jobs``, ``--shard``) build it once: a second process waits,
+    then finds it cached. Check for the cached file *inside* the block.
+
+    The lock is ``.locks/<name>.lock`` beside ``path`` (left in place: removing it would race with a
+    waiter). ``None``, a directory that does not exist yet, a platform without ``fcntl`` or a
+    directory where no lock can be taken (read only, a file system that refuses locks): the block
+    runs unlocked."""
+    fd = None
+    if path is not None:
+        try:
+            import fcntl
+
+            path = Path(path)
+            if not path.parent.is_dir():  # nothing shares a cache that does not exist yet
+                raise FileNotFoundError(path.parent)
+            locks = path.parent / ".locks"
+            locks.mkdir(exist_ok=True)
+            fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log is not None:
+                    log(f"waiting for another process building {what} ({path.name})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
 # --- output locations: checked before any work, written atomically ------------------------------
 def _nearest_existing(p: Path) -> Path:
     """``p`` or its nearest ancestor that exists (``os.path.exists``: a name that cannot be

@@ -119,9 +119,16 @@ class Components:
     # --- building and caching ------------------------------------------------------------
     def fetch(self, kind: str, spec: dict, build: Callable[[], dict[str, torch.Tensor]], *, data=None) -> dict[str, torch.Tensor]:
         """The named tensors of part ``kind``: loaded from the cache when a part with the same key
-        was built before, otherwise ``build()`` (timed as phase ``kind``) and cached."""
+        was built before, otherwise ``build()`` (timed as phase ``kind``) and cached. Processes that
+        share the cache directory build a part once: one builds, the others wait and load it."""
+        from ..utils import build_lock
+
         key = self.key(kind, spec, data)
         path = self.directory / f"component-{kind}-{key}.safetensors" if self.directory is not None else None
+        with build_lock(path, log=self.log, what=f"the same {kind.replace('_', ' ')}"):
+            return self._fetch(kind, key, path, build)
+
+    def _fetch(self, kind: str, key: str, path: Path | None, build: Callable[[], dict[str, torch.Tensor]]):
         if path is not None and path.is_file():
             t0 = time.perf_counter()
             tensors = _load_component(path, kind)

@@ -34,7 +34,7 @@ from ..io import load_model, save_model
 from ..metrics import check_reachable_fpr
 from ..models import build_model
 from ..training import Recipe
-from ..utils import atomic_directory, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
+from ..utils import atomic_directory, build_lock, check_output_dir, resolve_device, seed_everything, to_jsonable, write_json
 from ..validation import Fraction, NonNegativeInt, PositiveInt, Range, validate_fields
 
 
@@ -268,12 +268,17 @@ def train_suspect(
     hash (:class:`~badexpert.attacks.components.Components`). The metadata records the seconds
     each training phase took (``phase_seconds``).
     """
+    recipe = cfg.make_recipe()
+    cache_file = suspect_file(cache_dir, suspect_key(cfg, recipe)) if cache_dir is not None else None
+    # processes sharing the cache (grid --jobs, --shard) train a model once: the others wait and load it
+    with build_lock(cache_file, log=log, what="this suspect model"):
+        return _train_suspect(cfg, splits, recipe, cache_file, cache_dir, log)
+
+
+def _train_suspect(cfg, splits, recipe, cache_file, cache_dir, log) -> tuple[torch.nn.Module, dict]:
     device = resolve_device(cfg.device)
     attack = cfg.make_attack()
-    recipe = cfg.make_recipe()
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = suspect_file(cache_dir, suspect_key(cfg, recipe))
+    if cache_file is not None:
         if cache_file.is_file():
             model, meta = load_model(cache_file, device=device)
             log(f"loaded cached suspect model {cache_file}")
