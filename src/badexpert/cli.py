@@ -582,9 +582,8 @@ def cmd_grid(args) -> int:
         return _grid_jobs(args)
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
+    _check_time_budget(args)
     if args.time_budget is not None:
-        if not args.time_budget > 0:
-            raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
         if args.ray is not None:
             raise BadExpertError("--time-budget runs the cells here, one after another; leave out --ray")
         if args.cache_dir is None:
@@ -605,11 +604,21 @@ def cmd_grid(args) -> int:
                             connect_timeout=args.ray_timeout)
     config = _grid_config(args)
     run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard)
-    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
-    if getattr(runner, "stopped", False):
-        print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
+    return _grid_done(args.out, stopped=getattr(runner, "stopped", False))
+
+
+def _check_time_budget(args) -> None:
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
+
+
+def _grid_done(out, *, stopped: bool) -> int:
+    """Print the grid's summary and what was written; exit status 3 when the time budget stopped it."""
+    print((Path(out) / "summary.md").read_text(encoding="utf-8"))
+    if stopped:
+        print(f"stopped at the time budget; wrote what is done to {out}: run the same command again to resume")
         return 3
-    print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
+    print(f"wrote {out}: results.jsonl, summary.md, summary.csv, heatmap.png")
     return 0
 
 
@@ -639,8 +648,7 @@ def _grid_jobs(args) -> int:
         raise BadExpertError("--jobs needs --cache-dir: the processes' rows meet there")
     if args.ray is not None or args.shard is not None:
         raise BadExpertError("--jobs runs the shards itself; leave out --ray and --shard")
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise BadExpertError(f"--time-budget must be a positive number of seconds, not {args.time_budget:g}")
+    _check_time_budget(args)
     check_grid_dirs(args.out, args.cache_dir)
     grid = load_grid(_grid_config(args))
     plan(grid, cache_dir=args.cache_dir)  # every cell checked once here, not once per process
@@ -675,12 +683,7 @@ def _grid_jobs(args) -> int:
 
     collect.stopped = stopped
     run_grid(grid, args.out, cache_dir=args.cache_dir, log=_log, runner=collect)
-    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
-    if stopped:
-        print(f"stopped at the time budget; wrote what is done to {args.out}: run the same command again to resume")
-        return 3
-    print(f"wrote {args.out}: results.jsonl, summary.md, summary.csv, heatmap.png")
-    return 0
+    return _grid_done(args.out, stopped=stopped)
 
 
 def cmd_evaluate(args) -> int:
