@@ -621,7 +621,19 @@ def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp
     fresh = grid_status(grid, tmp_path / "new", cache_dir=root / "cache")
     assert all(c["done"] == 0 and c["cached_rows"] == 2 and c["model_cached"] for c in fresh)
     bare = grid_status(grid, tmp_path / "new", cache_dir=tmp_path / "empty-cache")
-    assert all(c["cached_rows"] == 0 and not c["model_cached"] for c in bare)
+    assert all(c["cached_rows"] == 0 and not c["model_cached"] and not c["model_training"] for c in bare)
+    # a model another process is training now (it holds the model's build lock) is told apart
+    from badexpert.pipeline.experiment import suspect_file
+    from badexpert.pipeline.grid import format_status, plan
+    from badexpert.utils import build_lock
+
+    busy = tmp_path / "busy-cache"
+    busy.mkdir()
+    with build_lock(suspect_file(busy, plan(grid)[0]["suspect"])):
+        now = grid_status(grid, tmp_path / "new", cache_dir=busy)
+    assert [c["model_training"] for c in now] == [True, False, False, False]
+    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | training now |" in format_status(now)
+    assert not any(c["model_training"] for c in grid_status(grid, tmp_path / "new", cache_dir=busy))
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(grid))
     assert main(["grid", "--config", str(config), "--out", str(tmp_path / "new"), "--cache-dir",

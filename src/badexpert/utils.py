@@ -157,6 +157,25 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
             os.close(fd)  # closing the descriptor releases the lock
 
 
+def being_built(path: str | Path) -> bool:
+    """Whether another process holds the :func:`build_lock` of ``path`` now (it is building what
+    will be saved there). Creates nothing; ``False`` wherever locks cannot be checked."""
+    path = Path(path)
+    try:
+        import fcntl
+
+        fd = os.open(path.parent / ".locks" / f"{path.name}.lock", os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 # --- output locations: checked before any work, written atomically ------------------------------
 def _nearest_existing(p: Path) -> Path:
     """``p`` or its nearest ancestor that exists (``os.path.exists``: a name that cannot be

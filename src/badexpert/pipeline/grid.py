@@ -1014,7 +1014,9 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
                 shard: tuple[int, int] | None = None) -> list[dict]:
     """Where a grid stands, without running or writing anything: per cell, its labels, how many
     of its rows ``out_dir/results.jsonl`` holds (``done``), how many more the cache's row store
-    would give (``cached_rows``) and whether its suspect model is in the cache (``model_cached``)."""
+    would give (``cached_rows``), whether its suspect model is in the cache (``model_cached``) and
+    whether another process is training it now (``model_training``: it holds the model's build lock)."""
+    from ..utils import being_built
     from .experiment import suspect_file
 
     grid = load_grid(config)
@@ -1029,9 +1031,11 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
         done = sum(k in have for k in keys)
         cached_rows = 0 if cache is None else sum(
             k not in have and (cache / ROWS_DIR / f"{k}.json").is_file() for k in keys)
+        model = None if cache is None else suspect_file(cache, spec["suspect"])
+        cached = model is not None and model.is_file()
         out.append({"dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
-                    "rows": len(keys), "done": done, "cached_rows": cached_rows,
-                    "model_cached": cache is not None and suspect_file(cache, spec["suspect"]).is_file()})
+                    "rows": len(keys), "done": done, "cached_rows": cached_rows, "model_cached": cached,
+                    "model_training": model is not None and not cached and being_built(model)})
     return out
 
 
@@ -1039,7 +1043,8 @@ def format_status(status: list[dict]) -> str:
     """:func:`grid_status` as a Markdown table and a one-line tally."""
     lines = ["| dataset | arch | attack | seed | rows done | from the row cache | suspect model |", "|---|---|---|---|---|---|---|"]
     for c in status:
-        model = "cached" if c["model_cached"] else ("to train" if c["done"] + c["cached_rows"] < c["rows"] else "-")
+        model = ("cached" if c["model_cached"] else "training now" if c.get("model_training")
+                 else "to train" if c["done"] + c["cached_rows"] < c["rows"] else "-")
         lines.append(f"| {c['dataset']} | {c['arch']} | {c['attack']} | {c['seed']} | {c['done']}/{c['rows']} | "
                      f"{c['cached_rows'] or ''} | {model} |")
     left = [c for c in status if c["done"] + c["cached_rows"] < c["rows"]]
