@@ -644,6 +644,35 @@ def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty-cache").exists()
 
 
+def test_noise_trigger_reads_the_grid_cells_models_on_the_grids_own_splits(first, tmp_path, capsys):
+    """bench/noise_trigger.py: per cell of a grid, the cached suspect model's numbers on the grid's
+    own test split and triggered copy (its ASR is the grid row's, to the bit), clean and noisy; a
+    cell whose model is not cached says so; an unknown attack is one line and exit status 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("noise_trigger", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "noise_trigger.py")
+    nt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nt)
+    root, grid, rows, _, _ = first
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(grid))
+    assert nt.main(["--grid", str(config), "--cache-dir", str(root / "cache")]) == 0
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| blobs")]
+    asr = {(r["attack"], r["seed"]): r["attack_success_rate"] for r in rows}
+    assert [(t[2], int(t[3])) for t in table] == list(asr)
+    for t in table:
+        ca, got_asr, noisy_ca, clean_to_target, noisy_to_target = (float(v.strip(" |%")) / 100 for v in t[4:9])
+        assert got_asr == pytest.approx(asr[(t[2], int(t[3]))], abs=5e-4)  # printed to 0.1%
+        assert ca > 0.9 and noisy_ca > 0.8 and clean_to_target < 0.05 and 0 <= noisy_to_target <= 1
+    assert nt.main(["--grid", str(config), "--cache-dir", str(tmp_path / "empty"), "--attacks", "blend"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| blobs")]
+    assert len(lines) == 2 and all("suspect model not in the cache" in line and "| blend |" in line for line in lines)
+    assert nt.main(["--grid", str(config), "--attacks", "wanet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wanet not in the grid's attacks (badnet, blend)" in err[0]
+
+
 def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tmp_path, capsys, monkeypatch):
     """``grid --jobs 2``: two processes, a shard each, on the shared cache; --out gets the whole
     grid, with the numbers of a grid run in one process with the same number of threads (the
