@@ -44,6 +44,7 @@ def noise_row(spec: dict, cache_dir: str, splits_cache: dict) -> dict | None:
     out = model_outputs(model.eval(), test, attack, asr_bar=cfg.asr_bar, seed=cfg.seed, noisy_clean=True)
     counted = attack.counts(test.labels, test.num_classes)
     targets = attack.target_of(test.labels, test.num_classes)[counted]
+    noisy_right = out.noisy_pred == test.labels
     return {"dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
             "clean_accuracy": out.metrics["clean_accuracy"], "attack_success_rate": out.metrics["attack_success_rate"],
             "noisy_accuracy": out.metrics["noisy_clean"]["clean_accuracy"],
@@ -51,9 +52,9 @@ def noise_row(spec: dict, cache_dir: str, splits_cache: dict) -> dict | None:
             "noisy_to_target": float((out.noisy_pred[counted] == targets).float().mean()),
             # the noisy copies the model gets right whose class is the target: where the noise fires
             # the backdoor, right by coincidence (the paper's population keeps them as clean negatives)
-            "noisy_right": int((out.noisy_pred == test.labels).sum()),
+            "noisy_right": int(noisy_right.sum()),
             "noisy_right_target_class": None if attack.all_to_all else
-            int(((out.noisy_pred == test.labels) & (test.labels == attack.target)).sum())}
+            int((noisy_right & (test.labels == attack.target)).sum())}
 
 
 def main(argv: list[str] | None = None) -> int:

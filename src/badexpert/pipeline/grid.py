@@ -1043,7 +1043,7 @@ def format_status(status: list[dict]) -> str:
     """:func:`grid_status` as a Markdown table and a one-line tally."""
     lines = ["| dataset | arch | attack | seed | rows done | from the row cache | suspect model |", "|---|---|---|---|---|---|---|"]
     for c in status:
-        model = ("cached" if c["model_cached"] else "training now" if c.get("model_training")
+        model = ("cached" if c["model_cached"] else "training now" if c["model_training"]
                  else "to train" if c["done"] + c["cached_rows"] < c["rows"] else "-")
         lines.append(f"| {c['dataset']} | {c['arch']} | {c['attack']} | {c['seed']} | {c['done']}/{c['rows']} | "
                      f"{c['cached_rows'] or ''} | {model} |")
