@@ -196,6 +196,33 @@ def test_expert_aware_is_seeded():
     assert _same(m1.state_dict(), m2.state_dict()) and not _same(m1.state_dict(), m3.state_dict())
 
 
+def test_an_interrupted_expert_aware_training_resumes_to_the_same_model(tmp_path):
+    """The attack's training runs simulated experts beside it; under a time budget it stops at an
+    epoch's end with the last simulation kept, and the rerun ends with the weights, simulation
+    count and final expert of an uninterrupted run."""
+    from badexpert.errors import TimeBudgetReached
+    from badexpert.training import time_budget
+
+    tr = make_blobs(400, seed=5)
+    params = {**EA, "reserve": 100, "simulate_every": 4, "expert_steps": 4}
+
+    def run():
+        return get_attack("expert_aware", **params).implant(tr, _cnn(tr, width=4), RECIPE.replace(epochs=3), 0,
+                                                            log=lambda m: None)
+
+    straight, info = run()
+    with pytest.raises(TimeBudgetReached, match="after epoch 1 of 3"):
+        with time_budget(0, checkpoint_dir=tmp_path):
+            run()
+    assert len(list(tmp_path.glob("train-*.safetensors"))) == 1
+    with time_budget(None, checkpoint_dir=tmp_path):
+        resumed, again = run()
+    assert _same(resumed.state_dict(), straight.state_dict())
+    assert again["simulations"] == info["simulations"] > 0
+    assert again["simulated_expert"] == info["simulated_expert"]
+    assert not list(tmp_path.glob("train-*.safetensors"))
+
+
 def test_expert_aware_trigger_survives_a_saved_model(blobs, expert_aware_runs, tmp_path):
     tr, te = blobs
     a, model, info, _ = expert_aware_runs[1.0]

@@ -86,6 +86,69 @@ def test_a_training_with_a_stopping_rule_is_not_cut_by_the_budget(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+class _Running:
+    """A callback that keeps state the training depends on (a running mean of the first layer's
+    weights, fed back into every batch) and hands it over, as the BaDExpert-aware attack's does."""
+
+    def __init__(self):
+        self.mean, self.calls = None, 0
+
+    def __call__(self, step, model):
+        self.mean = next(model.parameters()).detach().mean().clone()
+        self.calls += 1
+        return False
+
+    def nudge(self, x, y, generator):
+        return (x if self.mean is None else (x + 0.1 * self.mean).clamp(0, 1)), y
+
+    def state_dict(self):
+        return {"calls": torch.tensor(self.calls), **({} if self.mean is None else {"mean": self.mean})}
+
+    def load_state_dict(self, state):
+        self.calls, self.mean = int(state["calls"]), state.get("mean")
+
+
+def test_a_training_whose_callback_hands_over_its_state_resumes_to_the_same_weights(tmp_path):
+    data = make_blobs(256, seed=1)
+    kw = {"seed": 3, "callback_every": 3}
+    cb = _Running()
+    straight = _model()
+    train(straight, data, RECIPE, callback=cb, batch_transform=cb.nudge, **kw)
+
+    cb1 = _Running()
+    with pytest.raises(TimeBudgetReached, match="after epoch 1 of 3"):
+        with time_budget(0, checkpoint_dir=tmp_path):
+            train(_model(), data, RECIPE, callback=cb1, batch_transform=cb1.nudge, **kw)
+    cb2 = _Running()
+    resumed = _model()
+    with time_budget(None, checkpoint_dir=tmp_path):
+        train(resumed, data, RECIPE, callback=cb2, batch_transform=cb2.nudge, **kw)
+    assert cb2.calls == cb.calls and torch.equal(cb2.mean, cb.mean)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_serves_only_the_cache_entry_it_was_building(tmp_path):
+    """Two cache entries whose trainings start alike (online poisoning leaves the data as it is)
+    keep separate checkpoints: the second trains from scratch and the first's state stays."""
+    from badexpert.utils import build_lock
+
+    data = make_blobs(256, seed=1)
+    kept = tmp_path / "checkpoints"
+    with pytest.raises(TimeBudgetReached):
+        with build_lock(tmp_path / "suspect-a.safetensors"), time_budget(0, checkpoint_dir=kept):
+            train(_model(), data, RECIPE, seed=3)
+    ref, m = _model(), _model()
+    train(ref, data, RECIPE, seed=3)
+    with build_lock(tmp_path / "suspect-b.safetensors"), time_budget(None, checkpoint_dir=kept):
+        train(m, data, RECIPE, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert len(list(kept.glob("train-*.safetensors"))) == 1
+    with build_lock(tmp_path / "suspect-a.safetensors"), time_budget(None, checkpoint_dir=kept):
+        train(_model(), data, RECIPE, seed=3)  # the first resumes and clears its checkpoint
+    assert not list(kept.glob("train-*.safetensors"))
+
+
 def test_the_grid_runner_skips_a_training_that_would_not_fit_and_runs_a_cached_cell_that_does(tmp_path,
                                                                                                monkeypatch):
     """``budget_runner`` estimates each cell: one that trains needs the longest cell so far, one

@@ -175,8 +175,8 @@ _BUDGET: ContextVar[TimeBudget | None] = ContextVar("badexpert_time_budget", def
 @contextlib.contextmanager
 def time_budget(seconds: float | None, *, reserve: float = 0.0,
                 checkpoint_dir: str | Path | None = None) -> Iterator[TimeBudget | None]:
-    """Within this block, :func:`train` (without a ``callback``: a training that runs its whole
-    schedule, as a suspect model's) stops at the end of an epoch when the next epoch would not
+    """Within this block, :func:`train` (without a ``callback``, or with one that hands over its state:
+    a training that runs its whole schedule, as a suspect model's) stops at the end of an epoch when the next epoch would not
     end ``reserve`` seconds before the deadline (``seconds`` from now): it saves its state (model,
     optimiser, step, random generator) under ``checkpoint_dir`` and raises
     :class:`~badexpert.errors.TimeBudgetReached`. The same training started again with the same
@@ -193,19 +193,22 @@ def time_budget(seconds: float | None, *, reserve: float = 0.0,
 
 class _Checkpoint:
     """One training's saved state under the budget's checkpoint folder, keyed by everything the
-    run depends on (the recipe, seed, purpose, data, labels and the initial weights)."""
+    run depends on (the recipe, seed, purpose, data, labels and the initial weights) and the cache
+    entry it builds (:func:`~badexpert.utils.building`: online poisoning changes batches, not the
+    data, so two attacks' trainings can otherwise start alike)."""
 
     def __init__(self, folder: Path, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: "Recipe",
                  seed: int, desc: str) -> None:
         from .digests import json_digest, tensors_sha256
+        from .utils import building
 
-        key = json_digest({"recipe": recipe.to_dict(), "seed": seed, "desc": desc,
+        key = json_digest({"recipe": recipe.to_dict(), "seed": seed, "desc": desc, "for": building(),
                            "data": tensors_sha256({"images": images, "labels": labels}),
                            "init": tensors_sha256(model.state_dict())}, length=24)
         self.path = folder / f"train-{key}.safetensors"
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator, step: int, epoch: int,
-             losses: list[torch.Tensor]) -> None:
+             losses: list[torch.Tensor], callback_state: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save
 
         from .utils import atomic_write_bytes
@@ -217,12 +220,16 @@ class _Checkpoint:
                 tensors[f"opt.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
         tensors["rng"] = g.get_state()
         tensors["losses"] = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+        for k, v in (callback_state or {}).items():
+            tensors[f"callback.{k}"] = v.detach().cpu().contiguous()
         meta = {"step": str(step), "epoch": str(epoch), "param_groups": json.dumps(state["param_groups"])}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, save(tensors, metadata=meta))
 
-    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> tuple[int, int, list]:
-        """Load the saved state into ``model``, ``opt`` and ``g``; returns (step, epoch, losses)."""
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator
+                ) -> tuple[int, int, list, dict[str, torch.Tensor]]:
+        """Load the saved state into ``model``, ``opt`` and ``g``; returns (step, epoch, losses,
+        the callback's state)."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as f:
@@ -238,7 +245,8 @@ class _Checkpoint:
         opt.load_state_dict(state)
         g.set_state(tensors["rng"])
         losses = [t for t in tensors["losses"].to(device)]
-        return int(meta["step"]), int(meta["epoch"]), losses
+        state = {k[9:]: v for k, v in tensors.items() if k.startswith("callback.")}
+        return int(meta["step"]), int(meta["epoch"]), losses, state
 
 
 @dataclass
@@ -265,7 +273,9 @@ def train(
 
     ``labels`` overrides the dataset's labels (the backdoor expert trains on wrong labels).
     ``callback(step, model)`` runs every ``callback_every`` steps and after every epoch; if it
-    returns True, training stops there (the model is left in train mode either way). The model
+    returns True, training stops there (the model is left in train mode either way). Under a
+    :func:`time_budget`, a training with a callback is stopped and resumed only when the callback
+    hands over its state (``state_dict() -> dict[str, Tensor]``, ``load_state_dict(dict)``). The model
     stays on its device; data is moved there batch by batch. ``batch_transform(x, y, generator)``
     changes each batch after augmentation (online poisoning: BPP's backdoor and negative samples,
     finetuning attacks); it draws its randomness from the loop's seeded generator.
@@ -299,14 +309,21 @@ def train(
     bar = progress(total=total, desc=desc)
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_check = -1
-    # a budget applies to trainings that run their whole schedule (a suspect model); one with a
-    # stopping rule (``callback``: the detectors' finetuning) keeps state outside the loop and is short
-    budget = _BUDGET.get() if callback is None else None
+    # a budget applies to trainings whose whole state it can keep: those without a callback (a
+    # suspect model) and those whose callback hands over its state (``state_dict``/``load_state_dict``:
+    # the BaDExpert-aware attack's simulated expert); one with a stopping rule that keeps its state
+    # to itself (the detectors' finetuning) is short and left alone
+    resumable = callback is None or (callable(getattr(callback, "state_dict", None))
+                                     and callable(getattr(callback, "load_state_dict", None)))
+    budget = _BUDGET.get() if resumable else None
     saved = None if budget is None or budget.checkpoint_dir is None else _Checkpoint(
         budget.checkpoint_dir, model, images, y, recipe, seed, desc)
     step, first_epoch = 0, 0
     if saved is not None and saved.path.is_file():
-        step, first_epoch, losses = saved.restore(model, opt, g)
+        step, first_epoch, losses, state = saved.restore(model, opt, g)
+        if callback is not None:
+            callback.load_state_dict(state)
+            last_check = step  # it ran at this epoch's end before the state was kept
         bar.update(step)
 
     def check(step: int) -> bool:
@@ -316,6 +333,9 @@ def train(
         last_check = step
         return bool(callback(step, model))
 
+    # trainings nested in this one (a simulated expert in a callback) run whole: the budget stops
+    # the outermost training, at its own epoch's end
+    nested = _BUDGET.set(None)
     try:
         epoch_started = time.monotonic()
         for epoch in range(first_epoch, recipe.epochs):
@@ -349,7 +369,8 @@ def train(
             now = time.monotonic()
             if budget is not None and budget.left() < now - epoch_started:  # the next epoch would not fit
                 if saved is not None:
-                    saved.save(model, opt, g, step, epoch + 1, losses)
+                    saved.save(model, opt, g, step, epoch + 1, losses,
+                               None if callback is None else callback.state_dict())
                 raise TimeBudgetReached(f"{desc}: stopped at its time budget after epoch {epoch + 1} of "
                                         f"{recipe.epochs}" + (f"; its state is kept in {saved.path}"
                                                               if saved is not None else ""))
@@ -358,6 +379,7 @@ def train(
             saved.path.unlink(missing_ok=True)
         return log
     finally:
+        _BUDGET.reset(nested)
         log.losses = torch.stack(losses).float().tolist() if losses else []
         log.steps = len(log.losses)
         log.epochs_run = log.steps / steps_per_epoch

@@ -10,6 +10,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from contextvars import ContextVar
 from typing import Any, Iterator
 
 import numpy as np
@@ -119,6 +120,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_BUILDING: ContextVar[str | None] = ContextVar("badexpert_building", default=None)
+
+
 @contextlib.contextmanager
 def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterator[None]:
     """Hold an exclusive lock while building what will be saved at ``path`` (a cache entry), so that
@@ -150,11 +154,21 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
             if fd is not None:
                 os.close(fd)
             fd = None
+    token = _BUILDING.set(None if path is None else Path(path).name)
     try:
         yield
     finally:
+        _BUILDING.reset(token)
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def building() -> str | None:
+    """The cache entry the innermost :func:`build_lock` block is building (its file name: the cache
+    moves with it), or ``None`` outside one: what an interrupted training's checkpoint is kept for, so that two cache
+    entries whose trainings start alike (online poisoning of the same clean data, the same initial
+    weights) never resume from each other's state."""
+    return _BUILDING.get()
 
 
 def being_built(path: str | Path) -> bool:

@@ -236,23 +236,16 @@ class ExpertAware(Blend):
         with seeded_rng(seed, f"init:{self.name}"):  # the same seed, the same model, whatever ran before
             model = build_model()
         device = model_device(model)
-        sim: dict = {"delta": None, "count": 0}
-
-        def simulate(step: int, m: nn.Module) -> bool:
-            with components.phase("simulated_expert"):
-                expert = self.simulate(m, fit_part, num_classes, seed, desc=f"simulated expert {sim['count']}")
-                sim["delta"] = {k: v.to(device) for k, v in self.displacement(m, expert).items()}
-            sim["count"] += 1
-            return False
+        sim = _Simulations(self, fit_part, num_classes, seed, device, components)
 
         def ride(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             clean = x
             x, y, poisoned, _ = self.poison_batch(x, y, generator, num_classes=num_classes)
-            if sim["delta"] is None or not len(poisoned):
+            if sim.delta is None or not len(poisoned):
                 return x, y
             triggered = self.trigger(clean[poisoned.to(clean.device)], self._parts(tuple(x.shape[1:]), x.device))
             weight = self.strength * len(poisoned) / len(x)
-            return AddLoss.apply(x, weight * self.evasion_loss(model, sim["delta"], triggered.clamp(0, 1))), y
+            return AddLoss.apply(x, weight * self.evasion_loss(model, sim.delta, triggered.clamp(0, 1))), y
 
         active = self.strength > 0
         log(f"{self.name}: {n_poison} backdoor (and {n_cover} cover) samples in every batch of {bs} "
@@ -263,7 +256,7 @@ class ExpertAware(Blend):
                 f"{self.strength:g}")
         with components.phase("suspect_model"):
             train(model, rest, recipe, seed=seed, desc="suspect model", batch_transform=ride,
-                  callback=simulate if active else None, callback_every=self.simulate_every if active else 0)
+                  callback=sim if active else None, callback_every=self.simulate_every if active else 0)
         model.eval()
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise BadExpertError(
@@ -274,8 +267,40 @@ class ExpertAware(Blend):
             final = self.simulate(model, fit_part, num_classes, seed, desc="simulated expert (final)")
         report = self.expert_report(model, final, probe)
         info = {"poisoned_per_batch": n_poison, "cover_per_batch": n_cover, "batch_size": bs,
-                "reserve": self.reserve, "simulations": sim["count"], "simulated_expert": report}
-        log(f"{self.name}: {sim['count']} simulations; a final simulated expert gives the target to "
+                "reserve": self.reserve, "simulations": sim.count, "simulated_expert": report}
+        log(f"{self.name}: {sim.count} simulations; a final simulated expert gives the target to "
             f"{report['target_rate']:.1%} of triggered probe inputs (the model: {report['model_target_rate']:.1%}), "
             f"agreeing with the model on {report['clean_agreement']:.1%} of clean ones")
         return model, {**info, **components.info()}
+
+
+class _Simulations:
+    """The training callback of :meth:`ExpertAware.implant`: every call simulates the backdoor
+    expert of the model as it is and keeps its displacement ``delta`` for the evasion term. It
+    hands over its state (``state_dict``/``load_state_dict``), so a time budget can stop the
+    training at an epoch's end and a rerun resume it to the very weights of an uninterrupted run."""
+
+    def __init__(self, attack: ExpertAware, fit_part: Dataset, num_classes: int, seed: int, device: torch.device,
+                 components: Components) -> None:
+        self.attack, self.fit_part, self.num_classes, self.seed = attack, fit_part, num_classes, seed
+        self.device, self.components = device, components
+        self.delta: dict[str, torch.Tensor] | None = None
+        self.count = 0
+
+    def __call__(self, step: int, model: nn.Module) -> bool:
+        with self.components.phase("simulated_expert"):
+            expert = self.attack.simulate(model, self.fit_part, self.num_classes, self.seed,
+                                          desc=f"simulated expert {self.count}")
+            self.delta = {k: v.to(self.device) for k, v in self.attack.displacement(model, expert).items()}
+        self.count += 1
+        return False  # it never stops the training
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"count": torch.tensor(self.count)}
+        state.update({f"delta.{k}": v for k, v in (self.delta or {}).items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.count = int(state["count"])
+        delta = {k[6:]: v.to(self.device) for k, v in state.items() if k.startswith("delta.")}
+        self.delta = delta or None
