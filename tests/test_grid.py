@@ -92,6 +92,9 @@ def test_one_row_per_cell_and_detector_with_failed_implants_marked(first):
     by = {(r["attack"], r["seed"], r["detector"]): r for r in rows}
     assert by["badnet", 0, "badexpert"]["auroc_filtered"] > 0.95  # BaDExpert separates a real backdoor
     assert by["badnet", 0, "badexpert"]["asr_after"] < 0.2
+    # what fitting chose travels with the row (the expert's learning rate, given here)
+    assert by["badnet", 0, "badexpert"]["fit_report"]["expert"]["lr"] == 0.01
+    assert by["badnet", 1, "badexpert"]["fit_report"]["clean_size"] > 0
     # results.jsonl holds exactly these rows, one line each
     lines = (root / "out" / "results.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == rows

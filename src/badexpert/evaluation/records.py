@@ -322,7 +322,9 @@ class GridRow(_Record):
     the population the threshold was calibrated for, beside ``fpr_target``; ``auroc_filtered``
     is the paper's population, the one the summary aggregates. ``operating_points`` holds, per
     further target FPR of the grid (``extra_fprs``), ``fpr_target``, ``threshold``, ``fpr``,
-    ``tpr``, ``ca_after`` and ``asr_after`` at that target. ``seconds`` is the detector's fit,
+    ``tpr``, ``ca_after`` and ``asr_after`` at that target; ``fit_report`` what fitting found and
+    chose (:meth:`~badexpert.detectors.base.Detector.fit_report`; rows written before it existed
+    lack it). ``seconds`` is the detector's fit,
     calibration and scoring time; a detector reused from the grid's cache (``detector_cached``)
     reports the fit time recorded when it was fitted, so the column reads the same on a rerun.
     """
@@ -360,6 +362,7 @@ class GridRow(_Record):
     auroc_noisy_filtered: float | None = None
     fpr_noisy: float | None = None
     operating_points: list | None = None
+    fit_report: dict | None = None
     n_test: int
     n_triggered: int | None
     n_noisy: int | None = None
@@ -373,7 +376,7 @@ class GridRow(_Record):
     DETECTOR_NUMBERS: ClassVar[tuple[str, ...]] = (
         "auroc", "auroc_ci", "auroc_filtered", "tpr_at_1pct_fpr", "tpr", "fpr", "fpr_target", "threshold",
         "ca_after", "asr_after", "forward_passes", "backward_passes", "throughput_ratio", "seconds",
-        "auroc_noisy", "auroc_noisy_ci", "auroc_noisy_filtered", "fpr_noisy", "operating_points")
+        "auroc_noisy", "auroc_noisy_ci", "auroc_noisy_filtered", "fpr_noisy", "operating_points", "fit_report")
 
     @staticmethod
     def numbers(defense: DefenseRecord | None) -> dict:
@@ -395,6 +398,7 @@ class GridRow(_Record):
                 {"fpr_target": p["fpr_target"], "threshold": p["threshold"], "fpr": p["realized_fpr"],
                  "tpr": p.get("tpr"), "ca_after": p["clean_accuracy"], "asr_after": p.get("attack_success_rate")}
                 for p in d.operating_points],
+            "fit_report": d.fit_report,  # what fitting found and chose (the expert's learning rate and steps)
         }
 
 
