@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -62,6 +62,10 @@ class Attack:
     cover_rate: Rate = 0.0
     source_classes: tuple[ClassIndex, ...] | None = None
     trigger_seed: NonNegativeInt = 0
+    #: Poison every training batch after augmentation instead of the stored training set
+    #: (:meth:`implant`); left out of :meth:`params` while off, so records made before it existed
+    #: keep their keys.
+    online: bool = field(default=False, metadata={"omit_default": True})
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
@@ -79,7 +83,14 @@ class Attack:
 
     def __post_init__(self) -> None:
         validate_fields(self, f"attack '{self.name}' parameter")
-        second = self.second_batch_rate
+        if self.online and not self.can_poison_online():
+            why = (f"it already poisons every batch online ('{self.second_batch_rate}' per batch)"
+                   if self.second_batch_rate is not None
+                   else "it is clean-label" if self.clean_label
+                   else "its trigger is learned while it implants" if self.learned
+                   else "it implants its own way")
+            raise BadExpertError(f"attack '{self.name}' cannot take 'online': {why}; leave 'online' out")
+        second = self.second_batch_rate or ("cover_rate" if self.online else None)
         if second is not None and self.poison_rate + getattr(self, second) > 1 + 1e-9:
             raise BadExpertError(
                 f"attack '{self.name}' parameters 'poison_rate' ({self.poison_rate:g}) and '{second}' "
@@ -88,6 +99,13 @@ class Attack:
         self._cache: dict = {}
         if not _RESTORING.get():
             self.check_files()
+
+    @classmethod
+    def can_poison_online(cls) -> bool:
+        """Whether ``online=True`` applies: a dirty-label attack whose trigger is a fixed function
+        of the input and that implants by the default :meth:`implant` (poison, then train)."""
+        return (cls.second_batch_rate is None and not cls.clean_label and not cls.learned
+                and cls.implant is Attack.implant)
 
     def source_files(self) -> list[str]:
         """The files the trigger is built from (a trigger image by default): the suspect-model cache
@@ -215,6 +233,8 @@ class Attack:
         from ..utils import derive_generator
 
         components = components if components is not None else Components(log=log)
+        if self.online:
+            return self.implant_online(train_set, build_model, recipe, seed, log=log, components=components)
         with components.phase("poison"):
             data = self.poison(train_set, derive_generator(seed, "poison"))
         info = {"poisoned_samples": len(data.meta["poison_indices"]), "cover_samples": len(data.meta["cover_indices"])}
@@ -224,15 +244,40 @@ class Attack:
             train(model, data, recipe, seed=seed, desc="suspect model")
         return model, {**info, **components.info()}
 
+    def implant_online(self, train_set: Dataset, build_model: Callable[[], nn.Module], recipe, seed: int, *,
+                       log: Callable[[str], Any] = print, components: Components) -> tuple[nn.Module, dict]:
+        """:meth:`implant` with ``online=True``, WaNet's own procedure: the training set stays
+        clean and every batch is poisoned after augmentation (:meth:`poison_batch`: ``poison_rate``
+        and ``cover_rate`` of each batch, rounded, chosen afresh each time), so the network always
+        sees the trigger as the attack builds it, never shifted by a crop or mirrored by a flip."""
+        from ..training import train
+
+        bs, n_poison, n_cover = self.online_counts(train_set, recipe)
+        log(f"{self.describe()}: {n_poison} backdoor (and {n_cover} cover) samples in every batch of {bs}, "
+            "poisoned after augmentation")
+        num_classes = train_set.num_classes
+
+        def poison(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y, _, _ = self.poison_batch(x, y, generator, num_classes=num_classes)
+            return x, y
+
+        model = build_model()
+        with components.phase("suspect_model"):
+            train(model, train_set, recipe, seed=seed, desc="suspect model", batch_transform=poison)
+        info = {"poisoned_per_batch": n_poison, "cover_per_batch": n_cover, "batch_size": bs}
+        return model, {**info, **components.info()}
+
     def per_batch(self, batch_size: int) -> tuple[int, int]:
-        """Attacks that poison every training batch online (BPP, FT, Dynamic): how many samples of
-        a ``batch_size`` batch get the backdoor (``poison_rate``), and how many the attack's second
-        kind of sample (the field :attr:`second_batch_rate` names: negative, cover or cross-trigger
-        samples)."""
-        if self.second_batch_rate is None:
+        """Attacks that poison every training batch online (BPP, FT, Dynamic, and any attack given
+        ``online=True``): how many samples of a ``batch_size`` batch get the backdoor
+        (``poison_rate``), and how many the attack's second kind of sample (the field
+        :attr:`second_batch_rate` names, ``cover_rate`` with ``online``: negative, cover or
+        cross-trigger samples)."""
+        second = self.second_batch_rate or ("cover_rate" if self.online else None)
+        if second is None:
             raise NotImplementedError(f"attack '{self.name}' does not poison batches online")
         return (int(round(self.poison_rate * batch_size)),
-                int(round(getattr(self, self.second_batch_rate) * batch_size)))
+                int(round(getattr(self, second) * batch_size)))
 
     def online_counts(self, train_set: Dataset, recipe) -> tuple[int, int, int]:
         """``(batch size, backdoor samples, other samples)`` per batch of an online-poisoning
@@ -400,7 +445,8 @@ class Attack:
 
     # --- serialisation -------------------------------------------------------------------
     def params(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
         if d.get("source_classes") is not None:
             d["source_classes"] = list(d["source_classes"])
         return d
