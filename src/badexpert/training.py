@@ -175,9 +175,9 @@ _BUDGET: ContextVar[TimeBudget | None] = ContextVar("badexpert_time_budget", def
 @contextlib.contextmanager
 def time_budget(seconds: float | None, *, reserve: float = 0.0,
                 checkpoint_dir: str | Path | None = None) -> Iterator[TimeBudget | None]:
-    """Within this block, :func:`train` (without a ``callback``, or with one that hands over its state:
-    a training that runs its whole schedule, as a suspect model's) stops at the end of an epoch when the next epoch would not
-    end ``reserve`` seconds before the deadline (``seconds`` from now): it saves its state (model,
+    """Within this block, :func:`train` (without a ``callback``, or with one that hands over its
+    state: a training that runs its whole schedule, as a suspect model's) stops at the end of an
+    epoch when the next epoch would not end ``reserve`` seconds before the deadline (``seconds`` from now): it saves its state (model,
     optimiser, step, random generator) under ``checkpoint_dir`` and raises
     :class:`~badexpert.errors.TimeBudgetReached`. The same training started again with the same
     ``checkpoint_dir`` resumes from that state and ends with the very weights an uninterrupted run
@@ -275,8 +275,8 @@ def train(
     ``callback(step, model)`` runs every ``callback_every`` steps and after every epoch; if it
     returns True, training stops there (the model is left in train mode either way). Under a
     :func:`time_budget`, a training with a callback is stopped and resumed only when the callback
-    hands over its state (``state_dict() -> dict[str, Tensor]``, ``load_state_dict(dict)``). The model
-    stays on its device; data is moved there batch by batch. ``batch_transform(x, y, generator)``
+    hands over its state (``state_dict() -> dict[str, Tensor]``, ``load_state_dict(dict)``). The
+    model stays on its device; data is moved there batch by batch. ``batch_transform(x, y, generator)``
     changes each batch after augmentation (online poisoning: BPP's backdoor and negative samples,
     finetuning attacks); it draws its randomness from the loop's seeded generator.
     """

@@ -324,8 +324,7 @@ class GridRow(_Record):
     further target FPR of the grid (``extra_fprs``), ``fpr_target``, ``threshold``, ``fpr``,
     ``tpr``, ``ca_after`` and ``asr_after`` at that target; ``fit_report`` what fitting found and
     chose (:meth:`~badexpert.detectors.base.Detector.fit_report`; rows written before it existed
-    lack it). ``seconds`` is the detector's fit,
-    calibration and scoring time; a detector reused from the grid's cache (``detector_cached``)
+    lack it). ``seconds`` is the detector's fit, calibration and scoring time; a detector reused from the grid's cache (``detector_cached``)
     reports the fit time recorded when it was fitted, so the column reads the same on a rerun.
     """
 
