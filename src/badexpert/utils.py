@@ -9,8 +9,8 @@ import os
 import random
 import sys
 import tempfile
-from pathlib import Path
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -165,9 +165,9 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
 
 def building() -> str | None:
     """The cache entry the innermost :func:`build_lock` block is building (its file name: the cache
-    moves with it), or ``None`` outside one: what an interrupted training's checkpoint is kept for, so that two cache
-    entries whose trainings start alike (online poisoning of the same clean data, the same initial
-    weights) never resume from each other's state."""
+    moves with it), or ``None`` outside one: what an interrupted training's checkpoint is kept for,
+    so that two cache entries whose trainings start alike (online poisoning of the same clean data,
+    the same initial weights) never resume from each other's state."""
     return _BUILDING.get()
 
 
