@@ -679,15 +679,31 @@ def test_noise_trigger_reads_the_grid_cells_models_on_the_grids_own_splits(first
 def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tmp_path, capsys, monkeypatch):
     """``grid --jobs 2``: two processes, a shard each, on the shared cache; --out gets the whole
     grid, with the numbers of a grid run in one process with the same number of threads (the
-    thread count changes floating-point summation order)."""
+    thread count changes floating-point summation order). A cell reaches --out as soon as its
+    shard finishes it, while the other shard still runs (an interrupted run keeps it)."""
+    import badexpert.cli as cli
+    import badexpert.pipeline.grid as grid_module
+
     root, grid, rows, _, _ = first
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    monkeypatch.setattr(cli, "JOBS_POLL_S", 0.05)
+    collected = []  # per collection into --out: the cells its results.jsonl holds after it
+    original = grid_module.run_grid
+
+    def run_grid(*args, **kwargs):
+        out = original(*args, **kwargs)
+        collected.append(len({r["cell"] for r in read_results(Path(args[1]) / "results.jsonl")}))
+        return out
+
+    monkeypatch.setattr(grid_module, "run_grid", run_grid)
     two = {**grid, "seeds": [0]}
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(two))
     argv = ["grid", "--config", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*argv, "--jobs", "2"]) == 0
     assert "2 processes, one shard each" in capsys.readouterr().err
+    # blend's cell (no implant, no detector) ends long before badnet's: collected on its own first
+    assert collected[0] == 1 and collected[-1] == 2, collected
     got = read_results(tmp_path / "out" / "results.jsonl")
     want = [r for r in rows if r["seed"] == 0]
     assert sorted(r["key"] for r in got) == sorted(r["key"] for r in want)

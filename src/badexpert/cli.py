@@ -18,6 +18,10 @@ from .errors import BadExpertError
 
 EPILOG = "Documentation: see README.md. Every command accepts --help."
 
+#: ``grid --jobs``: how often (seconds) the parent looks for cells its processes finished, to
+#: collect them into ``--out`` at once.
+JOBS_POLL_S = 2.0
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -633,13 +637,15 @@ def _grid_config(args):
 
 def _grid_jobs(args) -> int:
     """``grid --jobs N``: N shards of the grid in N processes here (``--shard i/N`` each, sharing the
-    cache, with the same time budget), then the whole grid collected from the cache's rows into
-    ``--out`` (nothing computed in this process)."""
+    cache, with the same time budget); each cell a process finishes is collected from the cache's
+    rows into ``--out`` within seconds, and the whole grid when they stop (nothing computed in
+    this process)."""
     import os
     import subprocess
+    import time
 
     from .digests import json_digest
-    from .pipeline.grid import check_grid_dirs, load_grid, plan, run_grid
+    from .pipeline.grid import ROWS_DIR, check_grid_dirs, load_grid, plan, run_grid
 
     n = args.jobs
     if n < 1:
@@ -670,17 +676,36 @@ def _grid_jobs(args) -> int:
         with open(log_file, "wb") as fh:
             procs.append((i, log_file, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)))
     _log(f"grid: {n} processes, one shard each; their logs: {where}/shard-*.log")
-    codes = {i: p.wait() for i, _, p in procs}
+
+    def collect(fn, specs):  # every row comes from the cache; nothing is computed here
+        return iter(())
+
+    def shard_rows() -> int:  # the row cache's folder changes whenever a shard keeps a row there
+        try:
+            return (Path(args.cache_dir) / ROWS_DIR).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    # while the shards run, each cell a shard finishes reaches --out within a few seconds: an
+    # interrupted run (the session killed, the machine lost) keeps every finished cell there
+    collect.stopped = True
+    seen = shard_rows()
+    codes: dict[int, int] = {}
+    while len(codes) < n:
+        time.sleep(JOBS_POLL_S)
+        codes.update((i, p.returncode) for i, _, p in procs if i not in codes and p.poll() is not None)
+        if len(codes) < n and shard_rows() != seen:
+            seen = shard_rows()  # read before collecting: a row kept meanwhile is collected next time
+            try:
+                run_grid(grid, args.out, cache_dir=args.cache_dir, log=lambda _: None, runner=collect)
+            except BadExpertError:  # a row file caught mid-write: the next poll or the end collects it
+                pass
     for i, log_file, _ in procs:
         if codes[i] not in (0, 3):
             tail = [line for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
             raise BadExpertError(f"shard {i}/{n} failed (exit status {codes[i]}): {tail[-1] if tail else 'no output'} "
                                  f"(its log: {log_file})")
     stopped = any(code == 3 for code in codes.values())
-
-    def collect(fn, specs):  # every row comes from the cache; nothing is computed here
-        return iter(())
-
     collect.stopped = stopped
     run_grid(grid, args.out, cache_dir=args.cache_dir, log=_log, runner=collect)
     return _grid_done(args.out, stopped=stopped)
@@ -1095,8 +1120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="run the grid in N processes on this machine (needs --cache-dir): one shard each, with "
-                        "--time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; then the "
-                        "whole grid is collected into --out from the cache")
+                        "--time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; each "
+                        "finished cell is collected into --out from the cache as it lands")
     p.add_argument("--status", action="store_true",
                    help="print, per cell, the rows --out holds, those the cache's row store would give and whether "
                         "its suspect model is cached, being trained now by another process, or to train; runs and writes nothing")
