@@ -13,6 +13,8 @@ same name in bench/RESULTS.md):
   machine (``--machine``, default this one: platform, CPU count, torch version, ``OMP_NUM_THREADS``),
   the date, when ``results.jsonl`` was last written, and how many of the grid's cells have rows;
 - the attacks x detectors matrix (:func:`badexpert.pipeline.grid.format_matrix`);
+- with ``--ca``: clean accuracy before and after each detector, with its realized FPR, per attack
+  (:func:`ca_table`; at each ``--at-fpr`` too);
 - with ``--cost``: forward and backward passes per input and the median throughput against the
   bare model, per detector; with ``--summary``: the per-seed statistics table
   (:func:`~badexpert.pipeline.grid.format_summary`);
@@ -190,6 +192,46 @@ def versus_table(summary: list[dict], variant: str, reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _targets(rows: list[dict]) -> str:
+    """The target FPR(s) the rows' detectors were calibrated at, as text ("1%")."""
+    targets = sorted({r["fpr_target"] for r in rows if r.get("fpr_target") is not None})
+    return " / ".join(f"{100 * t:g}%" for t in targets) or "its"
+
+
+def ca_table(summary: list[dict]) -> str:
+    """Per dataset and architecture, one row per attack: the suspect model's clean accuracy (seed
+    mean) and, per detector, its clean accuracy after defense / realized FPR (seed means over the
+    seeds that implanted); a mean row over the attacks every detector has numbers for. What each
+    detector costs clean users, beside what it stops."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    dets = list(dict.fromkeys(s["detector"] for s in summary))
+    by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}
+    parts = []
+    for ds, arch in dict.fromkeys((s["dataset"], s["arch"]) for s in summary):
+        attacks = list(dict.fromkeys(s["attack"] for s in summary if (s["dataset"], s["arch"]) == (ds, arch)))
+        lines = [f"### {ds} / {arch}: clean accuracy", "",
+                 "| attack | CA (no defense) | " + " | ".join(f"{d} CA after / realized FPR" for d in dets) + " |",
+                 "|---|---|" + "---|" * len(dets)]
+        full = []  # attacks with numbers for every detector: the mean row's
+        for a in attacks:
+            mine = [by.get((ds, arch, a, d)) for d in dets]
+            before = next((s["clean_accuracy_mean"] for s in mine if s is not None), None)
+            cells = ["" if s is None else "attack failed" if not s["implanted"]
+                     else f"{pct(s['ca_after_mean'])} / {pct(s['fpr_mean'])}" for s in mine]
+            lines.append(f"| {a} | {pct(before)} | " + " | ".join(cells) + " |")
+            if all(s is not None and s["implanted"] and s["ca_after_mean"] is not None for s in mine):
+                full.append((before, mine))
+        if full:
+            mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
+            cells = [f"{pct(mean([m[i]['ca_after_mean'] for _, m in full]))} / "
+                     f"{pct(mean([m[i]['fpr_mean'] for _, m in full]))}" for i in range(len(dets))]
+            lines.append(f"| **mean** ({len(full)}) | {pct(mean([b for b, _ in full]))} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def at_fpr_rows(rows: list[dict], fpr: float) -> list[dict]:
     """The rows with each detector's numbers at the further target ``fpr`` (its ``operating_points``
     entry) in place of those at the target it was calibrated at; rows without detector numbers (a
@@ -210,7 +252,7 @@ def at_fpr_rows(rows: list[dict], fpr: float) -> list[dict]:
 
 
 def render(out_dir: str | Path, *, command: str | None = None, machine_text: str | None = None,
-           cost: bool = False, with_summary: bool = False, versus: list[tuple[str, str]] = (),
+           cost: bool = False, ca: bool = False, with_summary: bool = False, versus: list[tuple[str, str]] = (),
            at_fprs: list[float] = (), today: dt.date | None = None) -> str:
     """The Markdown block for the grid output directory ``out_dir`` (see the module docs)."""
     out = Path(out_dir)
@@ -238,6 +280,12 @@ def render(out_dir: str | Path, *, command: str | None = None, machine_text: str
         parts += ["", f"At {100 * f:g}% target FPR (each detector's threshold from its own calibration scores at "
                   "that target; AUROC as above):", "",
                   format_matrix(summarize(at_fpr_rows(rows, f), n_boot=n_boot, seed=0)).rstrip("\n")]
+    if ca:
+        parts += ["", f"Clean accuracy before and after each detector, at {_targets(rows)} target FPR:", "",
+                  ca_table(summary).rstrip("\n")]
+        for f in at_fprs:
+            parts += ["", f"At {100 * f:g}% target FPR:", "",
+                      ca_table(summarize(at_fpr_rows(rows, f), n_boot=n_boot, seed=0)).rstrip("\n")]
     if cost:
         parts += ["", "Cost per detector, from the same rows (throughput measured on each cell's test inputs):", "",
                   cost_table(rows).rstrip("\n")]
@@ -255,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", help="the command that regenerates the rows (default: badexpert grid on DIR/grid.json)")
     p.add_argument("--machine", help="the machine the grid ran on, when not this one (e.g. '1x H100 80GB')")
     p.add_argument("--cost", action="store_true", help="add the passes per input and median throughput per detector")
+    p.add_argument("--ca", action="store_true",
+                   help="add clean accuracy before and after each detector, with its realized FPR (and at each --at-fpr)")
     p.add_argument("--summary", action="store_true", help="add the per-seed statistics table (mean, std, 95%% CI)")
     p.add_argument("--versus", action="append", default=[], metavar="VARIANT=REFERENCE",
                    help="add a variant against the detector it changes (two detector labels), with the keep rule's "
@@ -269,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not variant or not reference:
                 raise BadExpertError(f"--versus takes VARIANT=REFERENCE (two detector labels), got '{item}'")
             versus.append((variant, reference))
-        text = render(args.out, command=args.command, machine_text=args.machine, cost=args.cost,
+        text = render(args.out, command=args.command, machine_text=args.machine, cost=args.cost, ca=args.ca,
                       with_summary=args.summary, versus=versus, at_fprs=args.at_fpr)
     except BadExpertError as exc:
         print(f"results_table: error: {exc}", file=sys.stderr)

@@ -187,3 +187,27 @@ def test_the_matrix_at_a_further_target_fpr(grid_dir, capsys):
     assert rt.main([str(grid_dir), "--at-fpr", "0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no operating point at FPR 0.05" in err[0] and "extra_fprs" in err[0], err
+
+
+def test_clean_accuracy_before_and_after_each_detector(grid_dir):
+    """``--ca``: per attack, the suspect model's CA and each detector's CA after / realized FPR (seed
+    means); a failed implant said so and left out of the mean row, which counts its attacks; at a
+    further target FPR, from the rows' operating points there."""
+    results = grid_dir / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in rows:
+        if r["status"] == "ok":
+            r["fpr_target"] = 0.05
+            r["ca_after"] = {0: 0.86, 1: 0.88}[r["seed"]] if r["detector"] == "badexpert" else 0.80
+            r["operating_points"] = [{"fpr_target": 0.001, "threshold": 9.0, "fpr": 0.002, "tpr": 0.5,
+                                      "ca_after": 0.895, "asr_after": r["asr_after"]}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "CA after" not in rt.render(grid_dir)  # only on request
+    text = rt.render(grid_dir, ca=True, at_fprs=[0.001])
+    _, _, ca = text.partition("Clean accuracy before and after each detector, at 5% target FPR:")
+    at_1pct, _, at_01pct = ca.partition("At 0.1% target FPR:\n\n### blobs / cnn-w8: clean accuracy")
+    assert "| badnet | 90.0% | 87.0% / 1.0% | 80.0% / 1.0% |" in at_1pct.splitlines()
+    assert "| blend | 90.0% | attack failed | attack failed |" in at_1pct.splitlines()
+    assert "| **mean** (1) | 90.0% | 87.0% / 1.0% | 80.0% / 1.0% |" in at_1pct.splitlines()
+    assert "| badnet | 90.0% | 89.5% / 0.2% | 89.5% / 0.2% |" in at_01pct.splitlines()
+    assert rt.main([str(grid_dir), "--ca"]) == 0
