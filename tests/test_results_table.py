@@ -211,3 +211,23 @@ def test_clean_accuracy_before_and_after_each_detector(grid_dir):
     assert "| **mean** (1) | 90.0% | 87.0% / 1.0% | 80.0% / 1.0% |" in at_1pct.splitlines()
     assert "| badnet | 90.0% | 89.5% / 0.2% | 89.5% / 0.2% |" in at_01pct.splitlines()
     assert rt.main([str(grid_dir), "--ca"]) == 0
+
+
+def test_published_blocks_are_what_their_committed_rows_render(monkeypatch):
+    """Every grid whose rows are committed (``bench/results/NAME/results.jsonl``) and whose block
+    bench/RESULTS.md shows: the block's attacks x detectors matrix is the one those rows render
+    to (a block pasted from other rows, or rows committed without re-rendering, fails)."""
+    monkeypatch.setattr(rt, "plan", lambda grid: (_ for _ in ()).throw(BadExpertError("not planned here")))
+    page = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    checked = 0
+    for results in sorted((ROOT / "bench" / "results").glob("*/results.jsonl")):
+        name = results.parent.name
+        begin = f"<!-- results_table {name}: begin"
+        if begin not in page:
+            continue
+        block = page[page.index(begin):page.index(f"<!-- results_table {name}: end -->")]
+        text = rt.render(results.parent)
+        matrix = text[text.index("### "):text.rindex("<!-- results_table")].strip()
+        assert matrix in block, f"bench/RESULTS.md's block {name} is not what {results} renders to"
+        checked += 1
+    assert checked or not list((ROOT / "bench" / "results").glob("*/results.jsonl"))
