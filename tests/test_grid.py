@@ -701,7 +701,8 @@ def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tm
     config.write_text(json.dumps(two))
     argv = ["grid", "--config", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*argv, "--jobs", "2"]) == 0
-    assert "2 processes, one shard each" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 processes, one shard each" in err and f"grid: 1 of 2 cells in {tmp_path / 'out'}" in err
     # blend's cell (no implant, no detector) ends long before badnet's: collected on its own first
     assert collected[0] == 1 and collected[-1] == 2, collected
     got = read_results(tmp_path / "out" / "results.jsonl")

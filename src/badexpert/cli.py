@@ -657,7 +657,7 @@ def _grid_jobs(args) -> int:
     _check_time_budget(args)
     check_grid_dirs(args.out, args.cache_dir)
     grid = load_grid(_grid_config(args))
-    plan(grid, cache_dir=args.cache_dir)  # every cell checked once here, not once per process
+    n_cells = len(plan(grid, cache_dir=args.cache_dir))  # every cell checked once here, not once per process
     where = Path(args.cache_dir) / "shards" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
                                                           length=16)
     where.mkdir(parents=True, exist_ok=True)
@@ -697,9 +697,10 @@ def _grid_jobs(args) -> int:
         if len(codes) < n and shard_rows() != seen:
             seen = shard_rows()  # read before collecting: a row kept meanwhile is collected next time
             try:
-                run_grid(grid, args.out, cache_dir=args.cache_dir, log=lambda _: None, runner=collect)
+                rows = run_grid(grid, args.out, cache_dir=args.cache_dir, log=lambda _: None, runner=collect)
             except BadExpertError:  # a row file caught mid-write: the next poll or the end collects it
-                pass
+                continue
+            _log(f"grid: {len({r['cell'] for r in rows})} of {n_cells} cells in {args.out}")
     for i, log_file, _ in procs:
         if codes[i] not in (0, 3):
             tail = [line for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
