@@ -645,7 +645,7 @@ def _grid_jobs(args) -> int:
     import time
 
     from .digests import json_digest
-    from .pipeline.grid import ROWS_DIR, check_grid_dirs, load_grid, plan, run_grid
+    from .pipeline.grid import ROWS_DIR, cache_rows, check_grid_dirs, load_grid, plan, read_results, run_grid
 
     n = args.jobs
     if n < 1:
@@ -660,6 +660,9 @@ def _grid_jobs(args) -> int:
     n_cells = len(plan(grid, cache_dir=args.cache_dir))  # every cell checked once here, not once per process
     where = Path(args.cache_dir) / "shards" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
                                                           length=16)
+    # the processes read rows from the cache, not from --out: rows --out holds (a run whose cache
+    # is gone, rows committed elsewhere) go to the cache first, or they would be computed again
+    cache_rows(args.cache_dir, read_results(Path(args.out) / "results.jsonl", log=_log))
     where.mkdir(parents=True, exist_ok=True)
     config = where / "grid.json"
     config.write_text(json.dumps(grid), encoding="utf-8")
