@@ -46,6 +46,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from statistics import fmean
 
 from badexpert.errors import BadExpertError
 from badexpert.pipeline.grid import (format_matrix, format_summary, load_grid, plan, read_grid_file, read_results,
@@ -224,10 +225,9 @@ def ca_table(summary: list[dict]) -> str:
             if all(s is not None and s["implanted"] and s["ca_after_mean"] is not None for s in mine):
                 full.append((before, mine))
         if full:
-            mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
-            cells = [f"{pct(mean([m[i]['ca_after_mean'] for _, m in full]))} / "
-                     f"{pct(mean([m[i]['fpr_mean'] for _, m in full]))}" for i in range(len(dets))]
-            lines.append(f"| **mean** ({len(full)}) | {pct(mean([b for b, _ in full]))} | " + " | ".join(cells) + " |")
+            cells = [f"{pct(fmean(m[i]['ca_after_mean'] for _, m in full))} / "
+                     f"{pct(fmean(m[i]['fpr_mean'] for _, m in full))}" for i in range(len(dets))]
+            lines.append(f"| **mean** ({len(full)}) | {pct(fmean(b for b, _ in full))} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
