@@ -697,8 +697,9 @@ def _grid_jobs(args) -> int:
     while len(codes) < n:
         time.sleep(JOBS_POLL_S)
         codes.update((i, p.returncode) for i, _, p in procs if i not in codes and p.poll() is not None)
-        if len(codes) < n and shard_rows() != seen:
-            seen = shard_rows()  # read before collecting: a row kept meanwhile is collected next time
+        now = shard_rows()  # read before collecting: a row kept meanwhile is collected next time
+        if len(codes) < n and now != seen:
+            seen = now
             try:
                 rows = run_grid(grid, args.out, cache_dir=args.cache_dir, log=lambda _: None, runner=collect)
             except BadExpertError:  # a row file caught mid-write: the next poll or the end collects it
