@@ -613,6 +613,52 @@ def test_shards_run_their_cells_and_the_whole_grid_takes_their_rows_from_the_cac
         assert not (tmp_path / "bad").exists()
 
 
+def test_claim_runs_the_cells_no_other_process_holds_and_the_whole_grid_takes_their_rows(first, tmp_path, capsys):
+    """``grid --claim``: a process skips the cell another one holds (its lock taken), runs the rest,
+    and exits cleanly; once the claim is released the next run takes that cell, and the whole grid
+    computes nothing. A claimed cell whose rows another process finished meanwhile is not run."""
+    from badexpert.pipeline.grid import CLAIMS_DIR, claimed_cells, plan
+    from badexpert.utils import claim
+
+    root, grid, rows, _, _ = first
+    cache = tmp_path / "cache"
+    two = {**grid, "seeds": [0]}  # two cells: badnet (implants) and blend (does not)
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(two))
+    badnet = next(s for s in plan(two) if s["attack"] == "badnet")
+    argv = ["grid", "--config", str(config), "--cache-dir", str(cache), "--claim"]
+    with claim(cache / CLAIMS_DIR / badnet["cell"]) as mine:  # another process is running badnet
+        assert mine
+        assert main([*argv, "--out", str(tmp_path / "p1")]) == 0
+    err = capsys.readouterr().err
+    assert "attack=badnet seed=0: another process runs it" in err and "1 of 2 cells held by other processes" in err
+    assert {r["attack"] for r in read_results(tmp_path / "p1" / "results.jsonl")} == {"blend"}
+    assert main([*argv, "--out", str(tmp_path / "p2")]) == 0  # the claim released: badnet runs here
+    err = capsys.readouterr().err
+    assert "1 cell(s) already in" in err and "attack=badnet seed=0: badexpert, scale_up" in err, err
+    assert "held by other processes" not in err
+    assert {r["attack"] for r in read_results(tmp_path / "p2" / "results.jsonl")} == {"badnet", "blend"}
+    whole = run_grid(two, tmp_path / "whole", cache_dir=cache, log=lambda m: None)
+    want = [r for r in rows if r["seed"] == 0]
+    assert [{k: r[k] for k in MEASURED} for r in whole] == [{k: r[k] for k in MEASURED} for r in want]
+
+    def must_not_run(spec):
+        raise AssertionError(f"ran {spec['attack']}")
+
+    # the rows a process kept after this one planned: the claimed cell takes them from the cache
+    spec = next(s for s in plan(two, cache_dir=cache) if s["attack"] == "badnet")
+    assert [r["key"] for r in claimed_cells(must_not_run, cache, log=lambda m: None)(spec)] == \
+        [d["key"] for d in spec["detectors"]]
+    for extra, match in ((["--ray", "local"], "--claim runs the cells it claims here"),
+                         (["--shard", "1/2"], "--claim needs --cache-dir")):
+        assert main([*argv, "--out", str(tmp_path / "bad"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    assert main(["grid", "--config", str(config), "--out", str(tmp_path / "bad"), "--claim"]) == 2
+    assert "--claim needs --cache-dir" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp_path, capsys):
     """``grid --status``: per cell, the rows --out holds, those the row cache would give and whether
     the suspect model is cached; nothing runs and nothing is written."""
@@ -702,25 +748,26 @@ def test_jobs_runs_the_shards_in_processes_and_collects_the_whole_grid(first, tm
     argv = ["grid", "--config", str(config), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*argv, "--jobs", "2"]) == 0
     err = capsys.readouterr().err
-    assert "2 processes, one shard each" in err and re.search(r"grid: [123] of 4 cells in ", err), err
-    # each shard runs two cells one after the other: its first reaches --out while it runs the second
+    assert "2 processes, each taking the next cell no other one holds" in err and re.search(r"grid: [123] of 4 cells in ", err), err
+    # each process runs cells one after the other: the first reaches --out while the last still runs
     assert min(collected) < 4 and collected[-1] == 4, collected
     got = read_results(tmp_path / "out" / "results.jsonl")
     assert sorted(r["key"] for r in got) == sorted(r["key"] for r in rows)
     by_key = {r["key"]: r for r in got}
     assert [{k: by_key[r["key"]][k] for k in MEASURED} for r in rows] == [{k: r[k] for k in MEASURED} for r in rows]
-    logs = list((tmp_path / "cache" / "shards").glob("*/shard-*.log"))
-    assert len(logs) == 2 and all("shard" in p.read_text() for p in logs)
+    logs = list((tmp_path / "cache" / "jobs").glob("*/job-*.log"))
+    assert len(logs) == 2 and all("cell" in p.read_text() for p in logs)
     # --out's rows resume the grid without its cache (a fresh machine with the committed rows)
     shutil.rmtree(tmp_path / "cache")
     assert main([*argv, "--jobs", "2"]) == 0
     capsys.readouterr()
-    logs = list((tmp_path / "cache" / "shards").glob("*/shard-*.log"))
+    logs = list((tmp_path / "cache" / "jobs").glob("*/job-*.log"))
     assert len(logs) == 2 and all(", 0 to run" in p.read_text() for p in logs), [p.read_text() for p in logs]
     assert not list((tmp_path / "cache").glob("**/*.safetensors"))  # nothing trained
     assert sorted(r["key"] for r in read_results(tmp_path / "out" / "results.jsonl")) == sorted(by_key)
     for extra, match in ((["--jobs", "0"], "--jobs must be a positive number"),
-                         (["--jobs", "2", "--shard", "1/2"], "leave out --ray and --shard")):
+                         (["--jobs", "2", "--shard", "1/2"], "leave out --ray, --shard and --claim"),
+                         (["--jobs", "2", "--claim"], "leave out --ray, --shard and --claim")):
         assert main([*argv[:4], str(tmp_path / "bad"), *argv[5:], *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err

@@ -584,6 +584,8 @@ def cmd_grid(args) -> int:
 
     if args.jobs is not None and args.jobs != 1:
         return _grid_jobs(args)
+    if args.claim and args.ray is not None:
+        raise BadExpertError("--claim runs the cells it claims here, one after another; leave out --ray")
     # run_grid checks --out, --cache-dir, the config and every cell (with every detector) before any data is read
     runner = None
     _check_time_budget(args)
@@ -607,7 +609,7 @@ def cmd_grid(args) -> int:
         runner = ray_runner(args.ray, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
                             connect_timeout=args.ray_timeout)
     config = _grid_config(args)
-    run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard)
+    run_grid(config, args.out, cache_dir=args.cache_dir, log=_log, runner=runner, shard=args.shard, claim=args.claim)
     return _grid_done(args.out, stopped=getattr(runner, "stopped", False))
 
 
@@ -636,10 +638,10 @@ def _grid_config(args):
 
 
 def _grid_jobs(args) -> int:
-    """``grid --jobs N``: N shards of the grid in N processes here (``--shard i/N`` each, sharing the
-    cache, with the same time budget); each cell a process finishes is collected from the cache's
-    rows into ``--out`` within seconds, and the whole grid when they stop (nothing computed in
-    this process)."""
+    """``grid --jobs N``: the grid in N processes here (``--claim`` each: a process takes the next
+    cell no other one holds, sharing the cache, with the same time budget); each cell a process
+    finishes is collected from the cache's rows into ``--out`` within seconds, and the whole grid
+    when they stop (nothing computed in this process)."""
     import os
     import subprocess
     import time
@@ -652,13 +654,13 @@ def _grid_jobs(args) -> int:
         raise BadExpertError(f"--jobs must be a positive number of processes, not {n}")
     if args.cache_dir is None:
         raise BadExpertError("--jobs needs --cache-dir: the processes' rows meet there")
-    if args.ray is not None or args.shard is not None:
-        raise BadExpertError("--jobs runs the shards itself; leave out --ray and --shard")
+    if args.ray is not None or args.shard is not None or args.claim:
+        raise BadExpertError("--jobs shares the cells out itself; leave out --ray, --shard and --claim")
     _check_time_budget(args)
     check_grid_dirs(args.out, args.cache_dir)
     grid = load_grid(_grid_config(args))
     n_cells = len(plan(grid, cache_dir=args.cache_dir))  # every cell checked once here, not once per process
-    where = Path(args.cache_dir) / "shards" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
+    where = Path(args.cache_dir) / "jobs" / json_digest({"grid": grid, "out": str(Path(args.out).absolute())},
                                                           length=16)
     # the processes read rows from the cache, not from --out: rows --out holds (a run whose cache
     # is gone, rows committed elsewhere) go to the cache first, or they would be computed again
@@ -672,32 +674,32 @@ def _grid_jobs(args) -> int:
     procs = []
     for i in range(1, n + 1):
         cmd = [sys.executable, "-m", "badexpert", "grid", "--config", str(config), "--out", str(where / str(i)),
-               "--cache-dir", str(args.cache_dir), "--shard", f"{i}/{n}"]
+               "--cache-dir", str(args.cache_dir), "--claim"]
         if args.time_budget is not None:
             cmd += ["--time-budget", repr(args.time_budget)]
-        log_file = where / f"shard-{i}.log"
+        log_file = where / f"job-{i}.log"
         with open(log_file, "wb") as fh:
             procs.append((i, log_file, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)))
-    _log(f"grid: {n} processes, one shard each; their logs: {where}/shard-*.log")
+    _log(f"grid: {n} processes, each taking the next cell no other one holds; their logs: {where}/job-*.log")
 
     def collect(fn, specs):  # every row comes from the cache; nothing is computed here
         return iter(())
 
-    def shard_rows() -> int:  # the row cache's folder changes whenever a shard keeps a row there
+    def job_rows() -> int:  # the row cache's folder changes whenever a process keeps a row there
         try:
             return (Path(args.cache_dir) / ROWS_DIR).stat().st_mtime_ns
         except OSError:
             return 0
 
-    # while the shards run, each cell a shard finishes reaches --out within a few seconds: an
+    # while the processes run, each cell one finishes reaches --out within a few seconds: an
     # interrupted run (the session killed, the machine lost) keeps every finished cell there
     collect.stopped = True
-    seen = shard_rows()
+    seen = job_rows()
     codes: dict[int, int] = {}
     while len(codes) < n:
         time.sleep(JOBS_POLL_S)
         codes.update((i, p.returncode) for i, _, p in procs if i not in codes and p.poll() is not None)
-        now = shard_rows()  # read before collecting: a row kept meanwhile is collected next time
+        now = job_rows()  # read before collecting: a row kept meanwhile is collected next time
         if len(codes) < n and now != seen:
             seen = now
             try:
@@ -708,7 +710,7 @@ def _grid_jobs(args) -> int:
     for i, log_file, _ in procs:
         if codes[i] not in (0, 3):
             tail = [line for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-            raise BadExpertError(f"shard {i}/{n} failed (exit status {codes[i]}): {tail[-1] if tail else 'no output'} "
+            raise BadExpertError(f"job {i} of {n} failed (exit status {codes[i]}): {tail[-1] if tail else 'no output'} "
                                  f"(its log: {log_file})")
     stopped = any(code == 3 for code in codes.values())
     collect.stopped = stopped
@@ -1124,8 +1126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "so far), and a training stops at an epoch boundary with its state kept; "
                         "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="run the grid in N processes on this machine (needs --cache-dir): one shard each, with "
-                        "--time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; each "
+                   help="run the grid in N processes on this machine (needs --cache-dir), each taking the next "
+                        "cell no other one holds (--claim), with --time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; each "
                         "finished cell is collected into --out from the cache as it lands")
     p.add_argument("--status", action="store_true",
                    help="print, per cell, the rows --out holds, those the cache's row store would give and whether "
@@ -1134,6 +1136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only every N-th cell from the I-th (needs --cache-dir): start N processes or machines "
                         "on shared --cache-dir storage, each with its own --out, then run the grid without --shard "
                         "into its --out: it takes every row from the cache")
+    p.add_argument("--claim", action="store_true",
+                   help="take the cells as they come (needs --cache-dir): start processes or machines on shared "
+                        "--cache-dir storage, each with its own --out; each runs the next cell no other one holds, "
+                        "then run the grid without --claim into its --out: it takes every row from the cache")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a Ray cluster address to answer before giving up (default 10)")
     _add_noisy_clean(p, "; sets the config's noisy_clean field, which is part of each row's key")

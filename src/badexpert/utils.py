@@ -163,6 +163,37 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
             os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextlib.contextmanager
+def claim(path: str | Path) -> Iterator[bool]:
+    """Try to take the exclusive lock of ``path`` (a cache entry, as :func:`build_lock` does) without
+    waiting: the block gets ``True`` when this process holds it, ``False`` when another process
+    does (the work is theirs). Released when the block ends or the process dies, so a killed
+    process leaves no stale claim. Where locks cannot be taken (no ``fcntl``, a file system that
+    refuses them) every process gets ``True``: the work may be done twice, never left undone."""
+    fd = None
+    try:
+        import fcntl
+
+        path = Path(path)
+        locks = path.parent / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    except (ImportError, OSError):
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def building() -> str | None:
     """The cache entry the innermost :func:`build_lock` block is building (its file name: the cache
     moves with it), or ``None`` outside one: what an interrupted training's checkpoint is kept for,

@@ -434,6 +434,35 @@ def _run_cell(spec: dict, log: Callable[[str], Any]) -> list[dict]:
     return rows
 
 
+#: Where processes sharing a grid cache claim the cell each runs (``CLAIMS_DIR/.locks/<cell>.lock``).
+CLAIMS_DIR = "cells"
+
+
+def claimed_cells(fn: Callable[[dict], list[dict]], cache_dir: str | Path, *,
+                  log: Callable[[str], Any] = print) -> Callable[[dict], list[dict]]:
+    """``fn`` (:func:`run_cell`) for processes that share ``cache_dir`` and take cells as they come:
+    a cell another process holds now is skipped (no rows: the holder keeps them in the cache),
+    one this process claims runs only the detectors whose rows no other process kept meanwhile.
+    A claim is a lock (:func:`badexpert.utils.claim`): a killed process leaves none behind."""
+    from ..utils import claim
+
+    folder = Path(cache_dir) / CLAIMS_DIR
+
+    def run(spec: dict) -> list[dict]:
+        with claim(folder / str(spec["cell"])) as mine:
+            if not mine:
+                log(f"cell dataset={spec['dataset']} arch={spec['arch']} attack={spec['attack']} seed={spec['seed']}: "
+                    "another process runs it")
+                return []
+            # rows another process finished between this one's plan and its claim
+            found = {d["key"]: cached_row(cache_dir, spec, d, log=log) for d in spec["detectors"]}
+            rows = [r for r in found.values() if r is not None]
+            missing = [d for d in spec["detectors"] if found[d["key"]] is None]
+            return rows + (fn({**spec, "detectors": missing}) if missing else [])
+
+    return run
+
+
 def local_runner(fn: Callable[[dict], list[dict]], specs: list[dict]) -> Iterator[list[dict]]:
     """Run the cells one after the other in this process, yielding each cell's rows."""
     for spec in specs:
@@ -1066,7 +1095,7 @@ def shard_specs(specs: list[dict], shard: tuple[int, int]) -> list[dict]:
 def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str | Path | None = None,
              log: Callable[[str], Any] = print,
              runner: Callable[[Callable[[dict], list[dict]], list[dict]], Iterable[list[dict]]] | None = None,
-             shard: tuple[int, int] | None = None) -> list[dict]:
+             shard: tuple[int, int] | None = None, claim: bool = False) -> list[dict]:
     """Run (or resume) a benchmark grid and return its rows, one per cell and detector, in grid order.
 
     ``config``: a grid dict or the path of a JSON file (see the module docs and
@@ -1082,9 +1111,16 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     (:func:`shard_specs`), for parallel processes or machines sharing ``cache_dir`` (required):
     give each shard its own ``out_dir``, then run the whole grid into its own ``out_dir``, which
     takes every row from the cache.
+
+    ``claim=True`` shares the cells out as they come instead: processes sharing ``cache_dir``
+    (required) each run the next cell no other one holds (:func:`claimed_cells`), so they stay busy
+    until the grid is done whatever the cells cost. A process's ``out_dir`` gets the cells it ran
+    (or found finished); the grid run without ``claim`` afterwards takes every row from the cache.
     """
     if shard is not None and cache_dir is None:
         raise BadExpertError("--shard needs --cache-dir: the shards' rows meet there, for the run of the whole grid")
+    if claim and (cache_dir is None or shard is not None):
+        raise BadExpertError("--claim needs --cache-dir (the processes' claims and rows meet there) and no --shard")
     out = check_grid_dirs(out_dir, cache_dir)
     grid = load_grid(config)
     specs = plan(grid, cache_dir=cache_dir)
@@ -1128,7 +1164,10 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     if reused:
         start()
         append_rows(results, reused)
-    for rows in (runner or local_runner)(functools.partial(run_cell, log=log), todo):
+    fn = functools.partial(run_cell, log=log)
+    if claim:
+        fn = claimed_cells(fn, cache_dir, log=log)
+    for rows in (runner or local_runner)(fn, todo):
         start()
         append_rows(results, rows)
         if cache_dir is not None:
@@ -1140,7 +1179,10 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
         start()
         write_summary(out, rows, n_boot=n_boot)
         return rows
-    if len(rows) < len(wanted):
+    if claim and len(rows) < len(wanted):  # the cells other processes hold: theirs to finish
+        left = len({r["cell"] for r in rows})
+        log(f"grid: {len(specs) - left} of {len(specs)} cells held by other processes sharing the cache")
+    elif len(rows) < len(wanted):
         raise BadExpertError(f"the runner returned no rows for {len(wanted) - len(rows)} (cell, detector) pair(s); "
                              "run the grid again to compute them")
     start()
@@ -1148,6 +1190,6 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
     return rows
 
 
-__all__ = ["cache_rows", "cached_row", "format_status", "grid_status", "shard_specs", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
+__all__ = ["CLAIMS_DIR", "cache_rows", "cached_row", "claimed_cells", "format_status", "grid_status", "shard_specs", "format_matrix", "GRID_OUTPUTS", "RAY_CONNECT_TIMEOUT", "append_rows", "budget_runner", "check_ray_address", "format_summary", "load_grid",
            "local_runner", "mean_interval", "normalize_grid", "plan", "plot_heatmap", "ray_runner", "read_results",
            "run_cell", "run_grid", "summarize", "write_summary"]
