@@ -340,7 +340,8 @@ def main() -> int:
 
 
 def markdown(r: dict) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    from badexpert.reporting.formats import pct
+
     e, eg, og, s, o = r["evaluate"], r["eager_guard"], r["onnx_guard"], r["throughput"], r["onnx_source"]
     m, c = r["model"], r["clean_set"]
     lines = [

@@ -204,8 +204,7 @@ def ca_table(summary: list[dict]) -> str:
     mean) and, per detector, its clean accuracy after defense / realized FPR (seed means over the
     seeds that implanted); a mean row over the attacks every detector has numbers for. What each
     detector costs clean users, beside what it stops."""
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}%"
+    from badexpert.reporting.formats import pct
 
     dets = list(dict.fromkeys(s["detector"] for s in summary))
     by = {(s["dataset"], s["arch"], s["attack"], s["detector"]): s for s in summary}

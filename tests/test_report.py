@@ -337,3 +337,12 @@ def test_the_no_attack_and_the_failed_attack_records_render(tmp_path, real):
     assert "## Attack failed" in md and "- Attack: blend" in md and rec.message in md
     assert f"{100 * rec.attack_success_rate:.1f}%" in md and "AUROC" not in md
     assert "attack FAILED: ASR below the 50.0% bar" in format_table(rec)
+
+
+def test_pct_is_the_one_percentage_format_and_says_n_a_for_what_is_not_one_rate():
+    from badexpert.reporting.formats import pct
+
+    assert pct(0.12345) == "12.3%" and pct(0.12345, 2) == "12.35%" and pct(1) == "100.0%"
+    assert pct(torch.tensor(0.5)) == "50.0%" and pct(np.float32(0.25)) == "25.0%"
+    for missing in (None, float("nan"), True, "x", np.array([0.1, 0.2]), torch.tensor([]), np.array([])):
+        assert pct(missing) == "n/a", missing

@@ -501,9 +501,10 @@ def _defend_on_clean(args, method: str, params: dict) -> int:
         correct = (predict_logits(model, splits.test.images).argmax(1) == splits.test.labels).numpy()
         held = clean_rejection(rejected, correct, det.calibration_population_)
         record["clean"]["holdout_rejection"] = held
-        pct = lambda v: "n/a" if v is None or v != v else f"{v:.2%}"  # noqa: E731 - no image right: no rate
-        line += (f"; on the {len(splits.test)} held-out images it rejects {pct(held['realized_fpr'])} of those the "
-                 f"model gets right ({pct(held['fpr'])} of all)")
+        from .reporting.formats import pct  # 'n/a' where no image is right: no rate
+
+        line += (f"; on the {len(splits.test)} held-out images it rejects {pct(held['realized_fpr'], 2)} of those the "
+                 f"model gets right ({pct(held['fpr'], 2)} of all)")
     det.save(args.out, extra=record)
     print(line)
     print(f"wrote {args.out}")

@@ -832,8 +832,7 @@ def format_matrix(summary: list[dict]) -> str:
     noisy = _has_noisy(summary)
     column = "AUROC / noisy AUROC / ASR after" if noisy else "AUROC / ASR after"
 
-    def pct(v: float | None, digits: int) -> str:
-        return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+    from ..reporting.formats import pct
 
     parts = []
     for ds, arch in panels:

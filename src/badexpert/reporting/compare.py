@@ -4,21 +4,17 @@ the ROC figure, and the files ``badexpert compare`` writes (all or nothing)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..evaluation.compare import Comparison
 from ..evaluation.records import DefenseRecord
 from ..utils import atomic_directory, check_output_dir, write_json
+from .formats import pct
 from .report import _new_figure
 
 #: What ``badexpert compare`` writes into its output directory.
 COMPARE_OUTPUTS = frozenset({"compare.json", "compare.md", "roc.png"})
-
-
-def _pct(v: Any, digits: int = 1) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.{digits}f}%"
 
 
 def format_comparison(metrics: dict) -> str:
@@ -26,8 +22,8 @@ def format_comparison(metrics: dict) -> str:
     (``compare --noisy-clean``) a column gives the AUROC with the noise-augmented clean negatives,
     on all inputs / on the paper's population, and a note says what it measures."""
     m = metrics["model"]
-    head = (f"Suspect model: clean accuracy {_pct(m['clean_accuracy'])}"
-            + (f", attack success rate {_pct(m['attack_success_rate'])}" if m["attack_success_rate"] is not None else "")
+    head = (f"Suspect model: clean accuracy {pct(m['clean_accuracy'])}"
+            + (f", attack success rate {pct(m['attack_success_rate'])}" if m["attack_success_rate"] is not None else "")
             + f"; every detector calibrated at {100 * metrics['fpr_target']:g}% target FPR on the same clean split.")
     if m["attack_failed"]:
         return head + "\n\n" + m["message"] + "\n"
@@ -41,18 +37,18 @@ def format_comparison(metrics: dict) -> str:
     for d in records:
         ratio = d.throughput_ratio
         rows.append(
-            f"| {d.shown_as}{' (out of scope)' if d.out_of_scope else ''} | {_pct(d.auroc, 2)} | {_pct(d.auroc_filtered, 2)} | "
-            + (f"{_pct(d.auroc_noisy, 2)} / {_pct(d.auroc_noisy_filtered, 2)} | " if noisy else "")
-            + f"{_pct(d.tpr_at('0.1%'))} / {_pct(d.tpr_at('1%'))} / {_pct(d.tpr_at('5%'))} | {_pct(d.clean_accuracy)} | "
-            f"{_pct(d.attack_success_rate)} | {_pct(d.realized_fpr, 2)} | {d.forward_passes} / {d.backward_passes} | "
+            f"| {d.shown_as}{' (out of scope)' if d.out_of_scope else ''} | {pct(d.auroc, 2)} | {pct(d.auroc_filtered, 2)} | "
+            + (f"{pct(d.auroc_noisy, 2)} / {pct(d.auroc_noisy_filtered, 2)} | " if noisy else "")
+            + f"{pct(d.tpr_at('0.1%'))} / {pct(d.tpr_at('1%'))} / {pct(d.tpr_at('5%'))} | {pct(d.clean_accuracy)} | "
+            f"{pct(d.attack_success_rate)} | {pct(d.realized_fpr, 2)} | {d.forward_passes} / {d.backward_passes} | "
             f"{'n/a' if ratio is None else f'{ratio:.3f}x'} |"
         )
     points = [(d, p) for d in records for p in d.operating_points or ()]
     if points:  # compare --extra-fpr: the same detectors at further target FPRs
         rows += ["", "At further target FPRs (the threshold each detector's calibration scores give there):", "",
                  "| detector | target FPR | realized FPR | CA after | ASR after | threshold |", "|---|---|---|---|---|---|"]
-        rows += [f"| {d.shown_as} | {_pct(p['fpr_target'], 2)} | {_pct(p['realized_fpr'], 2)} | "
-                 f"{_pct(p['clean_accuracy'])} | {_pct(p.get('attack_success_rate'))} | {p['threshold']:.4g} |"
+        rows += [f"| {d.shown_as} | {pct(p['fpr_target'], 2)} | {pct(p['realized_fpr'], 2)} | "
+                 f"{pct(p['clean_accuracy'])} | {pct(p.get('attack_success_rate'))} | {p['threshold']:.4g} |"
                  for d, p in points]
     notes = [f"Out of scope: {d.out_of_scope}." for d in records if d.out_of_scope]
     if noisy:
@@ -73,7 +69,7 @@ def plot_comparison(comparison: Comparison):
         c, t = np.asarray(a["clean_scores"], float), np.asarray(a["trig_scores"], float)
         scores = np.nan_to_num(np.concatenate([c, t]), nan=np.inf)  # an unscorable input is always flagged
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(c)), np.ones(len(t))], scores)
-        label = f"{name} (AUROC {_pct(by_name[name].auroc, 2)})"
+        label = f"{name} (AUROC {pct(by_name[name].auroc, 2)})"
         for ax in (ax_lin, ax_log):
             ax.plot(np.maximum(fpr, 1e-4) if ax is ax_log else fpr, tpr, label=label)
     for ax, log in ((ax_lin, False), (ax_log, True)):

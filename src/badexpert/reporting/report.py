@@ -28,6 +28,7 @@ from sklearn.metrics import roc_curve
 from ..errors import BadExpertError
 from ..evaluation.records import DefenseRecord, EvaluationRecord, ReportArrays
 from ..metrics import _sklearn_inputs
+from .formats import number as _num, pct
 from ..utils import atomic_write_bytes, write_json
 
 __all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
@@ -39,26 +40,6 @@ TRIG_COLOR = "tab:red"
 # --------------------------------------------------------------------------------------------
 # number formatting
 # --------------------------------------------------------------------------------------------
-def _num(v: Any) -> float | None:
-    """A finite float, or None for missing / None / NaN / non-numbers."""
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (torch.Tensor, np.ndarray)):
-        if v.size == 0 if isinstance(v, np.ndarray) else v.numel() != 1:
-            return None
-        v = v.item()
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
-def _pct(v: Any, digits: int = 1) -> str:
-    f = _num(v)
-    return "n/a" if f is None else f"{100.0 * f:.{digits}f}%"
-
-
 def _fpr_digits(target: Any) -> int:
     """One decimal, but two when the FPR target is below 1% (0.1% vs 0.05% must not both read 0.1%)."""
     t = _num(target)
@@ -107,14 +88,14 @@ def format_table(metrics: EvaluationRecord | dict) -> str:
 
     failed = rec.attack_failed
     row("", "no defense", "" if failed else "with defense")
-    ca_d = "" if failed else _pct(None if d is None else d.clean_accuracy)
-    asr_d = "" if failed else _pct(None if d is None else d.attack_success_rate)
-    row("clean accuracy (CA)", _pct(rec.clean_accuracy_no_defense), ca_d)
-    row("attack success rate (ASR)", _pct(rec.attack_success_rate_no_defense), asr_d)
+    ca_d = "" if failed else pct(None if d is None else d.clean_accuracy)
+    asr_d = "" if failed else pct(None if d is None else d.attack_success_rate)
+    row("clean accuracy (CA)", pct(rec.clean_accuracy_no_defense), ca_d)
+    row("attack success rate (ASR)", pct(rec.attack_success_rate_no_defense), asr_d)
     if failed:
         bar = rec.asr_bar
         rows.append(
-            f"attack FAILED: ASR below the {_pct(bar)} bar; no detection numbers are shown"
+            f"attack FAILED: ASR below the {pct(bar)} bar; no detection numbers are shown"
             if _num(bar) is not None
             else "attack FAILED: ASR below the bar; no detection numbers are shown"
         )
@@ -127,26 +108,26 @@ def format_table(metrics: EvaluationRecord | dict) -> str:
     def line(label: str, value: str) -> None:
         rows.append(f"{label:<{w}}{value}")
 
-    line("AUROC (all vs all)", _pct(d.auroc) + _ci(d.auroc_ci))
-    line("AUROC (filtered, paper)", _pct(d.auroc_filtered))
+    line("AUROC (all vs all)", pct(d.auroc) + _ci(d.auroc_ci))
+    line("AUROC (filtered, paper)", pct(d.auroc_filtered))
     if d.has("auroc_noisy"):  # the paper's protocol: the clean negatives plus their noisy copies
-        line("AUROC +noisy (all vs all)", _pct(d.auroc_noisy) + _ci(d.auroc_noisy_ci))
-        line("AUROC +noisy (filtered)", _pct(d.auroc_noisy_filtered))
-    line("TPR (triggered rejected)", _pct(d.tpr))
+        line("AUROC +noisy (all vs all)", pct(d.auroc_noisy) + _ci(d.auroc_noisy_ci))
+        line("AUROC +noisy (filtered)", pct(d.auroc_noisy_filtered))
+    line("TPR (triggered rejected)", pct(d.tpr))
     digits = _fpr_digits(d.fpr_target)
     correct = d.calibration_population == "correct"
-    line("FPR target / realized", f"{_pct(d.fpr_target, digits)} / {_pct(d.realized_fpr, digits)}"
+    line("FPR target / realized", f"{pct(d.fpr_target, digits)} / {pct(d.realized_fpr, digits)}"
          + (" (clean inputs the model gets right)" if correct else ""))
     if correct:
-        line("clean inputs rejected (all)", _pct(d.fpr, digits))
+        line("clean inputs rejected (all)", pct(d.fpr, digits))
     if d.has("realized_fpr_noisy"):
-        line("noisy copies rejected", _pct(d.realized_fpr_noisy, digits))
+        line("noisy copies rejected", pct(d.realized_fpr_noisy, digits))
     line("threshold", _float(d.threshold))
     for point in d.operating_points or ():  # further target FPRs (evaluate --extra-fpr)
         pd = _fpr_digits(point["fpr_target"])
-        line(f"at {_pct(point['fpr_target'], pd)} target FPR",
-             f"realized {_pct(point['realized_fpr'], pd)}, CA {_pct(point['clean_accuracy'])}"
-             + (f", ASR {_pct(point['attack_success_rate'])}" if "attack_success_rate" in point else "")
+        line(f"at {pct(point['fpr_target'], pd)} target FPR",
+             f"realized {pct(point['realized_fpr'], pd)}, CA {pct(point['clean_accuracy'])}"
+             + (f", ASR {pct(point['attack_success_rate'])}" if "attack_success_rate" in point else "")
              + f" (threshold {_float(point['threshold'])})")
     fit_s = None if d.timings is None else _num(d.timings["fit_s"])
     if fit_s is not None:
@@ -447,15 +428,15 @@ def _fpr_sentence(d: DefenseRecord) -> str:
         test = f" of the {n_ok} clean test inputs it gets right" if n_ok is not None else \
             " of the clean test inputs it gets right"
         after = (f" Counting the clean inputs it gets wrong too (whose answer was wrong anyway), it rejected "
-                 f"{_pct(d.fpr, digits)} of all clean test inputs.")
+                 f"{pct(d.fpr, digits)} of all clean test inputs.")
     else:
         cal = f" on {n_cal} held-out clean inputs" if n_cal is not None else ""
         test = f" of the {n_clean} clean test inputs" if n_clean is not None else " of the clean test inputs"
         after = ""
     s = (
-        f"The threshold was calibrated{cal} for a target false-positive rate of {_pct(tgt, digits)} "
+        f"The threshold was calibrated{cal} for a target false-positive rate of {pct(tgt, digits)} "
         f"(split-conformal quantile: at most the target in expectation on new clean data); "
-        f"it rejected {_pct(real, digits)}{test} (realized FPR).{after}"
+        f"it rejected {pct(real, digits)}{test} (realized FPR).{after}"
     )
     thr = _num(d.threshold)
     if thr is not None and (math.isinf(thr) or thr >= 1e300):
@@ -470,9 +451,9 @@ def _noisy_sentence(rec: EvaluationRecord, d: DefenseRecord) -> str:
     noise = f"Gaussian noise of standard deviation {sigma:g}" if _num(sigma) is not None else "Gaussian noise"
     return (f"With noisy clean negatives (the paper's AUROC protocol): the {d.n_clean} clean test inputs and "
             f"{d.n_noisy} copies of them with {noise} added in [0, 1] pixel space (clipped) against the same "
-            f"triggered inputs, AUROC {_pct(d.auroc_noisy, 2)}{_ci(d.auroc_noisy_ci)} over all of them and "
-            f"{_pct(d.auroc_noisy_filtered, 2)} on the research code's population (those the model gets "
-            f"right). The calibrated threshold rejected {_pct(d.realized_fpr_noisy, _fpr_digits(d.fpr_target))} "
+            f"triggered inputs, AUROC {pct(d.auroc_noisy, 2)}{_ci(d.auroc_noisy_ci)} over all of them and "
+            f"{pct(d.auroc_noisy_filtered, 2)} on the research code's population (those the model gets "
+            f"right). The calibrated threshold rejected {pct(d.realized_fpr_noisy, _fpr_digits(d.fpr_target))} "
             "of the noisy copies. A detector that flags merely unusual inputs loses AUROC here; the copies are made "
             "from the test split, so the calibration split stays unseen.")
 
@@ -489,7 +470,7 @@ def _markdown(rec: EvaluationRecord, plots: list[str], *,
             "## Attack failed",
             "",
             f"**The backdoor did not implant.** The attack success rate on the suspect model is "
-            f"{_pct(asr)}, below the bar of {_pct(bar)}. Detection numbers are not presented: "
+            f"{pct(asr)}, below the bar of {pct(bar)}. Detection numbers are not presented: "
             f"with no working backdoor there is nothing to detect, and any detection score would be "
             f"meaningless.",
             "",
@@ -525,7 +506,7 @@ def _markdown(rec: EvaluationRecord, plots: list[str], *,
                     "",
                     "| FPR | TPR |",
                     "|---:|---:|",
-                    *[f"| {k} | {_pct(v)} |" for k, v in tpr_at.items()],
+                    *[f"| {k} | {pct(v)} |" for k, v in tpr_at.items()],
                     "",
                 ]
             per = d.per_class_false_rejection
@@ -538,7 +519,7 @@ def _markdown(rec: EvaluationRecord, plots: list[str], *,
                     "",
                     "| class | rejected |",
                     "|---|---:|",
-                    *[f"| {k} | {_pct(v, digits)} |" for k, v in per.items()],
+                    *[f"| {k} | {pct(v, digits)} |" for k, v in per.items()],
                     "",
                 ]
     cost, timings = (None, None) if d is None else (d.cost, d.timings)
