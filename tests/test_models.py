@@ -139,3 +139,37 @@ def test_can_memorise_random_labels(arch, width, channels, size):
             if acc >= 0.95:
                 break
     assert acc >= 0.95, f"{arch} reached only {acc:.0%} train accuracy after {step + 1} steps"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_forward_runs_channels_last_on_a_cpu_with_the_same_outputs_and_gradients(arch):
+    """On a CPU a Classifier's convolutions get their input in the channels-last layout (faster),
+    whatever layout the caller's images are in, and the caller's images are left as they were (the
+    ViT, one convolution then linear layers, gains nothing from it and keeps the usual layout). The
+    logits and the input gradient are those of the usual layout (``channels_last(False)``) up to
+    rounding: no further from a float64 computation than the usual layout's own float32 result."""
+    from badexpert.models import channels_last
+
+    torch.manual_seed(0)
+    m = build_model(arch, in_channels=3, num_classes=10, image_size=32, width=64 if arch == "vit" else 4).eval()
+    # a conv with several input channels (one channel is contiguous in either layout)
+    conv = next(mod for mod in m.net.modules() if isinstance(mod, nn.Conv2d) and mod.in_channels > 1)
+    seen = []
+    conv.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(4, 3, 32, 32)
+
+    def run(dtype=torch.float32):
+        xr = x.to(dtype).requires_grad_(True)
+        out = m.to(dtype)(xr)
+        (grad,) = torch.autograd.grad(out.logsumexp(1).sum(), xr)
+        return out.detach().double(), grad.double()
+
+    fast = run()
+    with channels_last(False):
+        usual = run()
+        exact = run(torch.float64)
+    assert seen[:2] == [arch != "vit", False] and m.channels_last_safe == (arch != "vit")
+    assert x.is_contiguous() and fast[1].shape == x.shape
+    for f, u, e in zip(fast, usual, exact):
+        scale = e.norm()
+        assert (f - e).norm() <= 2 * (u - e).norm() + 1e-6 * scale, (arch, (f - e).norm() / scale, (u - e).norm() / scale)

@@ -110,8 +110,9 @@ def test_channels_last_trains_the_same_model_faster_and_hands_it_back_in_the_usu
 
 
 def test_badexpert_models_train_channels_last_on_a_cpu_by_default_and_a_foreign_module_does_not(blobs):
-    """Without the context: a model badexpert built (it declares ``channels_last_safe``) trains in
-    the channels-last layout on a CPU; a module from elsewhere keeps the usual layout."""
+    """Without the context: a convolutional model badexpert built (it declares ``channels_last_safe``)
+    trains in the channels-last layout on a CPU; its ViT (which gains nothing from it) and a module
+    from elsewhere keep the usual layout."""
     from torch import nn
 
     tr, _ = blobs
@@ -120,6 +121,12 @@ def test_badexpert_models_train_channels_last_on_a_cpu_by_default_and_a_foreign_
     foreign = nn.Sequential(nn.Conv2d(tr.channels, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
                             nn.LazyLinear(tr.num_classes))
     foreign(tr.images[:2].float())  # materialise the lazy layer
+    from badexpert.training import _layout
+
+    vit = build_model("vit", in_channels=3, num_classes=tr.num_classes, image_size=tr.image_size, width=16)
+    cpu = torch.device("cpu")
+    assert _layout(vit, torch.rand(2, 3, *tr.image_size), cpu) is None
+    assert _layout(ours, tr.images[:2].float(), cpu) is torch.channels_last
     for model, expected in ((ours, True), (foreign, False)):
         seen = []
         train(model, tr, recipe, seed=0, callback_every=1, callback=lambda step, m: seen.append(

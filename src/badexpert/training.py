@@ -23,6 +23,7 @@ from torch import nn
 
 from .data.core import Dataset, as_tensors, augment, batches, default_pad, to_float
 from .errors import BadExpertError, TimeBudgetReached
+from .models import channels_last, use_channels_last  # noqa: F401 - channels_last: part of this module's API
 from .utils import derive_generator, eval_mode, model_device, progress
 from .validation import OneOf, PositiveInt, Range, expect, validate_fields
 
@@ -123,34 +124,9 @@ StepCallback = Callable[[int, nn.Module], bool]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-_CHANNELS_LAST: ContextVar[bool | None] = ContextVar("badexpert_channels_last", default=None)
-
-
-@contextlib.contextmanager
-def channels_last(enabled: bool | None = True) -> Iterator[None]:
-    """Whether :func:`train` keeps a convolutional model's weights and its image batches in the
-    channels-last memory layout while it trains (back to the usual layout when it ends, stops or
-    fails): the same computation, 1.4-1.6x faster on a CPU for the ResNet, VGG, MobileNetV2 and
-    CNN architectures (``bench/train_layout.py``), equal up to floating-point rounding.
-
-    By default (outside this block, or ``enabled=None``) a model that declares
-    ``channels_last_safe = True`` trains so on a CPU: badexpert's own architectures
-    (:class:`badexpert.models.Classifier`), never a model from elsewhere, which may reshape its
-    activations with ``view`` (the layout breaks that). ``True`` or ``False`` decides for every
-    model trained in the block."""
-    token = _CHANNELS_LAST.set(enabled)
-    try:
-        yield
-    finally:
-        _CHANNELS_LAST.reset(token)
-
-
 def _layout(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.memory_format | None:
     """The memory layout :func:`train` trains ``model`` in (``None``: the usual one)."""
-    wanted = _CHANNELS_LAST.get()
-    if wanted is None:
-        wanted = device.type == "cpu" and bool(getattr(model, "channels_last_safe", False))
-    if wanted and images.dim() == 4 and any(p.dim() == 4 for p in model.parameters()):
+    if use_channels_last(model, device) and images.dim() == 4 and any(p.dim() == 4 for p in model.parameters()):
         return torch.channels_last
     return None
 

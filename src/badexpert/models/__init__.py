@@ -11,19 +11,66 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator
+
 from ..errors import BadExpertError
 from ..registry import Registry
 
 
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, with the statistics stored as buffers."""
+# --- memory layout: channels-last on a CPU -----------------------------------------------------------
+_CHANNELS_LAST: ContextVar[bool | None] = ContextVar("badexpert_channels_last", default=None)
 
-    def __init__(self, mean, std) -> None:
+
+@contextlib.contextmanager
+def channels_last(enabled: bool | None = True) -> Iterator[None]:
+    """Whether convolutional models run in the channels-last memory layout on a CPU within this
+    block: a :class:`Classifier`'s forward pass takes its images in that layout, and
+    :func:`badexpert.training.train` keeps the model's weights and batches so while it trains (back
+    to the usual layout when it ends, stops or fails). The same computation, faster on a CPU
+    (``bench/train_layout.py``: 1.4-1.9x a training step of the ResNet, VGG, MobileNetV2 and CNN
+    architectures, 1.3x a forward pass of ResNet-18), equal up to floating-point rounding.
+
+    By default (outside this block, or ``enabled=None``) a model that declares
+    ``channels_last_safe = True`` runs so on a CPU: badexpert's own architectures
+    (:class:`Classifier`), never a model from elsewhere, which may reshape its activations with
+    ``view`` (the layout breaks that). ``True`` or ``False`` decides for every model in the block."""
+    token = _CHANNELS_LAST.set(enabled)
+    try:
+        yield
+    finally:
+        _CHANNELS_LAST.reset(token)
+
+
+def use_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` runs in the channels-last layout on ``device`` (see :func:`channels_last`)."""
+    wanted = _CHANNELS_LAST.get()
+    if wanted is None:
+        wanted = device.type == "cpu" and bool(getattr(model, "channels_last_safe", False))
+    return bool(wanted)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with the statistics stored as buffers.
+
+    A :class:`Classifier`'s (``channels_last_safe=True``: the first layer of its network and of every
+    trunk split from it) also hands its output on in the channels-last layout wherever
+    :func:`use_channels_last` says so (on a CPU, by default), so that every convolution after it
+    runs in the faster layout whatever layout the caller's images and the weights are in. An
+    exported (traced) graph carries no layout: not while tracing."""
+
+    def __init__(self, mean, std, *, channels_last_safe: bool = False) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.channels_last_safe = channels_last_safe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one channel (grey images) is contiguous in either layout: nothing to hand on
+        if (self.channels_last_safe and x.dim() == 4 and x.shape[1] > 1 and not torch.jit.is_tracing()
+                and use_channels_last(self, x.device)):
+            x = x.contiguous(memory_format=torch.channels_last)
         return (x - self.mean) / self.std
 
 
@@ -31,15 +78,16 @@ class Classifier(nn.Module):
     """``Normalize`` followed by a network; what :func:`build_model` returns.
 
     It declares the cut points of its network (:func:`cut_points`, :func:`split_model`): the
-    normalisation belongs to the trunk. It is safe to train in the channels-last memory layout
-    (no ``view`` of a 4-D activation): :func:`badexpert.training.train` does so on a CPU."""
-
-    #: :func:`badexpert.training.train` may train it in the channels-last layout (faster on a CPU).
-    channels_last_safe = True
+    normalisation belongs to the trunk. Its convolutional networks run in the channels-last memory
+    layout (they ``view`` no 4-D activation; a network class says otherwise with
+    ``channels_last_safe = False``, as the ViT does): on a CPU its forward pass takes images in that
+    layout and :func:`badexpert.training.train` keeps its weights so while it trains."""
 
     def __init__(self, net: nn.Module, mean, std) -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std)
+        #: whether it runs in the channels-last layout (see :func:`channels_last`): faster on a CPU
+        self.channels_last_safe = bool(getattr(net, "channels_last_safe", True))
+        self.normalize = Normalize(mean, std, channels_last_safe=self.channels_last_safe)
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,5 +236,5 @@ def build_model(
     return Classifier(factory(**kwargs), mean, std)
 
 
-__all__ = ["ARCHITECTURES", "canonical_arch", "Classifier", "Normalize", "build_model", "cut_points", "he_init",
-           "split_model"]
+__all__ = ["ARCHITECTURES", "canonical_arch", "channels_last", "Classifier", "Normalize", "build_model", "cut_points", "he_init",
+           "split_model", "use_channels_last"]

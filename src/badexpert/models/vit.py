@@ -45,6 +45,10 @@ class SmallViT(nn.Module):
     defaults to :func:`default_patch_size` and the model only accepts the image size it was built for.
     """
 
+    #: one convolution (the patch embedding), then linear layers: the channels-last layout gains
+    #: nothing and slows its training and backward pass (``bench/train_layout.py``)
+    channels_last_safe = False
+
     def __init__(
         self,
         *,
