@@ -682,14 +682,23 @@ def test_status_tells_what_is_done_cached_and_left_and_writes_nothing(first, tmp
     with build_lock(suspect_file(busy, plan(grid)[0]["suspect"])):
         now = grid_status(grid, tmp_path / "new", cache_dir=busy)
     assert [c["model_training"] for c in now] == [True, False, False, False]
-    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | training now |" in format_status(now)
+    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | training now |  |" in format_status(now)
     assert not any(c["model_training"] for c in grid_status(grid, tmp_path / "new", cache_dir=busy))
+    # a cell a process claimed (grid --claim, --jobs) runs now
+    from badexpert.pipeline.grid import CLAIMS_DIR
+    from badexpert.utils import claim
+
+    with claim(busy / CLAIMS_DIR / plan(grid)[1]["cell"]):
+        now = grid_status(grid, tmp_path / "new", cache_dir=busy)
+    assert [c["running"] for c in now] == [False, True, False, False]
+    assert "| blobs | cnn-w8 | badnet | 1 | 0/2 |  | to train | running now |" in format_status(now)
+    assert format_status(now).endswith("4 of them training a suspect model; 1 running now\n")
     config = tmp_path / "grid.json"
     config.write_text(json.dumps(grid))
     assert main(["grid", "--config", str(config), "--out", str(tmp_path / "new"), "--cache-dir",
                  str(tmp_path / "empty-cache"), "--status"]) == 0
     out = capsys.readouterr().out
-    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | to train |" in out
+    assert "| blobs | cnn-w8 | badnet | 0 | 0/2 |  | to train |  |" in out
     assert "0 of 4 cells done or in the row cache; 4 to run, 4 of them training a suspect model" in out
     assert not (tmp_path / "new").exists() and not (tmp_path / "empty-cache").exists()
 

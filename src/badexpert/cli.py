@@ -1131,8 +1131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cell no other one holds (--claim), with --time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; each "
                         "finished cell is collected into --out from the cache as it lands")
     p.add_argument("--status", action="store_true",
-                   help="print, per cell, the rows --out holds, those the cache's row store would give and whether "
-                        "its suspect model is cached, being trained now by another process, or to train; runs and writes nothing")
+                   help="print, per cell, the rows --out holds, those the cache's row store would give, whether "
+                        "its suspect model is cached, being trained now by another process, or to train, and whether "
+                        "a process runs the cell now (--jobs, --claim); runs and writes nothing")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="run only every N-th cell from the I-th (needs --cache-dir): start N processes or machines "
                         "on shared --cache-dir storage, each with its own --out, then run the grid without --shard "

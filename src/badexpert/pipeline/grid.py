@@ -1042,8 +1042,10 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
                 shard: tuple[int, int] | None = None) -> list[dict]:
     """Where a grid stands, without running or writing anything: per cell, its labels, how many
     of its rows ``out_dir/results.jsonl`` holds (``done``), how many more the cache's row store
-    would give (``cached_rows``), whether its suspect model is in the cache (``model_cached``) and
-    whether another process is training it now (``model_training``: it holds the model's build lock)."""
+    would give (``cached_rows``), whether its suspect model is in the cache (``model_cached``),
+    whether another process is training it now (``model_training``: it holds the model's build lock)
+    and whether a process runs the cell now (``running``: it holds the cell's claim, ``grid --claim``
+    and ``--jobs``)."""
     from ..utils import being_built
     from .experiment import suspect_file
 
@@ -1063,22 +1065,25 @@ def grid_status(config: dict | str | Path, out_dir: str | Path, *, cache_dir: st
         cached = model is not None and model.is_file()
         out.append({"dataset": spec["dataset"], "arch": spec["arch"], "attack": spec["attack"], "seed": spec["seed"],
                     "rows": len(keys), "done": done, "cached_rows": cached_rows, "model_cached": cached,
-                    "model_training": model is not None and not cached and being_built(model)})
+                    "model_training": model is not None and not cached and being_built(model),
+                    "running": cache is not None and being_built(cache / CLAIMS_DIR / str(spec["cell"]))})
     return out
 
 
 def format_status(status: list[dict]) -> str:
     """:func:`grid_status` as a Markdown table and a one-line tally."""
-    lines = ["| dataset | arch | attack | seed | rows done | from the row cache | suspect model |", "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | arch | attack | seed | rows done | from the row cache | suspect model | process |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in status:
         model = ("cached" if c["model_cached"] else "training now" if c["model_training"]
                  else "to train" if c["done"] + c["cached_rows"] < c["rows"] else "-")
         lines.append(f"| {c['dataset']} | {c['arch']} | {c['attack']} | {c['seed']} | {c['done']}/{c['rows']} | "
-                     f"{c['cached_rows'] or ''} | {model} |")
+                     f"{c['cached_rows'] or ''} | {model} | {'running now' if c.get('running') else ''} |")
     left = [c for c in status if c["done"] + c["cached_rows"] < c["rows"]]
     train = sum(not c["model_cached"] for c in left)
+    running = sum(bool(c.get("running")) for c in left)
     tally = (f"{len(status) - len(left)} of {len(status)} cells done or in the row cache; {len(left)} to run, "
-             f"{train} of them training a suspect model")
+             f"{train} of them training a suspect model" + (f"; {running} running now" if running else ""))
     return "\n".join(lines) + "\n\n" + tally + "\n"
 
 
