@@ -1128,8 +1128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit status 3 when work is left (the same command resumes it)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="run the grid in N processes on this machine (needs --cache-dir), each taking the next "
-                        "cell no other one holds (--claim), with --time-budget if given, one thread each unless OMP_NUM_THREADS says otherwise; each "
-                        "finished cell is collected into --out from the cache as it lands")
+                        "cell no other one holds (--claim), with --time-budget if given, one thread each unless "
+                        "OMP_NUM_THREADS says otherwise; each finished cell is collected into --out from the cache "
+                        "as it lands")
     p.add_argument("--status", action="store_true",
                    help="print, per cell, the rows --out holds, those the cache's row store would give, whether "
                         "its suspect model is cached, being trained now by another process, or to train, and whether "

@@ -8,12 +8,12 @@ of badexpert too.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 import contextlib
 from contextvars import ContextVar
 from typing import Iterator
+
+import torch
+from torch import nn
 
 from ..errors import BadExpertError
 from ..registry import Registry
@@ -26,11 +26,12 @@ _CHANNELS_LAST: ContextVar[bool | None] = ContextVar("badexpert_channels_last", 
 @contextlib.contextmanager
 def channels_last(enabled: bool | None = True) -> Iterator[None]:
     """Whether convolutional models run in the channels-last memory layout on a CPU within this
-    block: a :class:`Classifier`'s forward pass takes its images in that layout, and
-    :func:`badexpert.training.train` keeps the model's weights and batches so while it trains (back
-    to the usual layout when it ends, stops or fails). The same computation, faster on a CPU
-    (``bench/train_layout.py``: 1.4-1.9x a training step of the ResNet, VGG, MobileNetV2 and CNN
-    architectures, 1.3x a forward pass of ResNet-18), equal up to floating-point rounding.
+    block: the forward pass of a :class:`Classifier` with a convolutional network takes its images
+    in that layout, and :func:`badexpert.training.train` keeps the model's weights and batches so
+    while it trains (back to the usual layout when it ends, stops or fails). The same computation,
+    faster on a CPU (``bench/train_layout.py``: 1.3-1.7x a training step of the ResNet, VGG,
+    MobileNetV2 and CNN architectures, 1.2-1.7x a forward pass and 1.4-1.6x a forward and backward
+    pass of the first three), equal up to floating-point rounding.
 
     By default (outside this block, or ``enabled=None``) a model that declares
     ``channels_last_safe = True`` runs so on a CPU: badexpert's own architectures
@@ -236,5 +237,5 @@ def build_model(
     return Classifier(factory(**kwargs), mean, std)
 
 
-__all__ = ["ARCHITECTURES", "canonical_arch", "channels_last", "Classifier", "Normalize", "build_model", "cut_points", "he_init",
-           "split_model", "use_channels_last"]
+__all__ = ["ARCHITECTURES", "canonical_arch", "channels_last", "Classifier", "Normalize", "build_model", "cut_points",
+           "he_init", "split_model", "use_channels_last"]

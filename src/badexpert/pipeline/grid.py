@@ -1184,8 +1184,8 @@ def run_grid(config: dict | str | Path, out_dir: str | Path, *, cache_dir: str |
         write_summary(out, rows, n_boot=n_boot)
         return rows
     if claim and len(rows) < len(wanted):  # the cells other processes hold: theirs to finish
-        left = len({r["cell"] for r in rows})
-        log(f"grid: {len(specs) - left} of {len(specs)} cells held by other processes sharing the cache")
+        held = len(specs) - len({r["cell"] for r in rows})
+        log(f"grid: {held} of {len(specs)} cells held by other processes sharing the cache")
     elif len(rows) < len(wanted):
         raise BadExpertError(f"the runner returned no rows for {len(wanted) - len(rows)} (cell, detector) pair(s); "
                              "run the grid again to compute them")

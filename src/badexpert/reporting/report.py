@@ -28,8 +28,8 @@ from sklearn.metrics import roc_curve
 from ..errors import BadExpertError
 from ..evaluation.records import DefenseRecord, EvaluationRecord, ReportArrays
 from ..metrics import _sklearn_inputs
-from .formats import number as _num, pct
 from ..utils import atomic_write_bytes, write_json
+from .formats import number as _num, pct
 
 __all__ = ["format_table", "write_report", "plot_roc", "plot_scatter", "plot_examples"]
 
