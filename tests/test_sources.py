@@ -527,3 +527,32 @@ def test_loading_imports_nothing_unnamed(tmp_path, user_module):
         load_model(tmp_path / f"{user_module}.py")
     assert user_module not in sys.modules
     assert detect_source(f"{user_module}:make") == "factory" and user_module not in sys.modules
+
+
+def test_a_foreign_network_runs_channels_last_only_when_it_declares_it_safe():
+    """A wrapped network keeps the usual layout (it may ``view`` its activations); one whose module
+    declares ``channels_last_safe = True`` gets its images in the channels-last layout on a CPU,
+    with the same logits up to rounding, and trains so."""
+    from badexpert.io.sources import ImageClassifier
+    from badexpert.training import _layout
+
+    class Net(nn.Sequential):
+        def __init__(self, safe):
+            super().__init__(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4))
+            if safe:
+                self.channels_last_safe = True
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    got = {}
+    for safe in (False, True):
+        torch.manual_seed(0)
+        model = ImageClassifier(Net(safe), [0.5] * 3, [0.25] * 3).eval()
+        seen = []
+        model.net[2].register_forward_hook(lambda m, i, o: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+        with torch.no_grad():
+            got[safe] = model(x)
+        assert seen == [safe] and model.channels_last_safe is safe
+        assert (_layout(model, x, torch.device("cpu")) is torch.channels_last) is safe
+    assert torch.allclose(got[False], got[True], rtol=1e-4, atol=1e-5)

@@ -57,13 +57,19 @@ class ImageClassifier(nn.Module):
 
     Hugging Face models return an output object; its ``logits`` are taken. The normalisation is
     stored as buffers (``normalize.mean``, ``normalize.std``), the network under ``net``.
+
+    A network runs in the usual memory layout unless its module declares
+    ``channels_last_safe = True`` (it reshapes no 4-D activation with ``view``): then it runs in the
+    channels-last layout on a CPU, as badexpert's own architectures do
+    (:func:`badexpert.models.channels_last`), faster for convolutional networks.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         from ..models import Normalize
 
         super().__init__()
-        self.normalize = Normalize(list(mean), list(std))
+        self.channels_last_safe = getattr(net, "channels_last_safe", False) is True
+        self.normalize = Normalize(list(mean), list(std), channels_last_safe=self.channels_last_safe)
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
