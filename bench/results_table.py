@@ -118,12 +118,20 @@ def planned_rows(out: Path, rows: list[dict]) -> tuple[list[dict], str]:
         done = sum(all(d["key"] in have for d in s["detectors"]) for s in specs)
         left = len(rows) - len(kept)
         return kept, (f"{done} of {len(specs)} cells" + (f"; {left} row(s) of other grids left out" if left else ""))
-    if grid_file.is_file():  # not plannable here, but its detectors' order is still the grid's
+    if grid_file.is_file():  # not plannable here (its data absent), but its order is still the grid's
         try:
-            labels = [d["label"] for d in load_grid(read_grid_file(grid_file))["detectors"]]
+            grid = load_grid(read_grid_file(grid_file))
         except BadExpertError:
-            labels = []
-        rows = sorted(rows, key=lambda r: labels.index(r.get("detector")) if r.get("detector") in labels else len(labels))
+            grid = None
+        if grid is not None:
+            # the order plan() gives: datasets x architectures x attacks x seeds, then detectors (rows
+            # reach results.jsonl in the order processes finish their cells)
+            axes = [("dataset", [d["label"] for d in grid["datasets"]]),
+                    ("arch", [a["label"] for a in grid["architectures"]]),
+                    ("attack", [a["label"] for a in grid["attacks"]]), ("seed", grid["seeds"]),
+                    ("detector", [d["label"] for d in grid["detectors"]])]
+            rank = [({v: i for i, v in enumerate(values)}, field) for field, values in axes]
+            rows = sorted(rows, key=lambda r: tuple(pos.get(r.get(field), len(pos)) for pos, field in rank))
     seen: dict[tuple, str] = {}
     for r in rows:
         k = (r.get("dataset"), r.get("arch"), r.get("attack"), r.get("seed"), r.get("detector"))

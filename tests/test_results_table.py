@@ -231,3 +231,21 @@ def test_published_blocks_are_what_their_committed_rows_render(monkeypatch):
         assert matrix in block, f"bench/RESULTS.md's block {name} is not what {results} renders to"
         checked += 1
     assert checked or not list((ROOT / "bench" / "results").glob("*/results.jsonl"))
+
+
+def test_without_the_data_rows_written_out_of_order_render_in_the_grid_order(grid_dir, monkeypatch):
+    """Processes finish cells in any order (``grid --jobs``); where the grid cannot be planned (its
+    data absent) the rows still render in the grid's order, as where it can."""
+    results = grid_dir / "results.jsonl"
+    lines = results.read_text().splitlines()
+    planned = rt.render(grid_dir)
+    results.write_text("\n".join(lines[:-1][::-1]) + "\n")  # every row of the grid, last cell first
+    monkeypatch.setattr(rt, "plan", lambda grid: (_ for _ in ()).throw(BadExpertError("not planned here")))
+    unplanned = rt.render(grid_dir)
+
+    def matrix(text):
+        return text[text.index("### "):text.rindex("<!-- results_table")].strip()
+
+    assert matrix(unplanned) == matrix(planned)
+    body = [line.split(" | ")[0] for line in matrix(unplanned).splitlines() if line.startswith("| b")]
+    assert body == ["| badnet", "| blend"], body
