@@ -123,6 +123,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 _BUILDING: ContextVar[str | None] = ContextVar("badexpert_building", default=None)
 
 
+def _lock_file(path: Path) -> Path:
+    """Where the lock of cache entry ``path`` lives: ``.locks/<name>.lock`` beside it."""
+    return path.parent / ".locks" / f"{path.name}.lock"
+
+
 @contextlib.contextmanager
 def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterator[None]:
     """Hold an exclusive lock while building what will be saved at ``path`` (a cache entry), so that
@@ -141,9 +146,8 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
             path = Path(path)
             if not path.parent.is_dir():  # nothing shares a cache that does not exist yet
                 raise FileNotFoundError(path.parent)
-            locks = path.parent / ".locks"
-            locks.mkdir(exist_ok=True)
-            fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            _lock_file(path).parent.mkdir(exist_ok=True)
+            fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -174,10 +178,9 @@ def claim(path: str | Path) -> Iterator[bool]:
     try:
         import fcntl
 
-        path = Path(path)
-        locks = path.parent / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = _lock_file(Path(path))
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
@@ -209,7 +212,7 @@ def being_built(path: str | Path) -> bool:
     try:
         import fcntl
 
-        fd = os.open(path.parent / ".locks" / f"{path.name}.lock", os.O_RDONLY)
+        fd = os.open(_lock_file(path), os.O_RDONLY)
     except (ImportError, OSError):
         return False
     try:
