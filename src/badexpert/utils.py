@@ -146,8 +146,9 @@ def build_lock(path: str | Path | None, *, log=None, what: str = "it") -> Iterat
             path = Path(path)
             if not path.parent.is_dir():  # nothing shares a cache that does not exist yet
                 raise FileNotFoundError(path.parent)
-            _lock_file(path).parent.mkdir(exist_ok=True)
-            fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
+            lock = _lock_file(path)
+            lock.parent.mkdir(exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
